@@ -1,0 +1,110 @@
+"""The one place that knows how transformers / peft releases differ.
+
+Everything else in the package is written against one idea of the model; every
+``if version >= ...`` lives here, with the reason next to it.
+"""
+
+from __future__ import annotations
+
+import peft
+import torch
+import transformers
+from packaging.version import Version
+
+TRANSFORMERS = Version(transformers.__version__)
+PEFT = Version(peft.__version__)
+TORCH = Version(torch.__version__.split("+")[0])
+
+# Input conventions of the library's own InstructBLIP / BLIP-2 forward.
+PREPEND = "prepend"            # the model prepends the query embeddings to the text embeddings itself
+PLACEHOLDERS = "placeholders"  # input_ids must already hold num_query_tokens image tokens, which the
+                               # model overwrites with the query embeddings (masked_scatter)
+
+# transformers 4.47 taught the models to scatter query embeddings into image placeholder
+# tokens when config.image_token_index is set (and the processors to insert them); models
+# without it kept the old prepend path with a deprecation warning. transformers 5.0
+# removed the prepend path: the placeholders are required.
+PLACEHOLDERS_INTRODUCED = Version("4.47.0")
+PLACEHOLDERS_REQUIRED = Version("5.0.0.dev0")
+# from_pretrained(torch_dtype=...) was renamed dtype=... in 4.56.
+DTYPE_KWARG_RENAMED = Version("4.56.0")
+
+
+def versions() -> dict[str, str]:
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def from_pretrained_dtype_kwarg(dtype: torch.dtype) -> dict:
+    return {"dtype": dtype} if TRANSFORMERS >= DTYPE_KWARG_RENAMED else {"torch_dtype": dtype}
+
+
+def image_token_index(config) -> int | None:
+    # The attribute was called image_token_index in every release; 5.x also exposes image_token_id.
+    return getattr(config, "image_token_index", None)
+
+
+def native_convention(config) -> str:
+    """Which input convention the installed library's own forward expects for ``config``."""
+    if TRANSFORMERS >= PLACEHOLDERS_REQUIRED:
+        return PLACEHOLDERS
+    if TRANSFORMERS >= PLACEHOLDERS_INTRODUCED and image_token_index(config) is not None:
+        return PLACEHOLDERS
+    return PREPEND
+
+
+def native_inputs(model, batch: dict) -> dict:
+    """Keyword arguments for the library's own ``model(**kwargs)`` equivalent to ``batch``.
+
+    ``batch`` follows this package's convention (see forward.py): text without image
+    tokens; for decoder-only models, labels aligned with input_ids.
+    """
+    config = model.config
+    kwargs = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "labels") if k in batch}
+    if "qformer_input_ids" in batch:
+        kwargs["qformer_input_ids"] = batch["qformer_input_ids"]
+        kwargs["qformer_attention_mask"] = batch["qformer_attention_mask"]
+    if native_convention(config) == PLACEHOLDERS:
+        num_queries = config.num_query_tokens
+        input_ids = kwargs["input_ids"]
+        batch_size = input_ids.shape[0]
+        placeholders = input_ids.new_full((batch_size, num_queries), image_token_index(config))
+        kwargs["input_ids"] = torch.cat([placeholders, input_ids], dim=1)
+        kwargs["attention_mask"] = torch.cat(
+            [kwargs["attention_mask"].new_ones((batch_size, num_queries)), kwargs["attention_mask"]], dim=1)
+        if config.use_decoder_only_language_model and "labels" in kwargs:
+            # the loss is computed over the whole (query + text) sequence, so labels must span it
+            kwargs["labels"] = torch.cat(
+                [kwargs["labels"].new_full((batch_size, num_queries), -100), kwargs["labels"]], dim=1)
+    # PREPEND: the old forward slices the logits to the last labels.size(1) positions for
+    # decoder-only models, so text-length labels are right as they are.
+    return kwargs
+
+
+def get_peft_model(model, lora_config):
+    """peft.get_peft_model, recording nothing version-specific beyond what peft does by default.
+
+    Adapter dtype: peft >= 0.12 upcasts adapters of fp16/bf16 base layers to fp32
+    (``autocast_adapter_dtype=True``); older releases create them in the base dtype.
+    We keep the library default here so the scope report shows what users get.
+    """
+    return peft.get_peft_model(model, lora_config)
+
+
+def unwrap(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if isinstance(model, peft.PeftModel) else model
+
+
+
+# transformers 5.0 made T5Config force tie_word_embeddings=True, so FlanT5's lm_head
+# shares the input embedding matrix although the published flan-t5 configs untie them:
+# a FlanT5-based model counts one vocab x d_model matrix fewer (65,798,144 parameters
+# for flan-t5-xl), which moves the "share of the whole model" figure.
+T5_LM_HEAD_ALWAYS_TIED = Version("5.0.0.dev0")
+
+
+def parameter_count_regime(text_model_type: str) -> str:
+    """Which pinned total applies: 'standard' or 't5-lm-head-tied'."""
+    if text_model_type == "t5" and TRANSFORMERS >= T5_LM_HEAD_ALWAYS_TIED:
+        return "t5-lm-head-tied"
+    return "standard"

@@ -1,0 +1,102 @@
+"""The custom forward: vision encoder -> Q-Former -> projection -> language model.
+
+Why it exists: wrapping InstructBLIP in a PEFT task model (SEQ_2_SEQ_LM, CAUSAL_LM)
+makes PEFT call the model with keywords it refuses (``inputs_embeds``, ...), and the
+library's own input convention changed across releases (query embeddings prepended
+by the model in old releases, image placeholder tokens in ``input_ids`` in new ones).
+This forward drives the submodules directly and calls the language model with
+``inputs_embeds`` only, so it works the same on every release.
+
+Batch convention (see data.py): ``input_ids`` hold text only, no image tokens.
+Encoder-decoder LMs: ``input_ids`` is the prompt and ``labels`` the answer.
+Decoder-only LMs: ``input_ids`` is prompt + answer and ``labels`` has the same length,
+-100 on prompt and padding positions; the query positions are added here as -100.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import compat
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ForwardOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    query_output: torch.Tensor          # Q-Former output at the query positions
+    language_model_inputs: torch.Tensor  # projected query output, fed to the LM
+
+
+def is_instructblip(model) -> bool:
+    return compat.unwrap(model).config.model_type == "instructblip"
+
+
+def encode_images(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Vision encoder output; runs without autograd when the encoder has nothing to train."""
+    vision = model.vision_model
+    trainable = any(p.requires_grad for p in vision.parameters())
+    dtype = next(vision.parameters()).dtype
+    with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+        return vision(pixel_values=pixel_values.to(dtype), return_dict=True).last_hidden_state
+
+
+def query_features(model, image_embeds: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Q-Former output at the query positions (with the instruction for InstructBLIP)."""
+    batch_size = image_embeds.shape[0]
+    query_tokens = model.query_tokens.expand(batch_size, -1, -1)
+    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    kwargs = dict(query_embeds=query_tokens, encoder_hidden_states=image_embeds,
+                  encoder_attention_mask=image_mask, return_dict=True)
+    if "qformer_input_ids" in batch:
+        query_mask = torch.ones(query_tokens.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        kwargs["input_ids"] = batch["qformer_input_ids"]
+        kwargs["attention_mask"] = torch.cat([query_mask, batch["qformer_attention_mask"]], dim=1)
+    hidden = model.qformer(**kwargs).last_hidden_state
+    return hidden[:, : query_tokens.shape[1], :]
+
+
+def custom_forward(model, batch: dict) -> ForwardOutput:
+    """Loss and logits for ``batch``; ``model`` may be a PeftModel or the bare model."""
+    model = compat.unwrap(model)
+    image_embeds = encode_images(model, batch["pixel_values"])
+    query_output = query_features(model, image_embeds, batch)
+    # query_tokens may be kept in fp32 by transformers while the projection is bf16/fp16
+    projection = model.language_projection
+    language_model_inputs = projection(query_output.to(projection.weight.dtype))
+
+    language_model = model.language_model
+    text_embeds = language_model.get_input_embeddings()(batch["input_ids"])
+    language_model_inputs = language_model_inputs.to(text_embeds.dtype)
+    inputs_embeds = torch.cat([language_model_inputs, text_embeds], dim=1)
+    batch_size, num_queries = language_model_inputs.shape[:2]
+    query_mask = batch["attention_mask"].new_ones((batch_size, num_queries))
+    attention_mask = torch.cat([query_mask, batch["attention_mask"]], dim=1)
+    labels = batch.get("labels")
+
+    if model.config.use_decoder_only_language_model:
+        outputs = language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True)
+        logits = outputs.logits
+        loss = None
+        if labels is not None:
+            query_labels = labels.new_full((batch_size, num_queries), IGNORE_INDEX)
+            loss = causal_lm_loss(logits, torch.cat([query_labels, labels], dim=1))
+    else:
+        outputs = language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                 labels=labels, return_dict=True)
+        logits, loss = outputs.logits, outputs.loss
+    return ForwardOutput(loss=loss, logits=logits, query_output=query_output,
+                         language_model_inputs=language_model_inputs)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, mean over non-ignored targets, computed in fp32."""
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = labels[:, 1:].to(logits.device)
+    return F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX)

@@ -1,0 +1,47 @@
+"""Shared test set-up: hypothesis profile, tiny models built once per session."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from qformer_lora import presets
+
+# Tiny CPU models are fast but not microsecond-fast; a deadline would only add flakes.
+settings.register_profile("default", deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("default")
+
+TINY_PRESETS = ("tiny-instructblip-flan-t5", "tiny-instructblip-vicuna", "tiny-blip2-flan-t5", "tiny-blip2-opt")
+FULL_PRESETS = ("instructblip-flan-t5-xl", "instructblip-vicuna-7b", "blip2-flan-t5-xl", "blip2-opt-2.7b")
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(name: str, seed: int = 0):
+    """A tiny fp32 CPU model; shared read-only across tests (do not train or wrap it)."""
+    return presets.build_model(name, seed=seed)
+
+
+@pytest.fixture(params=TINY_PRESETS)
+def tiny_preset(request) -> str:
+    return request.param
+
+
+def check_against_release(table: str, key: str, observed):
+    """Assert ``observed`` equals the installed release's pinned value (or record it).
+
+    With QFORMER_LORA_RECORD=1 the observation is written to fixtures/expectations/<table>.json
+    instead; review that diff before committing it.
+    """
+    from qformer_lora import expectations
+
+    if expectations.RECORD:
+        expectations.record(table, key, observed)
+        return
+    row = expectations.for_release(table)  # fails loudly, naming the release, when unknown
+    assert key in row, f"{table}: no expectation {key!r} for {expectations.release_key()}"
+    assert observed == row[key], (
+        f"{table}[{key!r}] changed for {expectations.release_key()}:\n"
+        f"  pinned:   {row[key]!r}\n  observed: {observed!r}")

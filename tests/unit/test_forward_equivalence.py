@@ -1,0 +1,63 @@
+"""The custom forward equals the library's native forward wherever the native one works."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qformer_lora import compat, forward, lora, presets, synthetic
+
+from ..conftest import TINY_PRESETS, tiny_model
+
+# Same ops in the same order in fp32; the only difference allowed is summation order in
+# the loss reduction (decoder-only loss is computed by us, not by the library).
+ATOL = 1e-5
+
+
+@settings(max_examples=10)
+@given(batch_size=st.integers(1, 4), prompt_len=st.integers(1, 8), answer_len=st.integers(1, 5),
+       pad_rows=st.integers(0, 4), seed=st.integers(0, 2**16))
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_custom_forward_matches_native(preset, batch_size, prompt_len, answer_len, pad_rows, seed):
+    model = tiny_model(preset)
+    batch = synthetic.random_batch(model, batch_size=batch_size, prompt_len=prompt_len, answer_len=answer_len,
+                                   pad_rows=min(pad_rows, batch_size), seed=seed)
+    with torch.no_grad():
+        ours = forward.custom_forward(model, batch)
+        native = model(**compat.native_inputs(model, batch))
+    text_len = ours.logits.shape[1] if not model.config.use_decoder_only_language_model else batch["input_ids"].shape[1]
+    loss_gap = (ours.loss - native.loss).abs().item()
+    logit_gap = (ours.logits[:, -text_len:] - native.logits[:, -text_len:]).abs().max().item()
+    assert loss_gap <= ATOL, f"{preset}: loss {ours.loss.item():.6f} vs native {native.loss.item():.6f}"
+    assert logit_gap <= ATOL, f"{preset}: logits differ by up to {logit_gap:.2e}"
+
+
+def test_vision_encoder_runs_without_autograd_when_frozen():
+    model = presets.build_model("tiny-instructblip-flan-t5")
+    peft_model = lora.apply_lora(model, lora.LoraSpec(r=2, alpha=4))
+    batch = synthetic.random_batch(model)
+    image_embeds = forward.encode_images(model, batch["pixel_values"])
+    assert image_embeds.grad_fn is None and not image_embeds.requires_grad
+    out = forward.custom_forward(peft_model, batch)
+    out.loss.backward()
+    grads = [p.grad for p in lora.adapter_parameters(peft_model)]
+    assert all(g is not None for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads), "no gradient reached the Q-Former LoRA weights"
+    assert all(p.grad is None for p in model.vision_model.parameters())
+
+
+def test_decoder_only_labels_ignore_query_and_prompt_positions():
+    """Changing a prompt-position label must not move the loss; changing an answer label must."""
+    model = tiny_model("tiny-blip2-opt")
+    batch = synthetic.random_batch(model, batch_size=2, prompt_len=4, answer_len=3, seed=3)
+    assert (batch["labels"][:, :4] == forward.IGNORE_INDEX).all()
+    with torch.no_grad():
+        base = forward.custom_forward(model, batch).loss
+        changed_answer = dict(batch, labels=batch["labels"].clone())
+        changed_answer["labels"][0, 5] = (changed_answer["labels"][0, 5] + 1) % 500
+        moved = forward.custom_forward(model, changed_answer).loss
+    assert (moved - base).abs() > 1e-4
+    logits = forward.custom_forward(model, batch).logits
+    assert logits.shape[1] == model.config.num_query_tokens + batch["input_ids"].shape[1]
