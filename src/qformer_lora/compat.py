@@ -20,12 +20,17 @@ PREPEND = "prepend"            # the model prepends the query embeddings to the 
 PLACEHOLDERS = "placeholders"  # input_ids must already hold num_query_tokens image tokens, which the
                                # model overwrites with the query embeddings (masked_scatter)
 
-# transformers 4.47 taught the models to scatter query embeddings into image placeholder
+# transformers 4.45 taught the models to scatter query embeddings into image placeholder
 # tokens when config.image_token_index is set (and the processors to insert them); models
-# without it kept the old prepend path with a deprecation warning. transformers 5.0
-# removed the prepend path: the placeholders are required.
-PLACEHOLDERS_INTRODUCED = Version("4.47.0")
-PLACEHOLDERS_REQUIRED = Version("5.0.0.dev0")
+# without it kept the old prepend path with a one-time warning. From 4.55 the prepend
+# path is gone: without the image token the forward fails with
+# "AttributeError: 'bool' object has no attribute 'unsqueeze'".
+PLACEHOLDERS_INTRODUCED = Version("4.45.0")
+PLACEHOLDERS_REQUIRED = Version("4.55.0")
+# InstructBLIP's decoder-only loss sliced the logits to the last labels.size(1) positions
+# up to 4.51; from 4.52 it uses the model's loss_function on the full logits, so labels
+# must span the whole sequence, query positions included.
+INSTRUCTBLIP_FULL_LENGTH_LABELS = Version("4.52.0")
 # from_pretrained(torch_dtype=...) was renamed dtype=... in 4.56.
 DTYPE_KWARG_RENAMED = Version("4.56.0")
 
@@ -63,20 +68,21 @@ def native_inputs(model, batch: dict) -> dict:
     if "qformer_input_ids" in batch:
         kwargs["qformer_input_ids"] = batch["qformer_input_ids"]
         kwargs["qformer_attention_mask"] = batch["qformer_attention_mask"]
-    if native_convention(config) == PLACEHOLDERS:
-        num_queries = config.num_query_tokens
-        input_ids = kwargs["input_ids"]
-        batch_size = input_ids.shape[0]
-        placeholders = input_ids.new_full((batch_size, num_queries), image_token_index(config))
-        kwargs["input_ids"] = torch.cat([placeholders, input_ids], dim=1)
+    num_queries = config.num_query_tokens
+    batch_size = kwargs["input_ids"].shape[0]
+    placeholders = native_convention(config) == PLACEHOLDERS
+    if placeholders:
+        ids = kwargs["input_ids"].new_full((batch_size, num_queries), image_token_index(config))
+        kwargs["input_ids"] = torch.cat([ids, kwargs["input_ids"]], dim=1)
         kwargs["attention_mask"] = torch.cat(
             [kwargs["attention_mask"].new_ones((batch_size, num_queries)), kwargs["attention_mask"]], dim=1)
-        if config.use_decoder_only_language_model and "labels" in kwargs:
-            # the loss is computed over the whole (query + text) sequence, so labels must span it
-            kwargs["labels"] = torch.cat(
-                [kwargs["labels"].new_full((batch_size, num_queries), -100), kwargs["labels"]], dim=1)
-    # PREPEND: the old forward slices the logits to the last labels.size(1) positions for
-    # decoder-only models, so text-length labels are right as they are.
+    # Decoder-only labels: the old forward slices the logits to the last labels.size(1)
+    # positions, so text-length labels are right; otherwise they must span query + text.
+    full_length = placeholders or (config.model_type == "instructblip"
+                                   and TRANSFORMERS >= INSTRUCTBLIP_FULL_LENGTH_LABELS)
+    if config.use_decoder_only_language_model and "labels" in kwargs and full_length:
+        kwargs["labels"] = torch.cat(
+            [kwargs["labels"].new_full((batch_size, num_queries), -100), kwargs["labels"]], dim=1)
     return kwargs
 
 

@@ -61,8 +61,8 @@ def query_features(model, image_embeds: torch.Tensor, batch: dict) -> torch.Tens
     return hidden[:, : query_tokens.shape[1], :]
 
 
-def custom_forward(model, batch: dict) -> ForwardOutput:
-    """Loss and logits for ``batch``; ``model`` may be a PeftModel or the bare model."""
+def embed_inputs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs_embeds, attention_mask, query_output, language_model_inputs) for the language model."""
     model = compat.unwrap(model)
     image_embeds = encode_images(model, batch["pixel_values"])
     query_output = query_features(model, image_embeds, batch)
@@ -70,33 +70,62 @@ def custom_forward(model, batch: dict) -> ForwardOutput:
     projection = model.language_projection
     language_model_inputs = projection(query_output.to(projection.weight.dtype))
 
-    language_model = model.language_model
-    text_embeds = language_model.get_input_embeddings()(batch["input_ids"])
+    text_embeds = model.language_model.get_input_embeddings()(batch["input_ids"])
     language_model_inputs = language_model_inputs.to(text_embeds.dtype)
     inputs_embeds = torch.cat([language_model_inputs, text_embeds], dim=1)
     batch_size, num_queries = language_model_inputs.shape[:2]
     query_mask = batch["attention_mask"].new_ones((batch_size, num_queries))
     attention_mask = torch.cat([query_mask, batch["attention_mask"]], dim=1)
-    labels = batch.get("labels")
+    return inputs_embeds, attention_mask, query_output, language_model_inputs
 
+
+def custom_forward(model, batch: dict, reduction: str = "mean") -> ForwardOutput:
+    """Loss and logits for ``batch``; ``model`` may be a PeftModel or the bare model.
+
+    ``reduction="sum"`` gives the summed token loss, which the training loop divides by
+    the target count of the whole accumulation group (batch-size invariant).
+    """
+    model = compat.unwrap(model)
+    inputs_embeds, attention_mask, query_output, language_model_inputs = embed_inputs(model, batch)
+    labels = batch.get("labels")
     if model.config.use_decoder_only_language_model:
-        outputs = language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True)
-        logits = outputs.logits
-        loss = None
+        logits = model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      return_dict=True).logits
         if labels is not None:
-            query_labels = labels.new_full((batch_size, num_queries), IGNORE_INDEX)
-            loss = causal_lm_loss(logits, torch.cat([query_labels, labels], dim=1))
+            num_queries = language_model_inputs.shape[1]
+            labels = torch.cat([labels.new_full((labels.shape[0], num_queries), IGNORE_INDEX), labels], dim=1)
+            labels = labels[:, 1:]  # next-token targets
+            logits_for_loss = logits[:, :-1, :]
     else:
-        outputs = language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                 labels=labels, return_dict=True)
-        logits, loss = outputs.logits, outputs.loss
+        # labels make the LM build decoder_input_ids (labels shifted right); its own loss is unused
+        logits = model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      labels=labels, return_dict=True).logits
+        logits_for_loss = logits
+    loss = token_cross_entropy(logits_for_loss, labels, reduction) if labels is not None else None
     return ForwardOutput(loss=loss, logits=logits, query_output=query_output,
                          language_model_inputs=language_model_inputs)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy, mean over non-ignored targets, computed in fp32."""
-    shifted_logits = logits[:, :-1, :].float()
-    shifted_labels = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over non-ignored targets, computed in fp32 (as the libraries do)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.to(logits.device).reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def target_count(batch: dict) -> int:
+    """Number of tokens the loss is taken over (decoder-only targets are shifted by one, not lost:
+    the first text position is always a prompt token)."""
+    return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def generate(model, batch: dict, max_new_tokens: int = 8) -> torch.Tensor:
+    """Greedy answers: the language model's own generate() on the custom inputs_embeds.
+
+    For decoder-only models ``batch`` holds the prompt only (left-padded so every row
+    ends with its last prompt token); the result holds the new tokens only.
+    """
+    model = compat.unwrap(model)
+    inputs_embeds, attention_mask, _, _ = embed_inputs(model, batch)
+    return model.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)

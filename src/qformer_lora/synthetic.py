@@ -12,7 +12,7 @@ import torch
 from .forward import IGNORE_INDEX, is_instructblip
 from . import compat
 
-FIRST_ORDINARY_TOKEN = 4  # ids below are special (pad/eos/unk/bos) in every shipped tokenizer
+FIRST_ORDINARY_TOKEN = 5  # ids below are special (pad/eos/unk/bos/<image>) in the fixture tokenizer
 
 
 def random_batch(model, *, batch_size: int = 2, prompt_len: int = 5, answer_len: int = 3,
@@ -22,12 +22,15 @@ def random_batch(model, *, batch_size: int = 2, prompt_len: int = 5, answer_len:
     model = compat.unwrap(model)
     config = model.config
     generator = torch.Generator().manual_seed(seed)
-    # keep clear of the special ids and of the image token (the last id in the tiny presets)
-    high = min(config.text_config.vocab_size, compat.image_token_index(config) or 10**9) - 1
+    high = config.text_config.vocab_size
     image_size = config.vision_config.image_size
 
+    image_token = compat.image_token_index(config)
+
     def tokens(length: int, vocab_high: int) -> torch.Tensor:
-        return torch.randint(FIRST_ORDINARY_TOKEN, vocab_high, (batch_size, length), generator=generator)
+        ids = torch.randint(FIRST_ORDINARY_TOKEN, vocab_high, (batch_size, length), generator=generator)
+        # a stray image token would count as a placeholder in the native forward
+        return ids.masked_fill(ids == image_token, FIRST_ORDINARY_TOKEN) if image_token is not None else ids
 
     def right_pad(ids: torch.Tensor, lengths: torch.Tensor, fill: int) -> tuple[torch.Tensor, torch.Tensor]:
         mask = torch.arange(ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)

@@ -1,0 +1,669 @@
+"""Memory and speed of one LoRA training step against batch size, and what fits a budget.
+
+Read top to bottom: a configuration (:class:`SweepPoint`) -> one measured batch size
+(:func:`measure`) -> a sweep over configurations and batch sizes (:func:`sweep`) ->
+a linear memory model per configuration (:func:`fit_linear`, :func:`predict_max_batch`),
+checked against a real memory cap (:func:`validate_prediction`) -> the seed's table
+and report files (:func:`write_reports`). Models are random-initialised from presets
+(no downloads); on a CPU the memory fields are None and only times are measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import gc
+import io
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import compat, lora, presets, synthetic
+from .forward import custom_forward
+
+GIB = 1024 ** 3
+BUDGETS_GIB = (24, 40, 80)
+# precision -> (weight dtype, autocast dtype). fp16 weights are not offered: fp16 training
+# needs fp32 master weights, which is what "fp16-amp" (fp32 weights + autocast) is.
+PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
+              "fp16-amp": (torch.float32, torch.float16)}
+FORWARDS = ("custom", "native")
+FULL_INSTRUCTBLIP, FULL_BLIP2 = "instructblip-flan-t5-xl", "blip2-flan-t5-xl"
+# (row, preset, scope, what the seed reported on its card)
+SEED_ROWS = (("BLIP-2 Q-Former LoRA", FULL_BLIP2, "qformer", "24"),
+             ("InstructBLIP Q-Former+LLM LoRA", FULL_INSTRUCTBLIP, "qformer+llm", "10"),
+             ("InstructBLIP Q-Former-only LoRA", FULL_INSTRUCTBLIP, "qformer", "16-20 (expected)"))
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One configuration; ``batch_sizes=None`` takes the sweep's list."""
+    preset: str
+    scope: str = "qformer"
+    precision: str = "bf16"
+    forward: str = "custom"
+    lm_activation_checkpointing: bool = False
+    family: str | None = None            # build the preset's config as another family
+    batch_sizes: tuple[int, ...] | None = None
+    r: int = 8
+    validate_budget_gib: float | None = None  # check the fitted prediction under this cap (CUDA)
+
+    def __post_init__(self):
+        for name, value, allowed in (("scope", self.scope, lora.SCOPES), ("precision", self.precision, PRECISIONS),
+                                     ("forward", self.forward, FORWARDS)):
+            if value not in allowed:
+                raise ValueError(f"SweepPoint.{name} is {value!r}; expected one of {sorted(allowed)}")
+        if self.family is not None and self.family not in presets.FAMILIES:
+            raise ValueError(f"SweepPoint.family is {self.family!r}; expected one of {sorted(presets.FAMILIES)}")
+        if self.batch_sizes is not None and (not self.batch_sizes or min(self.batch_sizes) < 1):
+            raise ValueError(f"SweepPoint.batch_sizes must be positive integers, got {self.batch_sizes}")
+
+    @property
+    def label(self) -> str:
+        extras = [f"as {self.family}"] * bool(self.family) + ["lm-ckpt"] * self.lm_activation_checkpointing
+        return " ".join([self.preset, self.scope, self.precision, self.forward, *extras])
+
+    @property
+    def build_key(self) -> tuple:
+        # fp32 and fp16-amp share fp32 weights; forward and checkpointing are switched per step,
+        # so all of these reuse one built model.
+        return self.preset, self.family, PRECISIONS[self.precision][0], self.scope, self.r
+
+
+@dataclass(frozen=True)
+class SequenceShape:
+    prompt_len: int = 32
+    answer_len: int = 16
+    instruction_len: int = 32  # InstructBLIP's Q-Former reads the instruction, as long as the prompt
+
+
+def default_points(instructblip: str = FULL_INSTRUCTBLIP, blip2: str = FULL_BLIP2) -> list[SweepPoint]:
+    """The GPU grid: every seed-table row in fp32 and bf16, plus fp16-amp, checkpointing, native.
+
+    Ordered so that consecutive points share a built model (6 builds).
+    """
+    small, large = (1, 4, 8), (1, 4, 8, 16)
+    return [SweepPoint(instructblip, "qformer", "bf16", batch_sizes=large, validate_budget_gib=24),
+            SweepPoint(instructblip, "qformer", "bf16", forward="native", batch_sizes=(8,)),
+            SweepPoint(instructblip, "qformer", "bf16", lm_activation_checkpointing=True, batch_sizes=(4, 16)),
+            SweepPoint(instructblip, "qformer", "fp32", batch_sizes=small),
+            SweepPoint(instructblip, "qformer", "fp16-amp", batch_sizes=small),
+            SweepPoint(instructblip, "qformer+llm", "fp32", batch_sizes=small),
+            SweepPoint(instructblip, "qformer+llm", "bf16", batch_sizes=large),
+            SweepPoint(blip2, "qformer", "bf16", batch_sizes=large),
+            SweepPoint(blip2, "qformer", "fp32", batch_sizes=small)]
+
+
+def grid(preset: str, *, scopes=("qformer",), precisions=("bf16",), forwards=("custom",),
+         lm_activation_checkpointing: bool = False, family: str | None = None,
+         validate_budget_gib: float | None = None) -> list[SweepPoint]:
+    """Every combination for one preset, ordered so that points sharing a model are consecutive;
+    the first point carries the validation request."""
+    by_weights = sorted(precisions, key=lambda p: str(PRECISIONS[p][0]) if p in PRECISIONS else p)
+    points = [SweepPoint(preset, scope, precision, forward, lm_activation_checkpointing, family)
+              for scope in scopes for precision in by_weights for forward in forwards]
+    return [dataclasses.replace(points[0], validate_budget_gib=validate_budget_gib)] + points[1:]
+
+
+# ----------------------------------------------------------------------------- one step
+
+def build(point: SweepPoint, device: str | torch.device):
+    """The preset on ``device`` in the point's weight dtype, with LoRA (adapters fp32), in train mode."""
+    preset = presets.load_preset(point.preset)
+    if point.family:
+        preset = dataclasses.replace(preset, family=point.family)
+    model = presets.build_model(preset, device=device, dtype=PRECISIONS[point.precision][0])
+    peft_model = lora.apply_lora(model, lora.LoraSpec(r=point.r, alpha=2 * point.r, scope=point.scope))
+    # bf16 adapters lose small updates; peft >= 0.12 upcasts them itself, older releases do not.
+    for param in lora.adapter_parameters(peft_model):
+        param.data = param.data.float()
+    return peft_model.train()  # train mode: dropout masks count, and HF checkpointing only acts in training
+
+
+def set_lm_checkpointing(model, enabled: bool) -> None:
+    """Activation checkpointing of the frozen language model (non-reentrant).
+
+    The LM's input embeddings carry grad from the Q-Former, so gradients reach the
+    adapters through the recomputed layers. transformers 5.x renamed the method
+    (the old name warns); older releases only have the old one.
+    """
+    lm = compat.unwrap(model).language_model
+    if enabled:
+        enable = getattr(lm, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif lm_checkpointing_active(model):
+        (getattr(lm, "activation_checkpointing_disable", None) or lm.gradient_checkpointing_disable)()
+
+
+def lm_checkpointing_active(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in compat.unwrap(model).language_model.modules())
+
+
+@dataclass
+class StepState:
+    model: object
+    point: SweepPoint
+    batch: dict
+    native_kwargs: dict | None
+    optimizer: torch.optim.Optimizer
+    scaler: object | None
+    device: torch.device
+    skipped_steps: int = 0  # fp16-amp: optimizer steps GradScaler skipped for inf/NaN gradients
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch["input_ids"].shape[0]
+
+
+def prepare_step(model, point: SweepPoint, batch_size: int, device, shape: SequenceShape) -> StepState:
+    device = torch.device(device)
+    set_lm_checkpointing(model, point.lm_activation_checkpointing)
+    batch = synthetic.random_batch(model, batch_size=batch_size, prompt_len=shape.prompt_len,
+                                   answer_len=shape.answer_len, instruction_len=shape.instruction_len, device=device)
+    params = lora.adapter_parameters(model)
+    for param in params:  # a step cut short by OOM leaves gradients behind
+        param.grad = None
+    native_kwargs = compat.native_inputs(compat.unwrap(model), batch) if point.forward == "native" else None
+    scaler = torch.amp.GradScaler(device.type) if point.precision == "fp16-amp" else None
+    return StepState(model, point, batch, native_kwargs, torch.optim.AdamW(params, lr=1e-4), scaler, device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(state: StepState) -> float:
+    """Forward, backward, optimizer step, zero_grad; returns once the device has finished."""
+    autocast_dtype = PRECISIONS[state.point.precision][1]
+    autocast = (torch.autocast(state.device.type, dtype=autocast_dtype) if autocast_dtype
+                else contextlib.nullcontext())
+    with autocast:
+        if state.native_kwargs is not None:  # the library's own forward through the plain PeftModel
+            loss = state.model(**state.native_kwargs).loss
+        else:
+            loss = custom_forward(state.model, state.batch).loss
+    if state.scaler is not None:
+        scale = state.scaler.get_scale()
+        state.scaler.scale(loss).backward()
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.skipped_steps += state.scaler.get_scale() < scale  # a skipped step halves the scale
+    else:
+        loss.backward()
+        state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    synchronize(state.device)
+    return float(loss.detach())
+
+
+def is_oom(err: BaseException) -> bool:
+    # cuBLAS / cuDNN report a failed workspace allocation as their own status, not as an OOM
+    message = str(err)
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (isinstance(err, RuntimeError) and (
+        "out of memory" in message.lower() or "_STATUS_ALLOC_FAILED" in message))
+
+
+def free_memory(collect: bool = True) -> None:
+    """Return cached CUDA blocks so the next measurement starts from an empty cache.
+
+    ``collect`` also runs the garbage collector (a quarter second per call in a big
+    process), needed only where reference cycles may hold tensors: after an OOM
+    (exception tracebacks) and when a model is dropped.
+    """
+    if collect:
+        gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure(point: SweepPoint, batch_size: int, device="cuda", *, model=None, shape: SequenceShape = SequenceShape(),
+            warmup: int = 1, steps: int = 3) -> dict:
+    """Peak memory and median step time of ``steps`` synchronised steps after ``warmup`` steps.
+
+    Out of memory is a result (``{"oom": True, ...}``), not an error. ``model`` is
+    reused when given (building a 4B model takes a while), else built and released.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    device = torch.device(device)
+    owns_model, state, oom_message = model is None, None, None
+    try:
+        if model is None:
+            model = build(point, device)
+        state = prepare_step(model, point, batch_size, device, shape)
+        for _ in range(warmup):
+            train_step(state)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times, loss, state.skipped_steps = [], math.nan, 0
+        for _ in range(steps):
+            start = time.perf_counter()
+            loss = train_step(state)
+            times.append(time.perf_counter() - start)
+        memory = memory_stats(device)
+        skipped = state.skipped_steps if state.scaler is not None else None
+    except RuntimeError as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        if not is_oom(err):
+            raise
+        oom_message = str(err).strip().splitlines()[0][:300]  # keep no reference to the traceback's tensors
+    finally:
+        del state
+        if owns_model:
+            del model
+        free_memory(collect=owns_model or oom_message is not None)
+    if oom_message is not None:
+        return {"batch_size": batch_size, "oom": True, "error": oom_message}
+    median = statistics.median(times)
+    return {"batch_size": batch_size, "oom": False, **memory, "step_time_s": median, "step_times_s": times,
+            "samples_per_s": batch_size / median, "loss": loss, "skipped_steps": skipped}
+
+
+def memory_stats(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"peak_allocated_bytes": None, "peak_reserved_bytes": None,
+                "peak_allocated_gib": None, "peak_reserved_gib": None}
+    allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    return {"peak_allocated_bytes": allocated, "peak_reserved_bytes": reserved,
+            "peak_allocated_gib": allocated / GIB, "peak_reserved_gib": reserved / GIB}
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+def sweep(points: list[SweepPoint], batch_sizes=(1, 4, 8, 16), *, device="cuda",
+          shape: SequenceShape = SequenceShape(), warmup: int = 1, steps: int = 3, progress: bool = True,
+          on_point=None) -> dict:
+    """Measure every point at its batch sizes (ascending); after an OOM, larger batches are not run.
+
+    ``on_point(report)`` is called after each configuration (to save partial results).
+    """
+    device = torch.device(device)
+    report = {"schema": 1, "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "device": device_info(device), "versions": compat.versions(), "sequence": asdict(shape),
+              "settings": {"warmup_steps": warmup, "measured_steps": steps, "optimizer": "AdamW lr=1e-4",
+                           "float32_matmul_precision": torch.get_float32_matmul_precision()},
+              "points": [], "validation": []}
+    plan = [(p, sorted(set(p.batch_sizes or batch_sizes))) for p in points]
+    model, model_key = None, None
+    with tqdm(total=sum(len(sizes) for _, sizes in plan), desc="bench", disable=not progress) as bar:
+        for point, sizes in plan:
+            if point.build_key != model_key:
+                model, model_key = None, None
+                free_memory()
+                model, model_key = _build_or_oom(point, device), point.build_key
+            entry = {"label": point.label, "config": asdict(point), "results": [],
+                     "image_size": compat.unwrap(model).config.vision_config.image_size if model else None}
+            for size in sizes:
+                bar.set_postfix_str(f"{point.label} b={size}")
+                skip = "the model did not fit" if model is None else (
+                    "a smaller batch ran out of memory" if any(r["oom"] for r in entry["results"]) else None)
+                entry["results"].append(
+                    {"batch_size": size, "oom": True, "error": f"not run: {skip}"} if skip else
+                    measure(point, size, device, model=model, shape=shape, warmup=warmup, steps=steps))
+                bar.update()
+            entry["memory_model"] = memory_model(entry["results"], report["device"].get("total_memory_bytes"))
+            report["points"].append(entry)
+            if point.validate_budget_gib and model is not None:
+                report["validation"].append(validate_point(point, entry, device, model, shape))
+            if on_point is not None:
+                on_point(summarise(report))
+    del model
+    free_memory()
+    return summarise(report)
+
+
+def _build_or_oom(point: SweepPoint, device: torch.device):
+    """The built model, or None when it does not fit on the device (the sweep goes on)."""
+    try:
+        return build(point, device)
+    except RuntimeError as err:
+        if not is_oom(err):
+            raise
+    free_memory()
+    return None
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"type": device.type, "name": device.type, "total_memory_bytes": None, "driver_version": None}
+    props = torch.cuda.get_device_properties(device)
+    free, total = torch.cuda.mem_get_info(device)
+    return {"type": "cuda", "name": props.name, "total_memory_bytes": props.total_memory,
+            "capability": f"{props.major}.{props.minor}", "cuda_runtime": torch.version.cuda,
+            "driver_version": _driver_version(),
+            # CUDA context and libraries: used on a real card but outside any allocator budget
+            "outside_allocator_bytes": (total - free) - torch.cuda.memory_reserved(device)}
+
+
+def _driver_version() -> str | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
+# ----------------------------------------------------------------------------- memory model
+
+def fit_linear(batch_sizes, peaks) -> tuple[float, float]:
+    """Least-squares ``peak = a + b * batch``; exact (rational) arithmetic, so exact data gives exact a, b."""
+    xs, ys = [Fraction(x) for x in batch_sizes], [Fraction(y) for y in peaks]
+    if len(xs) != len(ys) or len(set(xs)) < 2:
+        raise ValueError(f"fit_linear needs >= 2 distinct batch sizes with one peak each, got {batch_sizes}, {peaks}")
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    return float(mean_y - b * mean_x), float(b)
+
+
+def predict_max_batch(a: float, b: float, budget_bytes: float) -> int | None:
+    """The largest batch n >= 0 with a + b*n <= budget (exact arithmetic); None if memory does not grow."""
+    if b <= 0:
+        return None
+    return max(0, math.floor((Fraction(budget_bytes) - Fraction(a)) / Fraction(b)))
+
+
+def budgets(total_memory_bytes: int | None) -> dict[str, int]:
+    named = {f"{g} GiB": g * GIB for g in BUDGETS_GIB}
+    if total_memory_bytes:
+        named["this card"] = total_memory_bytes
+    return named
+
+
+def memory_model(results: list[dict], total_memory_bytes: int | None = None) -> dict | None:
+    """Fits over allocated and reserved peaks, and the max batch each budget allows (allocated fit)."""
+    ok = [r for r in results if not r["oom"] and r.get("peak_allocated_bytes") is not None]
+    if len({r["batch_size"] for r in ok}) < 2:
+        return None
+    sizes = [r["batch_size"] for r in ok]
+    fits = {kind: dict(zip("ab", fit_linear(sizes, [r[f"peak_{kind}_bytes"] for r in ok])))
+            for kind in ("allocated", "reserved")}
+    a, b = fits["allocated"]["a"], fits["allocated"]["b"]
+    return fits | {"max_batch": {name: predict_max_batch(a, b, budget) for name, budget in
+                                 budgets(total_memory_bytes).items()}}
+
+
+@contextlib.contextmanager
+def memory_cap(budget_bytes: int, device: torch.device):
+    """Limit this process's CUDA allocator to ``budget_bytes`` (a no-op elsewhere), then lift it."""
+    if device.type != "cuda":
+        yield None
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    if budget_bytes > total:
+        raise ValueError(f"budget {budget_bytes / GIB:.1f} GiB exceeds this card's {total / GIB:.1f} GiB")
+    free_memory()
+    torch.cuda.set_per_process_memory_fraction(budget_bytes / total, device)
+    try:
+        yield budget_bytes / total
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        free_memory()
+
+
+def find_limit(fits, start: int, max_probes: int = 8) -> tuple[int, bool, dict[int, bool]]:
+    """(largest batch seen to fit, whether the next one was seen to fail, probes) starting at ``start``.
+
+    Walks up in doubling steps while batches fit, down in doubling steps while they do
+    not, then bisects; 0 means batch 1 did not fit.
+    """
+    probes: dict[int, bool] = {}
+    calls = 0  # counted separately from probes so that a repeated batch cannot loop forever
+
+    def probe(n: int) -> bool:
+        nonlocal calls
+        calls += 1
+        probes[n] = fits(n)
+        return probes[n]
+
+    start = max(1, start)
+    lo, hi, step = (start, None, 1) if probe(start) else (0, start, 1)
+    while hi is None and calls < max_probes:  # upward
+        if probe(lo + step):
+            lo, step = lo + step, step * 2
+        else:
+            hi = lo + step
+    while lo == 0 and hi > 1 and calls < max_probes:  # downward
+        n = max(1, hi - step)
+        if probe(n):
+            lo = n
+        else:
+            hi, step = n, step * 2
+    while hi is not None and hi - lo > 1 and calls < max_probes:  # bisect
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if probe(mid) else (lo, mid)
+    return lo, hi == lo + 1, probes
+
+
+def validate_prediction(point: SweepPoint, predicted: int, budget_bytes: int, *, device="cuda", model=None,
+                        shape: SequenceShape = SequenceShape(), max_probes: int = 10) -> dict:
+    """Run at the predicted batch under a cap of ``budget_bytes`` and search for the real limit."""
+    device = torch.device(device)
+    with memory_cap(budget_bytes, device) as fraction:
+        def fits(n: int) -> bool:
+            return not measure(point, n, device, model=model, shape=shape, warmup=0, steps=1)["oom"]
+        measured, exact, probes = find_limit(fits, predicted, max_probes)
+    return {"label": point.label, "budget_bytes": budget_bytes, "budget_gib": budget_bytes / GIB,
+            "memory_fraction": fraction, "predicted": predicted, "measured": measured, "measured_exact": exact,
+            "probes": {str(k): v for k, v in sorted(probes.items())},
+            "relative_error": abs(predicted - measured) / measured if measured else None}
+
+
+def validate_point(point: SweepPoint, entry: dict, device: torch.device, model, shape: SequenceShape) -> dict:
+    """validate_prediction for a swept point, or why it could not run."""
+    budget, fit = int(point.validate_budget_gib * GIB), entry["memory_model"]
+    if device.type != "cuda" or fit is None:
+        return {"label": point.label, "status": "skipped", "reason": f"no memory measurements on {device.type}"}
+    predicted = predict_max_batch(fit["allocated"]["a"], fit["allocated"]["b"], budget)
+    total = torch.cuda.get_device_properties(device).total_memory
+    if not predicted or budget > total:
+        return {"label": point.label, "status": "skipped",
+                "reason": f"predicted batch {predicted} for {budget / GIB:g} GiB on a {total / GIB:.0f} GiB card"}
+    try:
+        result = validate_prediction(point, predicted, budget, device=device, model=model, shape=shape)
+    except Exception as err:  # noqa: BLE001 - a failed check is recorded; the sweep's measurements still count
+        return {"label": point.label, "status": "error", "reason": f"{type(err).__name__}: {err}"}
+    reserved = predict_max_batch(fit["reserved"]["a"], fit["reserved"]["b"], budget)
+    return {"status": "done", **result, "predicted_from_reserved": reserved}
+
+
+# ----------------------------------------------------------------------------- summaries
+
+def _same_config(config: dict) -> tuple:
+    return tuple(v for k, v in sorted(config.items()) if k not in ("batch_sizes", "validate_budget_gib", "forward"))
+
+
+def compare_forwards(entries: list[dict]) -> list[dict]:
+    """custom / native ratios of peak allocated memory and step time, same configuration and batch."""
+    out = []
+    for native in (e for e in entries if e["config"]["forward"] == "native"):
+        for custom in (e for e in entries if e["config"]["forward"] == "custom"
+                       and _same_config(e["config"]) == _same_config(native["config"])):
+            ok = {r["batch_size"]: r for r in custom["results"] if not r["oom"]}
+            for n in (r for r in native["results"] if not r["oom"] and r["batch_size"] in ok):
+                c = ok[n["batch_size"]]
+                memory = (c["peak_allocated_bytes"] / n["peak_allocated_bytes"]
+                          if c["peak_allocated_bytes"] and n["peak_allocated_bytes"] else None)
+                out.append({"label": custom["label"], "batch_size": n["batch_size"], "memory_ratio": memory,
+                            "time_ratio": c["step_time_s"] / n["step_time_s"]})
+            break
+    return out
+
+
+def seed_table(entries: list[dict], budget_bytes: int = 24 * GIB, rows=SEED_ROWS) -> list[dict]:
+    """The seed's "what fits" table from the fitted models: max batch in fp32 and bf16 weights."""
+    table = []
+    for row, preset, scope, seed in rows:
+        line = {"row": row, "preset": preset, "scope": scope, "seed": seed}
+        for precision in ("fp32", "bf16"):
+            fit = next((e["memory_model"] for e in entries if e["memory_model"] and e["config"] | {
+                "batch_sizes": None, "validate_budget_gib": None} == asdict(SweepPoint(preset, scope, precision))), None)
+            line[precision] = predict_max_batch(fit["allocated"]["a"], fit["allocated"]["b"], budget_bytes) if fit else None
+        table.append(line)
+    return table
+
+
+def paragraph(report: dict) -> str:
+    """The numbers in prose; the explanation of why is for a human to add."""
+    dev, seq, versions = report["device"], report["sequence"], report["versions"]
+    rows = [r for r in report["seed_table"] if r["fp32"] is not None or r["bf16"] is not None]
+    if not rows:
+        return f"No memory measurements on {dev['name']}: the 24 GiB table needs a CUDA run."
+    image = report["points"][0]["image_size"]
+    text = (f"Measured on {dev['name']} (torch {versions['torch']}, transformers {versions['transformers']}, peft "
+            f"{versions['peft']}) with {seq['prompt_len']} prompt and {seq['answer_len']} answer tokens, {image}px "
+            f"images, LoRA r=8 and AdamW. A linear fit of peak allocated memory against batch size predicts, on a "
+            f"24 GiB budget: " + "; ".join(f"{r['row']} batch {r['fp32']} with fp32 weights and {r['bf16']} with "
+                                           f"bf16 weights (seed: {r['seed']})" for r in rows) + ".")
+    if dev.get("outside_allocator_bytes"):
+        text += (f" Budgets are the allocator's; the CUDA context ({dev['outside_allocator_bytes'] / GIB:.2f} GiB "
+                 f"here) comes on top on a real card.")
+    for v in (v for v in report["validation"] if v["status"] == "done"):
+        error = f"{v['relative_error']:.1%} off" if v["relative_error"] is not None else "no batch fitted"
+        text += (f" Under a {v['budget_gib']:g} GiB cap the prediction for {v['label']} was {v['predicted']}, "
+                 f"the measured limit {v['measured']} ({error}; target 5 %).")
+    for c in (c for c in report["comparisons"] if c["memory_ratio"]):
+        text += (f" The custom forward took {c['memory_ratio']:.2f}x the memory and {c['time_ratio']:.2f}x the "
+                 f"step time of the library's own forward ({c['label']}, batch {c['batch_size']}).")
+    return text
+
+
+def summarise(report: dict, rows=SEED_ROWS) -> dict:
+    report["comparisons"] = compare_forwards(report["points"])
+    report["seed_table"] = seed_table(report["points"], rows=rows)
+    report["paragraph"] = paragraph(report)
+    return report
+
+
+# ----------------------------------------------------------------------------- report files
+
+def report_stem(report: dict) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", report["device"]["name"].lower()).strip("-") or "device"
+    return f"{slug}-{report['created'][:10]}"
+
+
+def default_report_dir() -> Path:
+    return Path(os.environ.get("QFORMER_LORA_REPORT_DIR") or Path("reports") / "gpu")
+
+
+def write_reports(report: dict, out_dir: str | os.PathLike | None = None, *, plot: bool = True) -> dict[str, Path | None]:
+    """<gpu-slug>-<date>.json / .md / .png under ``out_dir``; the PNG only when matplotlib is installed."""
+    out_dir = Path(out_dir) if out_dir is not None else default_report_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {kind: out_dir / f"{report_stem(report)}.{kind}" for kind in ("json", "md", "png")}
+    _atomic_write(paths["json"], json.dumps(report, indent=2).encode())
+    _atomic_write(paths["md"], markdown(report).encode())
+    png = plot_png(report) if plot else None
+    if png is not None:
+        _atomic_write(paths["png"], png)
+    elif plot:
+        print("matplotlib is not installed: skipped the PNG plot (pip install matplotlib)")
+    return paths | {"png": paths["png"] if png is not None else None}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    # a reader (or a killed run) never sees half a report: write beside it, then rename
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _num(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(report: dict) -> str:
+    dev, seq, v, s = report["device"], report["sequence"], report["versions"], report["settings"]
+    lines = [f"# Memory and speed against batch size: {dev['name']}", "",
+             f"{report['created']}; torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}; "
+             f"driver {dev.get('driver_version') or '-'}, CUDA {dev.get('cuda_runtime') or '-'}.",
+             f"Prompt {seq['prompt_len']}, answer {seq['answer_len']}, instruction {seq['instruction_len']} tokens; "
+             f"{s['measured_steps']} measured steps after {s['warmup_steps']} warm-up; {s['optimizer']}.", "",
+             "| configuration | image px | batch | peak allocated GiB | peak reserved GiB | step ms | samples/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for e in report["points"]:
+        for r in e["results"]:
+            cells = (["OOM"] + [""] * 3 if r["oom"] else [_num(r["peak_allocated_gib"]), _num(r["peak_reserved_gib"]),
+                                                         _num(1000 * r["step_time_s"], ".1f"), _num(r["samples_per_s"])])
+            lines.append(f"| {e['label']} | {e['image_size']} | {r['batch_size']} | " + " | ".join(cells) + " |")
+    names = list(budgets(dev.get("total_memory_bytes")))
+    lines += ["", "## Memory model: peak allocated = a + b x batch", "",
+              "| configuration | a GiB | b GiB/sample | " + " | ".join(f"max batch {n}" for n in names) + " |",
+              "|---|---:|---:|" + "---:|" * len(names)]
+    for e in (e for e in report["points"] if e["memory_model"]):
+        m = e["memory_model"]
+        lines.append(f"| {e['label']} | {m['allocated']['a'] / GIB:.2f} | {m['allocated']['b'] / GIB:.3f} | "
+                     + " | ".join(_num(m["max_batch"].get(n), "d") for n in names) + " |")
+    lines += ["", "## The seed's table: max batch on 24 GiB", "", "| configuration | seed | fp32 weights | bf16 weights |",
+              "|---|---|---:|---:|"]
+    lines += [f"| {r['row']} | {r['seed']} | {_num(r['fp32'], 'd')} | {_num(r['bf16'], 'd')} |" for r in report["seed_table"]]
+    lines += ["", "## Custom vs native forward (custom / native)", "", "| configuration | batch | memory | step time |",
+              "|---|---:|---:|---:|"]
+    lines += [f"| {c['label']} | {c['batch_size']} | {_num(c['memory_ratio'])} | {_num(c['time_ratio'])} |"
+              for c in report["comparisons"]]
+    lines += ["", "## Prediction check", ""]
+    lines += [f"- {x['label']}: {x['reason']}" if x["status"] != "done" else
+              f"- {x['label']}, {x['budget_gib']:g} GiB cap: predicted {x['predicted']}, measured {x['measured']}"
+              f" (error {_num(x['relative_error'], '.1%')}; probes {x['probes']})" for x in report["validation"]]
+    return "\n".join(lines + ["", "## Summary", "", report["paragraph"], ""])
+
+
+def plot_png(report: dict) -> bytes | None:
+    """Peak memory and throughput against batch size, one line per configuration; None without matplotlib."""
+    try:
+        from matplotlib.figure import Figure  # optional: only the plot needs it
+    except ImportError:
+        return None
+    fig = Figure(figsize=(12, 5))
+    memory_ax, speed_ax = fig.subplots(1, 2)
+    for e in report["points"]:
+        ok = [r for r in e["results"] if not r["oom"]]
+        if any(r["peak_allocated_gib"] is not None for r in ok):
+            memory_ax.plot([r["batch_size"] for r in ok], [r["peak_allocated_gib"] for r in ok], marker="o",
+                           label=e["label"])
+        speed_ax.plot([r["batch_size"] for r in ok], [r["samples_per_s"] for r in ok], marker="o", label=e["label"])
+    if memory_ax.lines:
+        memory_ax.axhline(BUDGETS_GIB[0], color="grey", linestyle="--", linewidth=1, label=f"{BUDGETS_GIB[0]} GiB")
+    else:
+        memory_ax.text(0.5, 0.5, f"no memory measurements on {report['device']['name']}", ha="center",
+                       transform=memory_ax.transAxes)
+    (memory_ax if memory_ax.lines else speed_ax).legend(fontsize=6)
+    memory_ax.set(xlabel="batch size", ylabel="peak allocated (GiB)", title=report["device"]["name"])
+    speed_ax.set(xlabel="batch size", ylabel="samples / s", title="training throughput")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def run_benchmark(points: list[SweepPoint], batch_sizes=(1, 4, 8, 16), *, device="cuda",
+                  shape: SequenceShape = SequenceShape(), report_dir=None, steps: int = 3,
+                  progress: bool = True) -> tuple[dict, dict]:
+    """sweep() then write_reports(): what the CLI and the GPU tests call."""
+    # reports are rewritten after every configuration, so a run cut short still leaves its numbers
+    report = sweep(points, batch_sizes, device=device, shape=shape, steps=steps, progress=progress,
+                   on_point=lambda partial: write_reports(partial, report_dir, plot=False))
+    return report, write_reports(report, report_dir)

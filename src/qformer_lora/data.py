@@ -1,0 +1,395 @@
+"""Data: manifests, images, processors and batch collation.
+
+Everything a training step needs between "a JSONL file on disk" and "a dict of
+tensors", and nothing else. Read top to bottom:
+
+1. ``read_manifest``   JSONL -> validated ``Sample`` list (``ManifestError`` on bad input)
+2. ``load_image``      path -> RGB PIL image (``ImageLoadError`` on bad files)
+3. ``build_processor`` offline InstructBLIP/BLIP-2 processor (local checkpoint or fixtures)
+4. ``ManifestDataset`` samples -> ``Example`` (image, instruction, answer, id)
+5. ``Collator``        list of ``Example`` -> padded tensors + labels
+
+Conventions the model side relies on (see ``Collator``):
+
+* right padding everywhere; ``labels`` use -100 for every position that is
+  not a target;
+* ``input_ids`` never contain image/placeholder tokens: the custom forward
+  prepends the Q-Former query embeddings itself, so the text here is text only.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .presets import FIXTURES_DIR  # the one place that locates fixtures/
+
+SHAPES_DIR = FIXTURES_DIR / "data" / "shapes"
+LM_TOKENIZER_DIR = FIXTURES_DIR / "tokenizers" / "lm"
+QFORMER_TOKENIZER_DIR = FIXTURES_DIR / "tokenizers" / "qformer"
+
+FAMILIES = ("instructblip", "blip2")
+IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss default ignore_index
+
+
+# --------------------------------------------------------------------------- 1. manifests
+
+
+class ManifestError(ValueError):
+    """A manifest line is unusable; the message names file, line and field."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    image_path: Path  # resolved, guaranteed inside image_root and existing at read time
+    instruction: str
+    answer: str
+    line: int  # 1-based line in the manifest, for error messages downstream
+
+
+REQUIRED_KEYS = ("image", "instruction", "answer")
+OPTIONAL_KEYS = ("id",)
+
+
+def read_manifest(path: str | Path, image_root: str | Path | None = None) -> list[Sample]:
+    """Read and validate a JSONL manifest.
+
+    Each non-blank line is an object with ``image`` (a path relative to
+    ``image_root``), ``instruction`` and ``answer`` (non-empty strings) and an
+    optional ``id`` (default ``"<manifest-stem>:<line>"``). ``image_root``
+    defaults to the manifest's directory. Every problem raises
+    ``ManifestError`` naming ``file:line`` and the field, so a bad line in a
+    large manifest is found without bisecting.
+    """
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    # Resolve the root once so containment is checked against the real
+    # directory (a symlinked root is fine; symlinks *out of* it are not).
+    root_resolved = root.resolve()
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read manifest: {exc}") from exc
+
+    samples: list[Sample] = []
+    first_line_of_id: dict[str, int] = {}
+    for line_no, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue  # blank lines (e.g. a trailing newline) carry no sample
+        where = f"{path}:{line_no}"
+
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{where}: malformed JSON: {exc.msg} (column {exc.colno})") from exc
+        if not isinstance(record, dict):
+            raise ManifestError(f"{where}: expected a JSON object, got {type(record).__name__}")
+
+        # Unknown keys are rejected rather than ignored: a typo such as
+        # "answers" would otherwise silently train on nothing.
+        for key in record:
+            if key not in REQUIRED_KEYS and key not in OPTIONAL_KEYS:
+                allowed = ", ".join(REQUIRED_KEYS + OPTIONAL_KEYS)
+                raise ManifestError(f"{where}: field '{key}': unknown key (allowed: {allowed})")
+        for key in REQUIRED_KEYS:
+            if key not in record:
+                raise ManifestError(f"{where}: field '{key}': missing required key")
+        for key in (*REQUIRED_KEYS, *(k for k in OPTIONAL_KEYS if k in record)):
+            value = record[key]
+            if not isinstance(value, str):
+                raise ManifestError(f"{where}: field '{key}': expected a string, got {type(value).__name__}")
+            if not value.strip():
+                raise ManifestError(f"{where}: field '{key}': must not be empty or whitespace")
+
+        image_path = _resolve_inside(root, root_resolved, record["image"], where)
+
+        sample_id = record.get("id", f"{path.stem}:{line_no}")
+        if sample_id in first_line_of_id:
+            raise ManifestError(
+                f"{where}: field 'id': duplicate id {sample_id!r} (first used on line {first_line_of_id[sample_id]})"
+            )
+        first_line_of_id[sample_id] = line_no
+
+        samples.append(Sample(sample_id, image_path, record["instruction"], record["answer"], line_no))
+
+    if not samples:
+        raise ManifestError(f"{path}: manifest contains no samples")
+    return samples
+
+
+def _resolve_inside(root: Path, root_resolved: Path, rel: str, where: str) -> Path:
+    """Resolve an image path, refusing anything outside the image root.
+
+    A manifest is data, possibly from elsewhere; it must not be able to make
+    the trainer read arbitrary files. Absolute paths are refused outright;
+    relative ones are resolved (following ``..`` and symlinks) and must land
+    inside the resolved root.
+    """
+    candidate = Path(rel)
+    if candidate.is_absolute() or candidate.anchor:
+        raise ManifestError(f"{where}: field 'image': absolute path {rel!r} not allowed (use a path relative to {root})")
+    resolved = (root / candidate).resolve()
+    if not resolved.is_relative_to(root_resolved):
+        raise ManifestError(f"{where}: field 'image': path {rel!r} escapes the image root {root_resolved} (-> {resolved})")
+    if not resolved.is_file():
+        raise ManifestError(f"{where}: field 'image': image file {resolved} does not exist or is not a file")
+    return resolved
+
+
+# --------------------------------------------------------------------------- 2. images
+
+
+class ImageLoadError(OSError):
+    """An image file cannot be decoded; the message names the file."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image and return it as RGB.
+
+    Grayscale, palette and RGBA files are converted (the vision tower wants 3
+    channels; rejecting them would make real-world manifests brittle). RGBA's
+    alpha is dropped, not composited. Truncated or non-image files raise
+    ``ImageLoadError`` naming the file instead of PIL's path-less message.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now, so truncation surfaces here and not inside the collator
+            if image.mode == "P" and "transparency" in image.info:
+                # Going via RGBA avoids PIL's "palette with transparency" warning.
+                image = image.convert("RGBA")
+            return image.convert("RGB") if image.mode != "RGB" else image.copy()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ImageLoadError(f"cannot load image {path}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- 3. processors
+
+
+def build_processor(family: str, checkpoint_dir: str | Path | None = None, image_size: int = 224) -> Any:
+    """Build the transformers processor for ``family`` without touching a hub.
+
+    With ``checkpoint_dir``: ``InstructBlipProcessor``/``Blip2Processor``
+    ``.from_pretrained(checkpoint_dir)`` from that local directory
+    (``image_size`` is then ignored: the checkpoint's image processor decides).
+    Without it: a ``BlipImageProcessor`` of ``image_size`` x ``image_size`` plus
+    the fixture tokenizers in ``fixtures/tokenizers/``.
+
+    Callers use ``processor.image_processor``, ``processor.tokenizer`` and
+    ``processor.qformer_tokenizer`` directly, never ``processor(text=...)``:
+    recent releases insert ``<image>`` placeholder tokens there, which our
+    forward does not want. ``num_query_tokens`` is not passed because older
+    releases do not accept it.
+    """
+    from transformers import AutoTokenizer, Blip2Processor, InstructBlipProcessor
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    cls = InstructBlipProcessor if family == "instructblip" else Blip2Processor
+
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        # Checked here because from_pretrained would take a missing path for
+        # a hub repo id and try the network.
+        if not checkpoint_dir.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {checkpoint_dir} does not exist")
+        return cls.from_pretrained(str(checkpoint_dir), local_files_only=True)
+
+    image_processor = _blip_image_processor(image_size)
+    tokenizer = AutoTokenizer.from_pretrained(str(LM_TOKENIZER_DIR), local_files_only=True)
+    if family == "instructblip":
+        qformer_tokenizer = AutoTokenizer.from_pretrained(str(QFORMER_TOKENIZER_DIR), local_files_only=True)
+        return cls(image_processor=image_processor, tokenizer=tokenizer, qformer_tokenizer=qformer_tokenizer)
+    return cls(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def _blip_image_processor(image_size: int) -> Any:
+    # transformers 5 splits BlipImageProcessor into a torchvision backend and
+    # a PIL one, and warns when it falls back because torchvision is absent.
+    # Asking for the PIL one directly gives the same result without the
+    # warning; older releases only have BlipImageProcessor (PIL-based).
+    import transformers
+
+    cls = getattr(transformers, "BlipImageProcessorPil", None) or transformers.BlipImageProcessor
+    return cls(size={"height": image_size, "width": image_size}, do_resize=True, do_normalize=True, do_convert_rgb=True)
+
+
+# --------------------------------------------------------------------------- 4. dataset
+
+
+class Example(NamedTuple):
+    """One raw sample as the collator receives it."""
+
+    image: Image.Image
+    instruction: str
+    answer: str
+    id: str
+
+
+class ManifestDataset(torch.utils.data.Dataset):
+    """Samples -> ``Example``; images are loaded lazily, one per access."""
+
+    def __init__(self, samples: Sequence[Sample]):
+        self.samples = list(samples)
+
+    @classmethod
+    def from_manifest(cls, path: str | Path, image_root: str | Path | None = None) -> ManifestDataset:
+        return cls(read_manifest(path, image_root))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Example:
+        s = self.samples[index]
+        return Example(load_image(s.image_path), s.instruction, s.answer, s.id)
+
+
+class ShapesDataset(ManifestDataset):
+    """The committed shapes fixture (``fixtures/data/shapes/{split}.jsonl``)."""
+
+    def __init__(self, split: str = "train"):
+        super().__init__(read_manifest(SHAPES_DIR / f"{split}.jsonl", SHAPES_DIR))
+
+
+# --------------------------------------------------------------------------- 5. collation
+
+
+class Collator:
+    """Turn a list of ``Example`` into model inputs.
+
+    Output keys:
+
+    * ``pixel_values``  float32 (B, 3, H, W) from ``processor.image_processor``
+    * ``qformer_input_ids``, ``qformer_attention_mask`` (instructblip only):
+      the instruction as ``[CLS] ... [SEP]``, right-padded with the Q-Former pad id
+    * ``input_ids``, ``attention_mask``, ``labels``:
+
+      - encoder-decoder (``decoder_only=False``, e.g. Flan-T5):
+        ``input_ids`` = instruction + eos (the encoder input), right-padded
+        with the LM pad id; ``labels`` = answer + eos, right-padded with -100.
+        The two have independent lengths.
+      - decoder-only (``decoder_only=True``, e.g. OPT/Vicuna):
+        ``input_ids`` = instruction (no eos) + answer + eos, right-padded;
+        ``labels`` has the same shape, equal to ``input_ids`` on the answer
+        and eos positions and -100 on prompt and padding positions. Labels are
+        NOT shifted: the model shifts them for next-token prediction, and the
+        forward pads them with -100 for the prepended query tokens.
+
+    * ``ids``: list of sample ids (not a tensor).
+
+    ``attention_mask`` is 1 exactly on non-padding positions. Prompts longer
+    than ``max_prompt_tokens`` (counting special tokens) and answers longer
+    than ``max_answer_tokens`` (counting eos) are truncated, keeping the
+    beginning, with a ``warnings.warn`` naming the sample id.
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        family: str,
+        decoder_only: bool,
+        max_prompt_tokens: int = 32,
+        max_answer_tokens: int = 16,
+    ):
+        if family not in FAMILIES:
+            raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        if max_prompt_tokens < 3 or max_answer_tokens < 2:
+            # Room for [CLS] x [SEP] / one answer token + eos at least.
+            raise ValueError("max_prompt_tokens must be >= 3 and max_answer_tokens >= 2")
+        self.image_processor = processor.image_processor
+        self.tokenizer = processor.tokenizer
+        self.qformer_tokenizer = processor.qformer_tokenizer if family == "instructblip" else None
+        self.family = family
+        self.decoder_only = decoder_only
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_answer_tokens = max_answer_tokens
+
+        self.pad_id = _required_id(self.tokenizer, "pad_token_id")
+        self.eos_id = _required_id(self.tokenizer, "eos_token_id")
+        if self.qformer_tokenizer is not None:
+            self.qformer_pad_id = _required_id(self.qformer_tokenizer, "pad_token_id")
+            self.qformer_cls_id = _required_id(self.qformer_tokenizer, "cls_token_id")
+            self.qformer_sep_id = _required_id(self.qformer_tokenizer, "sep_token_id")
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, Any]:
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        images = [ex.image for ex in examples]
+        batch: dict[str, Any] = {
+            "pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"].to(torch.float32)
+        }
+
+        if self.qformer_tokenizer is not None:
+            # Special tokens are added by hand (not by the tokenizer) so that
+            # truncation keeps the closing [SEP].
+            qf = [
+                [self.qformer_cls_id]
+                + self._truncate(self._content_ids(self.qformer_tokenizer, ex.instruction), self.max_prompt_tokens - 2, ex.id, "Q-Former instruction")
+                + [self.qformer_sep_id]
+                for ex in examples
+            ]
+            batch["qformer_input_ids"], batch["qformer_attention_mask"] = _pad(qf, self.qformer_pad_id)
+
+        prompts, answers = [], []
+        for ex in examples:
+            # Decoder-only prompts get no eos: the answer continues them.
+            # Encoder-decoder prompts end with eos, as a T5 encoder expects.
+            budget = self.max_prompt_tokens if self.decoder_only else self.max_prompt_tokens - 1
+            prompt = self._truncate(self._content_ids(self.tokenizer, ex.instruction), budget, ex.id, "instruction")
+            prompts.append(prompt if self.decoder_only else prompt + [self.eos_id])
+            answer = self._truncate(self._content_ids(self.tokenizer, ex.answer), self.max_answer_tokens - 1, ex.id, "answer")
+            answers.append(answer + [self.eos_id])
+
+        if self.decoder_only:
+            sequences = [p + a for p, a in zip(prompts, answers)]
+            batch["input_ids"], batch["attention_mask"] = _pad(sequences, self.pad_id)
+            targets = [[IGNORE_INDEX] * len(p) + a for p, a in zip(prompts, answers)]
+            batch["labels"], _ = _pad(targets, IGNORE_INDEX)
+        else:
+            batch["input_ids"], batch["attention_mask"] = _pad(prompts, self.pad_id)
+            batch["labels"], _ = _pad(answers, IGNORE_INDEX)
+
+        batch["ids"] = [ex.id for ex in examples]
+        return batch
+
+    @staticmethod
+    def _content_ids(tokenizer: Any, text: str) -> list[int]:
+        # Without special tokens: each convention above adds its own, so they
+        # survive truncation and do not depend on the tokenizer's post-processor.
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @staticmethod
+    def _truncate(ids: list[int], limit: int, sample_id: str, what: str) -> list[int]:
+        if len(ids) > limit:
+            warnings.warn(
+                f"sample {sample_id!r}: {what} has {len(ids)} tokens, truncated to {limit}",
+                stacklevel=3,
+            )
+            return ids[:limit]
+        return ids
+
+
+def _required_id(tokenizer: Any, attr: str) -> int:
+    value = getattr(tokenizer, attr, None)
+    if value is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no {attr}; the collator needs it for padding/targets")
+    return int(value)
+
+
+def _pad(rows: list[list[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest row; return (ids, mask with 1 on real tokens)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask

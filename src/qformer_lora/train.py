@@ -1,0 +1,387 @@
+"""The training loop: AdamW on the Q-Former adapter, nothing hidden.
+
+Read ``train`` top to bottom: build model and LoRA, set precision, data, optimizer and
+schedule, optional resume, then epochs of accumulation groups with a finite check
+before every optimizer step, validation, metrics and checkpoints.
+
+Choices that make runs comparable:
+* The loss of an accumulation group is the summed token loss divided by the group's
+  target count, so batch 8 x 1 and batch 2 x 4 give the same curve.
+* The model runs in eval mode (no dropout in the frozen parts or the Q-Former) and the
+  data order of epoch e is a permutation seeded by (seed, e), so resuming from a
+  checkpoint replays exactly what an uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint, data, forward, lora, presets
+
+PRECISIONS = ("fp32", "bf16", "fp16-amp", "fp16-pure")
+GUARDS = ("raise", "skip", "rollback")
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny-instructblip-flan-t5"
+    base_checkpoint: str | None = None
+    train_manifest: str = str(data.SHAPES_DIR / "train.jsonl")
+    val_manifest: str = str(data.SHAPES_DIR / "val.jsonl")
+    image_root: str | None = None
+    output_dir: str = "runs/default"
+    epochs: int = 6
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    warmup_steps: int = 5
+    max_grad_norm: float | None = 1.0
+    precision: str = "fp32"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    targets: tuple[str, ...] = lora.DEFAULT_TARGETS
+    scope: str = "qformer"
+    seed: int = 0
+    deterministic: bool = True
+    save_every: int = 2
+    keep_last: int = 2
+    guard: str = "raise"
+    max_prompt_tokens: int = 32
+    max_answer_tokens: int = 8
+    stop_after_epochs: int | None = None
+    progress: bool = True
+    allow_unsafe: bool = False
+
+
+HELP = {
+    "preset": "architecture preset (fixtures/configs) used to build a randomly initialised base model",
+    "base_checkpoint": "local directory of a real InstructBLIP/BLIP-2 checkpoint (overrides --preset)",
+    "train_manifest": "JSONL manifest of training samples (image, instruction, answer, optional id)",
+    "val_manifest": "JSONL manifest of validation samples",
+    "image_root": "directory image paths are resolved in (default: the manifest's directory)",
+    "output_dir": "run directory: metrics.jsonl and checkpoints/",
+    "epochs": "number of epochs",
+    "batch_size": "samples per micro-batch",
+    "grad_accum": "micro-batches per optimizer step (global batch = batch_size x grad_accum)",
+    "lr": "peak learning rate of AdamW",
+    "weight_decay": "AdamW weight decay",
+    "adam_eps": "AdamW epsilon",
+    "warmup_steps": "optimizer steps of linear warm-up, then linear decay to 0",
+    "max_grad_norm": "clip the adapter gradient norm to this value (none to disable)",
+    "precision": "fp32 | bf16 | fp16-amp (autocast + GradScaler) | fp16-pure (everything fp16; "
+                 "reproduces the seed's NaN, refused unless --allow-unsafe)",
+    "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout",
+    "targets": "comma-separated layer names matched inside the Q-Former",
+    "scope": "qformer (default) or qformer+llm",
+    "seed": "seed for model init, LoRA init and data order",
+    "deterministic": "use deterministic algorithms (bitwise-reproducible on CPU)",
+    "save_every": "save a checkpoint every N epochs (and always after the last)",
+    "keep_last": "keep only the newest K checkpoints (0 keeps all)",
+    "guard": "what to do on a non-finite loss or gradient: raise | skip | rollback",
+    "max_prompt_tokens": "truncate prompts to this many tokens (with a warning naming the sample)",
+    "max_answer_tokens": "truncate answers to this many tokens (with a warning naming the sample)",
+    "stop_after_epochs": "stop after this many epochs of the schedule, as if interrupted (for resume tests)",
+    "progress": "show a progress bar",
+    "allow_unsafe": "train even with a precision setting known to fail",
+}
+
+
+class ConfigError(ValueError):
+    """A run config names an unknown option or gives a value of the wrong type."""
+
+
+def coerce(name: str, value, where: str):
+    """``value`` converted to the type of TrainConfig field ``name``; ConfigError naming it if impossible."""
+    fields = TrainConfig.__dataclass_fields__
+    if name not in fields:
+        raise ConfigError(f"{where}: unknown option {name!r}; known options: {', '.join(fields)}")
+    default = getattr(TrainConfig, name)
+    annotation = str(fields[name].type)
+    if value is None or (isinstance(value, str) and value.lower() == "none" and "None" in annotation):
+        if "None" in annotation:
+            return None
+        raise ConfigError(f"{where}: option {name!r} needs a value")
+    try:
+        if annotation.startswith("tuple"):
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+                raise TypeError
+            return tuple(i.strip() for i in items if i.strip())
+        if annotation.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise TypeError
+        kind = int if annotation.startswith("int") else float if annotation.startswith("float") else str
+        if kind in (int, float) and isinstance(value, bool):
+            raise TypeError
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise TypeError
+        if kind is str and not isinstance(value, str):
+            raise TypeError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: option {name!r} expects {annotation}, got {value!r} "
+                          f"(default {default!r})") from None
+
+
+def load_run_config(path: str | os.PathLike | None, overrides: dict | None = None) -> TrainConfig:
+    """TrainConfig from a TOML file (flat keys, as the CLI flags) plus overrides."""
+    import tomllib
+
+    values = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: run config not found") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: invalid TOML: {err}") from None
+        values = {k: coerce(k, v, str(path)) for k, v in raw.items()}
+    values |= {k: coerce(k, v, f"--{k.replace('_', '-')}") for k, v in (overrides or {}).items()}
+    config = TrainConfig(**values)
+    for name, allowed in (("precision", PRECISIONS), ("guard", GUARDS), ("scope", tuple(lora.SCOPES))):
+        if getattr(config, name) not in allowed:
+            raise ConfigError(f"option {name!r} is {getattr(config, name)!r}; expected one of {allowed}")
+    return config
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss or gradient; the message carries the diagnosis."""
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def build_adapter_model(config: TrainConfig):
+    """Base model in the precision's weight dtype, LoRA in the chosen scope, adapters in fp32."""
+    weight_dtype = {"bf16": torch.bfloat16, "fp16-pure": torch.float16}.get(config.precision, torch.float32)
+    if config.base_checkpoint:
+        base = presets.load_model(config.base_checkpoint, dtype=weight_dtype)
+    else:
+        base = presets.build_model(config.preset, dtype=weight_dtype, seed=config.seed)
+    torch.manual_seed(config.seed)  # LoRA's random A init
+    spec = lora.LoraSpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                         targets=tuple(config.targets), scope=config.scope)
+    model = lora.apply_lora(base, spec)
+    # Adapters train in fp32 whatever peft's default is; fp16-pure deliberately does not.
+    adapter_dtype = torch.float16 if config.precision == "fp16-pure" else torch.float32
+    for param in lora.adapter_parameters(model):
+        param.data = param.data.to(adapter_dtype)
+    model.eval()  # no dropout anywhere: see the module docstring
+    return model, spec
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "fp16-amp":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def linear_warmup_decay(optimizer, warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_loader(dataset, collator, batch_size: int, seed: int, epoch: int, shuffle: bool):
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    sampler = torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle else None
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator)
+
+
+def groups_of(iterable, size: int):
+    group = []
+    for item in iterable:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model, loader, precision: str, device) -> dict:
+    """Validation token loss and answer accuracy (all answer tokens right, teacher-forced)."""
+    loss_sum, tokens, correct, total = 0.0, 0, 0, 0
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast_context(precision, device):
+            out = forward.custom_forward(model, batch, reduction="sum")
+        loss_sum += float(out.loss)
+        tokens += forward.target_count(batch)
+        correct_rows = answer_correct(model, out.logits, batch)
+        correct += int(correct_rows.sum())
+        total += len(correct_rows)
+    return {"val_loss": loss_sum / max(tokens, 1), "val_accuracy": correct / max(total, 1)}
+
+
+def answer_correct(model, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    labels = batch["labels"]
+    if model.config.use_decoder_only_language_model:
+        # logits at position i predict token i+1; text starts after the query positions
+        text_logits = logits[:, -labels.shape[1]:, :]
+        predictions, labels = text_logits[:, :-1].argmax(-1), labels[:, 1:]
+    else:
+        predictions = logits.argmax(-1)
+    target = labels != forward.IGNORE_INDEX
+    return ((predictions == labels) | ~target).all(dim=1)
+
+
+def majority_baseline(samples) -> float:
+    counts = Counter(s.answer.strip().lower() for s in samples)
+    return counts.most_common(1)[0][1] / len(samples)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (an interrupted run's tail)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if json.loads(line).get("step", 0) <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def train(config: TrainConfig, resume: str | os.PathLike | None = None, device: str | None = None) -> dict:
+    """Run training; returns the final metrics. ``resume``: a checkpoint dir or 'latest'."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if config.precision == "fp16-pure":
+        warnings.warn("precision 'fp16-pure' keeps adapters and AdamW state in fp16; it exists to "
+                      "reproduce the seed's NaN, not to train", stacklevel=2)
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(config.seed)
+
+    model, spec = build_adapter_model(config)
+    model.to(device)
+    lora.check_trainable_scope(model, spec.scope)  # refuse to train anything outside the scope
+    preset_family = model.get_base_model().config.model_type
+    family = "instructblip" if preset_family == "instructblip" else "blip2"
+    decoder_only = model.get_base_model().config.use_decoder_only_language_model
+    image_size = model.get_base_model().config.vision_config.image_size
+
+    processor = data.build_processor(family, config.base_checkpoint, image_size=image_size)
+    collator = data.Collator(processor, family=family, decoder_only=decoder_only,
+                             max_prompt_tokens=config.max_prompt_tokens, max_answer_tokens=config.max_answer_tokens)
+    train_samples = data.read_manifest(config.train_manifest, config.image_root)
+    val_samples = data.read_manifest(config.val_manifest, config.image_root)
+    train_set, val_set = data.ManifestDataset(train_samples), data.ManifestDataset(val_samples)
+
+    params = lora.adapter_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps)
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / config.batch_size) / config.grad_accum)
+    scheduler = linear_warmup_decay(optimizer, config.warmup_steps, steps_per_epoch * config.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16-amp")
+
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "metrics.jsonl"
+    start_epoch, global_step = 1, 0
+    if resume is not None:
+        path = checkpoint.latest_checkpoint(run_dir) if str(resume) == "latest" else Path(resume)
+        if path is None:
+            raise checkpoint.CheckpointError(f"{run_dir}: no checkpoint to resume from")
+        state = checkpoint.restore(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+        _truncate_log(log_path, global_step)
+    elif log_path.exists():
+        log_path.unlink()  # a fresh run starts a fresh log
+
+    baseline = majority_baseline(val_samples)
+    last_epoch = config.epochs if config.stop_after_epochs is None else min(config.epochs, config.stop_after_epochs)
+    metrics: dict = {}
+    for epoch in range(start_epoch, last_epoch + 1):
+        loader = make_loader(train_set, collator, config.batch_size, config.seed, epoch, shuffle=True)
+        bar = tqdm(groups_of(loader, config.grad_accum), total=steps_per_epoch, disable=not config.progress,
+                   desc=f"epoch {epoch}/{config.epochs}", leave=False)
+        epoch_loss, epoch_tokens = 0.0, 0
+        for group in bar:
+            started = time.perf_counter()
+            group = [to_device(b, device) for b in group]
+            group_tokens = sum(forward.target_count(b) for b in group)
+            group_loss = 0.0
+            for batch in group:
+                with autocast_context(config.precision, device):
+                    out = forward.custom_forward(model, batch, reduction="sum")
+                loss = out.loss / group_tokens
+                scaler.scale(loss).backward()
+                group_loss += float(out.loss)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+            finite = math.isfinite(group_loss) and bool(torch.isfinite(grad_norm))
+            if not finite and not scaler.is_enabled():
+                # GradScaler handles its own inf/nan (it skips the step and lowers the scale)
+                _on_non_finite(config, global_step, group_loss, grad_norm)
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            samples = sum(len(b["ids"]) for b in group)
+            record = {"type": "step", "epoch": epoch, "step": global_step, "loss": group_loss / group_tokens,
+                      "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "samples_per_s": samples / (time.perf_counter() - started)}
+            _append_jsonl(log_path, record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                            sps=f"{record['samples_per_s']:.1f}")
+            epoch_loss += group_loss
+            epoch_tokens += group_tokens
+        val_loader = make_loader(val_set, collator, config.batch_size, config.seed, epoch, shuffle=False)
+        metrics = {"type": "epoch", "epoch": epoch, "step": global_step,
+                   "train_loss": epoch_loss / max(epoch_tokens, 1),
+                   **evaluate(model, val_loader, config.precision, device), "majority_baseline": baseline}
+        _append_jsonl(log_path, metrics)
+        if config.progress:
+            tqdm.write(f"epoch {epoch}: train loss {metrics['train_loss']:.4f}  val loss {metrics['val_loss']:.4f}  "
+                       f"val accuracy {metrics['val_accuracy']:.3f} (majority answer {baseline:.3f})")
+        if checkpoint.should_save(epoch, config.epochs, config.save_every):
+            checkpoint.save(run_dir, epoch, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                            global_step=global_step, config=asdict(config), keep_last=config.keep_last or None,
+                            metrics=metrics)
+    return metrics
+
+
+def _on_non_finite(config: TrainConfig, step: int, loss: float, grad_norm: torch.Tensor) -> None:
+    message = (f"non-finite values at optimizer step {step}: loss {loss}, gradient norm {float(grad_norm)}")
+    if config.guard == "skip":
+        warnings.warn(f"{message}; batch skipped (guard=skip)", stacklevel=2)
+        return
+    raise NonFiniteError(message)

@@ -1,0 +1,58 @@
+"""GPU tests: skipped with a reason without CUDA; the full-size sweep runs once per session.
+
+The sweep is a session fixture so that every test reads the same measurements and the
+reports are written once, before any assertion can stop the run (-x).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from qformer_lora import bench
+
+HERE = Path(__file__).resolve().parent
+RUN = {"loaded": time.perf_counter()}  # what the terminal summary prints
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA device: torch.cuda.is_available() is False (torch {torch.__version__}); "
+                                   f"run scripts/gpu_sweep.sh or `nox -s gpu_tests` on a GPU machine")
+    for item in items:
+        if HERE in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def free_gpu_memory():
+    # each test builds multi-GB models; the next one must start from an empty allocator
+    yield
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="session")
+def gpu_report():
+    """bench.default_points() on the full-size presets, reports written to $QFORMER_LORA_REPORT_DIR or reports/gpu."""
+    start = time.perf_counter()
+    report, paths = bench.run_benchmark(bench.default_points(), device="cuda", report_dir=bench.default_report_dir())
+    RUN.update(sweep_s=time.perf_counter() - start, paths=paths)
+    print(f"\ngpu sweep: {RUN['sweep_s']:.0f} s; reports: {', '.join(str(p) for p in paths.values() if p)}")
+    return report, paths
+
+
+def pytest_terminal_summary(terminalreporter):
+    if "sweep_s" not in RUN:
+        return
+    terminalreporter.write_sep("-", "gpu benchmark")
+    terminalreporter.write_line(f"sweep {RUN['sweep_s']:.0f} s; gpu tests {time.perf_counter() - RUN['loaded']:.0f} s "
+                                f"since collection")
+    for kind, path in RUN["paths"].items():
+        terminalreporter.write_line(f"{kind}: {path or 'not written (matplotlib missing)'}")
