@@ -29,7 +29,7 @@ def tiny_preset(request) -> str:
     return request.param
 
 
-def check_against_release(table: str, key: str, observed):
+def check_against_release(table: str, key: str, observed, rel_tol: float | None = None):
     """Assert ``observed`` equals the installed release's pinned value (or record it).
 
     With QFORMER_LORA_RECORD=1 the observation is written to fixtures/expectations/<table>.json
@@ -42,6 +42,14 @@ def check_against_release(table: str, key: str, observed):
         return
     row = expectations.for_release(table)  # fails loudly, naming the release, when unknown
     assert key in row, f"{table}: no expectation {key!r} for {expectations.release_key()}"
+    if rel_tol is not None:  # lists of floats (golden curves): elementwise relative tolerance
+        import math
+
+        assert len(observed) == len(row[key]) and all(
+            math.isclose(o, p, rel_tol=rel_tol) for o, p in zip(observed, row[key])), (
+            f"{table}[{key!r}] moved beyond rel_tol={rel_tol} for {expectations.release_key()}:\n"
+            f"  pinned:   {row[key]!r}\n  observed: {observed!r}")
+        return
     assert observed == row[key], (
         f"{table}[{key!r}] changed for {expectations.release_key()}:\n"
         f"  pinned:   {row[key]!r}\n  observed: {observed!r}")

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import compat, lora, presets
+from . import bench, checkpoint, compat, data, infer, lora, presets, train
 
 
 def _add_lora_options(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +59,116 @@ def format_scope_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def cmd_train(args) -> int:
+    overrides = {name: getattr(args, name) for name in train.TrainConfig.__dataclass_fields__
+                 if getattr(args, name, None) is not None}
+    config = train.load_run_config(args.config, overrides)
+    metrics = train.train(config, resume=args.resume)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a Q-Former LoRA adapter (default: tiny InstructBLIP-T5 on the shapes data)",
+                       description="Train LoRA on the Q-Former. Options come from a TOML run config (flat keys, "
+                                   "the same names as the flags below with underscores) and are overridden by flags. "
+                                   "Without any, the embedded default runs: the tiny InstructBLIP-T5 base in "
+                                   "fixtures/checkpoints on the shapes data, on CPU in about a minute.")
+    p.add_argument("--config", help="TOML run config")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue from a checkpoint directory, or the run's latest when no path is given")
+    defaults = train.TrainConfig()
+    for name, field in train.TrainConfig.__dataclass_fields__.items():
+        default = getattr(defaults, name)
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        # strings are parsed by train.coerce, which names the option on a bad value
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar="VALUE",
+                       help=f"{train.HELP[name]} (default: {shown})")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_generate(args) -> int:
+    path = checkpoint.latest_checkpoint(args.checkpoint) or args.checkpoint
+    model, processor, family, _ = infer.load_trained(path)
+    if args.manifest:
+        samples = data.read_manifest(args.manifest, args.image_root)[: args.limit]
+        images, questions = [data.load_image(s.image_path) for s in samples], [s.instruction for s in samples]
+        expected = [s.answer for s in samples]
+    else:
+        if not (args.image and args.question):
+            raise ValueError("give --image and --question, or --manifest")
+        images, questions, expected = [data.load_image(args.image)], [args.question], [None]
+    answers = infer.answer(model, processor, family, images, questions, max_new_tokens=args.max_new_tokens)
+    for question, got, want in zip(questions, answers, expected):
+        print(f"{question} -> {got}" + (f"   (expected: {want})" if want is not None else ""))
+    return 0
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="answer questions about images with a trained adapter")
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
+    p.add_argument("--image", help="image file")
+    p.add_argument("--question", help="instruction / question")
+    p.add_argument("--manifest", help="JSONL manifest: answer every sample (up to --limit)")
+    p.add_argument("--image-root", default=None, help="image root for --manifest (default: its directory)")
+    p.add_argument("--limit", type=int, default=10, help="samples from --manifest (default 10)")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_export(args) -> int:
+    path = checkpoint.latest_checkpoint(args.checkpoint) or args.checkpoint
+    print(f"merged model written to {infer.export_merged(path, args.out)}")
+    return 0
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="merge the adapter into its base model (merge_and_unload) and save it")
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
+    p.add_argument("out", help="new directory for the merged model and its processor")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_bench(args) -> int:
+    shape = bench.SequenceShape(args.prompt_len, args.answer_len, args.instruction_len)
+    points = (bench.default_points() if args.preset is None else
+              bench.grid(args.preset, scopes=args.scope, precisions=args.precision, forwards=args.forward,
+                         lm_activation_checkpointing=args.lm_checkpointing, family=args.family,
+                         validate_budget_gib=args.validate_budget_gib))
+    report, paths = bench.run_benchmark(points, tuple(args.batch_sizes), device=args.device, shape=shape,
+                                        report_dir=args.out, steps=args.steps)
+    print(report["paragraph"])
+    for kind, path in paths.items():
+        print(f"{kind}: {path or 'skipped (matplotlib is not installed)'}")
+    return 0
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="peak memory and step time against batch size; writes JSON/Markdown/PNG reports",
+                       description="Train a few LoRA steps on a randomly initialised preset per configuration and "
+                                   "batch size, fit peak memory = a + b x batch, predict the max batch for 24/40/80 GiB "
+                                   "and write reports. Without --preset: the built-in GPU grid (full-size "
+                                   "InstructBLIP-FlanT5-XL and BLIP-2-FlanT5-XL, the seed's table).")
+    p.add_argument("--preset", default=None, help="sweep one preset (default: the built-in grid)")
+    p.add_argument("--family", choices=sorted(presets.FAMILIES), default=None,
+                   help="build the preset's config as this family")
+    p.add_argument("--scope", nargs="+", choices=sorted(lora.SCOPES), default=["qformer"])
+    p.add_argument("--precision", nargs="+", choices=sorted(bench.PRECISIONS), default=["bf16"])
+    p.add_argument("--forward", nargs="+", choices=bench.FORWARDS, default=["custom"],
+                   help="custom forward or the library's own (through a plain PeftModel)")
+    p.add_argument("--lm-checkpointing", action="store_true", help="activation checkpointing in the language model")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16], metavar="N")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--answer-len", type=int, default=16)
+    p.add_argument("--instruction-len", type=int, default=32, help="InstructBLIP Q-Former instruction tokens")
+    p.add_argument("--steps", type=int, default=3, help="measured steps per point after one warm-up (default 3)")
+    p.add_argument("--validate-budget-gib", type=float, default=None,
+                   help="check the predicted max batch under this memory cap (CUDA only)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=None, help="report folder (default: $QFORMER_LORA_REPORT_DIR or reports/gpu)")
+    p.set_defaults(func=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qformer-lora", description=__doc__.splitlines()[0].replace(
         "Command line: ", "qformer-lora: "))
@@ -69,14 +179,74 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lora_options(verify)
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(func=cmd_verify)
+    _add_doctor_parser(sub)
+    add_train_parser(sub)
+    add_generate_parser(sub)
+    add_export_parser(sub)
+    add_bench_parser(sub)
     return parser
+
+
+# ----------------------------------------------------------------------------- doctor
+
+
+def cmd_doctor(args) -> int:
+    """Print the precision doctor's findings; exit status 1 if any finding is fatal."""
+    import torch
+
+    from . import doctor, train
+
+    defaults = train.TrainConfig()
+    config = train.TrainConfig(
+        preset=args.preset, base_checkpoint=args.base_checkpoint, precision=args.precision,
+        lr=defaults.lr if args.lr is None else args.lr,
+        adam_eps=defaults.adam_eps if args.adam_eps is None else args.adam_eps,
+        weight_decay=defaults.weight_decay if args.weight_decay is None else args.weight_decay)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    findings = doctor.examine(config, device=device)
+    fatal = sum(f.severity == doctor.FATAL for f in findings)
+    if args.json:
+        print(json.dumps({"preset": config.preset, "base_checkpoint": config.base_checkpoint,
+                          "precision": config.precision, "lr": config.lr,
+                          "adam_eps": config.adam_eps, "weight_decay": config.weight_decay, "device": device,
+                          "fatal": fatal, "findings": doctor.as_json(findings)}, indent=2))
+    else:
+        print(f"precision doctor: preset {config.preset}, precision {config.precision}, lr {config.lr:g}, "
+              f"eps {config.adam_eps:g}, weight decay {config.weight_decay:g}, device {device}")
+        for finding in findings:
+            print(finding)
+        print(f"{fatal} fatal, {len(findings) - fatal} warning(s)" if findings else "no findings")
+    return 1 if fatal else 0
+
+
+def _add_doctor_parser(sub) -> None:
+    from . import doctor
+
+    parser = sub.add_parser("doctor", help="check a precision setting for known numerical failures",
+                            description="Flag dtype/optimizer combinations known to produce NaN/inf (fp16 "
+                                        "adapters, eps that rounds to 0, T5 in fp16, bf16 without hardware "
+                                        "support). Exit status 1 if any finding is fatal.")
+    parser.add_argument("--preset", default="tiny-instructblip-flan-t5",
+                        help="architecture preset name or JSON path (default: %(default)s)")
+    parser.add_argument("--base-checkpoint", default=None,
+                        help="local checkpoint directory to check instead of --preset (its config.json)")
+    parser.add_argument("--precision", choices=list(doctor.PRECISION_DTYPES), default="fp32",
+                        help="training precision to check (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the training default)")
+    parser.add_argument("--adam-eps", type=float, default=None, help="AdamW epsilon (default: the training default)")
+    parser.add_argument("--weight-decay", type=float, default=None,
+                        help="AdamW weight decay (default: the training default)")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--json", action="store_true", help="print the findings as JSON")
+    parser.set_defaults(func=cmd_doctor)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (presets.PresetError, lora.ScopeError) as err:
+    except (presets.PresetError, lora.ScopeError, train.ConfigError, data.ManifestError, data.ImageLoadError,
+            checkpoint.CheckpointError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"qformer-lora: error: {err}", file=sys.stderr)
         return 2
 

@@ -6,6 +6,9 @@ Everything else in the package is written against one idea of the model; every
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import peft
 import torch
 import transformers
@@ -86,6 +89,18 @@ def native_inputs(model, batch: dict) -> dict:
     return kwargs
 
 
+# peft < 0.6 matched a list target_modules with an uncompiled re.match(f".*\.{name}$", key)
+# per (module, name) pair; with the ~1,100 explicit names of the broad scope on a full-size
+# model that thrashes re's pattern cache and takes minutes per get_peft_model call. A str
+# target_modules is a full-name regex in every peft release, so the same list is handed over
+# as one equivalent pattern there (matches the name itself or any key ending in ".name").
+PEFT_FAST_TARGET_MATCHING = Version("0.6.0")
+
+
+def _target_modules_as_regex(names) -> str:
+    return r"(?:.*\.)?(?:" + "|".join(re.escape(n) for n in sorted(set(names))) + ")"
+
+
 def get_peft_model(model, lora_config):
     """peft.get_peft_model, recording nothing version-specific beyond what peft does by default.
 
@@ -93,6 +108,10 @@ def get_peft_model(model, lora_config):
     (``autocast_adapter_dtype=True``); older releases create them in the base dtype.
     We keep the library default here so the scope report shows what users get.
     """
+    targets = getattr(lora_config, "target_modules", None)
+    if (PEFT < PEFT_FAST_TARGET_MATCHING and targets and not isinstance(targets, str)
+            and getattr(lora_config, "layers_to_transform", None) is None):
+        lora_config = dataclasses.replace(lora_config, target_modules=_target_modules_as_regex(targets))
     return peft.get_peft_model(model, lora_config)
 
 
@@ -114,3 +133,33 @@ def parameter_count_regime(text_model_type: str) -> str:
     if text_model_type == "t5" and TRANSFORMERS >= T5_LM_HEAD_ALWAYS_TIED:
         return "t5-lm-head-tied"
     return "standard"
+
+
+# ----------------------------------------------------------------------------- adapter dtype (numerics)
+# Which dtype get_peft_model gives LoRA weights on an fp16/bf16 base (FINDINGS.md (d)), the
+# switch between "seed NaN" and "no NaN" (numerics.py): peft 0.5/0.6 create the LoRA
+# nn.Linear in fp32 and only move it; 0.7-0.11 cast it to the base weight dtype; 0.12 added
+# get_peft_model(autocast_adapter_dtype=True), which upcasts fp16/bf16 adapters to fp32.
+PEFT_ADAPTERS_IN_BASE_DTYPE = (Version("0.7.0"), Version("0.12.0"))
+PEFT_AUTOCAST_ADAPTER_DTYPE = Version("0.12.0")
+
+
+def peft_default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """LoRA weight dtype that the installed peft's default get_peft_model gives on a ``base_dtype`` base."""
+    low, high = PEFT_ADAPTERS_IN_BASE_DTYPE
+    return base_dtype if low <= PEFT < high else torch.float32
+
+
+def get_peft_model_in_base_dtype(model, lora_config):
+    """get_peft_model with the adapters left in the base weights' dtype, as peft 0.7-0.11 do by
+    default (to reproduce that behaviour on any release): >= 0.12 with autocast_adapter_dtype=False;
+    0.5/0.6 create fp32 adapters, which are cast to the base dtype here."""
+    if PEFT >= PEFT_AUTOCAST_ADAPTER_DTYPE:
+        return peft.get_peft_model(model, lora_config, autocast_adapter_dtype=False)
+    wrapped = peft.get_peft_model(model, lora_config)
+    if PEFT < PEFT_ADAPTERS_IN_BASE_DTYPE[0]:
+        base_dtype = next(p.dtype for n, p in wrapped.named_parameters() if "lora_" not in n)
+        for name, param in wrapped.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(base_dtype)
+    return wrapped

@@ -27,27 +27,30 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, forward, lora, presets
+from . import checkpoint, data, doctor, forward, lora, numerics, presets
 
 PRECISIONS = ("fp32", "bf16", "fp16-amp", "fp16-pure")
+# A random frozen language model cannot be steered by a Q-Former adapter, so the embedded
+# default starts from a tiny "pretrained" base (scripts/make_tiny_base.py explains how).
+TINY_BASE_CHECKPOINT = presets.FIXTURES_DIR / "checkpoints" / "tiny-instructblip-flan-t5-shapes"
 GUARDS = ("raise", "skip", "rollback")
 
 
 @dataclass
 class TrainConfig:
-    preset: str = "tiny-instructblip-flan-t5"
-    base_checkpoint: str | None = None
+    preset: str = "tiny-instructblip-flan-t5"  # used when base_checkpoint is none
+    base_checkpoint: str | None = str(TINY_BASE_CHECKPOINT)
     train_manifest: str = str(data.SHAPES_DIR / "train.jsonl")
     val_manifest: str = str(data.SHAPES_DIR / "val.jsonl")
     image_root: str | None = None
     output_dir: str = "runs/default"
-    epochs: int = 6
+    epochs: int = 40
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 3e-3
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
-    warmup_steps: int = 5
+    warmup_steps: int = 10
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"
     lora_r: int = 8
@@ -60,6 +63,8 @@ class TrainConfig:
     save_every: int = 2
     keep_last: int = 2
     guard: str = "raise"
+    max_rollbacks: int = 3
+    rollback_lr_factor: float = 0.5
     max_prompt_tokens: int = 32
     max_answer_tokens: int = 8
     stop_after_epochs: int | None = None
@@ -69,7 +74,8 @@ class TrainConfig:
 
 HELP = {
     "preset": "architecture preset (fixtures/configs) used to build a randomly initialised base model",
-    "base_checkpoint": "local directory of a real InstructBLIP/BLIP-2 checkpoint (overrides --preset)",
+    "base_checkpoint": "local directory of an InstructBLIP/BLIP-2 checkpoint to start from (default: the tiny "
+                       "pretrained shapes base in fixtures/checkpoints); 'none' builds --preset with random weights",
     "train_manifest": "JSONL manifest of training samples (image, instruction, answer, optional id)",
     "val_manifest": "JSONL manifest of validation samples",
     "image_root": "directory image paths are resolved in (default: the manifest's directory)",
@@ -91,7 +97,11 @@ HELP = {
     "deterministic": "use deterministic algorithms (bitwise-reproducible on CPU)",
     "save_every": "save a checkpoint every N epochs (and always after the last)",
     "keep_last": "keep only the newest K checkpoints (0 keeps all)",
-    "guard": "what to do on a non-finite loss or gradient: raise | skip | rollback",
+    "guard": "on a non-finite input, loss, gradient or parameter: raise (stop with a diagnosis) | skip (drop "
+             "the batch; abort if the parameters are non-finite) | rollback (restore the last finite adapter "
+             "and optimizer state, lower lr)",
+    "max_rollbacks": "guard=rollback: give up (raise) after this many rollbacks",
+    "rollback_lr_factor": "guard=rollback: multiply the learning rate by this after each rollback",
     "max_prompt_tokens": "truncate prompts to this many tokens (with a warning naming the sample)",
     "max_answer_tokens": "truncate answers to this many tokens (with a warning naming the sample)",
     "stop_after_epochs": "stop after this many epochs of the schedule, as if interrupted (for resume tests)",
@@ -161,8 +171,8 @@ def load_run_config(path: str | os.PathLike | None, overrides: dict | None = Non
     return config
 
 
-class NonFiniteError(FloatingPointError):
-    """Training produced a non-finite loss or gradient; the message carries the diagnosis."""
+# Training produced a non-finite input, loss, gradient or parameter; ``.diagnosis`` says where.
+NonFiniteError = numerics.NonFiniteError
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -280,9 +290,8 @@ def _truncate_log(path: Path, last_step: int) -> None:
 def train(config: TrainConfig, resume: str | os.PathLike | None = None, device: str | None = None) -> dict:
     """Run training; returns the final metrics. ``resume``: a checkpoint dir or 'latest'."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if config.precision == "fp16-pure":
-        warnings.warn("precision 'fp16-pure' keeps adapters and AdamW state in fp16; it exists to "
-                      "reproduce the seed's NaN, not to train", stacklevel=2)
+    findings = doctor.examine(config, device=device)  # refuse known-bad precision before building anything
+    doctor.enforce(findings, config.allow_unsafe)
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -323,7 +332,22 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, device: 
     elif log_path.exists():
         log_path.unlink()  # a fresh run starts a fresh log
 
+    reported = {f.code for f in findings}
+    doctor.enforce([f for f in doctor.check_model(model, optimizer) if f.code not in reported], config.allow_unsafe)
+
+    def run_forward(batch):  # the localiser re-runs a failing batch exactly like the loop does
+        with autocast_context(config.precision, device):
+            return forward.custom_forward(model, batch, reduction="sum")
+
+    guard = numerics.Guard(config.guard, model, optimizer, scheduler, run_forward=run_forward,
+                           max_rollbacks=config.max_rollbacks, rollback_lr_factor=config.rollback_lr_factor,
+                           on_event=lambda record: _append_jsonl(log_path, record))
     baseline = majority_baseline(val_samples)
+    if start_epoch == 1:  # where the run starts from, so "how much did it learn" has a reference
+        val_loader = make_loader(val_set, collator, config.batch_size, config.seed, 0, shuffle=False)
+        _append_jsonl(log_path, {"type": "epoch", "epoch": 0, "step": 0,
+                                 **evaluate(model, val_loader, config.precision, device),
+                                 "majority_baseline": baseline})
     last_epoch = config.epochs if config.stop_after_epochs is None else min(config.epochs, config.stop_after_epochs)
     metrics: dict = {}
     for epoch in range(start_epoch, last_epoch + 1):
@@ -334,22 +358,26 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, device: 
         for group in bar:
             started = time.perf_counter()
             group = [to_device(b, device) for b in group]
+            if not guard.inputs_ok(group, global_step):  # one isfinite per batch on pixel_values
+                continue
             group_tokens = sum(forward.target_count(b) for b in group)
-            group_loss = 0.0
+            batch_losses = []
             for batch in group:
-                with autocast_context(config.precision, device):
-                    out = forward.custom_forward(model, batch, reduction="sum")
+                out = run_forward(batch)
                 loss = out.loss / group_tokens
                 scaler.scale(loss).backward()
-                group_loss += float(out.loss)
+                batch_losses.append(float(out.loss.detach()))
+            group_loss = sum(batch_losses)
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+            # leaves non-finite gradients as they are, so the localiser can name the first one
+            grad_norm = numerics.clip_gradients(params, config.max_grad_norm)
             finite = math.isfinite(group_loss) and bool(torch.isfinite(grad_norm))
-            if not finite and not scaler.is_enabled():
-                # GradScaler handles its own inf/nan (it skips the step and lowers the scale)
-                _on_non_finite(config, global_step, group_loss, grad_norm)
-                optimizer.zero_grad(set_to_none=True)
-                continue
+            if not finite:
+                if _on_non_finite(guard, global_step, group, batch_losses, grad_norm, scaler) == "skip":
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+            else:
+                guard.healthy()  # rollback's snapshot: the state this finite step was computed from
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -364,6 +392,7 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, device: 
                             sps=f"{record['samples_per_s']:.1f}")
             epoch_loss += group_loss
             epoch_tokens += group_tokens
+        guard.check_parameters(global_step)  # never evaluate or checkpoint a non-finite adapter
         val_loader = make_loader(val_set, collator, config.batch_size, config.seed, epoch, shuffle=False)
         metrics = {"type": "epoch", "epoch": epoch, "step": global_step,
                    "train_loss": epoch_loss / max(epoch_tokens, 1),
@@ -379,9 +408,12 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, device: 
     return metrics
 
 
-def _on_non_finite(config: TrainConfig, step: int, loss: float, grad_norm: torch.Tensor) -> None:
-    message = (f"non-finite values at optimizer step {step}: loss {loss}, gradient norm {float(grad_norm)}")
-    if config.guard == "skip":
-        warnings.warn(f"{message}; batch skipped (guard=skip)", stacklevel=2)
-        return
-    raise NonFiniteError(message)
+def _on_non_finite(guard: numerics.Guard, step: int, group: list[dict], losses: list[float],
+                   grad_norm: torch.Tensor, scaler) -> str:
+    """Called only when the cheap check fired: localise, then apply config.guard (numerics.Guard).
+
+    Returns "skip" (drop this group's gradients) or "scaler": an fp16-amp gradient overflow
+    with finite loss and parameters, which GradScaler handles itself (skips the step,
+    lowers the scale). Raises NonFiniteError carrying the Diagnosis otherwise.
+    """
+    return guard.non_finite(step, group, losses, grad_norm, scaler_enabled=scaler.is_enabled())

@@ -1,0 +1,198 @@
+"""Unit tests of numerics.py (diagnosis, checks, guard state) and doctor.py (findings, CLI)."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+from qformer_lora import cli, compat, doctor, lora, numerics, train
+
+
+# ----------------------------------------------------------------------------- fp16 facts
+
+
+def test_rounds_to_zero():
+    assert numerics.rounds_to_zero(1e-8, torch.float16)  # AdamW's default eps
+    assert not numerics.rounds_to_zero(2.0 ** -24, torch.float16)  # smallest fp16 subnormal
+    assert not numerics.rounds_to_zero(1e-8, torch.float32) and not numerics.rounds_to_zero(1e-8, torch.bfloat16)
+    assert not numerics.rounds_to_zero(0.0, torch.float16)
+
+
+# ----------------------------------------------------------------------------- diagnosis and checks
+
+
+def test_diagnosis_message_names_everything():
+    d = numerics.Diagnosis(3, "parameter", first_module="m", first_parameter="p.weight", first_gradient="g",
+                           sample_ids=["a", "b"], loss=math.nan, grad_norm=math.inf)
+    for part in ("step 3", "parameter", "module output: m", "parameter: p.weight", "gradient: g", "samples: a, b"):
+        assert part in d.message, (part, d.message)
+    with pytest.raises(ValueError, match="unknown diagnosis kind"):
+        numerics.Diagnosis(0, "weights")
+
+
+@pytest.mark.parametrize("ids", [None, ["x", "y", "z"]])
+def test_check_inputs_names_the_bad_rows(ids):
+    batch = {"pixel_values": torch.zeros(3, 3, 4, 4)}
+    if ids:
+        batch["ids"] = ids
+    assert numerics.check_inputs(batch, 0) is None
+    batch["pixel_values"][2, 1, 0, 3] = math.inf
+    batch["pixel_values"][0, 0, 0, 0] = math.nan
+    d = numerics.check_inputs(batch, 7)
+    assert (d.kind, d.step, d.first_module) == ("input", 7, "pixel_values")
+    assert d.sample_ids == (["x", "z"] if ids else ["row 0", "row 2"]), d.sample_ids
+
+
+def test_first_non_finite_in_named_parameters_order():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    assert numerics.first_non_finite_parameter(model) is None
+    model[1].bias.data[0] = math.nan
+    model[0].weight.data[1, 1] = -math.inf
+    assert numerics.first_non_finite_parameter(model) == "0.weight"
+    model[0].weight.grad = torch.zeros(2, 2)
+    model[1].weight.grad = torch.full((2, 2), math.nan)
+    assert numerics.first_non_finite_gradient(model) == "1.weight"
+
+
+def test_clip_gradients_keeps_non_finite_gradients_in_place():
+    params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(3)]
+    params[0].grad, params[1].grad, params[2].grad = torch.ones(3), torch.tensor([1.0, math.nan, 1.0]), torch.ones(3)
+    norm = numerics.clip_gradients(params, 0.1)
+    assert math.isnan(float(norm))
+    # torch's own clip would multiply every gradient by 0.1 / nan
+    assert torch.equal(params[0].grad, torch.ones(3)) and torch.equal(params[2].grad, torch.ones(3))
+    params[1].grad = torch.ones(3)
+    norm = numerics.clip_gradients(params, 0.1)
+    assert float(norm) == pytest.approx(3.0) and float(params[0].grad[0]) == pytest.approx(0.1 / 3, rel=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the guard announces each rollback
+def test_guard_snapshot_and_restore():
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    guard = numerics.Guard("rollback", model, optimizer, scheduler, rollback_lr_factor=0.5)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    guard.healthy()  # state after one step
+    after_one = [p.detach().clone() for p in model.parameters()]
+    state_one = {k: v.clone() for k, v in optimizer.state[model.weight].items()}
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    model.weight.data.fill_(math.nan)
+    action = guard.handle(numerics.Diagnosis(2, "parameter", first_parameter="weight"))
+    assert action == "skip" and guard.rollbacks == 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), after_one))
+    assert all(torch.equal(optimizer.state[model.weight][k], v) for k, v in state_one.items())
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05) and scheduler.base_lrs == [pytest.approx(0.05)]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_guard_rollback_to_the_initial_state_clears_adamw():
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    guard = numerics.Guard("rollback", model, optimizer)  # snapshot of the initial adapter
+    initial = [p.detach().clone() for p in model.parameters()]
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    assert guard.handle(numerics.Diagnosis(1, "loss")) == "skip"
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), initial))
+    assert not any(optimizer.state.get(p) for p in model.parameters()), "AdamW moments survived the rollback"
+    guard.max_rollbacks = 1
+    with pytest.raises(numerics.NonFiniteError, match=r"gave up after 1 rollback"):
+        guard.handle(numerics.Diagnosis(2, "loss"))
+
+
+def test_guard_rejects_unknown_policy():
+    model = torch.nn.Linear(1, 1)
+    with pytest.raises(ValueError, match="unknown guard policy"):
+        numerics.Guard("ignore", model, torch.optim.AdamW(model.parameters()))
+
+
+# ----------------------------------------------------------------------------- doctor
+
+
+def codes(findings):
+    return {f.code: f.severity for f in findings}
+
+
+def test_doctor_flags_the_seed_configuration():
+    found = codes(doctor.check_config("fp16-pure", lr=5e-6, adam_eps=1e-8, text_model_type="t5"))
+    assert found == {"adapters-fp16": "fatal", "eps-underflow": "fatal", "t5-fp16": "warning"}, found
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_doctor_is_quiet_on_recommended_settings(precision):
+    assert doctor.check_config(precision, lr=1e-4, adam_eps=1e-8, weight_decay=0.01, text_model_type="t5") == []
+
+
+def test_doctor_optimizer_settings_in_fp16():
+    found = codes(doctor.check_config("fp16-pure", lr=1e-8, adam_eps=1e-4, weight_decay=0.01))
+    assert "eps-underflow" not in found and found["lr-underflow"] == "warning"
+    assert found["weight-decay-lost"] == "warning", found
+
+
+def test_doctor_fp16_amp_t5_is_a_warning_only():
+    assert codes(doctor.check_config("fp16-amp", lr=1e-4, adam_eps=1e-8, text_model_type="t5")) == {"t5-fp16": "warning"}
+    assert doctor.check_config("fp16-amp", lr=1e-4, adam_eps=1e-8, text_model_type="opt") == []
+
+
+def test_doctor_bf16_without_hardware_support(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
+    found = doctor.check_config("bf16", lr=1e-4, adam_eps=1e-8, device="cuda")
+    assert codes(found) == {"bf16-unsupported": "fatal"} and "V100" in found[0].message
+
+
+def test_doctor_check_model_sees_real_dtypes():
+    model = torch.nn.Linear(4, 4).half()
+    optimizer = torch.optim.AdamW(model.parameters(), eps=1e-8, weight_decay=0.0)
+    assert codes(doctor.check_model(model, optimizer)) == {"adapters-fp16": "fatal", "eps-underflow": "fatal"}
+    fused = torch.optim.AdamW(model.parameters(), eps=1e-8, weight_decay=0.0, fused=True)  # fp32 opmath keeps eps
+    assert "eps-underflow" not in codes(doctor.check_model(model, fused))
+
+
+@pytest.mark.parametrize("precision", list(doctor.PRECISION_DTYPES))
+def test_precision_table_matches_build_adapter_model(precision):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _ = train.build_adapter_model(train.TrainConfig(base_checkpoint=None, precision=precision))
+    base_dtype, adapter_dtype, _ = doctor.PRECISION_DTYPES[precision]
+    assert {p.dtype for p in lora.adapter_parameters(model)} == {adapter_dtype}
+    frozen = {p.dtype for n, p in model.named_parameters() if not p.requires_grad and "query_tokens" not in n}
+    assert frozen == {base_dtype}, (precision, frozen)
+
+
+def test_enforce_refuses_fatal_unless_allowed():
+    findings = doctor.check_config("fp16-pure", lr=1e-4, adam_eps=1e-8)
+    with pytest.raises(doctor.UnsafePrecisionError, match="adapters-fp16"):
+        doctor.enforce(findings)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        doctor.enforce(findings, allow_unsafe=True)  # allowed: every finding still announced
+    assert {f.code for f in findings} == {code for f in findings for w in caught if f.code in str(w.message)
+                                          for code in [f.code]}, [str(w.message) for w in caught]
+
+
+def test_cli_doctor(capsys):
+    assert cli.main(["doctor", "--precision", "fp16-pure"]) == 1
+    out = capsys.readouterr().out
+    assert "[fatal] eps-underflow" in out and "fix:" in out
+    assert cli.main(["doctor", "--precision", "bf16", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fatal"] == 0 and report["findings"] == [], report
+
+
+def test_peft_default_adapter_dtype_is_what_peft_does():
+    """compat's table agrees with the installed peft (the switch between NaN and no NaN)."""
+    from qformer_lora import presets
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = lora.apply_lora(presets.build_model("tiny-blip2-opt", dtype=torch.float16), lora.LoraSpec(r=2))
+    assert {p.dtype for p in lora.adapter_parameters(model)} == {compat.peft_default_adapter_dtype(torch.float16)}
