@@ -4,7 +4,7 @@ Read top to bottom: a configuration (:class:`SweepPoint`) -> one measured batch 
 (:func:`measure`) -> a sweep over configurations and batch sizes (:func:`sweep`) ->
 a linear memory model per configuration (:func:`fit_linear`, :func:`predict_max_batch`),
 checked against a real memory cap (:func:`validate_prediction`) -> the seed's table
-and report files (:func:`write_reports`). Models are random-initialised from presets
+and report files (bench_report.py). Models are random-initialised from presets
 (no downloads); on a CPU the memory fields are None and only times are measured.
 """
 
@@ -293,6 +293,8 @@ def sweep(points: list[SweepPoint], batch_sizes=(1, 4, 8, 16), *, device="cuda",
 
     ``on_point(report)`` is called after each configuration (to save partial results).
     """
+    from .bench_report import summarise  # bench_report builds on this module
+
     device = torch.device(device)
     report = {"schema": 1, "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "device": device_info(device), "versions": compat.versions(), "sequence": asdict(shape),
@@ -485,184 +487,12 @@ def validate_point(point: SweepPoint, entry: dict, device: torch.device, model, 
     return {"status": "done", **result, "predicted_from_reserved": reserved}
 
 
-# ----------------------------------------------------------------------------- summaries
-
-def _same_config(config: dict) -> tuple:
-    return tuple(v for k, v in sorted(config.items()) if k not in ("batch_sizes", "validate_budget_gib", "forward"))
-
-
-def compare_forwards(entries: list[dict]) -> list[dict]:
-    """custom / native ratios of peak allocated memory and step time, same configuration and batch."""
-    out = []
-    for native in (e for e in entries if e["config"]["forward"] == "native"):
-        for custom in (e for e in entries if e["config"]["forward"] == "custom"
-                       and _same_config(e["config"]) == _same_config(native["config"])):
-            ok = {r["batch_size"]: r for r in custom["results"] if not r["oom"]}
-            for n in (r for r in native["results"] if not r["oom"] and r["batch_size"] in ok):
-                c = ok[n["batch_size"]]
-                memory = (c["peak_allocated_bytes"] / n["peak_allocated_bytes"]
-                          if c["peak_allocated_bytes"] and n["peak_allocated_bytes"] else None)
-                out.append({"label": custom["label"], "batch_size": n["batch_size"], "memory_ratio": memory,
-                            "time_ratio": c["step_time_s"] / n["step_time_s"]})
-            break
-    return out
-
-
-def seed_table(entries: list[dict], budget_bytes: int = 24 * GIB, rows=SEED_ROWS) -> list[dict]:
-    """The seed's "what fits" table from the fitted models: max batch in fp32 and bf16 weights."""
-    table = []
-    for row, preset, scope, seed in rows:
-        line = {"row": row, "preset": preset, "scope": scope, "seed": seed}
-        for precision in ("fp32", "bf16"):
-            fit = next((e["memory_model"] for e in entries if e["memory_model"] and e["config"] | {
-                "batch_sizes": None, "validate_budget_gib": None} == asdict(SweepPoint(preset, scope, precision))), None)
-            line[precision] = predict_max_batch(fit["allocated"]["a"], fit["allocated"]["b"], budget_bytes) if fit else None
-        table.append(line)
-    return table
-
-
-def paragraph(report: dict) -> str:
-    """The numbers in prose; the explanation of why is for a human to add."""
-    dev, seq, versions = report["device"], report["sequence"], report["versions"]
-    rows = [r for r in report["seed_table"] if r["fp32"] is not None or r["bf16"] is not None]
-    if not rows:
-        return f"No memory measurements on {dev['name']}: the 24 GiB table needs a CUDA run."
-    image = report["points"][0]["image_size"]
-    text = (f"Measured on {dev['name']} (torch {versions['torch']}, transformers {versions['transformers']}, peft "
-            f"{versions['peft']}) with {seq['prompt_len']} prompt and {seq['answer_len']} answer tokens, {image}px "
-            f"images, LoRA r=8 and AdamW. A linear fit of peak allocated memory against batch size predicts, on a "
-            f"24 GiB budget: " + "; ".join(f"{r['row']} batch {r['fp32']} with fp32 weights and {r['bf16']} with "
-                                           f"bf16 weights (seed: {r['seed']})" for r in rows) + ".")
-    if dev.get("outside_allocator_bytes"):
-        text += (f" Budgets are the allocator's; the CUDA context ({dev['outside_allocator_bytes'] / GIB:.2f} GiB "
-                 f"here) comes on top on a real card.")
-    for v in (v for v in report["validation"] if v["status"] == "done"):
-        error = f"{v['relative_error']:.1%} off" if v["relative_error"] is not None else "no batch fitted"
-        text += (f" Under a {v['budget_gib']:g} GiB cap the prediction for {v['label']} was {v['predicted']}, "
-                 f"the measured limit {v['measured']} ({error}; target 5 %).")
-    for c in (c for c in report["comparisons"] if c["memory_ratio"]):
-        text += (f" The custom forward took {c['memory_ratio']:.2f}x the memory and {c['time_ratio']:.2f}x the "
-                 f"step time of the library's own forward ({c['label']}, batch {c['batch_size']}).")
-    return text
-
-
-def summarise(report: dict, rows=SEED_ROWS) -> dict:
-    report["comparisons"] = compare_forwards(report["points"])
-    report["seed_table"] = seed_table(report["points"], rows=rows)
-    report["paragraph"] = paragraph(report)
-    return report
-
-
-# ----------------------------------------------------------------------------- report files
-
-def report_stem(report: dict) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", report["device"]["name"].lower()).strip("-") or "device"
-    return f"{slug}-{report['created'][:10]}"
-
-
-def default_report_dir() -> Path:
-    return Path(os.environ.get("QFORMER_LORA_REPORT_DIR") or Path("reports") / "gpu")
-
-
-def write_reports(report: dict, out_dir: str | os.PathLike | None = None, *, plot: bool = True) -> dict[str, Path | None]:
-    """<gpu-slug>-<date>.json / .md / .png under ``out_dir``; the PNG only when matplotlib is installed."""
-    out_dir = Path(out_dir) if out_dir is not None else default_report_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {kind: out_dir / f"{report_stem(report)}.{kind}" for kind in ("json", "md", "png")}
-    _atomic_write(paths["json"], json.dumps(report, indent=2).encode())
-    _atomic_write(paths["md"], markdown(report).encode())
-    png = plot_png(report) if plot else None
-    if png is not None:
-        _atomic_write(paths["png"], png)
-    elif plot:
-        print("matplotlib is not installed: skipped the PNG plot (pip install matplotlib)")
-    return paths | {"png": paths["png"] if png is not None else None}
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    # a reader (or a killed run) never sees half a report: write beside it, then rename
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _num(value, spec: str = ".2f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def markdown(report: dict) -> str:
-    dev, seq, v, s = report["device"], report["sequence"], report["versions"], report["settings"]
-    lines = [f"# Memory and speed against batch size: {dev['name']}", "",
-             f"{report['created']}; torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}; "
-             f"driver {dev.get('driver_version') or '-'}, CUDA {dev.get('cuda_runtime') or '-'}.",
-             f"Prompt {seq['prompt_len']}, answer {seq['answer_len']}, instruction {seq['instruction_len']} tokens; "
-             f"{s['measured_steps']} measured steps after {s['warmup_steps']} warm-up; {s['optimizer']}.", "",
-             "| configuration | image px | batch | peak allocated GiB | peak reserved GiB | step ms | samples/s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for e in report["points"]:
-        for r in e["results"]:
-            cells = (["OOM"] + [""] * 3 if r["oom"] else [_num(r["peak_allocated_gib"]), _num(r["peak_reserved_gib"]),
-                                                         _num(1000 * r["step_time_s"], ".1f"), _num(r["samples_per_s"])])
-            lines.append(f"| {e['label']} | {e['image_size']} | {r['batch_size']} | " + " | ".join(cells) + " |")
-    names = list(budgets(dev.get("total_memory_bytes")))
-    lines += ["", "## Memory model: peak allocated = a + b x batch", "",
-              "| configuration | a GiB | b GiB/sample | " + " | ".join(f"max batch {n}" for n in names) + " |",
-              "|---|---:|---:|" + "---:|" * len(names)]
-    for e in (e for e in report["points"] if e["memory_model"]):
-        m = e["memory_model"]
-        lines.append(f"| {e['label']} | {m['allocated']['a'] / GIB:.2f} | {m['allocated']['b'] / GIB:.3f} | "
-                     + " | ".join(_num(m["max_batch"].get(n), "d") for n in names) + " |")
-    lines += ["", "## The seed's table: max batch on 24 GiB", "", "| configuration | seed | fp32 weights | bf16 weights |",
-              "|---|---|---:|---:|"]
-    lines += [f"| {r['row']} | {r['seed']} | {_num(r['fp32'], 'd')} | {_num(r['bf16'], 'd')} |" for r in report["seed_table"]]
-    lines += ["", "## Custom vs native forward (custom / native)", "", "| configuration | batch | memory | step time |",
-              "|---|---:|---:|---:|"]
-    lines += [f"| {c['label']} | {c['batch_size']} | {_num(c['memory_ratio'])} | {_num(c['time_ratio'])} |"
-              for c in report["comparisons"]]
-    lines += ["", "## Prediction check", ""]
-    lines += [f"- {x['label']}: {x['reason']}" if x["status"] != "done" else
-              f"- {x['label']}, {x['budget_gib']:g} GiB cap: predicted {x['predicted']}, measured {x['measured']}"
-              f" (error {_num(x['relative_error'], '.1%')}; probes {x['probes']})" for x in report["validation"]]
-    return "\n".join(lines + ["", "## Summary", "", report["paragraph"], ""])
-
-
-def plot_png(report: dict) -> bytes | None:
-    """Peak memory and throughput against batch size, one line per configuration; None without matplotlib."""
-    try:
-        from matplotlib.figure import Figure  # optional: only the plot needs it
-    except ImportError:
-        return None
-    fig = Figure(figsize=(12, 5))
-    memory_ax, speed_ax = fig.subplots(1, 2)
-    for e in report["points"]:
-        ok = [r for r in e["results"] if not r["oom"]]
-        if any(r["peak_allocated_gib"] is not None for r in ok):
-            memory_ax.plot([r["batch_size"] for r in ok], [r["peak_allocated_gib"] for r in ok], marker="o",
-                           label=e["label"])
-        speed_ax.plot([r["batch_size"] for r in ok], [r["samples_per_s"] for r in ok], marker="o", label=e["label"])
-    if memory_ax.lines:
-        memory_ax.axhline(BUDGETS_GIB[0], color="grey", linestyle="--", linewidth=1, label=f"{BUDGETS_GIB[0]} GiB")
-    else:
-        memory_ax.text(0.5, 0.5, f"no memory measurements on {report['device']['name']}", ha="center",
-                       transform=memory_ax.transAxes)
-    (memory_ax if memory_ax.lines else speed_ax).legend(fontsize=6)
-    memory_ax.set(xlabel="batch size", ylabel="peak allocated (GiB)", title=report["device"]["name"])
-    speed_ax.set(xlabel="batch size", ylabel="samples / s", title="training throughput")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
-
-
 def run_benchmark(points: list[SweepPoint], batch_sizes=(1, 4, 8, 16), *, device="cuda",
                   shape: SequenceShape = SequenceShape(), report_dir=None, steps: int = 3,
                   progress: bool = True) -> tuple[dict, dict]:
     """sweep() then write_reports(): what the CLI and the GPU tests call."""
+    from .bench_report import write_reports  # bench_report builds on this module
+
     # reports are rewritten after every configuration, so a run cut short still leaves its numbers
     report = sweep(points, batch_sizes, device=device, shape=shape, steps=steps, progress=progress,
                    on_point=lambda partial: write_reports(partial, report_dir, plot=False))

@@ -6,6 +6,7 @@ Everything else in the package is written against one idea of the model; every
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 
@@ -101,6 +102,23 @@ def _target_modules_as_regex(names) -> str:
     return r"(?:.*\.)?(?:" + "|".join(re.escape(n) for n in sorted(set(names))) + ")"
 
 
+# peft < 0.7 implemented a LoRA layer as a subclass of nn.Linear: wrapping a layer ran
+# nn.Linear.__init__ (a fresh weight on the default device, kaiming-initialised) before
+# adopting the original weight, and unload() built a fresh nn.Linear per layer again. For a
+# full-size model on the meta device that materialises every targeted weight on the CPU
+# (~1 min per call for the broad scope); creating those throw-away modules on meta too
+# gives the same model. From 0.7 LoRA layers wrap the original as base_layer.
+PEFT_WRAPS_BASE_LAYER = Version("0.7.0")
+
+
+def _creation_device(model):
+    """A torch.device('meta') context when peft < 0.7 would re-create ``model``'s meta layers."""
+    first = next(iter(model.parameters()), None)
+    if PEFT < PEFT_WRAPS_BASE_LAYER and first is not None and first.is_meta:
+        return torch.device("meta")
+    return contextlib.nullcontext()
+
+
 def get_peft_model(model, lora_config):
     """peft.get_peft_model, recording nothing version-specific beyond what peft does by default.
 
@@ -112,7 +130,14 @@ def get_peft_model(model, lora_config):
     if (PEFT < PEFT_FAST_TARGET_MATCHING and targets and not isinstance(targets, str)
             and getattr(lora_config, "layers_to_transform", None) is None):
         lora_config = dataclasses.replace(lora_config, target_modules=_target_modules_as_regex(targets))
-    return peft.get_peft_model(model, lora_config)
+    with _creation_device(model):
+        return peft.get_peft_model(model, lora_config)
+
+
+def unload(peft_model):
+    """peft_model.unload(): the base model with the LoRA layers removed (not merged)."""
+    with _creation_device(peft_model):
+        return peft_model.unload()
 
 
 def unwrap(model):

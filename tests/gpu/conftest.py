@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qformer_lora import bench
+from qformer_lora import bench, bench_report
 
 HERE = Path(__file__).resolve().parent
 RUN = {"loaded": time.perf_counter()}  # what the terminal summary prints
@@ -42,7 +42,7 @@ def free_gpu_memory():
 def gpu_report():
     """bench.default_points() on the full-size presets, reports written to $QFORMER_LORA_REPORT_DIR or reports/gpu."""
     start = time.perf_counter()
-    report, paths = bench.run_benchmark(bench.default_points(), device="cuda", report_dir=bench.default_report_dir())
+    report, paths = bench.run_benchmark(bench.default_points(), device="cuda", report_dir=bench_report.default_report_dir())
     RUN.update(sweep_s=time.perf_counter() - start, paths=paths)
     print(f"\ngpu sweep: {RUN['sweep_s']:.0f} s; reports: {', '.join(str(p) for p in paths.values() if p)}")
     return report, paths

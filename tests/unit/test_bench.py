@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from qformer_lora import bench, compat, lora
+from qformer_lora import bench, bench_report, compat, lora
 
 TINY_IB, TINY_B2 = "tiny-instructblip-flan-t5", "tiny-blip2-flan-t5"
 SHAPE = bench.SequenceShape(prompt_len=6, answer_len=3, instruction_len=4)
@@ -91,7 +91,7 @@ def test_sweep_report_is_well_formed(cpu_report):
 
 def test_report_writers(cpu_report, tmp_path):
     report, _ = cpu_report
-    paths = bench.write_reports(report, tmp_path / "gpu")
+    paths = bench_report.write_reports(report, tmp_path / "gpu")
     assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(report))
     text = paths["md"].read_text()
     assert f"| {TINY_IB} qformer fp32 native | 30 | 2 |" in text and report["paragraph"] in text
@@ -108,7 +108,7 @@ def test_report_writers(cpu_report, tmp_path):
 
 def test_png_is_skipped_with_a_note_without_matplotlib(cpu_report, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
-    paths = bench.write_reports(cpu_report[0], tmp_path)
+    paths = bench_report.write_reports(cpu_report[0], tmp_path)
     assert paths["png"] is None and not list(tmp_path.glob("*.png"))
     assert "matplotlib is not installed" in capsys.readouterr().out
 
@@ -311,7 +311,7 @@ def test_summaries_from_gpu_like_numbers(tmp_path):
                    "driver_version": "580.1", "cuda_runtime": "13.0", "outside_allocator_bytes": gib // 2},
         "points": entries, "validation": [{"status": "done", "label": entries[-2]["label"], "budget_gib": 24,
                                             "predicted": 80, "measured": 78, "relative_error": 2 / 78, "probes": {}}]}
-    bench.summarise(report)
+    bench_report.summarise(report)
 
     expected = {key: (24 * gib - a) // b for key, (a, b) in lines.items()}
     assert [(r["fp32"], r["bf16"]) for r in report["seed_table"]] == [
@@ -325,7 +325,7 @@ def test_summaries_from_gpu_like_numbers(tmp_path):
     text = report["paragraph"]
     assert f"BLIP-2 Q-Former LoRA batch {expected[('blip2-flan-t5-xl', 'qformer', 'fp32')]} with fp32" in text
     assert "(seed: 10)" in text and "the measured limit 78 (2.6% off" in text and "0.50 GiB" in text
-    paths = bench.write_reports(report, tmp_path)
+    paths = bench_report.write_reports(report, tmp_path)
     assert paths["md"].name == "nvidia-h100-80gb-hbm3-2026-11-27.md"
     markdown = paths["md"].read_text()
     assert f"| BLIP-2 Q-Former LoRA | 24 | {expected[('blip2-flan-t5-xl', 'qformer', 'fp32')]} |" in markdown

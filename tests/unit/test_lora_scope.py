@@ -27,7 +27,7 @@ def report_for(name: str, spec: lora.LoraSpec) -> dict:
     try:
         return lora.scope_report(peft_model, spec)
     finally:
-        peft_model.unload()  # restores the plain modules in the cached base model
+        compat.unload(peft_model)  # restores the plain modules in the cached base model
 
 
 @pytest.mark.parametrize("name", FULL_PRESETS)
