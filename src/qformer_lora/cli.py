@@ -169,6 +169,37 @@ def add_bench_parser(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def cmd_reproduce(args) -> int:
+    from . import reproduce
+
+    report = reproduce.run(args.only)
+    if not args.only:  # a partial run does not overwrite the full report
+        md, js = reproduce.write(report, args.out)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        for name, item in report["items"].items():
+            print(f"{name:<15} {item['status']:<17} fix holds: {'yes' if item['fix_holds'] else 'NO'}\n"
+                  f"{'':<15} {item['why']}")
+        if not args.only:
+            print(f"\nreport: {md} (and {js.name})")
+    return 0 if report["all_fixes_hold"] else 1
+
+
+def add_reproduce_parser(sub) -> None:
+    from . import reproduce
+
+    p = sub.add_parser("reproduce", help="replay every failure the seed documents and its fix; write the report",
+                       description="Run each documented failure and its fix on the embedded tiny presets (CPU, "
+                                   "a few minutes at most) and write reports/REPRODUCTION.md and .json. Exit "
+                                   "status 1 when a fix does not hold.")
+    p.add_argument("--only", nargs="+", choices=list(reproduce.ITEMS), metavar="NAME",
+                   help=f"run only these items ({', '.join(reproduce.ITEMS)})")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--out", default=str(reproduce.REPORTS_DIR), help="report folder (default: %(default)s)")
+    p.set_defaults(func=cmd_reproduce)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qformer-lora", description=__doc__.splitlines()[0].replace(
         "Command line: ", "qformer-lora: "))
@@ -184,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_export_parser(sub)
     add_bench_parser(sub)
+    add_reproduce_parser(sub)
     return parser
 
 
