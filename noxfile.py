@@ -2,9 +2,26 @@
 
 One private implementation (`_pytest`), thin public sessions. Versions are printed
 before pytest runs so every log says what it tested.
+
+    nox -s tests                      the default CPU suite (newest releases)
+    nox -s stability                  pytest -m stability
+    nox -s gpu_tests                  GPU tests in the machine's own environment (no venv)
+    nox -s "compat(4.33.3-0.5.0)"     one transformers x peft pair (nox -l lists them all;
+    nox -t compat                     every pair; -t compat-edges: the oldest and the newest)
+    nox -s compat_report              reports/compat/*.json -> reports/COMPAT.md
+
+QFORMER_LORA_RECORD=1 nox -s "compat(...)" records the pair's observed rows into
+fixtures/expectations/ instead of asserting them (review the diff before committing).
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import nox
 
@@ -12,12 +29,46 @@ nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 # On the CPU machines pip finds this torch build on local disk; a bare "torch" would
-# resolve to a multi-gigabyte CUDA build.
+# resolve to a multi-gigabyte CUDA build. It is installed first, and named again in
+# every later install so no dependency can move it.
 CPU_TORCH = "torch==2.13.0"
 PYTEST_ARGS = ("--strict-markers", "--strict-config", "-ra")
 PRINT_VERSIONS = ("import sys, torch, transformers, peft; print('python', sys.version.split()[0], '| torch', "
                   "torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, "
                   "'| cuda', torch.cuda.is_available())")
+
+# The interpreter the version matrix was verified with; elsewhere (CI) any 3.11.
+_PYENV_311 = Path("/root/.pyenv/versions/3.11.7/bin/python3")
+PY311 = str(_PYENV_311) if _PYENV_311.exists() else "3.11"
+
+# (transformers, peft, era-appropriate neighbours). Neighbours are pinned to releases of the
+# same months as the pair: numpy < 2 up to transformers 4.38 (compiled against numpy 1),
+# accelerate (peft's dependency) and huggingface_hub as they were then; tokenizers is left
+# to pip within transformers' own bounds.
+COMPAT_PAIRS = (
+    ("4.33.3", "0.5.0", ("numpy<2", "accelerate==0.23.0", "huggingface_hub==0.17.3")),
+    ("4.38.2", "0.10.0", ("numpy<2", "accelerate==0.28.0", "huggingface_hub==0.21.4")),
+    ("4.45.2", "0.13.2", ("accelerate==1.0.1", "huggingface_hub==0.25.2")),
+    ("4.48.3", "0.14.0", ("accelerate==1.3.0", "huggingface_hub==0.28.1")),  # the seed's era
+    ("4.51.3", "0.15.2", ("accelerate==1.6.0", "huggingface_hub==0.30.2")),
+    ("4.53.3", "0.16.0", ("accelerate==1.9.0", "huggingface_hub==0.33.4")),
+    ("4.54.1", "0.17.0", ("accelerate==1.10.0", "huggingface_hub==0.34.3")),
+    ("4.57.6", "0.17.1", ("accelerate==1.10.1", "huggingface_hub==0.36.0")),  # latest 4.x
+    ("5.0.0", "0.18.1", ("accelerate==1.12.0", "huggingface_hub==1.3.0")),
+    ("5.24.0", "0.21.2", ()),  # the newest of both; neighbours as pip resolves them
+)
+EDGES = {f"{COMPAT_PAIRS[0][0]}-{COMPAT_PAIRS[0][1]}", f"{COMPAT_PAIRS[-1][0]}-{COMPAT_PAIRS[-1][1]}"}
+# The project's runtime and test dependencies, installed explicitly next to the pair (the
+# project itself goes in with --no-deps, so `.[test]` can never move transformers / peft).
+PROJECT_DEPS = ("pillow", "safetensors", "tqdm", "packaging")
+TEST_DEPS = ("pytest>=7.4", "hypothesis>=6.80", "pytest-benchmark>=4.0")
+# What each pair runs: the seed's failure modes (regression), the NaN (stability), LoRA
+# scope and counts, and the custom forward against the native one.
+COMPAT_RUNS = {
+    "regression+stability": ("-m", "regression or stability"),
+    "scope+forward": ("tests/unit/test_lora_scope.py", "tests/unit/test_forward_equivalence.py"),
+}
+COMPAT_DIR = Path("reports/compat")
 
 
 def _install(session: nox.Session, *extra: str) -> None:
@@ -50,3 +101,125 @@ def gpu_tests(session: nox.Session) -> None:
     transformers and peft preinstalled and no network, so nothing is created or downloaded."""
     session.env["PYTHONPATH"] = "src"
     _pytest(session, "-m", "gpu")
+
+
+# ----------------------------------------------------------------------------- version matrix
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _pip_install(session: nox.Session, log: Path, *args: str) -> str | None:
+    """pip install ``args`` quietly into the session; None on success, else the tail of pip's output."""
+    with log.open("w", encoding="utf-8") as out:
+        try:
+            session.run("python", "-m", "pip", "install", "--progress-bar", "off", *args,
+                        stdout=out, stderr=subprocess.STDOUT)
+            return None
+        except nox.command.CommandFailed:
+            pass
+    tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-25:]
+    session.log("pip failed:\n" + "\n".join(tail))
+    return "\n".join(tail)
+
+
+def _junit_summary(path: Path, exit_code: int | None) -> dict:
+    """Counts and failing test ids from a pytest --junitxml file."""
+    if not path.exists():
+        return {"exit_code": exit_code, "error": "pytest wrote no report (interrupted or internal error)"}
+    root = ET.parse(path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    failed = []
+    for case in suite.iter("testcase"):
+        for kind in ("failure", "error"):
+            node = case.find(kind)
+            if node is not None:
+                message = (node.get("message") or "").strip().splitlines()
+                failed.append({"test": f"{case.get('classname')}::{case.get('name')}", "kind": kind,
+                               "message": message[0][:400] if message else ""})
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    return {"exit_code": exit_code, **counts, "failed": failed}
+
+
+def _pytest_exit_code(session: nox.Session, code_file: Path, *args: str) -> int:
+    """Run pytest and return its exit code (0 ok, 1 failures, 5 nothing collected, ...) instead of
+    stopping the session, so the pair's report can record the outcome before the session fails."""
+    session.run("python", "-c", "import pathlib, subprocess, sys; pathlib.Path(sys.argv[1]).write_text("
+                "str(subprocess.call([sys.executable, '-m', 'pytest', *sys.argv[2:]])))", str(code_file), *args)
+    return int(code_file.read_text())
+
+
+@nox.session(python=PY311, tags=["compat"])
+@nox.parametrize(
+    "transformers_version, peft_version, neighbours",
+    [nox.param(t, p, n, id=f"{t}-{p}", tags=["compat-edges"] if f"{t}-{p}" in EDGES else [])
+     for t, p, n in COMPAT_PAIRS])
+def compat(session: nox.Session, transformers_version: str, peft_version: str, neighbours: tuple) -> None:
+    """One transformers x peft pair: install it with its neighbours, probe it into
+    reports/compat/<transformers>-<peft>.json, run the regression / stability / scope /
+    forward tests against the pair's pinned expectations."""
+    pair = f"{transformers_version}-{peft_version}"
+    report = COMPAT_DIR / f"{pair}.json"
+    tmp = Path(session.create_tmp())
+    # tiny CPU models: extra OpenMP threads only spin-wait against other jobs on small machines
+    session.env["OMP_NUM_THREADS"] = "1"
+    requested = {"transformers": transformers_version, "peft": peft_version, "torch": CPU_TORCH,
+                 "neighbours": list(neighbours), "python": PY311}
+    steps = (
+        ("torch", (CPU_TORCH,)),
+        ("pair", (CPU_TORCH, f"transformers=={transformers_version}", f"peft=={peft_version}", *neighbours,
+                  *PROJECT_DEPS, *TEST_DEPS)),
+        ("project", ("--no-deps", "-e", ".")),
+    )
+    for step, args in steps:
+        failure = _pip_install(session, tmp / f"pip-{step}.log", *args)
+        if failure is not None:
+            _write_json(report, {"schema": 1, "requested": requested,
+                                 "install": {"status": "error", "step": step, "pip_output_tail": failure}})
+            session.error(f"compat {pair}: pip could not install the {step} step on Python {PY311} "
+                          f"(recorded in {report})")
+    session.run("python", "-m", "pip", "freeze", "--exclude-editable", stdout=(tmp / "freeze.txt").open("w"))
+    session.run("python", "-c", PRINT_VERSIONS)
+    try:
+        session.run("python", "-m", "qformer_lora.compat_probe", "--out", str(report))
+    except nox.command.CommandFailed:
+        _write_json(report, {"schema": 1, "requested": requested, "install": {"status": "ok"},
+                             "import": {"status": "error", "exception": "ProbeCrashed",
+                                        "message": "python -m qformer_lora.compat_probe failed; see the session log"}})
+        session.error(f"compat {pair}: the probe could not run (recorded in {report})")
+
+    tests = {}
+    for name, args in COMPAT_RUNS.items():
+        junit = tmp / f"junit-{name}.xml"
+        junit.unlink(missing_ok=True)
+        code = _pytest_exit_code(session, tmp / f"exit-{name}", *PYTEST_ARGS, f"--junitxml={junit}", *args,
+                                 *session.posargs)
+        tests[name] = _junit_summary(junit, code)
+    data = json.loads(report.read_text(encoding="utf-8"))
+    data["requested"] = requested
+    data["install"] = {"status": "ok", "freeze": (tmp / "freeze.txt").read_text().split()}
+    data["tests"] = tests
+    # with QFORMER_LORA_RECORD=1 the expectation checks record instead of asserting
+    data["tests_mode"] = "record" if session.env.get("QFORMER_LORA_RECORD", os.environ.get(
+        "QFORMER_LORA_RECORD")) == "1" else "assert"
+    _write_json(report, data)
+
+    problems = []
+    for name, summary in tests.items():
+        if summary.get("exit_code") == 5 or summary.get("tests", 0) == 0:
+            problems.append(f"{name}: no tests collected")
+        elif summary.get("exit_code") != 0 or summary.get("failures") or summary.get("errors"):
+            shown = "; ".join(f["test"] for f in summary.get("failed", [])[:5]) or summary.get("error", "")
+            problems.append(f"{name}: exit {summary.get('exit_code')}, {summary.get('failures', '?')} failed, "
+                            f"{summary.get('errors', '?')} errors ({shown})")
+    if problems:
+        session.error(f"compat {pair} (transformers {transformers_version} / peft {peft_version}): "
+                      + " | ".join(problems))
+
+
+@nox.session(venv_backend="none")
+def compat_report(session: nox.Session) -> None:
+    """reports/compat/*.json -> reports/COMPAT.md (stdlib only; no venv, no installs)."""
+    session.run(sys.executable, "scripts/compat_report.py", "--in", str(COMPAT_DIR), "--out", "reports/COMPAT.md",
+                external=True)

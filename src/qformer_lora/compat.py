@@ -188,3 +188,63 @@ def get_peft_model_in_base_dtype(model, lora_config):
             if "lora_" in name:
                 param.data = param.data.to(base_dtype)
     return wrapped
+
+
+# ----------------------------------------------------------------------------- processors on disk
+# transformers 5 saves a processor as processor_config.json with the image processor nested
+# inside, and tokenizer_config.json files naming the 5.x-only class "TokenizersBackend".
+# Older releases cannot read that layout: 4.33-4.4x want preprocessor_config.json ("does not
+# appear to have a file named preprocessor_config.json"), some 4.x pass the nested dict on as
+# a second image_processor ("got multiple values for argument 'image_processor'"), and
+# AutoTokenizer fails with "Tokenizer class TokenizersBackend does not exist". Such a
+# directory is rebuilt from its parts there (the tokenizers are plain fast tokenizers).
+PROCESSOR_CONFIG_NESTED = Version("5.0.0.dev0")
+
+
+def _saved_by_transformers_5(directory) -> bool:
+    import json
+    from pathlib import Path
+
+    config = Path(directory) / "processor_config.json"
+    if not config.is_file():
+        return False
+    return isinstance(json.loads(config.read_text(encoding="utf-8")).get("image_processor"), dict)
+
+
+def load_processor(processor_cls, directory):
+    """``processor_cls.from_pretrained(directory)`` offline, also for 5.x-saved directories on 4.x."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    if TRANSFORMERS >= PROCESSOR_CONFIG_NESTED or not _saved_by_transformers_5(directory):
+        return processor_cls.from_pretrained(str(directory), local_files_only=True)
+    import json
+
+    from transformers import BlipImageProcessor, PreTrainedTokenizerFast
+
+    image_config = json.loads((directory / "processor_config.json").read_text(encoding="utf-8"))["image_processor"]
+    image_config = {k: v for k, v in image_config.items() if k not in ("image_processor_type", "processor_class")}
+    parts = {"image_processor": BlipImageProcessor(**image_config),
+             "tokenizer": PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)}
+    if (directory / "qformer_tokenizer").is_dir():
+        parts["qformer_tokenizer"] = PreTrainedTokenizerFast.from_pretrained(
+            str(directory / "qformer_tokenizer"), local_files_only=True)
+    return processor_cls(**parts)
+
+
+# ----------------------------------------------------------------------------- models built on meta
+# transformers 5.0.0 does not tie input and output embeddings of a model constructed under
+# torch.device("meta") (it does on a real device, and 5.1.0 ties on meta again). Meta-device
+# parameter counts then include each tied copy separately: +197,394,432 for FlanT5-XL (3 extra
+# 32128 x 2048 matrices: encoder / decoder embed_tokens and lm_head, all one matrix in 5.x) and
+# +128,778,240 for OPT-2.7B's lm_head (50304 x 2560). Tying again after construction gives the
+# real model's structure; it is a no-op wherever construction already tied (every other release).
+META_CONSTRUCTION_LEAVES_UNTIED = (Version("5.0.0"), Version("5.1.0"))  # observed: 5.0.0 only
+
+
+def finish_meta_model(model):
+    """Call on a model just constructed on the meta device (presets.build_model)."""
+    first = next(iter(model.parameters()), None)
+    if first is not None and first.is_meta:
+        model.tie_weights()
+    return model

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .forward import IGNORE_INDEX  # the label value every loss here ignores
 from .presets import FIXTURES_DIR  # the one place that locates fixtures/
 
 SHAPES_DIR = FIXTURES_DIR / "data" / "shapes"
@@ -36,7 +37,6 @@ LM_TOKENIZER_DIR = FIXTURES_DIR / "tokenizers" / "lm"
 QFORMER_TOKENIZER_DIR = FIXTURES_DIR / "tokenizers" / "qformer"
 
 FAMILIES = ("instructblip", "blip2")
-IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss default ignore_index
 
 
 # --------------------------------------------------------------------------- 1. manifests

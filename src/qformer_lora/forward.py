@@ -37,13 +37,38 @@ def is_instructblip(model) -> bool:
     return compat.unwrap(model).config.model_type == "instructblip"
 
 
-def encode_images(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Vision encoder output; runs without autograd when the encoder has nothing to train."""
+def encode_images(model, images: torch.Tensor | dict) -> torch.Tensor:
+    """Vision encoder output; runs without autograd when the encoder has nothing to train.
+
+    ``images`` is a pixel_values tensor or a batch; a batch carrying ``image_embeds``
+    (precomputed features, see feature_cache.py) skips the encoder.
+    """
     vision = model.vision_model
     trainable = any(p.requires_grad for p in vision.parameters())
+    if isinstance(images, dict):
+        if "image_embeds" in images:
+            return precomputed_image_embeds(model, images["image_embeds"], trainable)
+        images = images["pixel_values"]
     dtype = next(vision.parameters()).dtype
     with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
-        return vision(pixel_values=pixel_values.to(dtype), return_dict=True).last_hidden_state
+        return vision(pixel_values=images.to(dtype), return_dict=True).last_hidden_state
+
+
+def precomputed_image_embeds(model, image_embeds: torch.Tensor, trainable: bool) -> torch.Tensor:
+    """Precomputed vision features on the encoder's device, checked against the model.
+
+    Refused for a trainable encoder: the features would be stale and no gradient
+    would reach it. The dtype is left as computed (casting would break exactness).
+    """
+    if trainable:
+        raise ValueError("the batch carries precomputed image_embeds but the vision encoder has trainable "
+                         "parameters: the features would be stale and get no gradient; drop image_embeds "
+                         "(turn the feature cache off) or freeze the vision encoder")
+    hidden = model.config.vision_config.hidden_size
+    if image_embeds.dim() != 3 or image_embeds.shape[-1] != hidden:
+        raise ValueError(f"image_embeds of shape {tuple(image_embeds.shape)} do not fit this vision encoder: "
+                         f"expected (batch, tokens, {hidden})")
+    return image_embeds.to(next(model.vision_model.parameters()).device)
 
 
 def query_features(model, image_embeds: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -64,7 +89,7 @@ def query_features(model, image_embeds: torch.Tensor, batch: dict) -> torch.Tens
 def embed_inputs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(inputs_embeds, attention_mask, query_output, language_model_inputs) for the language model."""
     model = compat.unwrap(model)
-    image_embeds = encode_images(model, batch["pixel_values"])
+    image_embeds = encode_images(model, batch)  # precomputed batch["image_embeds"] when present
     query_output = query_features(model, image_embeds, batch)
     # query_tokens may be kept in fp32 by transformers while the projection is bf16/fp16
     projection = model.language_projection

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import time
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -289,6 +288,15 @@ def _truncate_log(path: Path, last_step: int) -> None:
 
 def train(config: TrainConfig, resume: str | os.PathLike | None = None, device: str | None = None) -> dict:
     """Run training; returns the final metrics. ``resume``: a checkpoint dir or 'latest'."""
+    # deterministic mode is process-wide in torch: restore the caller's setting afterwards
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        return _run(config, resume, device)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _run(config: TrainConfig, resume, device) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     findings = doctor.examine(config, device=device)  # refuse known-bad precision before building anything
     doctor.enforce(findings, config.allow_unsafe)

@@ -106,13 +106,30 @@ def test_fp16_amp_gradient_overflow_is_left_to_gradscaler():
     assert all(trace["finite"]), trace["losses"]
 
 
-def test_fp16_amp_still_catches_non_finite_parameters():
+def test_fp16_amp_still_catches_non_finite_parameters(monkeypatch):
     model = adapter_model("fp16-amp")
     name, param = next((n, p) for n, p in model.named_parameters() if "lora_A" in n)
-    param.data[0, 0] = math.nan
+
+    class CorruptAfterScan(numerics.Guard):  # mid-run, past the guard's start-up scan
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            param.data[0, 0] = math.nan
+
+    monkeypatch.setattr(doctor, "Guard", CorruptAfterScan)
     with pytest.raises(numerics.NonFiniteError) as caught:
         doctor.run_steps(model, batches(model), precision="fp16-amp", steps=2, guard="raise")
     assert (caught.value.diagnosis.kind, caught.value.diagnosis.first_parameter) == ("parameter", name)
+    assert "before the first step" not in str(caught.value)
+
+
+def test_non_finite_weights_are_refused_before_the_first_step():
+    model = adapter_model("fp32")
+    name, param = next((n, p) for n, p in model.named_parameters() if "vision_model" in n)
+    param.data.view(-1)[0] = math.inf
+    for policy in ("raise", "skip", "rollback"):
+        with pytest.raises(numerics.NonFiniteError, match="before the first step") as caught:
+            doctor.run_steps(model, batches(model), precision="fp32", steps=1, guard=policy)
+        assert caught.value.diagnosis.first_parameter == name, caught.value.diagnosis.message
 
 
 # ----------------------------------------------------------------------------- train.train

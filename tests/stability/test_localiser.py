@@ -71,15 +71,18 @@ def setup():
 
 
 def run_guarded(model, batch, policy):
-    """One guarded step; (NonFiniteError or None, trace or None, optimizer). The adapter (and the
-    weights) are put back afterwards, also when an absorbed +-inf let the step go ahead."""
+    """One guarded step: (NonFiniteError or None, trace or None, optimizer, first non-finite parameter
+    after the step). The adapter is put back afterwards, also when an absorbed +-inf let the step
+    go ahead, so the shared model stays as built."""
     optimizer = torch.optim.AdamW(lora.adapter_parameters(model), lr=1e-3)
     saved = [p.detach().clone() for p in lora.adapter_parameters(model)]
+    error = trace = None
     try:
         trace = doctor.run_steps(model, [batch], precision="fp32", steps=1, guard=policy, optimizer=optimizer)
-        return None, trace, optimizer
-    except numerics.NonFiniteError as error:
-        return error, None, optimizer
+    except numerics.NonFiniteError as raised:
+        error = raised
+    try:
+        return error, trace, optimizer, numerics.first_non_finite_parameter(model)
     finally:
         for param, value in zip(lora.adapter_parameters(model), saved):
             param.data.copy_(value)
@@ -125,7 +128,7 @@ def test_input_pixels(rows, value, where, with_ids, policy):
     per_row = batch["pixel_values"][0].numel()
     for row in rows:
         batch["pixel_values"][row].view(-1)[where % per_row] = value
-    error, trace, optimizer = run_guarded(model, batch, policy)
+    error, trace, optimizer, _ = run_guarded(model, batch, policy)
     if policy == "rollback":  # bad data, healthy model: skipped, not rolled back
         policy = "skip"
     diagnosis = caught(policy, error, trace)
@@ -144,7 +147,7 @@ def test_module_output(index, value, policy):
     # output * 0 + value keeps the autograd graph (the loss must still have a grad_fn)
     handle = module.register_forward_hook(lambda m, args, output: output * 0 + value)
     try:
-        error, trace, optimizer = run_guarded(model, batch, policy)
+        error, trace, optimizer, _ = run_guarded(model, batch, policy)
     finally:
         handle.remove()
     if not detected(value, error, trace):
@@ -170,7 +173,7 @@ def test_gradient(index, where, value, policy):
 
     handle = param.register_hook(poison)
     try:
-        error, trace, optimizer = run_guarded(model, batch, policy)
+        error, trace, optimizer, _ = run_guarded(model, batch, policy)
     finally:
         handle.remove()
     diagnosis = caught(policy, error, trace)
@@ -182,30 +185,35 @@ def test_gradient(index, where, value, policy):
 @settings(max_examples=40)
 @given(index=st.integers(0, 10**6), where=st.integers(0, 10**6), value=VALUES, policy=POLICIES)
 def test_parameter(index, where, value, policy):
-    """A weight going non-finite mid-run (set at the first training forward, after the guard's
-    start-up scan): every policy stops, since skip and rollback cannot repair a weight here."""
+    """A weight going non-finite mid-run (right after the guard's start-up scan, which refuses
+    non-finite weights before the first step): raise and skip stop, rollback restores an adapter
+    weight from its snapshot and stops on a frozen one."""
     model, batch, _, elements = setup()
     name = sorted(elements)[index % len(elements)]
     flat = dict(model.named_parameters())[name].data.view(-1)
     position = int(elements[name][where % len(elements[name])])
     original = flat[position].item()
 
-    def corrupt(module, args, kwargs):
-        if torch.is_grad_enabled():
+    class CorruptAfterScan(numerics.Guard):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
             flat[position] = value
 
-    handle = model.register_forward_pre_hook(corrupt, with_kwargs=True)
     try:
-        error, trace, optimizer = run_guarded(model, batch, policy)
-        still_bad = numerics.first_non_finite_parameter(model)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(doctor, "Guard", CorruptAfterScan)  # the Guard that run_steps builds
+            error, trace, optimizer, still_bad = run_guarded(model, batch, policy)
     finally:
-        handle.remove()
         flat[position] = original
     if not detected(value, error, trace):
         assert still_bad == name, f"scan of an absorbed {value} in {name} found {still_bad}"
         return
-    assert error is not None, f"guard={policy} went on with non-finite {name}: {trace}"
-    diagnosis = error.diagnosis
+    if policy == "rollback" and dict(model.named_parameters())[name].requires_grad:
+        diagnosis = caught(policy, error, trace)  # an adapter weight: the snapshot repairs it
+        assert still_bad is None, f"rollback left {still_bad} non-finite"
+    else:  # skip cannot repair weights, nor rollback a frozen one
+        assert error is not None, f"guard={policy} went on with non-finite {name}: {trace}"
+        diagnosis = error.diagnosis
     assert (diagnosis.kind, diagnosis.first_parameter) == ("parameter", name), \
         f"injected {value} into {name}: {diagnosis.message}"
     assert diagnosis.first_module is not None, diagnosis.message
@@ -214,11 +222,11 @@ def test_parameter(index, where, value, policy):
 
 def test_parameter_non_finite_before_training_is_refused():
     model, batch, _, _ = setup()
-    name, param = next((n, p) for n, p in model.named_parameters() if n.endswith("lm_head.weight"))
+    name, param = next((n, p) for n, p in model.named_parameters() if n.endswith("language_projection.weight"))
     original = param.data[0, 0].item()
     param.data[0, 0] = math.inf
     try:
-        error, _, optimizer = run_guarded(model, batch, "skip")
+        error, _, optimizer, _ = run_guarded(model, batch, "skip")
     finally:
         param.data[0, 0] = original
     assert error is not None and error.diagnosis.first_parameter == name, error
@@ -236,7 +244,7 @@ def test_inputs_embeds_caught_by_the_rerun():
 
     handle = forward.compat.unwrap(model).language_model.register_forward_pre_hook(poison, with_kwargs=True)
     try:
-        error, _, optimizer = run_guarded(model, batch, "raise")
+        error, _, optimizer, _ = run_guarded(model, batch, "raise")
     finally:
         handle.remove()
     assert error is not None and error.diagnosis.first_module.startswith("language_model input inputs_embeds"), \
@@ -248,5 +256,5 @@ def test_model_left_untouched():
     """The shared model is what the properties above assume: finite and never stepped on."""
     model, _, _, _ = setup()
     assert numerics.first_non_finite_parameter(model) is None
-    assert all(float(p.abs().sum()) == 0 for n, p in model.named_parameters() if "lora_B" in n), \
+    assert all(float(p.detach().abs().sum()) == 0 for n, p in model.named_parameters() if "lora_B" in n), \
         "lora_B moved away from its zero init: some optimizer step was taken"

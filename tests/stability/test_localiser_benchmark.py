@@ -9,6 +9,8 @@ nothing here: it only runs once a check has fired.
 from __future__ import annotations
 
 import math
+import statistics
+import time
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ from .helpers import adapter_model, batches
 
 pytestmark = pytest.mark.stability
 
-MEDIANS: dict[str, float] = {}
+VARIANTS = ["none", "raise", "rollback"]
 ROUNDS = 40
 
 
@@ -49,22 +51,28 @@ def make_step(variant: str):
     return step
 
 
-@pytest.mark.parametrize("variant", ["none", "raise", "rollback"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_healthy_step(benchmark, variant):
+    """The table pytest-benchmark prints (one variant after the other)."""
     benchmark.group = "healthy training step, tiny-instructblip-flan-t5, batch 2"
-    step = make_step(variant)
-    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=3)
-    if benchmark.stats is not None:  # None under --benchmark-disable
-        MEDIANS[variant] = benchmark.stats.stats.median
+    benchmark.pedantic(make_step(variant), rounds=ROUNDS, iterations=1, warmup_rounds=3)
 
 
 def test_guard_overhead_is_small():
-    if set(MEDIANS) != {"none", "raise", "rollback"}:
-        pytest.skip("needs the three benchmarks above in this session (and not --benchmark-disable)")
-    ratios = {v: MEDIANS[v] / MEDIANS["none"] for v in ("raise", "rollback")}
-    print(f"\nguard overhead on a healthy step (median ratios vs no guard): "
-          + ", ".join(f"{v} {r:.3f}x" for v, r in ratios.items())
-          + f"; no guard {MEDIANS['none'] * 1e3:.1f} ms")
-    # generous bounds: a shared 2-core machine is noisy; the real costs are a few percent
-    assert ratios["raise"] < 1.25, f"guard=raise costs {ratios['raise']:.2f}x a healthy step"
-    assert ratios["rollback"] < 1.5, f"guard=rollback costs {ratios['rollback']:.2f}x a healthy step"
+    """The ratio, measured interleaved (none, raise, rollback, none, ...) so that drift in the
+    machine's load hits every variant alike; sequential benchmarks on a shared machine do not."""
+    steps = {variant: make_step(variant) for variant in VARIANTS}
+    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    for round_ in range(3 + ROUNDS):
+        for variant in VARIANTS[round_ % 3:] + VARIANTS[:round_ % 3]:  # rotate who goes first
+            started = time.perf_counter()
+            steps[variant]()
+            if round_ >= 3:  # warm-up rounds
+                times[variant].append(time.perf_counter() - started)
+    medians = {variant: statistics.median(values) for variant, values in times.items()}
+    ratios = {variant: medians[variant] / medians["none"] for variant in ("raise", "rollback")}
+    print(f"\nguard overhead on a healthy step (interleaved medians, {ROUNDS} rounds): "
+          + ", ".join(f"{v} {r:.3f}x" for v, r in ratios.items()) + f"; no guard {medians['none'] * 1e3:.1f} ms")
+    # generous bounds for a noisy shared machine; measured: about 1.00x and 1.02x
+    assert ratios["raise"] < 1.15, f"guard=raise costs {ratios['raise']:.2f}x a healthy step"
+    assert ratios["rollback"] < 1.3, f"guard=rollback costs {ratios['rollback']:.2f}x a healthy step"

@@ -1,0 +1,363 @@
+#!/usr/bin/env python3
+"""Aggregate reports/compat/*.json (one per transformers x peft pair) into reports/COMPAT.md.
+
+    python scripts/compat_report.py [--in reports/compat] [--out reports/COMPAT.md]
+
+(`nox -s compat_report` runs this.) Standard library only, so it runs anywhere. One table
+per failure mode, rows = releases in version order, with the exact messages; then the
+boundaries: the first release in the matrix where each behaviour differs from the one
+before it. The matrix is sparse, so a boundary is stated as "between the last release
+with the old behaviour and the first with the new one".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+TASK_TYPES = ("SEQ_2_SEQ_LM", "CAUSAL_LM", "FEATURE_EXTRACTION", "None")
+PRESET_LABELS = {"tiny-instructblip-flan-t5": "IB-T5", "tiny-instructblip-vicuna": "IB-LLaMA",
+                 "tiny-blip2-flan-t5": "B2-T5", "tiny-blip2-opt": "B2-OPT"}
+FULL_PRESET = "instructblip-flan-t5-xl"
+
+
+def version_key(text: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else 0 for p in re.split(r"[.+-]", text)[:3])
+
+
+def load_reports(folder: Path) -> list[dict]:
+    reports = []
+    for path in sorted(folder.glob("*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["_file"] = path.name
+        versions = data.get("versions") or {}
+        requested = data.get("requested") or {}
+        data["_t"] = versions.get("transformers") or requested.get("transformers") or path.stem.split("-")[0]
+        data["_p"] = versions.get("peft") or requested.get("peft") or path.stem.split("-")[-1]
+        reports.append(data)
+    return sorted(reports, key=lambda d: (version_key(d["_t"]), version_key(d["_p"])))
+
+
+def release(d: dict) -> str:
+    return f"{d['_t']} / {d['_p']}"
+
+
+def usable(d: dict) -> bool:
+    return (d.get("install") or {}).get("status") == "ok" and (d.get("import") or {}).get("status") == "ok"
+
+
+def outcome_text(o: dict | None) -> str:
+    if not o:
+        return "not observed"
+    if o.get("status") == "ok":
+        return "ok" if o.get("loss_finite", True) else "ok, loss not finite"
+    if o.get("status") == "ok-no-loss":
+        return "ok, no loss"
+    return f"{o.get('exception')}: {o.get('message')}"
+
+
+def cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+class Messages:
+    """Exact messages numbered once (E1, E2, ...) so tables stay readable."""
+
+    def __init__(self):
+        self.codes: dict[str, str] = {}
+
+    def code(self, text: str) -> str:
+        if text in ("ok", "not observed"):
+            return text
+        if text not in self.codes:
+            self.codes[text] = f"E{len(self.codes) + 1}"
+        return self.codes[text]
+
+    def render(self) -> list[str]:
+        lines = []
+        for text, code in self.codes.items():
+            if "\n" in text or len(text) > 300:
+                lines += [f"* **{code}**:", "", "  ```", *("  " + line for line in text.splitlines()), "  ```"]
+            else:
+                lines.append(f"* **{code}**: `{text}`")
+        return lines
+
+
+def grouped(outcomes: dict[str, str]) -> str:
+    """'ok' when every preset agrees, else 'E1 (IB-T5, IB-LLaMA); ok (B2-T5, B2-OPT)'."""
+    by_value: dict[str, list[str]] = {}
+    for preset, value in outcomes.items():
+        by_value.setdefault(value, []).append(PRESET_LABELS.get(preset, preset))
+    if len(by_value) == 1:
+        return next(iter(by_value))
+    return "; ".join(f"{v} ({', '.join(p)})" for v, p in by_value.items())
+
+
+def boundaries(rows: list[dict], signature, describe) -> list[str]:
+    """Where signature(row) changes between consecutive usable releases."""
+    out, previous = [], None
+    for row in rows:
+        if not usable(row):
+            continue
+        sig = signature(row)
+        if previous is not None and sig != previous[1]:
+            out.append(f"between {release(previous[0])} and **{release(row)}**: {describe(previous[1])} → "
+                       f"{describe(sig)}")
+        previous = (row, sig)
+    return out or ["no change across the releases run"]
+
+
+# ----------------------------------------------------------------------------- sections
+def section_pairs(rows: list[dict]) -> list[str]:
+    lines = ["## Pairs run", "",
+             "| transformers | peft | python | torch | accelerate | huggingface_hub | tokenizers | numpy | install | "
+             "tests passed / failed | probe |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for d in rows:
+        v = d.get("versions") or {}
+        install = d.get("install") or {}
+        if install.get("status") != "ok":
+            status = f"**failed** at step {install.get('step', '?')}"
+        elif (d.get("import") or {}).get("status") != "ok":
+            status = f"installed; **import failed**: {outcome_text(d.get('import'))}"
+        else:
+            status = "ok"
+        tests = d.get("tests") or {}
+        passed = sum(t.get("passed", 0) for t in tests.values())
+        failed = sum(t.get("failures", 0) + t.get("errors", 0) for t in tests.values())
+        empty = [n for n, t in tests.items() if not t.get("tests")]
+        test_text = f"{passed} / {failed}" + (f" (nothing collected: {', '.join(empty)})" if empty else "") \
+            if tests else "not run"
+        probe = f"{d['probe_seconds']} s" if "probe_seconds" in d else "—"
+        lines.append(f"| {d['_t']} | {d['_p']} | {v.get('python', '—')} | {v.get('torch', '—')} | "
+                     f"{v.get('accelerate', '—')} | {v.get('huggingface-hub', '—')} | {v.get('tokenizers', '—')} | "
+                     f"{v.get('numpy', '—')} | {cell(status)} | {test_text} | {probe} |")
+    failures = [d for d in rows if (d.get("install") or {}).get("status") != "ok"]
+    for d in failures:
+        lines += ["", f"Install failure, transformers {release(d)} (pip's last lines):", "", "```",
+                  (d.get("install") or {}).get("pip_output_tail", "").strip(), "```"]
+    return lines
+
+
+def section_kwarg_conflict(rows: list[dict]) -> list[str]:
+    messages = Messages()
+    lines = ["## 1. The library's own forward through PEFT wrappers (the seed's kwarg conflict)", "",
+             "`get_peft_model(model, LoraConfig(target_modules=[query, key, value, dense], task_type=T))`, then "
+             "`peft_model(**native inputs)` on the tiny presets (IB = InstructBLIP, B2 = BLIP-2). The custom "
+             "forward ran through the same wrapper in every cell; where it did not succeed the cell says so.", "",
+             "| transformers / peft | " + " | ".join(TASK_TYPES) + " |", "|---|" + "---|" * len(TASK_TYPES)]
+    for d in rows:
+        if not usable(d):
+            lines.append(f"| {release(d)} | " + " | ".join(["not run"] * len(TASK_TYPES)) + " |")
+            continue
+        cells = []
+        for task in TASK_TYPES:
+            outcomes = {}
+            for preset, p in (d.get("presets") or {}).items():
+                o = (p.get("peft_task_types") or {}).get(task) if isinstance(p, dict) else None
+                text = messages.code(outcome_text(o))
+                if o and o.get("custom_ok") is False:
+                    text += " (custom forward failed)"
+                outcomes[preset] = text
+            cells.append(cell(grouped(outcomes)))
+        lines.append(f"| {release(d)} | " + " | ".join(cells) + " |")
+    lines += ["", "Messages (exact, object addresses replaced by `0x…`):", "", *messages.render()]
+    return lines
+
+
+def _native(d: dict, key: str) -> dict:
+    return {preset: p.get(key) for preset, p in (d.get("presets") or {}).items() if isinstance(p, dict)}
+
+
+def section_convention(rows: list[dict]) -> list[str]:
+    messages = Messages()
+    lines = ["## 2. Input convention of the library's own forward, and the custom forward beside it", "",
+             "`compat.native_convention`: *prepend* = the model prepends the query embeddings itself; "
+             "*placeholders* = `input_ids` must carry `num_query_tokens` image tokens. The native forward is "
+             "the unwrapped model called with `compat.native_inputs`; the difference is |custom − native| loss.",
+             "", "| transformers / peft | convention | native forward | custom forward | max loss difference |",
+             "|---|---|---|---|---|"]
+    for d in rows:
+        if not usable(d):
+            lines.append(f"| {release(d)} | not run | | | |")
+            continue
+        conv = grouped({k: v or "error" for k, v in _native(d, "native_convention").items()})
+        native = grouped({k: messages.code(outcome_text(v)) for k, v in _native(d, "native_forward").items()})
+        custom = grouped({k: messages.code(outcome_text(v)) for k, v in _native(d, "custom_forward").items()})
+        diffs = [v for v in _native(d, "loss_difference").values() if v is not None]
+        lines.append(f"| {release(d)} | {conv} | {cell(native)} | {cell(custom)} | "
+                     f"{max(diffs):.2e} |" if diffs else f"| {release(d)} | {conv} | {cell(native)} | "
+                     f"{cell(custom)} | — |")
+    if messages.codes:
+        lines += ["", *messages.render()]
+    return lines
+
+
+def section_counts(rows: list[dict]) -> list[str]:
+    lines = ["## 3. LoRA counts (r = 8, targets query/key/value/dense, Q-Former only)", "",
+             f"Full size: `{FULL_PRESET}` built on the meta device. Tiny: LoRA tensors / trainable / total.", "",
+             "| transformers / peft | full: LoRA tensors | full: trainable | full: total | full: base model | "
+             "share | count regime (T5) | " + " | ".join(PRESET_LABELS.values()) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(PRESET_LABELS)]
+    for d in rows:
+        counts = d.get("lora_counts") or {}
+        if not usable(d) or "status" in counts:
+            lines.append(f"| {release(d)} | {outcome_text(counts) if counts else 'not run'} |" + " |" * 10)
+            continue
+        full = counts.get(FULL_PRESET) or {}
+        tiny = []
+        for preset in PRESET_LABELS:
+            c = counts.get(preset) or {}
+            tiny.append(f"{c['lora_tensors']} / {c['trainable_parameters']:,} / {c['total_parameters']:,}"
+                        if "lora_tensors" in c else cell(outcome_text(c)))
+        if "lora_tensors" in full:
+            lines.append(f"| {release(d)} | {full['lora_tensors']} | {full['trainable_parameters']:,} | "
+                         f"{full['total_parameters']:,} | {full['base_parameters']:,} | {full['trainable_percent']} % | "
+                         f"{(counts.get('parameter_count_regime') or {}).get('t5', '—')} | " + " | ".join(tiny) + " |")
+        else:
+            lines.append(f"| {release(d)} | {cell(outcome_text(full))} | | | | | | " + " | ".join(tiny) + " |")
+    return lines
+
+
+def section_dtype_and_nan(rows: list[dict]) -> list[str]:
+    lines = ["## 4. Adapter dtype on an fp16 base, and the seed's NaN under default settings", "",
+             "`get_peft_model` with defaults on `presets.build_model(tiny-instructblip-flan-t5, dtype=float16)`; "
+             "then AdamW(lr=1e-4, eps=1e-8) over the adapter parameters, 3 steps of the custom forward on "
+             "`synthetic.random_batch` (per-step loss finite?).", "",
+             "| transformers / peft | adapter dtype | loss finite per step | losses |", "|---|---|---|---|"]
+    for d in rows:
+        if not usable(d):
+            lines.append(f"| {release(d)} | not run | | |")
+            continue
+        dtype = d.get("adapter_dtype") or {}
+        nan = d.get("nan_default") or {}
+        dtype_text = ", ".join(dtype["adapter_dtypes"]) if "adapter_dtypes" in dtype else outcome_text(dtype)
+        if "finite_per_step" in nan:
+            finite = " ".join("finite" if f else "**NaN**" for f in nan["finite_per_step"])
+            losses = ", ".join(f"{x:.4g}" for x in nan["losses"])
+        else:
+            finite, losses = cell(outcome_text(nan)), ""
+        lines.append(f"| {release(d)} | {cell(dtype_text)} | {finite} | {losses} |")
+    return lines
+
+
+def section_tests(rows: list[dict]) -> list[str]:
+    lines = ["## 5. Test results per pair", "",
+             "`pytest -m \"regression or stability\"` and `pytest tests/unit/test_lora_scope.py "
+             "tests/unit/test_forward_equivalence.py` against the pair's rows in `fixtures/expectations/`.", ""]
+    for d in rows:
+        tests = d.get("tests")
+        if not tests:
+            continue
+        parts = []
+        for name, t in tests.items():
+            if "tests" not in t:
+                parts.append(f"{name}: {t.get('error')} (exit {t.get('exit_code')})")
+            else:
+                parts.append(f"{name}: {t['passed']} passed, {t['failures']} failed, {t['errors']} errors, "
+                             f"{t['skipped']} skipped (exit {t['exit_code']})")
+        mode = " (recording run: expectation checks recorded, not asserted)" if d.get("tests_mode") == "record" else ""
+        lines.append(f"* **{release(d)}**{mode} — " + "; ".join(parts))
+        for t in tests.values():
+            for f in t.get("failed", []):
+                lines.append(f"  * `{f['test']}` ({f['kind']}): {cell(f['message'])}")
+    return lines
+
+
+def section_boundaries(rows: list[dict]) -> list[str]:
+    def kwarg_sig(d):
+        out = {}
+        for preset, p in (d.get("presets") or {}).items():
+            for task, o in ((p or {}).get("peft_task_types") or {}).items():
+                out[f"{PRESET_LABELS.get(preset, preset)} {task}"] = (
+                    "ok" if (o or {}).get("status") == "ok" else f"{(o or {}).get('exception')}: "
+                    f"{re.sub(r'[A-Za-z0-9]+ForConditionalGeneration', '<Model>', (o or {}).get('message', ''))[:70]}")
+        return tuple(sorted(out.items()))
+
+    def kwarg_describe(sig):
+        failing = {}
+        for key, value in sig:
+            if value != "ok":
+                failing.setdefault(value, []).append(key)
+        if not failing:
+            return "all task types ok"
+        return "; ".join(f"{len(keys)} of {len(sig)} preset × task cells fail with `{value}…`"
+                         for value, keys in failing.items())
+
+    def conv_sig(d):
+        return tuple(sorted({v or "error" for v in _native(d, "native_convention").values()}))
+
+    def dtype_sig(d):
+        return tuple((d.get("adapter_dtype") or {}).get("adapter_dtypes", ["error"]))
+
+    def nan_sig(d):
+        return tuple((d.get("nan_default") or {}).get("finite_per_step", []))
+
+    def count_sig(d):
+        c = d.get("lora_counts") or {}
+        return ((c.get(FULL_PRESET) or {}).get("total_parameters"),
+                (c.get(FULL_PRESET) or {}).get("lora_tensors"),
+                (c.get(FULL_PRESET) or {}).get("trainable_parameters"),
+                tuple((c.get(p) or {}).get("total_parameters") for p in PRESET_LABELS))
+
+    def count_describe(sig):
+        total, tensors, trainable, tiny = sig
+        return (f"{FULL_PRESET} total {total:,} ({tensors} LoRA tensors, {trainable:,} trainable); tiny totals "
+                f"{', '.join(f'{t:,}' if t else '?' for t in tiny)}" if total else "not counted")
+
+    def custom_sig(d):
+        ok = all((p or {}).get("custom_forward", {}).get("status") == "ok" for p in (d.get("presets") or {}).values())
+        return "custom forward ok on every tiny preset" if ok else "custom forward fails somewhere"
+
+    lines = ["## Boundaries (first release in the matrix where a behaviour changes)", ""]
+    checks = (
+        ("Kwarg conflict (library forward through PEFT task wrappers)", kwarg_sig, kwarg_describe),
+        ("Native input convention", conv_sig, lambda s: " / ".join(s)),
+        ("Adapter dtype on an fp16 base (default get_peft_model)", dtype_sig, lambda s: ", ".join(s)),
+        ("NaN under default settings (per-step loss finite)", nan_sig,
+         lambda s: " ".join("finite" if f else "NaN" for f in s) or "not observed"),
+        ("LoRA / parameter counts", count_sig, count_describe),
+        ("Custom forward", custom_sig, str),
+    )
+    for title, sig, describe in checks:
+        lines.append(f"* **{title}**:")
+        first = next((r for r in rows if usable(r)), None)
+        if first is not None:
+            lines.append(f"  * at {release(first)}: {describe(sig(first))}")
+        lines += [f"  * {b}" for b in boundaries(rows, sig, describe)]
+    return lines
+
+
+def render(rows: list[dict]) -> str:
+    header = ["# Compatibility across transformers × peft releases", "",
+              "Generated by `nox -s compat_report` from `reports/compat/*.json`; each file is written by "
+              "`nox -s \"compat(<transformers>-<peft>)\"` (probe: `python -m qformer_lora.compat_probe`). "
+              "Do not edit by hand. torch 2.13.0 (CPU) throughout; Python and the neighbours of each pair "
+              "are in the first table.", ""]
+    body = []
+    for section in (section_pairs, section_boundaries, section_kwarg_conflict, section_convention, section_counts,
+                    section_dtype_and_nan, section_tests):
+        body += section(rows) + [""]
+    return "\n".join(header + body).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--in", dest="folder", type=Path, default=Path("reports/compat"))
+    parser.add_argument("--out", type=Path, default=Path("reports/COMPAT.md"))
+    args = parser.parse_args(argv)
+    rows = load_reports(args.folder)
+    if not rows:
+        print(f"compat_report: no JSON files in {args.folder}; run a compat session first", file=sys.stderr)
+        return 1
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(rows), encoding="utf-8")
+    print(f"compat_report: {len(rows)} release pair(s) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

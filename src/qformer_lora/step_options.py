@@ -1,0 +1,215 @@
+"""Options that make a training step cheaper without changing what it computes.
+
+Each option is asked for, and what was actually used is recorded with the reason when
+it differs (a ``Choice``), so a run log says "fused AdamW requested, foreach used:
+<why>" instead of silently running something else. Read top to bottom:
+
+1. ``set_lm_checkpointing``: activation checkpointing of the frozen language model,
+   bench.set_lm_checkpointing plus what makes it act in the eval-mode training loop.
+2. ``make_optimizer``: AdamW, fused where the installed torch has a kernel for the
+   parameters' device, else foreach (recorded, and warned when fused was demanded).
+3. ``maybe_compile``: torch.compile of a module (in place, state_dict keys unchanged) or
+   a function, with a probe call that turns a compile failure into a recorded fallback.
+4. ``build_feature_cache``: the vision-feature cache (feature_cache.py) from an option.
+
+Version and feature checks belong in compat.py; until ``compat.fused_adamw_unavailable_reason``,
+``compat.torch_compile_unavailable_reason`` exist, the local fallbacks below stand in.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import compat
+
+FEATURE_CACHE_MODES = ("off", "memory", "disk")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What an option asked for, what is used, and why they differ (None when as asked)."""
+    option: str
+    requested: object
+    used: str
+    reason: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- 1. LM checkpointing
+
+# Float attributes of the modules switched to training mode that act only in training mode
+# (OPT layers' residual dropout and layerdrop, T5 attention's dropout). Zeroed while the
+# eval-mode loop checkpoints, so switching the mode flag changes nothing else.
+_STATE = "_qformer_lora_checkpointing"
+
+
+def set_lm_checkpointing(model, enabled: bool) -> Choice:
+    """Activation checkpointing of the language model, also in an eval-mode model.
+
+    transformers checkpoints a layer only while ``layer.training`` is True. The bench runs
+    in train mode, where bench.set_lm_checkpointing is all it takes. The training loop runs
+    in eval mode (no dropout anywhere), so here exactly the modules that carry a
+    ``gradient_checkpointing`` flag are switched to training mode, with their own
+    dropout-like rates set to 0; their submodules (dropout layers, attention) stay in eval
+    mode. Disabling restores flags and rates, and removes the input-embedding hook that
+    transformers adds on enabling (its disable leaves it on non-PEFT models: the text
+    embeddings would keep requiring grad). Gradients are equal either way (a test).
+    """
+    from . import bench  # lazily: bench may import this module
+
+    lm = compat.unwrap(model).language_model
+    state = getattr(lm, _STATE, None)
+    if enabled and state is None:
+        state = {"had_input_hook": hasattr(lm, "_require_grads_hook"), "rates": {}}
+        bench.set_lm_checkpointing(model, True)
+        if not lm.training:
+            for name, module in lm.named_modules():
+                if hasattr(module, "gradient_checkpointing") and not module.training:
+                    rates = {k: v for k, v in vars(module).items() if "drop" in k and isinstance(v, float)}
+                    state["rates"][name] = rates
+                    for key in rates:
+                        setattr(module, key, 0.0)
+                    module.training = True  # this module only, not its children
+        setattr(lm, _STATE, state)
+    elif not enabled:
+        bench.set_lm_checkpointing(model, False)
+        if state is not None:
+            modules = dict(lm.named_modules())
+            for name, rates in state["rates"].items():
+                for key, value in rates.items():
+                    setattr(modules[name], key, value)
+                modules[name].training = False
+            if not state["had_input_hook"] and hasattr(lm, "_require_grads_hook"):
+                lm.disable_input_require_grads()
+            delattr(lm, _STATE)
+    return Choice("lm_checkpointing", enabled, "on" if bench.lm_checkpointing_active(model) else "off")
+
+
+# ----------------------------------------------------------------------------- 2. the optimizer
+
+def _local_fused_adamw_unavailable_reason(params) -> str | None:
+    # Stand-in for compat.fused_adamw_unavailable_reason: CUDA kernels since torch 2.0,
+    # CPU since 2.4; torch lists the device types in a private helper.
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+    except ImportError:
+        return f"torch {torch.__version__} does not list fused optimizer kernels"
+    devices = _get_fused_kernels_supported_devices()
+    for p in params:
+        if not torch.is_floating_point(p):
+            return f"a parameter has dtype {p.dtype}; fused AdamW needs floating-point parameters"
+        if p.device.type not in devices:
+            return f"torch {torch.__version__} has no fused AdamW kernel for {p.device.type} (has: {devices})"
+    return None
+
+
+_fused_adamw_unavailable_reason = getattr(compat, "fused_adamw_unavailable_reason",
+                                          _local_fused_adamw_unavailable_reason)
+
+
+def make_optimizer(params, lr: float, eps: float = 1e-8, weight_decay: float = 0.0,
+                   fused: bool | None = None) -> tuple[torch.optim.AdamW, Choice]:
+    """AdamW and the implementation used.
+
+    ``fused=True``: fused, or foreach with a warning when unavailable. ``None``: fused
+    where available, else foreach, silently (recorded). ``False``: torch's default choice
+    (for-loop on CPU, foreach on CUDA): what train.py and bench.py used before this option.
+    """
+    params = list(params)
+    kwargs = dict(lr=lr, eps=eps, weight_decay=weight_decay)
+    if fused is False:
+        return torch.optim.AdamW(params, **kwargs), Choice("fused_optimizer", False, "default")
+    reason = _fused_adamw_unavailable_reason(params)
+    if reason is None:
+        try:
+            return torch.optim.AdamW(params, fused=True, **kwargs), Choice("fused_optimizer", fused, "fused")
+        except (RuntimeError, ValueError) as err:  # torch checks devices/dtypes again on construction
+            reason = f"AdamW(fused=True) raised {type(err).__name__}: {err}"
+    if fused:
+        warnings.warn(f"fused AdamW requested but unavailable ({reason}); using foreach AdamW", stacklevel=2)
+    return torch.optim.AdamW(params, foreach=True, **kwargs), Choice("fused_optimizer", fused, "foreach", reason)
+
+
+# ----------------------------------------------------------------------------- 3. compile
+
+def _local_torch_compile_unavailable_reason(device_type: str) -> str | None:
+    # Stand-in for compat.torch_compile_unavailable_reason.
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile (added in 2.0)"
+    from torch import _dynamo
+
+    if not _dynamo.is_dynamo_supported():
+        return f"torch {torch.__version__} cannot compile on Python {sys.version_info[0]}.{sys.version_info[1]}"
+    if device_type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
+        return "no C++ compiler (g++ or clang++, or $CXX) for inductor's CPU kernels"
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "triton is not installed: inductor cannot generate GPU kernels"
+    return None
+
+
+_torch_compile_unavailable_reason = getattr(compat, "torch_compile_unavailable_reason",
+                                            _local_torch_compile_unavailable_reason)
+
+
+def _uncompile(target) -> None:
+    if isinstance(target, torch.nn.Module) and "forward" in vars(target):
+        del target.forward  # back to the class's forward
+
+
+def maybe_compile(target, enabled: bool, *, probe=None, device_type: str | None = None, **compile_kwargs):
+    """(compiled target or ``target``, Choice).
+
+    A module is compiled in place (its ``forward`` is replaced; parameters, state_dict
+    keys, hooks and PEFT wrapping are unchanged), so pass e.g. ``unwrap(model).qformer``.
+    A function is returned compiled. torch.compile is lazy: failures show at the first
+    call, so ``probe(target)`` (e.g. one forward and backward, gradients zeroed after) runs
+    here, and a failure there undoes the compile and is recorded instead of raised.
+    """
+    if not enabled:
+        return target, Choice("compile", False, "eager")
+    if device_type is None:
+        first = next(iter(target.parameters()), None) if isinstance(target, torch.nn.Module) else None
+        device_type = first.device.type if first is not None else "cpu"
+    reason = _torch_compile_unavailable_reason(device_type)
+    if reason is None:
+        try:
+            if isinstance(target, torch.nn.Module):
+                target.forward = torch.compile(target.forward, **compile_kwargs)
+                compiled = target
+            else:
+                compiled = torch.compile(target, **compile_kwargs)
+            if probe is not None:
+                probe(compiled)
+            return compiled, Choice("compile", True, "compiled")
+        except Exception as err:  # noqa: BLE001 - any compile failure means "run eager", with the reason
+            _uncompile(target)
+            reason = f"torch.compile failed: {type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
+    warnings.warn(f"compile requested but not used ({reason}); running eager", stacklevel=2)
+    return target, Choice("compile", True, "eager", reason)
+
+
+# ----------------------------------------------------------------------------- 4. the feature cache
+
+def build_feature_cache(model, mode: str, directory: str | os.PathLike | None = None, *, augment: bool = False):
+    """None for "off", else a FeatureCache ("disk" needs ``directory``); refusals raise FeatureCacheError."""
+    from .feature_cache import FeatureCache
+
+    if mode not in FEATURE_CACHE_MODES:
+        raise ValueError(f"feature cache mode is {mode!r}; expected one of {FEATURE_CACHE_MODES}")
+    if mode == "off":
+        return None
+    if mode == "disk" and directory is None:
+        raise ValueError("feature cache mode 'disk' needs a directory")
+    return FeatureCache(model, directory=Path(directory) if mode == "disk" else None, augment=augment)

@@ -1,0 +1,211 @@
+"""Step options change the cost of a step, not its result: checkpointing, fused AdamW, compile."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import pytest
+import torch
+
+from qformer_lora import compat, forward, lora, presets, step_options, synthetic
+
+T5, OPT = "tiny-instructblip-flan-t5", "tiny-blip2-opt"
+# Checkpointing recomputes the same layers, but transformers marks T5's position bias as
+# requiring grad under checkpointing, which makes SDPA pick another CPU kernel: the results
+# then differ in the last bits (measured: up to 5e-7 relative; bitwise with eager attention).
+CHECKPOINT_RTOL = 1e-6
+FUSED_RTOL = 1e-5     # fused vs foreach AdamW: same formula, different association order
+COMPILE_RTOL = 1e-4   # inductor fuses and reorders reductions
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter_model(preset: str):
+    torch.manual_seed(0)
+    model = lora.apply_lora(presets.build_model(preset), lora.LoraSpec(r=2, alpha=4, dropout=0.0))
+    with torch.no_grad():  # non-zero lora_B: every adapter tensor then gets a gradient
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
+    return model.eval()  # eval mode, as train.py runs (no dropout anywhere)
+
+
+def adapter_model(preset: str = T5):
+    return copy.deepcopy(_adapter_model(preset))
+
+
+def loss_and_grads(model, batch):
+    params = lora.adapter_parameters(model)
+    for p in params:
+        p.grad = None
+    loss = forward.custom_forward(model, batch).loss
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in params])
+
+
+# ----------------------------------------------------------------------------- checkpointing
+
+@pytest.mark.parametrize("preset", [T5, OPT])
+def test_lm_checkpointing_keeps_loss_and_adapter_gradients(preset):
+    """The tiny presets keep the libraries' default dropout (0.1) in the language model, so
+    a checkpointing switch that turned dropout on would show here as a large difference."""
+    model = adapter_model(preset)
+    batch = synthetic.random_batch(model, batch_size=3, pad_rows=1, seed=5)
+    plain_loss, plain_grads = loss_and_grads(model, batch)
+    choice = step_options.set_lm_checkpointing(model, True)
+    assert choice.used == "on", choice
+    ckpt_loss, ckpt_grads = loss_and_grads(model, batch)
+    loss_gap = abs(ckpt_loss.item() - plain_loss.item()) / abs(plain_loss.item())
+    grad_gap = ((ckpt_grads - plain_grads).abs().max() / plain_grads.abs().max()).item()
+    assert loss_gap <= CHECKPOINT_RTOL, f"{preset}: loss moved by {loss_gap:.2e} relative with checkpointing"
+    assert grad_gap <= CHECKPOINT_RTOL, (f"{preset}: adapter gradients moved by {grad_gap:.2e} of their largest "
+                                         f"entry with checkpointing (tolerance {CHECKPOINT_RTOL})")
+
+
+def saved_tensor_count(model, batch) -> int:
+    """Tensors autograd keeps for backward outside checkpointed regions (inside them the
+    checkpoint's own hooks take over, so fewer are seen when checkpointing acts)."""
+    count = 0
+
+    def pack(tensor):
+        nonlocal count
+        count += 1
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = forward.custom_forward(model, batch).loss
+    loss.backward()
+    return count
+
+
+@pytest.mark.parametrize("preset", [T5, OPT])
+def test_lm_checkpointing_acts_in_an_eval_mode_model_and_switches_off_cleanly(preset):
+    model = adapter_model(preset)
+    batch = synthetic.random_batch(model, batch_size=2, seed=6)
+    lm = compat.unwrap(model).language_model
+    rates_before = {n: dict(vars(m)) for n, m in lm.named_modules()}
+    plain = saved_tensor_count(model, batch)
+    step_options.set_lm_checkpointing(model, True)
+    checkpointed = saved_tensor_count(model, batch)
+    assert checkpointed < plain, (f"{preset}: {checkpointed} saved tensors with checkpointing vs {plain} without: "
+                                  f"it does not act in eval mode")
+    choice = step_options.set_lm_checkpointing(model, False)
+    assert choice.used == "off" and not any(m.training for m in lm.modules()), "modules left in training mode"
+    changed = [n for n, m in lm.named_modules()
+               if {k: v for k, v in vars(m).items() if isinstance(v, float)}
+               != {k: v for k, v in rates_before[n].items() if isinstance(v, float)}]
+    assert not changed, f"dropout rates not restored in {changed}"
+    assert saved_tensor_count(model, batch) == plain
+
+
+# ----------------------------------------------------------------------------- the optimizer
+
+def loss_curve(model, batches, optimizer, steps: int = 5) -> list[float]:
+    params = lora.adapter_parameters(model)
+    losses = []
+    for step in range(steps):
+        loss = forward.custom_forward(model, batches[step % len(batches)]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert any(p.abs().sum() > 0 for p in params)
+    return losses
+
+
+def assert_curves_close(observed, reference, rtol: float, what: str):
+    worst = max(abs(o - r) / abs(r) for o, r in zip(observed, reference))
+    assert worst <= rtol, f"{what}: loss curve off by {worst:.2e} relative (tolerance {rtol})\n" \
+                          f"  reference: {reference}\n  observed:  {observed}"
+    assert reference[-1] < reference[0], f"the reference curve does not go down, a vacuous comparison: {reference}"
+
+
+def test_fused_adamw_matches_foreach_over_five_steps():
+    model = adapter_model()
+    batches = [synthetic.random_batch(model, batch_size=2, seed=s) for s in range(2)]
+    curves = {}
+    for fused in (True, False):
+        m = copy.deepcopy(model)
+        hyper = dict(lr=1e-2, eps=1e-8, weight_decay=0.01)
+        opt, choice = (step_options.make_optimizer(lora.adapter_parameters(m), fused=True, **hyper) if fused else
+                       (torch.optim.AdamW(lora.adapter_parameters(m), foreach=True, **hyper), None))
+        if fused:
+            assert choice.used == "fused", f"fused AdamW is expected on CPU in torch >= 2.4: {choice}"
+        curves[fused] = loss_curve(m, batches, opt)
+    assert_curves_close(curves[True], curves[False], FUSED_RTOL, "fused vs foreach AdamW")
+
+
+def test_fused_request_falls_back_to_foreach_with_the_reason(monkeypatch):
+    monkeypatch.setattr(step_options, "_fused_adamw_unavailable_reason", lambda params: "no kernel here")
+    params = [torch.nn.Parameter(torch.ones(3))]
+    with pytest.warns(UserWarning, match="no kernel here"):
+        opt, choice = step_options.make_optimizer(params, lr=1e-3, fused=True)
+    assert (choice.used, choice.reason) == ("foreach", "no kernel here") and opt.defaults["foreach"] is True
+    opt, choice = step_options.make_optimizer(params, lr=1e-3, fused=None)  # automatic: silent, recorded
+    assert choice.used == "foreach" and choice.reason == "no kernel here"
+    opt, choice = step_options.make_optimizer(params, lr=1e-3, eps=1e-6, weight_decay=0.1, fused=False)
+    assert choice.used == "default" and not opt.defaults["fused"] and opt.defaults["eps"] == 1e-6
+
+
+def test_integer_parameters_are_reported_unfused():
+    reason = step_options._fused_adamw_unavailable_reason([torch.zeros(2, dtype=torch.long)])
+    assert reason is not None and "floating-point" in reason
+
+
+# ----------------------------------------------------------------------------- compile
+
+def test_compile_failure_is_recorded_and_undone(monkeypatch):
+    model = adapter_model()
+    qformer = compat.unwrap(model).qformer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("backend exploded\nlong traceback")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match="backend exploded"):
+        target, choice = step_options.maybe_compile(qformer, True)
+    assert target is qformer and choice.used == "eager" and "backend exploded" in choice.reason
+    assert "forward" not in vars(qformer), "the failed compile left the module's forward replaced"
+
+
+def test_compile_unavailable_is_recorded(monkeypatch):
+    monkeypatch.setattr(step_options, "_torch_compile_unavailable_reason", lambda device_type: "no compiler")
+    with pytest.warns(UserWarning, match="no compiler"):
+        fn, choice = step_options.maybe_compile(math.sqrt, True)
+    assert fn is math.sqrt and choice.reason == "no compiler"
+    assert step_options.maybe_compile(math.sqrt, False) == (math.sqrt, step_options.Choice("compile", False, "eager"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_qformer_matches_eager_over_five_steps(backend):
+    """The Q-Former (with its LoRA layers) compiled in place, trained for five steps.
+
+    aot_eager captures the forward and backward graphs (dynamo + AOTAutograd) without code
+    generation: about 15 s here. inductor also generates and builds C++ kernels with g++:
+    about 90 s on this shared 2-core CPU with an empty inductor cache, about 35 s once
+    inductor's on-disk cache (/tmp/torchinductor_$USER) holds them.
+    """
+    reason = step_options._torch_compile_unavailable_reason("cpu")
+    if reason is not None:
+        pytest.skip(f"torch.compile cannot run here: {reason}")
+    model = adapter_model()
+    batches = [synthetic.random_batch(model, batch_size=2, seed=s) for s in range(2)]
+    eager = copy.deepcopy(model)
+    reference = loss_curve(eager, batches, torch.optim.AdamW(lora.adapter_parameters(eager), lr=1e-2))
+    qformer = compat.unwrap(model).qformer
+    params = lora.adapter_parameters(model)
+
+    def probe(_compiled):  # one forward and backward compiles both graphs; its gradients are dropped
+        forward.custom_forward(model, batches[0]).loss.backward()
+        for p in params:
+            p.grad = None
+
+    _, choice = step_options.maybe_compile(qformer, True, probe=probe, backend=backend)
+    assert choice.used == "compiled", choice
+    assert "forward" in vars(qformer), "the Q-Former was not compiled in place"
+    observed = loss_curve(model, batches, torch.optim.AdamW(params, lr=1e-2))
+    assert_curves_close(observed, reference, COMPILE_RTOL, f"compiled Q-Former ({backend}) vs eager")
+    names = {n for n, _ in model.named_parameters()}
+    assert names == {n for n, _ in eager.named_parameters()}, "compiling changed the parameter names"
