@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import compat, lora, presets, synthetic
+from . import compat, lora, presets, step_options, synthetic
+from .feature_cache import FeatureCache, attach_cached_features
 from .forward import custom_forward
 
 GIB = 1024 ** 3
@@ -60,6 +61,9 @@ class SweepPoint:
     batch_sizes: tuple[int, ...] | None = None
     r: int = 8
     validate_budget_gib: float | None = None  # check the fitted prediction under this cap (CUDA)
+    feature_cache: bool = False          # vision features from a warm in-memory cache (hashing included)
+    fused_optimizer: bool = False        # AdamW(fused=True) where available; False = torch's default
+    compile_qformer: bool = False        # torch.compile the Q-Former in place
 
     def __post_init__(self):
         for name, value, allowed in (("scope", self.scope, lora.SCOPES), ("precision", self.precision, PRECISIONS),
@@ -70,17 +74,21 @@ class SweepPoint:
             raise ValueError(f"SweepPoint.family is {self.family!r}; expected one of {sorted(presets.FAMILIES)}")
         if self.batch_sizes is not None and (not self.batch_sizes or min(self.batch_sizes) < 1):
             raise ValueError(f"SweepPoint.batch_sizes must be positive integers, got {self.batch_sizes}")
+        if self.forward == "native" and (self.feature_cache or self.compile_qformer):
+            raise ValueError("SweepPoint: feature_cache and compile_qformer apply to the custom forward only")
 
     @property
     def label(self) -> str:
-        extras = [f"as {self.family}"] * bool(self.family) + ["lm-ckpt"] * self.lm_activation_checkpointing
+        extras = ([f"as {self.family}"] * bool(self.family) + ["lm-ckpt"] * self.lm_activation_checkpointing
+                  + ["feature-cache"] * self.feature_cache + ["fused"] * self.fused_optimizer
+                  + ["compiled"] * self.compile_qformer)
         return " ".join([self.preset, self.scope, self.precision, self.forward, *extras])
 
     @property
     def build_key(self) -> tuple:
-        # fp32 and fp16-amp share fp32 weights; forward and checkpointing are switched per step,
-        # so all of these reuse one built model.
-        return self.preset, self.family, PRECISIONS[self.precision][0], self.scope, self.r
+        # fp32 and fp16-amp share fp32 weights; forward, checkpointing, cache and optimizer are
+        # switched per step, so all of these reuse one built model. Compiling changes the model.
+        return self.preset, self.family, PRECISIONS[self.precision][0], self.scope, self.r, self.compile_qformer
 
 
 @dataclass(frozen=True)
@@ -130,7 +138,19 @@ def build(point: SweepPoint, device: str | torch.device):
     # bf16 adapters lose small updates; peft >= 0.12 upcasts them itself, older releases do not.
     for param in lora.adapter_parameters(peft_model):
         param.data = param.data.float()
-    return peft_model.train()  # train mode: dropout masks count, and HF checkpointing only acts in training
+    peft_model.train()  # train mode: dropout masks count, and HF checkpointing only acts in training
+    if point.compile_qformer:  # compiled on the first (warm-up) step; a failure falls back to eager, warned
+        step_options.maybe_compile(compat.unwrap(peft_model).qformer, True, probe=_compile_probe(peft_model))
+    return peft_model
+
+
+def _compile_probe(model):
+    def probe(_qformer):
+        device = next(model.parameters()).device
+        custom_forward(model, synthetic.random_batch(model, batch_size=1, device=device)).loss.backward()
+        for param in lora.adapter_parameters(model):
+            param.grad = None
+    return probe
 
 
 def set_lm_checkpointing(model, enabled: bool) -> None:
@@ -164,6 +184,8 @@ class StepState:
     optimizer: torch.optim.Optimizer
     scaler: object | None
     device: torch.device
+    cache: FeatureCache | None = None
+    choices: tuple = ()             # step_options.Choice records: what was used, and why not what was asked
     skipped_steps: int = 0  # fp16-amp: optimizer steps GradScaler skipped for inf/NaN gradients
 
     @property
@@ -173,7 +195,8 @@ class StepState:
 
 def prepare_step(model, point: SweepPoint, batch_size: int, device, shape: SequenceShape) -> StepState:
     device = torch.device(device)
-    set_lm_checkpointing(model, point.lm_activation_checkpointing)
+    # step_options' wrapper also removes the input-embedding hook transformers leaves after disabling
+    checkpointing = step_options.set_lm_checkpointing(model, point.lm_activation_checkpointing)
     batch = synthetic.random_batch(model, batch_size=batch_size, prompt_len=shape.prompt_len,
                                    answer_len=shape.answer_len, instruction_len=shape.instruction_len, device=device)
     params = lora.adapter_parameters(model)
@@ -181,7 +204,17 @@ def prepare_step(model, point: SweepPoint, batch_size: int, device, shape: Seque
         param.grad = None
     native_kwargs = compat.native_inputs(compat.unwrap(model), batch) if point.forward == "native" else None
     scaler = torch.amp.GradScaler(device.type) if point.precision == "fp16-amp" else None
-    return StepState(model, point, batch, native_kwargs, torch.optim.AdamW(params, lr=1e-4), scaler, device)
+    optimizer, choice = step_options.make_optimizer(params, lr=1e-4, weight_decay=0.01, fused=point.fused_optimizer)
+    cache = _feature_cache(model) if point.feature_cache else None  # filled by the warm-up step
+    return StepState(model, point, batch, native_kwargs, optimizer, scaler, device, cache, (checkpointing, choice))
+
+
+def _feature_cache(model) -> FeatureCache:
+    """One cache per built model: its fingerprint reads every vision weight (~2 GB for ViT-g)."""
+    cache = getattr(model, "_bench_feature_cache", None)
+    if cache is None:
+        cache = model._bench_feature_cache = FeatureCache(model)
+    return cache
 
 
 def synchronize(device: torch.device) -> None:
@@ -198,7 +231,7 @@ def train_step(state: StepState) -> float:
         if state.native_kwargs is not None:  # the library's own forward through the plain PeftModel
             loss = state.model(**state.native_kwargs).loss
         else:
-            loss = custom_forward(state.model, state.batch).loss
+            loss = custom_forward(state.model, attach_cached_features(state.model, state.batch, state.cache)).loss
     if state.scaler is not None:
         scale = state.scaler.get_scale()
         state.scaler.scale(loss).backward()
@@ -259,6 +292,7 @@ def measure(point: SweepPoint, batch_size: int, device="cuda", *, model=None, sh
             times.append(time.perf_counter() - start)
         memory = memory_stats(device)
         skipped = state.skipped_steps if state.scaler is not None else None
+        choices = state.choices
     except RuntimeError as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
         if not is_oom(err):
             raise
@@ -272,7 +306,8 @@ def measure(point: SweepPoint, batch_size: int, device="cuda", *, model=None, sh
         return {"batch_size": batch_size, "oom": True, "error": oom_message}
     median = statistics.median(times)
     return {"batch_size": batch_size, "oom": False, **memory, "step_time_s": median, "step_times_s": times,
-            "samples_per_s": batch_size / median, "loss": loss, "skipped_steps": skipped}
+            "samples_per_s": batch_size / median, "loss": loss, "skipped_steps": skipped,
+            "step_options": [c.as_dict() for c in choices]}
 
 
 def memory_stats(device: torch.device) -> dict:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, doctor, forward, lora, numerics, presets
+from . import checkpoint, data, doctor, feature_cache, forward, lora, numerics, presets, step_options
 
 PRECISIONS = ("fp32", "bf16", "fp16-amp", "fp16-pure")
 # A random frozen language model cannot be steered by a Q-Former adapter, so the embedded
@@ -69,6 +69,11 @@ class TrainConfig:
     stop_after_epochs: int | None = None
     progress: bool = True
     allow_unsafe: bool = False
+    lm_checkpointing: bool = False
+    fused_optimizer: bool | None = False
+    compile_qformer: bool = False
+    feature_cache: str = "off"
+    feature_cache_dir: str | None = None
 
 
 HELP = {
@@ -106,6 +111,14 @@ HELP = {
     "stop_after_epochs": "stop after this many epochs of the schedule, as if interrupted (for resume tests)",
     "progress": "show a progress bar",
     "allow_unsafe": "train even with a precision setting known to fail",
+    "lm_checkpointing": "activation checkpointing of the frozen language model (less memory, one more LM forward "
+                        "per step; same loss and gradients)",
+    "fused_optimizer": "AdamW implementation: true = fused (foreach with a warning where torch has no fused kernel "
+                       "for the device), none = fused where available, false = torch's default",
+    "compile_qformer": "torch.compile the Q-Former (falls back to eager, with the reason logged, if compiling fails)",
+    "feature_cache": "off | memory | disk: compute the frozen vision encoder's features once per image and reuse "
+                     "them (exact; refused with image augmentation or a trainable vision encoder)",
+    "feature_cache_dir": "directory of the disk feature cache (default: <output_dir>/feature_cache)",
 }
 
 
@@ -164,7 +177,8 @@ def load_run_config(path: str | os.PathLike | None, overrides: dict | None = Non
         values = {k: coerce(k, v, str(path)) for k, v in raw.items()}
     values |= {k: coerce(k, v, f"--{k.replace('_', '-')}") for k, v in (overrides or {}).items()}
     config = TrainConfig(**values)
-    for name, allowed in (("precision", PRECISIONS), ("guard", GUARDS), ("scope", tuple(lora.SCOPES))):
+    for name, allowed in (("precision", PRECISIONS), ("guard", GUARDS), ("scope", tuple(lora.SCOPES)),
+                          ("feature_cache", step_options.FEATURE_CACHE_MODES)):
         if getattr(config, name) not in allowed:
             raise ConfigError(f"option {name!r} is {getattr(config, name)!r}; expected one of {allowed}")
     return config
@@ -235,12 +249,13 @@ def to_device(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, loader, precision: str, device) -> dict:
+def evaluate(model, loader, precision: str, device, cache=None) -> dict:
     """Validation token loss and answer accuracy (all answer tokens right, teacher-forced)."""
     loss_sum, tokens, correct, total = 0.0, 0, 0, 0
     for batch in loader:
         batch = to_device(batch, device)
         with autocast_context(precision, device):
+            batch = feature_cache.attach_cached_features(model, batch, cache)
             out = forward.custom_forward(model, batch, reduction="sum")
         loss_sum += float(out.loss)
         tokens += forward.target_count(batch)
@@ -308,6 +323,7 @@ def _run(config: TrainConfig, resume, device) -> dict:
     model, spec = build_adapter_model(config)
     model.to(device)
     lora.check_trainable_scope(model, spec.scope)  # refuse to train anything outside the scope
+    choices = [step_options.set_lm_checkpointing(model, config.lm_checkpointing)]
     preset_family = model.get_base_model().config.model_type
     family = "instructblip" if preset_family == "instructblip" else "blip2"
     decoder_only = model.get_base_model().config.use_decoder_only_language_model
@@ -321,7 +337,9 @@ def _run(config: TrainConfig, resume, device) -> dict:
     train_set, val_set = data.ManifestDataset(train_samples), data.ManifestDataset(val_samples)
 
     params = lora.adapter_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps)
+    optimizer, choice = step_options.make_optimizer(params, lr=config.lr, eps=config.adam_eps,
+                                                    weight_decay=config.weight_decay, fused=config.fused_optimizer)
+    choices.append(choice)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / config.batch_size) / config.grad_accum)
     scheduler = linear_warmup_decay(optimizer, config.warmup_steps, steps_per_epoch * config.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16-amp")
@@ -329,6 +347,18 @@ def _run(config: TrainConfig, resume, device) -> dict:
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "metrics.jsonl"
+    cache = step_options.build_feature_cache(model, config.feature_cache,
+                                             config.feature_cache_dir or run_dir / "feature_cache")
+    if config.compile_qformer:  # the probe compiles forward and backward on one batch; its gradients are dropped
+        probe_batch = to_device(next(iter(make_loader(train_set, collator, config.batch_size, config.seed, 0,
+                                                      shuffle=False))), device)
+
+        def probe(_qformer):
+            with autocast_context(config.precision, device):
+                forward.custom_forward(model, probe_batch, reduction="sum").loss.backward()
+            optimizer.zero_grad(set_to_none=True)
+
+        choices.append(step_options.maybe_compile(model.get_base_model().qformer, True, probe=probe)[1])
     start_epoch, global_step = 1, 0
     if resume is not None:
         path = checkpoint.latest_checkpoint(run_dir) if str(resume) == "latest" else Path(resume)
@@ -344,17 +374,19 @@ def _run(config: TrainConfig, resume, device) -> dict:
     doctor.enforce([f for f in doctor.check_model(model, optimizer) if f.code not in reported], config.allow_unsafe)
 
     def run_forward(batch):  # the localiser re-runs a failing batch exactly like the loop does
-        with autocast_context(config.precision, device):
+        with autocast_context(config.precision, device):  # cached features: same autocast as the forward
+            batch = feature_cache.attach_cached_features(model, batch, cache)
             return forward.custom_forward(model, batch, reduction="sum")
 
     guard = numerics.Guard(config.guard, model, optimizer, scheduler, run_forward=run_forward,
                            max_rollbacks=config.max_rollbacks, rollback_lr_factor=config.rollback_lr_factor,
                            on_event=lambda record: _append_jsonl(log_path, record))
     baseline = majority_baseline(val_samples)
+    _append_jsonl(log_path, {"type": "step_options", "step": global_step, "choices": [c.as_dict() for c in choices]})
     if start_epoch == 1:  # where the run starts from, so "how much did it learn" has a reference
         val_loader = make_loader(val_set, collator, config.batch_size, config.seed, 0, shuffle=False)
         _append_jsonl(log_path, {"type": "epoch", "epoch": 0, "step": 0,
-                                 **evaluate(model, val_loader, config.precision, device),
+                                 **evaluate(model, val_loader, config.precision, device, cache),
                                  "majority_baseline": baseline})
     last_epoch = config.epochs if config.stop_after_epochs is None else min(config.epochs, config.stop_after_epochs)
     metrics: dict = {}
@@ -365,6 +397,9 @@ def _run(config: TrainConfig, resume, device) -> dict:
         epoch_loss, epoch_tokens = 0.0, 0
         for group in bar:
             started = time.perf_counter()
+            if cache is not None:  # hash the pixels on the CPU copy, before the transfer
+                for b in group:
+                    b["image_keys"] = feature_cache.pixel_keys(b["pixel_values"])
             group = [to_device(b, device) for b in group]
             if not guard.inputs_ok(group, global_step):  # one isfinite per batch on pixel_values
                 continue
@@ -404,7 +439,9 @@ def _run(config: TrainConfig, resume, device) -> dict:
         val_loader = make_loader(val_set, collator, config.batch_size, config.seed, epoch, shuffle=False)
         metrics = {"type": "epoch", "epoch": epoch, "step": global_step,
                    "train_loss": epoch_loss / max(epoch_tokens, 1),
-                   **evaluate(model, val_loader, config.precision, device), "majority_baseline": baseline}
+                   **evaluate(model, val_loader, config.precision, device, cache), "majority_baseline": baseline}
+        if cache is not None:
+            metrics["feature_cache_hit_rate"] = cache.stats.hit_rate
         _append_jsonl(log_path, metrics)
         if config.progress:
             tqdm.write(f"epoch {epoch}: train loss {metrics['train_loss']:.4f}  val loss {metrics['val_loss']:.4f}  "

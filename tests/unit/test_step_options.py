@@ -122,6 +122,9 @@ def assert_curves_close(observed, reference, rtol: float, what: str):
 
 
 def test_fused_adamw_matches_foreach_over_five_steps():
+    reason = step_options._fused_adamw_unavailable_reason([torch.zeros(1)])
+    if reason is not None:
+        pytest.skip(f"no fused AdamW on CPU here: {reason}")
     model = adapter_model()
     batches = [synthetic.random_batch(model, batch_size=2, seed=s) for s in range(2)]
     curves = {}
@@ -131,7 +134,7 @@ def test_fused_adamw_matches_foreach_over_five_steps():
         opt, choice = (step_options.make_optimizer(lora.adapter_parameters(m), fused=True, **hyper) if fused else
                        (torch.optim.AdamW(lora.adapter_parameters(m), foreach=True, **hyper), None))
         if fused:
-            assert choice.used == "fused", f"fused AdamW is expected on CPU in torch >= 2.4: {choice}"
+            assert choice.used == "fused", f"fused AdamW available but not used: {choice}"
         curves[fused] = loss_curve(m, batches, opt)
     assert_curves_close(curves[True], curves[False], FUSED_RTOL, "fused vs foreach AdamW")
 
@@ -162,6 +165,7 @@ def test_compile_failure_is_recorded_and_undone(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("backend exploded\nlong traceback")
 
+    monkeypatch.setattr(step_options, "_torch_compile_unavailable_reason", lambda device_type: None)
     monkeypatch.setattr(torch, "compile", broken)
     with pytest.warns(UserWarning, match="backend exploded"):
         target, choice = step_options.maybe_compile(qformer, True)
