@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -159,6 +160,7 @@ def compat(session: nox.Session, transformers_version: str, peft_version: str, n
     """One transformers x peft pair: install it with its neighbours, probe it into
     reports/compat/<transformers>-<peft>.json, run the regression / stability / scope /
     forward tests against the pair's pinned expectations."""
+    started = time.monotonic()
     pair = f"{transformers_version}-{peft_version}"
     report = COMPAT_DIR / f"{pair}.json"
     tmp = Path(session.create_tmp())
@@ -200,6 +202,7 @@ def compat(session: nox.Session, transformers_version: str, peft_version: str, n
     data["requested"] = requested
     data["install"] = {"status": "ok", "freeze": (tmp / "freeze.txt").read_text().split()}
     data["tests"] = tests
+    data["session_seconds"] = round(time.monotonic() - started)  # install check + probe + tests
     # with QFORMER_LORA_RECORD=1 the expectation checks record instead of asserting
     data["tests_mode"] = "record" if session.env.get("QFORMER_LORA_RECORD", os.environ.get(
         "QFORMER_LORA_RECORD")) == "1" else "assert"

@@ -114,7 +114,7 @@ def boundaries(rows: list[dict], signature, describe) -> list[str]:
 def section_pairs(rows: list[dict]) -> list[str]:
     lines = ["## Pairs run", "",
              "| transformers | peft | python | torch | accelerate | huggingface_hub | tokenizers | numpy | install | "
-             "tests passed / failed | probe |",
+             "tests passed / failed | probe / whole session |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in rows:
         v = d.get("versions") or {}
@@ -132,6 +132,8 @@ def section_pairs(rows: list[dict]) -> list[str]:
         test_text = f"{passed} / {failed}" + (f" (nothing collected: {', '.join(empty)})" if empty else "") \
             if tests else "not run"
         probe = f"{d['probe_seconds']} s" if "probe_seconds" in d else "—"
+        if "session_seconds" in d:
+            probe += f" / {d['session_seconds']} s"
         lines.append(f"| {d['_t']} | {d['_p']} | {v.get('python', '—')} | {v.get('torch', '—')} | "
                      f"{v.get('accelerate', '—')} | {v.get('huggingface-hub', '—')} | {v.get('tokenizers', '—')} | "
                      f"{v.get('numpy', '—')} | {cell(status)} | {test_text} | {probe} |")
@@ -272,20 +274,24 @@ def section_boundaries(rows: list[dict]) -> list[str]:
         out = {}
         for preset, p in (d.get("presets") or {}).items():
             for task, o in ((p or {}).get("peft_task_types") or {}).items():
-                out[f"{PRESET_LABELS.get(preset, preset)} {task}"] = (
-                    "ok" if (o or {}).get("status") == "ok" else f"{(o or {}).get('exception')}: "
-                    f"{re.sub(r'[A-Za-z0-9]+ForConditionalGeneration', '<Model>', (o or {}).get('message', ''))[:70]}")
+                o = o or {}
+                message = re.sub(r"\b\w+(ForConditionalGeneration|ForCausalLM)\b", "<Model>", o.get("message", ""))
+                out[(task, PRESET_LABELS.get(preset, preset))] = (
+                    "ok" if o.get("status") == "ok" else f"{o.get('exception')}: {message}")
         return tuple(sorted(out.items()))
 
     def kwarg_describe(sig):
-        failing = {}
-        for key, value in sig:
-            if value != "ok":
-                failing.setdefault(value, []).append(key)
-        if not failing:
-            return "all task types ok"
-        return "; ".join(f"{len(keys)} of {len(sig)} preset × task cells fail with `{value}…`"
-                         for value, keys in failing.items())
+        by_outcome: dict[str, dict[str, list[str]]] = {}
+        for (task, preset), value in sig:
+            by_outcome.setdefault(value, {}).setdefault(task, []).append(preset)
+        parts = []
+        for value, tasks in by_outcome.items():
+            order = sorted(tasks, key=lambda t: TASK_TYPES.index(t) if t in TASK_TYPES else len(TASK_TYPES))
+            where = ", ".join(("task_type=None" if t == "None" else t)
+                              + ("" if len(tasks[t]) == len(PRESET_LABELS) else f" ({', '.join(tasks[t])})")
+                              for t in order)
+            parts.append(f"{where}: " + ("ok" if value == "ok" else f"`{value}`"))
+        return "; ".join(parts) if parts else "not observed"
 
     def conv_sig(d):
         return tuple(sorted({v or "error" for v in _native(d, "native_convention").values()}))
@@ -306,7 +312,18 @@ def section_boundaries(rows: list[dict]) -> list[str]:
     def count_describe(sig):
         total, tensors, trainable, tiny = sig
         return (f"{FULL_PRESET} total {total:,} ({tensors} LoRA tensors, {trainable:,} trainable); tiny totals "
-                f"{', '.join(f'{t:,}' if t else '?' for t in tiny)}" if total else "not counted")
+                f"({', '.join(PRESET_LABELS.values())}) {', '.join(f'{t:,}' if t else '?' for t in tiny)}"
+                if total else "not counted")
+
+    def meta_sig(d):
+        full = (d.get("lora_counts") or {}).get(FULL_PRESET) or {}
+        constructed = full.get("base_parameters_as_constructed_on_meta")
+        if constructed is None or "base_parameters" not in full:
+            return "not observed"
+        extra = constructed - full["base_parameters"]
+        return ("construction on meta ties embeddings as on a real device" if extra == 0 else
+                f"construction on meta leaves {extra:,} tied parameters untied (fixed by "
+                f"compat.finish_meta_model)")
 
     def custom_sig(d):
         ok = all((p or {}).get("custom_forward", {}).get("status") == "ok" for p in (d.get("presets") or {}).values())
@@ -320,6 +337,7 @@ def section_boundaries(rows: list[dict]) -> list[str]:
         ("NaN under default settings (per-step loss finite)", nan_sig,
          lambda s: " ".join("finite" if f else "NaN" for f in s) or "not observed"),
         ("LoRA / parameter counts", count_sig, count_describe),
+        (f"{FULL_PRESET} built on the meta device", meta_sig, str),
         ("Custom forward", custom_sig, str),
     )
     for title, sig, describe in checks:

@@ -135,9 +135,18 @@ def get_peft_model(model, lora_config):
 
 
 def unload(peft_model):
-    """peft_model.unload(): the base model with the LoRA layers removed (not merged)."""
+    """peft_model.unload(): the base model with the LoRA layers removed (not merged).
+
+    peft (0.5 to 0.21 at least) leaves its ``peft_config`` attribute on the returned model, and
+    from about 0.14 a later get_peft_model on it warns "Already found a `peft_config` attribute
+    in the model. This will lead to having multiple adapters"; it is removed here so the model
+    is the plain one again.
+    """
     with _creation_device(peft_model):
-        return peft_model.unload()
+        base = peft_model.unload()
+    if "peft_config" in vars(base):
+        del base.peft_config
+    return base
 
 
 def unwrap(model):
