@@ -131,7 +131,7 @@ def build_model(preset: Preset | str, *, device: str | torch.device = "cpu",
         torch.manual_seed(seed)
     with _default_dtype(resolve_dtype(dtype)), torch.device(device):
         model = model_cls(config)
-    return model.eval()
+    return compat.finish_meta_model(model).eval()  # 5.0.0 leaves tied weights untied on meta
 
 
 def family_of_checkpoint(checkpoint_dir: str | os.PathLike) -> str:
