@@ -62,7 +62,7 @@ def item_lora_scope() -> dict:
         figures[scope] = {k: report[k] for k in ("lora_tensors", "trainable_parameters", "total_parameters")} | {
             "trainable_percent": round(report["trainable_percent"], 4),
             "language_model_trainable": report["components"]["language_model"]["trainable"]}
-        model = peft_model.unload()
+        model = compat.unload(peft_model)
     tiny = lora.apply_lora(presets.build_model("tiny-instructblip-flan-t5"), lora.LoraSpec(r=2, alpha=4))
     dict(tiny.named_parameters())["base_model.model.language_projection.weight"].requires_grad_(True)
     try:

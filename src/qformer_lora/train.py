@@ -193,7 +193,8 @@ NonFiniteError = numerics.NonFiniteError
 
 def build_adapter_model(config: TrainConfig):
     """Base model in the precision's weight dtype, LoRA in the chosen scope, adapters in fp32."""
-    weight_dtype = {"bf16": torch.bfloat16, "fp16-pure": torch.float16}.get(config.precision, torch.float32)
+    # (base weights, adapters, autocast) per precision: one table, shared with the doctor
+    weight_dtype, adapter_dtype, _ = doctor.PRECISION_DTYPES[config.precision]
     if config.base_checkpoint:
         base = presets.load_model(config.base_checkpoint, dtype=weight_dtype)
     else:
@@ -203,7 +204,6 @@ def build_adapter_model(config: TrainConfig):
                          targets=tuple(config.targets), scope=config.scope)
     model = lora.apply_lora(base, spec)
     # Adapters train in fp32 whatever peft's default is; fp16-pure deliberately does not.
-    adapter_dtype = torch.float16 if config.precision == "fp16-pure" else torch.float32
     for param in lora.adapter_parameters(model):
         param.data = param.data.to(adapter_dtype)
     model.eval()  # no dropout anywhere: see the module docstring
