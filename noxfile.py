@@ -99,9 +99,15 @@ def stability(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def gpu_tests(session: nox.Session) -> None:
     """GPU tests in the machine's existing environment: GPU machines have CUDA torch,
-    transformers and peft preinstalled and no network, so nothing is created or downloaded."""
-    session.env["PYTHONPATH"] = "src"
-    _pytest(session, "-m", "gpu")
+    transformers and peft preinstalled and no network, so nothing is created or downloaded.
+    The interpreter is the one running nox (a GPU image may have no bare `python`); reports
+    and the pytest-benchmark JSON go to $QFORMER_LORA_REPORT_DIR (default reports/gpu)."""
+    report_dir = Path(os.environ.get("QFORMER_LORA_REPORT_DIR") or "reports/gpu")
+    report_dir.mkdir(parents=True, exist_ok=True)
+    session.env["PYTHONPATH"] = os.pathsep.join(filter(None, ["src", os.environ.get("PYTHONPATH")]))
+    session.run(sys.executable, "-c", PRINT_VERSIONS)
+    session.run(sys.executable, "-m", "pytest", *PYTEST_ARGS, "-m", "gpu", "-p", "no:cacheprovider",
+                f"--benchmark-json={report_dir / 'benchmark.json'}", *session.posargs)
 
 
 # ----------------------------------------------------------------------------- version matrix

@@ -2,9 +2,9 @@
 
 Read top to bottom: a configuration (:class:`SweepPoint`) -> one measured batch size
 (:func:`measure`) -> a sweep over configurations and batch sizes (:func:`sweep`) ->
-a linear memory model per configuration (:func:`fit_linear`, :func:`predict_max_batch`),
-checked against a real memory cap (:func:`validate_prediction`) -> the seed's table
-and report files (bench_report.py). Models are random-initialised from presets
+a linear memory model per configuration (capacity.py), checked against a real memory
+cap (:func:`validate_prediction`) -> the seed's table, the step-option ratios and report
+files (bench_report.py). Models are random-initialised from presets
 (no downloads); on a CPU the memory fields are None and only times are measured.
 """
 
@@ -14,29 +14,21 @@ import contextlib
 import dataclasses
 import datetime
 import gc
-import io
-import json
 import math
-import os
-import re
 import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from fractions import Fraction
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import compat, lora, presets, step_options, synthetic
+from . import compat, flops, lora, presets, step_options, synthetic
+from .capacity import GIB, find_limit, memory_model, predict_max_batch
 from .feature_cache import FeatureCache, attach_cached_features
 from .forward import custom_forward
 
-GIB = 1024 ** 3
-BUDGETS_GIB = (24, 40, 80)
 # precision -> (weight dtype, autocast dtype). fp16 weights are not offered: fp16 training
 # needs fp32 master weights, which is what "fp16-amp" (fp32 weights + autocast) is.
 PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
@@ -98,21 +90,53 @@ class SequenceShape:
     instruction_len: int = 32  # InstructBLIP's Q-Former reads the instruction, as long as the prompt
 
 
-def default_points(instructblip: str = FULL_INSTRUCTBLIP, blip2: str = FULL_BLIP2) -> list[SweepPoint]:
-    """The GPU grid: every seed-table row in fp32 and bf16, plus fp16-amp, checkpointing, native.
+def default_points(instructblip: str = FULL_INSTRUCTBLIP, blip2: str = FULL_BLIP2,
+                   options_batch: int | None = None) -> list[SweepPoint]:
+    """The GPU grid: every seed-table row in fp32 and bf16, plus fp16-amp, checkpointing, native,
+    and each step option at OPTIONS_BATCH against the native forward (option_points).
 
-    Ordered so that consecutive points share a built model (6 builds).
+    Ordered so that consecutive points share a built model (7 builds: the compiled Q-Former is its own).
     """
-    small, large = (1, 4, 8), (1, 4, 8, 16)
-    return [SweepPoint(instructblip, "qformer", "bf16", batch_sizes=large, validate_budget_gib=24),
-            SweepPoint(instructblip, "qformer", "bf16", forward="native", batch_sizes=(8,)),
-            SweepPoint(instructblip, "qformer", "bf16", lm_activation_checkpointing=True, batch_sizes=(4, 16)),
+    small, large, options_batch = (1, 4, 8), (1, 4, 8, 16), options_batch or OPTIONS_BATCH
+    return [SweepPoint(instructblip, "qformer", "bf16", batch_sizes=tuple(sorted({*large, options_batch})),
+                       validate_budget_gib=24),
+            *option_points(instructblip, options_batch),
             SweepPoint(instructblip, "qformer", "fp32", batch_sizes=small),
             SweepPoint(instructblip, "qformer", "fp16-amp", batch_sizes=small),
             SweepPoint(instructblip, "qformer+llm", "fp32", batch_sizes=small),
             SweepPoint(instructblip, "qformer+llm", "bf16", batch_sizes=large),
             SweepPoint(blip2, "qformer", "bf16", batch_sizes=large),
             SweepPoint(blip2, "qformer", "fp32", batch_sizes=small)]
+
+
+OPTIONS_BATCH = 64
+
+
+def option_points(preset: str, batch_size: int = OPTIONS_BATCH) -> list[SweepPoint]:
+    """bf16 Q-Former LoRA at one batch size: the native forward, then each step option alone,
+    then all of them together; the plain custom point is the default grid's first point.
+    The compiled points come last because they need their own build."""
+    # the native forward also at batch 8, the custom/native comparison's batch since the first sweeps
+    base = SweepPoint(preset, "qformer", "bf16", batch_sizes=tuple(sorted({min(8, batch_size), batch_size})))
+    one = dataclasses.replace(base, batch_sizes=(batch_size,))
+    return [dataclasses.replace(base, forward="native"),
+            dataclasses.replace(base, lm_activation_checkpointing=True, batch_sizes=tuple(sorted({4, 16, batch_size}))),
+            dataclasses.replace(one, feature_cache=True),
+            dataclasses.replace(one, fused_optimizer=True),
+            dataclasses.replace(one, compile_qformer=True),
+            dataclasses.replace(one, compile_qformer=True, feature_cache=True, fused_optimizer=True,
+                                lm_activation_checkpointing=True)]
+
+
+def is_plain(point: SweepPoint) -> bool:
+    """The custom forward with no step option: the step whose FLOPs define MFU."""
+    return (point.forward == "custom" and not point.lm_activation_checkpointing and not point.feature_cache
+            and not point.fused_optimizer and not point.compile_qformer)
+
+
+def ran(result: dict) -> bool:
+    """A measured result (not out of memory, not failed, not skipped)."""
+    return "error" not in result
 
 
 def grid(preset: str, *, scopes=("qformer",), precisions=("bf16",), forwards=("custom",),
@@ -348,13 +372,14 @@ def sweep(points: list[SweepPoint], batch_sizes=(1, 4, 8, 16), *, device="cuda",
                      "image_size": compat.unwrap(model).config.vision_config.image_size if model else None}
             for size in sizes:
                 bar.set_postfix_str(f"{point.label} b={size}")
-                skip = "the model did not fit" if model is None else (
-                    "a smaller batch ran out of memory" if any(r["oom"] for r in entry["results"]) else None)
+                skip = _not_run(model, entry["results"])
                 entry["results"].append(
-                    {"batch_size": size, "oom": True, "error": f"not run: {skip}"} if skip else
-                    measure(point, size, device, model=model, shape=shape, warmup=warmup, steps=steps))
+                    {"batch_size": size, **skip} if skip else
+                    _measure_or_error(point, size, device, model=model, shape=shape, warmup=warmup, steps=steps))
                 bar.update()
             entry["memory_model"] = memory_model(entry["results"], report["device"].get("total_memory_bytes"))
+            if is_plain(point) and model is not None and any(ran(r) for r in entry["results"]):
+                entry["flops_per_sample"] = flops.step_flops_per_sample(model, shape, device)
             report["points"].append(entry)
             if point.validate_budget_gib and model is not None:
                 report["validation"].append(validate_point(point, entry, device, model, shape))
@@ -363,6 +388,28 @@ def sweep(points: list[SweepPoint], batch_sizes=(1, 4, 8, 16), *, device="cuda",
     del model
     free_memory()
     return summarise(report)
+
+
+def _not_run(model, results: list[dict]) -> dict | None:
+    """Why a batch size is not run (larger batches after an OOM or a failure), or None to run it."""
+    if model is None:
+        return {"oom": True, "error": "not run: the model did not fit"}
+    if any(r["oom"] for r in results):
+        return {"oom": True, "error": "not run: a smaller batch ran out of memory"}
+    if any(not ran(r) for r in results):
+        return {"oom": False, "error": "not run: a smaller batch failed"}
+    return None
+
+
+def _measure_or_error(point: SweepPoint, size: int, device, **kwargs) -> dict:
+    """measure(), with an error other than out-of-memory recorded as this result instead of
+    ending the sweep: a GPU run is one-shot, and one broken option must not lose the others."""
+    try:
+        return measure(point, size, device, **kwargs)
+    except Exception as err:  # noqa: BLE001 - recorded in the report, and the GPU tests assert on it
+        message = f"{type(err).__name__}: {str(err).strip()[:300]}"
+    free_memory()  # outside the except block: the traceback no longer holds the step's tensors
+    return {"batch_size": size, "oom": False, "error": message}
 
 
 def _build_or_oom(point: SweepPoint, device: torch.device):
@@ -399,44 +446,7 @@ def _driver_version() -> str | None:
     return out.strip().splitlines()[0] if out.strip() else None
 
 
-# ----------------------------------------------------------------------------- memory model
-
-def fit_linear(batch_sizes, peaks) -> tuple[float, float]:
-    """Least-squares ``peak = a + b * batch``; exact (rational) arithmetic, so exact data gives exact a, b."""
-    xs, ys = [Fraction(x) for x in batch_sizes], [Fraction(y) for y in peaks]
-    if len(xs) != len(ys) or len(set(xs)) < 2:
-        raise ValueError(f"fit_linear needs >= 2 distinct batch sizes with one peak each, got {batch_sizes}, {peaks}")
-    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-    b = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
-    return float(mean_y - b * mean_x), float(b)
-
-
-def predict_max_batch(a: float, b: float, budget_bytes: float) -> int | None:
-    """The largest batch n >= 0 with a + b*n <= budget (exact arithmetic); None if memory does not grow."""
-    if b <= 0:
-        return None
-    return max(0, math.floor((Fraction(budget_bytes) - Fraction(a)) / Fraction(b)))
-
-
-def budgets(total_memory_bytes: int | None) -> dict[str, int]:
-    named = {f"{g} GiB": g * GIB for g in BUDGETS_GIB}
-    if total_memory_bytes:
-        named["this card"] = total_memory_bytes
-    return named
-
-
-def memory_model(results: list[dict], total_memory_bytes: int | None = None) -> dict | None:
-    """Fits over allocated and reserved peaks, and the max batch each budget allows (allocated fit)."""
-    ok = [r for r in results if not r["oom"] and r.get("peak_allocated_bytes") is not None]
-    if len({r["batch_size"] for r in ok}) < 2:
-        return None
-    sizes = [r["batch_size"] for r in ok]
-    fits = {kind: dict(zip("ab", fit_linear(sizes, [r[f"peak_{kind}_bytes"] for r in ok])))
-            for kind in ("allocated", "reserved")}
-    a, b = fits["allocated"]["a"], fits["allocated"]["b"]
-    return fits | {"max_batch": {name: predict_max_batch(a, b, budget) for name, budget in
-                                 budgets(total_memory_bytes).items()}}
-
+# ----------------------------------------------------------------------------- checking a prediction
 
 @contextlib.contextmanager
 def memory_cap(budget_bytes: int, device: torch.device):
@@ -454,40 +464,6 @@ def memory_cap(budget_bytes: int, device: torch.device):
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
         free_memory()
-
-
-def find_limit(fits, start: int, max_probes: int = 8) -> tuple[int, bool, dict[int, bool]]:
-    """(largest batch seen to fit, whether the next one was seen to fail, probes) starting at ``start``.
-
-    Walks up in doubling steps while batches fit, down in doubling steps while they do
-    not, then bisects; 0 means batch 1 did not fit.
-    """
-    probes: dict[int, bool] = {}
-    calls = 0  # counted separately from probes so that a repeated batch cannot loop forever
-
-    def probe(n: int) -> bool:
-        nonlocal calls
-        calls += 1
-        probes[n] = fits(n)
-        return probes[n]
-
-    start = max(1, start)
-    lo, hi, step = (start, None, 1) if probe(start) else (0, start, 1)
-    while hi is None and calls < max_probes:  # upward
-        if probe(lo + step):
-            lo, step = lo + step, step * 2
-        else:
-            hi = lo + step
-    while lo == 0 and hi > 1 and calls < max_probes:  # downward
-        n = max(1, hi - step)
-        if probe(n):
-            lo = n
-        else:
-            hi, step = n, step * 2
-    while hi is not None and hi - lo > 1 and calls < max_probes:  # bisect
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if probe(mid) else (lo, mid)
-    return lo, hi == lo + 1, probes
 
 
 def validate_prediction(point: SweepPoint, predicted: int, budget_bytes: int, *, device="cuda", model=None,

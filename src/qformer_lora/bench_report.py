@@ -16,7 +16,9 @@ from pathlib import Path
 
 from dataclasses import asdict
 
-from .bench import BUDGETS_GIB, GIB, SEED_ROWS, SweepPoint, budgets, predict_max_batch
+from . import flops
+from .bench import OPTIONS_BATCH, SEED_ROWS, SweepPoint, is_plain, ran
+from .capacity import BUDGETS_GIB, GIB, budgets, predict_max_batch
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -31,8 +33,8 @@ def compare_forwards(entries: list[dict]) -> list[dict]:
     for native in (e for e in entries if e["config"]["forward"] == "native"):
         for custom in (e for e in entries if e["config"]["forward"] == "custom"
                        and _same_config(e["config"]) == _same_config(native["config"])):
-            ok = {r["batch_size"]: r for r in custom["results"] if not r["oom"]}
-            for n in (r for r in native["results"] if not r["oom"] and r["batch_size"] in ok):
+            ok = {r["batch_size"]: r for r in custom["results"] if ran(r)}
+            for n in (r for r in native["results"] if ran(r) and r["batch_size"] in ok):
                 c = ok[n["batch_size"]]
                 memory = (c["peak_allocated_bytes"] / n["peak_allocated_bytes"]
                           if c["peak_allocated_bytes"] and n["peak_allocated_bytes"] else None)
@@ -40,6 +42,50 @@ def compare_forwards(entries: list[dict]) -> list[dict]:
                             "time_ratio": c["step_time_s"] / n["step_time_s"]})
             break
     return out
+
+
+OPTION_FIELDS = ("lm_activation_checkpointing", "feature_cache", "fused_optimizer", "compile_qformer")
+TARGETS = {"speedup": 2.0, "memory_ratio": 0.5}  # the options' goal against the native forward
+
+
+def _workload(config: dict) -> tuple:
+    return config["preset"], config["family"], config["scope"], config["precision"], config["r"]
+
+
+def option_table(entries: list[dict], device_name: str, batch_size: int | None = None) -> list[dict]:
+    """Each step option at ``batch_size`` (default: the native point's largest, bench.OPTIONS_BATCH
+    in the GPU grid) against the native forward of the same workload: samples/s and peak
+    allocated memory, their ratios to native, and MFU.
+
+    MFU uses the plain custom step's counted FLOPs per sample for every row (flops.py)."""
+    rows = []
+    for native in (e for e in entries if e["config"]["forward"] == "native"):
+        size = batch_size or max(r["batch_size"] for r in native["results"])
+        base = next((r for r in native["results"] if r["batch_size"] == size and ran(r)), None)
+        if base is None:
+            continue
+        same = [native] + [e for e in entries if e["config"]["forward"] == "custom"
+                           and _workload(e["config"]) == _workload(native["config"])]
+        flops_per_sample = next((e.get("flops_per_sample") for e in same if is_plain(SweepPoint(**e["config"]))), None)
+        peak = flops.peak_flops(device_name, native["config"]["precision"])
+        for entry in same:
+            result = next((r for r in entry["results"] if r["batch_size"] == size), None)
+            if result is None:
+                continue
+            options = [f for f in OPTION_FIELDS if entry["config"][f]]
+            row = {"label": entry["label"], "forward": entry["config"]["forward"], "options": options,
+                   "batch_size": size, "error": result.get("error") if not ran(result) else None}
+            if ran(result):
+                memory = (result["peak_allocated_bytes"] / base["peak_allocated_bytes"]
+                          if result["peak_allocated_bytes"] and base["peak_allocated_bytes"] else None)
+                row.update(samples_per_s=result["samples_per_s"], peak_allocated_gib=result["peak_allocated_gib"],
+                           speedup=result["samples_per_s"] / base["samples_per_s"], memory_ratio=memory,
+                           flops_per_sample=flops_per_sample, peak_flops=peak,
+                           mfu=flops.mfu(result["samples_per_s"], flops_per_sample, peak))
+                row["meets_targets"] = (row["speedup"] >= TARGETS["speedup"] and memory is not None
+                                        and memory <= TARGETS["memory_ratio"])
+            rows.append(row)
+    return rows
 
 
 def seed_table(entries: list[dict], budget_bytes: int = 24 * GIB, rows=SEED_ROWS) -> list[dict]:
@@ -82,6 +128,7 @@ def paragraph(report: dict) -> str:
 
 def summarise(report: dict, rows=SEED_ROWS) -> dict:
     report["comparisons"] = compare_forwards(report["points"])
+    report["options"] = option_table(report["points"], report["device"]["name"])
     report["seed_table"] = seed_table(report["points"], rows=rows)
     report["paragraph"] = paragraph(report)
     return report
@@ -140,8 +187,11 @@ def markdown(report: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|"]
     for e in report["points"]:
         for r in e["results"]:
-            cells = (["OOM"] + [""] * 3 if r["oom"] else [_num(r["peak_allocated_gib"]), _num(r["peak_reserved_gib"]),
-                                                         _num(1000 * r["step_time_s"], ".1f"), _num(r["samples_per_s"])])
+            if ran(r):
+                cells = [_num(r["peak_allocated_gib"]), _num(r["peak_reserved_gib"]), _num(1000 * r["step_time_s"], ".1f"),
+                         _num(r["samples_per_s"])]
+            else:
+                cells = ["OOM" if r["oom"] else f"failed: {r['error']}"] + [""] * 3
             lines.append(f"| {e['label']} | {e['image_size']} | {r['batch_size']} | " + " | ".join(cells) + " |")
     names = list(budgets(dev.get("total_memory_bytes")))
     lines += ["", "## Memory model: peak allocated = a + b x batch", "",
@@ -158,6 +208,20 @@ def markdown(report: dict) -> str:
               "|---|---:|---:|---:|"]
     lines += [f"| {c['label']} | {c['batch_size']} | {_num(c['memory_ratio'])} | {_num(c['time_ratio'])} |"
               for c in report["comparisons"]]
+    option_batches = sorted({o["batch_size"] for o in report.get("options", [])}) or [OPTIONS_BATCH]
+    lines += ["", f"## Step options at batch {', '.join(map(str, option_batches))} against the native forward", "",
+              f"Targets: samples/s >= {TARGETS['speedup']:g}x native, peak memory <= {TARGETS['memory_ratio']:g}x "
+              f"native. MFU = samples/s x the plain custom step's counted FLOPs per sample / the card's dense "
+              f"16-bit peak.", "",
+              "| configuration | samples/s | peak allocated GiB | speed-up | memory ratio | GFLOP/sample | MFU |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for o in report.get("options", []):
+        if o["error"]:
+            lines.append(f"| {o['label']} | failed: {o['error']} | | | | | |")
+            continue
+        lines.append(f"| {o['label']} | {_num(o['samples_per_s'], '.1f')} | {_num(o['peak_allocated_gib'])} | "
+                     f"{_num(o['speedup'])} | {_num(o['memory_ratio'])} | "
+                     f"{_num(o['flops_per_sample'] and o['flops_per_sample'] / 1e9, '.1f')} | {_num(o['mfu'], '.1%')} |")
     lines += ["", "## Prediction check", ""]
     lines += [f"- {x['label']}: {x['reason']}" if x["status"] != "done" else
               f"- {x['label']}, {x['budget_gib']:g} GiB cap: predicted {x['predicted']}, measured {x['measured']}"
@@ -174,7 +238,7 @@ def plot_png(report: dict) -> bytes | None:
     fig = Figure(figsize=(12, 5))
     memory_ax, speed_ax = fig.subplots(1, 2)
     for e in report["points"]:
-        ok = [r for r in e["results"] if not r["oom"]]
+        ok = [r for r in e["results"] if ran(r)]
         if any(r["peak_allocated_gib"] is not None for r in ok):
             memory_ax.plot([r["batch_size"] for r in ok], [r["peak_allocated_gib"] for r in ok], marker="o",
                            label=e["label"])

@@ -2,8 +2,9 @@
 
 The session fixture ``gpu_report`` (conftest.py) runs bench.default_points() once:
 InstructBLIP-FlanT5-XL and BLIP-2-FlanT5-XL, Q-Former and Q-Former+LLM LoRA, fp32 / bf16 /
-fp16-amp, LM activation checkpointing, custom vs native forward, and one check of the
-predicted max batch under a 24 GiB cap. The tests then read what it measured.
+fp16-amp, LM activation checkpointing, custom vs native forward, each step option at batch 64
+against the native forward (with MFU), and one check of the predicted max batch under a
+24 GiB cap. The tests then read what it measured.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.gpu
 
 
 def ok_results(entry: dict) -> list[dict]:
-    return [r for r in entry["results"] if not r["oom"]]
+    return [r for r in entry["results"] if bench.ran(r)]
 
 
 def entry_for(report: dict, point: bench.SweepPoint) -> dict:
@@ -64,8 +65,24 @@ def test_seed_table_is_filled(gpu_report):
 
 
 def test_custom_and_native_forward_compared(gpu_report):
-    [comparison] = gpu_report[0]["comparisons"]
-    assert comparison["memory_ratio"] > 0 and comparison["time_ratio"] > 0, comparison
+    comparisons = gpu_report[0]["comparisons"]
+    assert [c["batch_size"] for c in comparisons] == [8, bench.OPTIONS_BATCH], comparisons
+    for comparison in comparisons:
+        assert comparison["memory_ratio"] > 0 and comparison["time_ratio"] > 0, comparison
+
+
+def test_step_options_measured_against_native(gpu_report):
+    report, _ = gpu_report
+    rows = report["options"]
+    # native, plain custom, and the five option points of bench.option_points
+    assert len(rows) == 7 and rows[0]["forward"] == "native", [r["label"] for r in rows]
+    assert {tuple(r["options"]) for r in rows[2:]} == {
+        tuple(f for f in ("lm_activation_checkpointing", "feature_cache", "fused_optimizer", "compile_qformer")
+              if getattr(p, f)) for p in bench.option_points(bench.FULL_INSTRUCTBLIP)[1:]}
+    for row in rows:
+        assert row["error"] is None, row
+        assert row["flops_per_sample"] > 0 and 0 < row["mfu"] < 1, row
+    assert rows[0]["speedup"] == 1.0 and rows[0]["memory_ratio"] == 1.0
 
 
 def test_reports_written(gpu_report):

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 import pytest
 import torch
 
-from qformer_lora import bench, bench_report, compat, doctor
+from qformer_lora import bench_report, compat, doctor
 
 pytestmark = pytest.mark.gpu
 

@@ -10,13 +10,11 @@ import dataclasses
 import json
 import math
 import sys
-from fractions import Fraction
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
 
-from qformer_lora import bench, bench_report, compat, lora
+from qformer_lora import bench, bench_report, compat, flops, lora
 
 TINY_IB, TINY_B2 = "tiny-instructblip-flan-t5", "tiny-blip2-flan-t5"
 SHAPE = bench.SequenceShape(prompt_len=6, answer_len=3, instruction_len=4)
@@ -144,6 +142,25 @@ def test_other_errors_are_not_swallowed(monkeypatch):
         bench.measure(bench.SweepPoint(TINY_IB, precision="fp32"), 1, "cpu", shape=SHAPE)
 
 
+def test_a_failing_configuration_is_recorded_and_the_sweep_goes_on(monkeypatch):
+    real_step = bench.train_step
+
+    def step(state):
+        if state.point.fused_optimizer and state.batch_size >= 2:
+            raise RuntimeError("fused kernel missing")
+        return real_step(state)
+
+    monkeypatch.setattr(bench, "train_step", step)
+    points = [bench.SweepPoint(TINY_IB, precision="fp32", fused_optimizer=True),
+              bench.SweepPoint(TINY_IB, precision="fp32")]
+    report = bench.sweep(points, (1, 2, 3), device="cpu", shape=SHAPE, warmup=0, steps=1, progress=False)
+    failed, plain = ([(r["batch_size"], bench.ran(r)) for r in e["results"]] for e in report["points"])
+    assert failed == [(1, True), (2, False), (3, False)] and plain == [(1, True), (2, True), (3, True)]
+    assert report["points"][0]["results"][1]["error"] == "RuntimeError: fused kernel missing"
+    assert report["points"][0]["results"][2]["error"] == "not run: a smaller batch failed"
+    assert not any(r["oom"] for r in report["points"][0]["results"])
+
+
 def test_bf16_with_lm_checkpointing_trains_fp32_adapters():
     point = bench.SweepPoint(TINY_B2, precision="bf16", lm_activation_checkpointing=True)
     model = bench.build(point, "cpu")
@@ -200,13 +217,13 @@ def test_default_grid_covers_the_seed_table_and_shares_builds():
     assert sum(p.validate_budget_gib is not None for p in points) == 1
     keys = [p.build_key for p in points]
     runs = [k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k]
-    assert len(runs) == len(set(runs)) == 6, "points sharing a model must be consecutive (6 builds)"
+    assert len(runs) == len(set(runs)) == 7, "points sharing a model must be consecutive (7 builds)"
     assert any(p.forward == "native" for p in points) and any(p.lm_activation_checkpointing for p in points)
 
 
 def test_the_gpu_grid_runs_end_to_end_on_tiny_presets(tmp_path):
     # the same call the GPU session fixture makes, on the tiny variants, one step per point
-    points = bench.default_points(TINY_IB, TINY_B2)
+    points = bench.default_points(TINY_IB, TINY_B2, options_batch=4)  # batch 64 adds nothing on CPU but time
     report, paths = bench.run_benchmark(points, device="cpu", shape=SHAPE, steps=1, report_dir=tmp_path,
                                         progress=False)
     assert [e["label"] for e in report["points"]] == [p.label for p in points]
@@ -214,7 +231,15 @@ def test_the_gpu_grid_runs_end_to_end_on_tiny_presets(tmp_path):
         assert [(r["batch_size"], r["oom"]) for r in entry["results"]] == [(n, False) for n in point.batch_sizes]
         assert all(math.isfinite(r["loss"]) for r in entry["results"]), entry["label"]
         assert all((r["skipped_steps"] is None) == (point.precision != "fp16-amp") for r in entry["results"])
-    assert [c["batch_size"] for c in report["comparisons"]] == [8]
+    assert [c["batch_size"] for c in report["comparisons"]] == [4]
+    assert [(o["forward"], o["options"], o["error"]) for o in report["options"]] == [
+        ("native", [], None), ("custom", [], None), ("custom", ["lm_activation_checkpointing"], None),
+        ("custom", ["feature_cache"], None), ("custom", ["fused_optimizer"], None),
+        ("custom", ["compile_qformer"], None),
+        ("custom", ["lm_activation_checkpointing", "feature_cache", "fused_optimizer", "compile_qformer"], None)]
+    # no memory and no 16-bit peak on a CPU: the ratios of time only
+    assert all(o["memory_ratio"] is None and o["mfu"] is None and o["speedup"] > 0 for o in report["options"])
+    assert all(o["flops_per_sample"] > 0 for o in report["options"])
     assert [v["status"] for v in report["validation"]] == ["skipped"]
     assert paths["md"].is_file() and paths["json"].is_file()
 
@@ -230,48 +255,7 @@ def test_grid_orders_points_to_share_models():
         bench.grid(TINY_IB, precisions=("int8",))
 
 
-# ----------------------------------------------------------------------------- memory model
-
-def test_fit_linear_recovers_exact_coefficients():
-    a, b = 7_516_192_768, 201_326_592
-    assert bench.fit_linear([1, 4, 8, 16], [a + b * n for n in (1, 4, 8, 16)]) == (a, b)
-    assert bench.fit_linear([2, 3], [10.5, 12.0]) == (7.5, 1.5)
-    with pytest.raises(ValueError, match="2 distinct batch sizes"):
-        bench.fit_linear([4, 4], [1, 2])
-
-
-@given(a=st.floats(0, 2e11), b=st.floats(1, 2e10), budget=st.integers(0, 2 ** 38))
-def test_predict_max_batch_is_the_largest_batch_within_budget(a, b, budget):
-    n = bench.predict_max_batch(a, b, budget)
-    a, b = Fraction(a), Fraction(b)
-    assert n >= 0
-    assert n == 0 or a + b * n <= budget, f"batch {n} needs {float(a + b * n)} > {budget}"
-    assert a + b * (n + 1) > budget, f"batch {n + 1} would also fit"
-
-
-@given(a=st.integers(0, 2 ** 36), b=st.integers(1, 2 ** 32), sizes=st.sets(st.integers(1, 512), min_size=2, max_size=6),
-       budget=st.integers(0, 2 ** 38))
-def test_fit_then_predict_matches_the_true_line(a, b, sizes, budget):
-    sizes = sorted(sizes)
-    fitted = bench.fit_linear(sizes, [a + b * n for n in sizes])
-    assert fitted == (a, b)
-    assert bench.predict_max_batch(*fitted, budget) == max(0, (budget - a) // b)
-
-
-def test_predict_max_batch_without_growth_is_none():
-    assert bench.predict_max_batch(1e9, 0.0, 24 * bench.GIB) is None
-
-
-@given(limit=st.integers(0, 300), start=st.integers(1, 300), max_probes=st.integers(1, 30))
-def test_find_limit_never_overshoots_and_is_exact_with_enough_probes(limit, start, max_probes):
-    found, exact, probes = bench.find_limit(lambda n: n <= limit, start, max_probes)
-    assert found <= limit and len(probes) <= max_probes
-    assert all(fits == (n <= limit) for n, fits in probes.items())
-    if exact:
-        assert found == limit
-    enough = bench.find_limit(lambda n: n <= limit, start, 40)
-    assert enough[:2] == (limit, True), enough
-
+# ----------------------------------------------------------------------------- memory model (measured)
 
 @pytest.mark.parametrize("predicted", [3, 4, 9])
 def test_validate_prediction_finds_the_real_limit(predicted, monkeypatch):
@@ -330,3 +314,39 @@ def test_summaries_from_gpu_like_numbers(tmp_path):
     markdown = paths["md"].read_text()
     assert f"| BLIP-2 Q-Former LoRA | 24 | {expected[('blip2-flan-t5-xl', 'qformer', 'fp32')]} |" in markdown
     assert "predicted 80, measured 78" in markdown
+
+
+def test_option_table_ratios_and_mfu_from_gpu_like_numbers():
+    gib, preset = bench.GIB, "instructblip-flan-t5-xl"
+    native = _fake_entry(bench.SweepPoint(preset, forward="native"), 20 * gib, 0, sizes=(64,), step_s=0.5)
+    plain = _fake_entry(bench.SweepPoint(preset), 15 * gib, 0, sizes=(64,), step_s=0.25)
+    plain["flops_per_sample"] = 2e12
+    cached = _fake_entry(bench.SweepPoint(preset, feature_cache=True), 9 * gib, 0, sizes=(64,), step_s=0.125)
+    other = _fake_entry(bench.SweepPoint("blip2-flan-t5-xl"), 5 * gib, 0, sizes=(64,), step_s=0.1)
+    rows = bench_report.option_table([native, plain, cached, other], "NVIDIA H200")
+    assert [(r["label"], r["speedup"], r["memory_ratio"], r["meets_targets"]) for r in rows] == [
+        (native["label"], 1.0, 1.0, False), (plain["label"], 2.0, 0.75, False), (cached["label"], 4.0, 0.45, True)]
+    assert rows[2]["mfu"] == pytest.approx((64 / 0.125) * 2e12 / 989.5e12)
+    assert bench_report.option_table([native, plain], "a card with no listed peak")[1]["mfu"] is None
+
+
+def test_flops_per_sample_is_counted_and_independent_of_batch_size():
+    point = bench.SweepPoint(TINY_IB, precision="fp32")
+    model = bench.build(point, "cpu")
+    per_sample = {n: flops.step_flops_per_sample(model, SHAPE, "cpu", batch_size=n) for n in (1, 3)}
+    assert per_sample[1] == per_sample[3] > 0
+    longer = flops.step_flops_per_sample(model, dataclasses.replace(SHAPE, prompt_len=12), "cpu")
+    assert longer > per_sample[1], "a longer prompt is more language-model work"
+    # a floor: the frozen vision encoder's linear layers run once per patch token (+ CLS)
+    vision = compat.unwrap(model).vision_model
+    linear = sum(m.weight.numel() for m in vision.modules() if isinstance(m, torch.nn.Linear))
+    config = vision.config
+    tokens = (config.image_size // config.patch_size) ** 2 + 1
+    assert per_sample[1] > 2 * linear * tokens
+    assert all(p.grad is None for p in lora.adapter_parameters(model)), "counting leaves no gradients behind"
+
+
+def test_peak_flops_table():
+    assert flops.peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989.5e12
+    assert flops.peak_flops("NVIDIA H100 PCIe", "fp16-amp") == 756e12
+    assert flops.peak_flops("NVIDIA H200", "fp32") is None
