@@ -141,11 +141,12 @@ def ran(result: dict) -> bool:
 
 def grid(preset: str, *, scopes=("qformer",), precisions=("bf16",), forwards=("custom",),
          lm_activation_checkpointing: bool = False, family: str | None = None,
-         validate_budget_gib: float | None = None) -> list[SweepPoint]:
+         validate_budget_gib: float | None = None, **step_options_on) -> list[SweepPoint]:
     """Every combination for one preset, ordered so that points sharing a model are consecutive;
-    the first point carries the validation request."""
+    the first point carries the validation request. ``step_options_on``: feature_cache,
+    fused_optimizer, compile_qformer (custom forward only)."""
     by_weights = sorted(precisions, key=lambda p: str(PRECISIONS[p][0]) if p in PRECISIONS else p)
-    points = [SweepPoint(preset, scope, precision, forward, lm_activation_checkpointing, family)
+    points = [SweepPoint(preset, scope, precision, forward, lm_activation_checkpointing, family, **step_options_on)
               for scope in scopes for precision in by_weights for forward in forwards]
     return [dataclasses.replace(points[0], validate_budget_gib=validate_budget_gib)] + points[1:]
 
@@ -163,18 +164,13 @@ def build(point: SweepPoint, device: str | torch.device):
     for param in lora.adapter_parameters(peft_model):
         param.data = param.data.float()
     peft_model.train()  # train mode: dropout masks count, and HF checkpointing only acts in training
-    if point.compile_qformer:  # compiled on the first (warm-up) step; a failure falls back to eager, warned
-        step_options.maybe_compile(compat.unwrap(peft_model).qformer, True, probe=_compile_probe(peft_model))
+    if point.compile_qformer:
+        # Compiled lazily, at the warm-up step of each batch size, with static shapes: on the
+        # H200 run (torch 2.11) a batch-1 probe followed by batch 64 made dynamo recompile with
+        # dynamic shapes and inductor failed (AssertionError), costing ~3 minutes. A failure at
+        # the warm-up step is recorded for that batch by the sweep (_measure_or_error).
+        step_options.maybe_compile(compat.unwrap(peft_model).qformer, True, dynamic=False)
     return peft_model
-
-
-def _compile_probe(model):
-    def probe(_qformer):
-        device = next(model.parameters()).device
-        custom_forward(model, synthetic.random_batch(model, batch_size=1, device=device)).loss.backward()
-        for param in lora.adapter_parameters(model):
-            param.grad = None
-    return probe
 
 
 def set_lm_checkpointing(model, enabled: bool) -> None:
@@ -458,11 +454,13 @@ def memory_cap(budget_bytes: int, device: torch.device):
     if budget_bytes > total:
         raise ValueError(f"budget {budget_bytes / GIB:.1f} GiB exceeds this card's {total / GIB:.1f} GiB")
     free_memory()
-    torch.cuda.set_per_process_memory_fraction(budget_bytes / total, device)
+    # the cap needs an explicit device index ("cuda" alone is a ValueError, seen on the H200 run)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(budget_bytes / total, index)
     try:
         yield budget_bytes / total
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
         free_memory()
 
 

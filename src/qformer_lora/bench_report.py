@@ -3,6 +3,9 @@
 Split from bench.py so that module only measures. Files are written atomically
 (temporary file, then os.replace); matplotlib is imported lazily and the PNG is
 skipped with a note when it is not installed.
+
+``python -m qformer_lora.bench_report REPORT.json [--out DIR]`` re-summarises a saved
+report (e.g. after a summary was added) and rewrites its Markdown and PNG.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import asdict
 
 from . import flops
 from .bench import OPTIONS_BATCH, SEED_ROWS, SweepPoint, is_plain, ran
-from .capacity import BUDGETS_GIB, GIB, budgets, predict_max_batch
+from .capacity import BUDGETS_GIB, GIB, budgets, fit_linear, predict_max_batch
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -88,6 +91,24 @@ def option_table(entries: list[dict], device_name: str, batch_size: int | None =
     return rows
 
 
+def holdout_checks(entries: list[dict]) -> list[dict]:
+    """The memory model on data it was not fitted to: fit every measured batch but the largest,
+    predict the largest one's peak, compare with its measured peak (>= 3 measured batches)."""
+    out = []
+    for entry in entries:
+        ok = sorted((r for r in entry["results"] if ran(r) and r.get("peak_allocated_bytes")),
+                    key=lambda r: r["batch_size"])
+        if len(ok) < 3:
+            continue
+        *fitted, held = ok
+        a, b = fit_linear([r["batch_size"] for r in fitted], [r["peak_allocated_bytes"] for r in fitted])
+        predicted, measured = a + b * held["batch_size"], held["peak_allocated_bytes"]
+        out.append({"label": entry["label"], "fitted_on": [r["batch_size"] for r in fitted],
+                    "batch_size": held["batch_size"], "predicted_gib": predicted / GIB, "measured_gib": measured / GIB,
+                    "relative_error": (predicted - measured) / measured})
+    return out
+
+
 def seed_table(entries: list[dict], budget_bytes: int = 24 * GIB, rows=SEED_ROWS) -> list[dict]:
     """The seed's "what fits" table from the fitted models: max batch in fp32 and bf16 weights."""
     table = []
@@ -120,6 +141,11 @@ def paragraph(report: dict) -> str:
         error = f"{v['relative_error']:.1%} off" if v["relative_error"] is not None else "no batch fitted"
         text += (f" Under a {v['budget_gib']:g} GiB cap the prediction for {v['label']} was {v['predicted']}, "
                  f"the measured limit {v['measured']} ({error}; target 5 %).")
+    if report.get("holdout"):
+        worst = max(report["holdout"], key=lambda h: abs(h["relative_error"]))
+        text += (f" Fitted without its largest batch, the model predicts that batch's peak within "
+                 f"{abs(worst['relative_error']):.1%} in every configuration (worst: {worst['label']}, batch "
+                 f"{worst['batch_size']} from {worst['fitted_on']}).")
     for c in (c for c in report["comparisons"] if c["memory_ratio"]):
         text += (f" The custom forward took {c['memory_ratio']:.2f}x the memory and {c['time_ratio']:.2f}x the "
                  f"step time of the library's own forward ({c['label']}, batch {c['batch_size']}).")
@@ -129,6 +155,7 @@ def paragraph(report: dict) -> str:
 def summarise(report: dict, rows=SEED_ROWS) -> dict:
     report["comparisons"] = compare_forwards(report["points"])
     report["options"] = option_table(report["points"], report["device"]["name"])
+    report["holdout"] = holdout_checks(report["points"])
     report["seed_table"] = seed_table(report["points"], rows=rows)
     report["paragraph"] = paragraph(report)
     return report
@@ -222,7 +249,12 @@ def markdown(report: dict) -> str:
         lines.append(f"| {o['label']} | {_num(o['samples_per_s'], '.1f')} | {_num(o['peak_allocated_gib'])} | "
                      f"{_num(o['speedup'])} | {_num(o['memory_ratio'])} | "
                      f"{_num(o['flops_per_sample'] and o['flops_per_sample'] / 1e9, '.1f')} | {_num(o['mfu'], '.1%')} |")
-    lines += ["", "## Prediction check", ""]
+    lines += ["", "## Memory model on a held-out batch (fitted without the largest batch)", "",
+              "| configuration | fitted on | held-out batch | predicted GiB | measured GiB | error |",
+              "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {h['label']} | {', '.join(map(str, h['fitted_on']))} | {h['batch_size']} | {h['predicted_gib']:.2f} | "
+              f"{h['measured_gib']:.2f} | {h['relative_error']:+.1%} |" for h in report.get("holdout", [])]
+    lines += ["", "## Prediction check (under a memory cap)", ""]
     lines += [f"- {x['label']}: {x['reason']}" if x["status"] != "done" else
               f"- {x['label']}, {x['budget_gib']:g} GiB cap: predicted {x['predicted']}, measured {x['measured']}"
               f" (error {_num(x['relative_error'], '.1%')}; probes {x['probes']})" for x in report["validation"]]
@@ -255,3 +287,25 @@ def plot_png(report: dict) -> bytes | None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m qformer_lora.bench_report",
+                                     description="Re-summarise a saved bench report and rewrite its Markdown and PNG.")
+    parser.add_argument("report", type=Path, help="a <gpu>-<date>.json written by `qformer-lora bench`")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the files (default: beside the report)")
+    args = parser.parse_args(argv)
+    try:
+        report = json.loads(args.report.read_text(encoding="utf-8"))
+        paths = write_reports(summarise(report), args.out or args.report.parent)
+    except (OSError, ValueError, KeyError) as err:
+        parser.exit(2, f"{args.report}: not a bench report ({type(err).__name__}: {err})\n")
+    for kind, path in paths.items():
+        print(f"{kind}: {path or 'skipped (matplotlib is not installed)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -350,3 +350,45 @@ def test_peak_flops_table():
     assert flops.peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989.5e12
     assert flops.peak_flops("NVIDIA H100 PCIe", "fp16-amp") == 756e12
     assert flops.peak_flops("NVIDIA H200", "fp32") is None
+
+
+def test_holdout_check_predicts_the_largest_batch_from_the_others():
+    point = bench.SweepPoint("instructblip-flan-t5-xl")
+    entry = _fake_entry(point, 8 * bench.GIB, bench.GIB // 4, sizes=(1, 4, 8, 64))
+    entry["results"][-1]["peak_allocated_bytes"] += bench.GIB  # batch 64 needs 1 GiB more than the line says
+    [check] = bench_report.holdout_checks([entry, _fake_entry(point, 0, 1, sizes=(1, 2))])  # 2 batches: no check
+    measured = 8 * bench.GIB + 64 * (bench.GIB // 4) + bench.GIB
+    assert check["fitted_on"] == [1, 4, 8] and check["batch_size"] == 64
+    assert check["predicted_gib"] == pytest.approx(measured / bench.GIB - 1)
+    assert check["relative_error"] == pytest.approx(-bench.GIB / measured)
+
+
+def test_bench_report_rerenders_a_saved_report(cpu_report, tmp_path, capsys):
+    report, _ = cpu_report
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps(report))
+    assert bench_report.main([str(saved), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / f"{bench_report.report_stem(report)}.md").read_text() == bench_report.markdown(report)
+    (tmp_path / "broken.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        bench_report.main([str(tmp_path / "broken.json")])
+    assert exit_info.value.code == 2 and "broken.json: not a bench report" in capsys.readouterr().err
+
+
+def test_memory_cap_names_the_device_index(monkeypatch):
+    # torch.cuda.set_per_process_memory_fraction refuses a bare "cuda" device (seen on the H200 run)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 80 * bench.GIB}))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: calls.append((fraction, device)))
+    monkeypatch.setattr(bench, "free_memory", lambda collect=True: None)
+    with bench.memory_cap(24 * bench.GIB, torch.device("cuda")) as fraction:
+        assert fraction == 24 / 80
+    with bench.memory_cap(40 * bench.GIB, torch.device("cuda", 1)):
+        pass
+    assert calls == [(0.3, 0), (1.0, 0), (0.5, 1), (1.0, 1)]
+
+
+def test_grid_turns_step_options_on():
+    [point] = bench.grid(TINY_IB, compile_qformer=True, feature_cache=True)
+    assert point.compile_qformer and point.feature_cache and not point.fused_optimizer
