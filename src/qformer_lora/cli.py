@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import bench, checkpoint, compat, data, infer, lora, presets, train
+from . import bench, checkpoint, compat, data, distributed, infer, lora, presets, train
 
 
 def _add_lora_options(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +64,8 @@ def cmd_train(args) -> int:
                  if getattr(args, name, None) is not None}
     config = train.load_run_config(args.config, overrides)
     metrics = train.train(config, resume=args.resume)
-    print(json.dumps(metrics, indent=2))
+    if distributed.is_main():  # under torchrun every process returns the same metrics: print them once
+        print(json.dumps(metrics, indent=2))
     return 0
 
 
@@ -134,7 +135,8 @@ def cmd_bench(args) -> int:
     points = (bench.default_points() if args.preset is None else
               bench.grid(args.preset, scopes=args.scope, precisions=args.precision, forwards=args.forward,
                          lm_activation_checkpointing=args.lm_checkpointing, family=args.family,
-                         validate_budget_gib=args.validate_budget_gib))
+                         validate_budget_gib=args.validate_budget_gib, feature_cache=args.feature_cache,
+                         fused_optimizer=args.fused_optimizer, compile_qformer=args.compile_qformer))
     report, paths = bench.run_benchmark(points, tuple(args.batch_sizes), device=args.device, shape=shape,
                                         report_dir=args.out, steps=args.steps)
     print(report["paragraph"])
@@ -157,6 +159,10 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--forward", nargs="+", choices=bench.FORWARDS, default=["custom"],
                    help="custom forward or the library's own (through a plain PeftModel)")
     p.add_argument("--lm-checkpointing", action="store_true", help="activation checkpointing in the language model")
+    p.add_argument("--feature-cache", action="store_true", help="vision features from a warm in-memory cache")
+    p.add_argument("--fused-optimizer", action="store_true", help="AdamW(fused=True) where available")
+    p.add_argument("--compile-qformer", action="store_true",
+                   help="torch.compile the Q-Former (static shapes; compiled at each batch size's warm-up step)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16], metavar="N")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--answer-len", type=int, default=16)

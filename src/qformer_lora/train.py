@@ -10,6 +10,9 @@ Choices that make runs comparable:
 * The model runs in eval mode (no dropout in the frozen parts or the Q-Former) and the
   data order of epoch e is a permutation seeded by (seed, e), so resuming from a
   checkpoint replays exactly what an uninterrupted run would have done.
+* Under ``torchrun`` (distributed.py) each of N processes takes its shard of that order and
+  DDP averages the adapter gradients: batch 4 on 2 processes follows the curve of batch 8
+  on one.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, doctor, feature_cache, forward, lora, numerics, presets, step_options
+from . import checkpoint, data, distributed, doctor, feature_cache, forward, lora, numerics, presets, step_options
 
 PRECISIONS = ("fp32", "bf16", "fp16-amp", "fp16-pure")
 # A random frozen language model cannot be steered by a Q-Former adapter, so the embedded
@@ -85,8 +88,8 @@ HELP = {
     "image_root": "directory image paths are resolved in (default: the manifest's directory)",
     "output_dir": "run directory: metrics.jsonl and checkpoints/",
     "epochs": "number of epochs",
-    "batch_size": "samples per micro-batch",
-    "grad_accum": "micro-batches per optimizer step (global batch = batch_size x grad_accum)",
+    "batch_size": "samples per micro-batch (per process under torchrun)",
+    "grad_accum": "micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)",
     "lr": "peak learning rate of AdamW",
     "weight_decay": "AdamW weight decay",
     "adam_eps": "AdamW epsilon",
@@ -227,6 +230,8 @@ def linear_warmup_decay(optimizer, warmup_steps: int, total_steps: int):
 def make_loader(dataset, collator, batch_size: int, seed: int, epoch: int, shuffle: bool):
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
     sampler = torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle else None
+    if shuffle and distributed.world_size() > 1:  # under torchrun: this process's shard of the same order
+        return distributed.shard_loader(dataset, collator, batch_size, sampler)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator)
 
 
@@ -286,13 +291,15 @@ def majority_baseline(samples) -> float:
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
+    if not distributed.is_main():  # under torchrun only rank 0 writes the log
+        return
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
     """Drop log lines written after the checkpoint we resume from (an interrupted run's tail)."""
-    if not path.exists():
+    if not path.exists() or not distributed.is_main():
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()
             if json.loads(line).get("step", 0) <= last_step]
@@ -305,14 +312,17 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, device: 
     """Run training; returns the final metrics. ``resume``: a checkpoint dir or 'latest'."""
     # deterministic mode is process-wide in torch: restore the caller's setting afterwards
     previous = torch.are_deterministic_algorithms_enabled()
+    device, started = distributed.setup(device)  # a process group under torchrun, nothing otherwise
     try:
         return _run(config, resume, device)
     finally:
+        distributed.teardown(started)
         torch.use_deterministic_algorithms(previous)
 
 
 def _run(config: TrainConfig, resume, device) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    main = distributed.is_main()
     findings = doctor.examine(config, device=device)  # refuse known-bad precision before building anything
     doctor.enforce(findings, config.allow_unsafe)
     if config.deterministic:
@@ -340,7 +350,8 @@ def _run(config: TrainConfig, resume, device) -> dict:
     optimizer, choice = step_options.make_optimizer(params, lr=config.lr, eps=config.adam_eps,
                                                     weight_decay=config.weight_decay, fused=config.fused_optimizer)
     choices.append(choice)
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / config.batch_size) / config.grad_accum)
+    global_batch = config.batch_size * distributed.world_size()
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / global_batch) / config.grad_accum)
     scheduler = linear_warmup_decay(optimizer, config.warmup_steps, steps_per_epoch * config.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16-amp")
 
@@ -367,16 +378,18 @@ def _run(config: TrainConfig, resume, device) -> dict:
         state = checkpoint.restore(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
         _truncate_log(log_path, global_step)
-    elif log_path.exists():
+    elif log_path.exists() and main:
         log_path.unlink()  # a fresh run starts a fresh log
 
     reported = {f.code for f in findings}
     doctor.enforce([f for f in doctor.check_model(model, optimizer) if f.code not in reported], config.allow_unsafe)
 
+    trainer = distributed.wrap(model, device)  # custom_forward as a module; in DDP under torchrun
+
     def run_forward(batch):  # the localiser re-runs a failing batch exactly like the loop does
         with autocast_context(config.precision, device):  # cached features: same autocast as the forward
             batch = feature_cache.attach_cached_features(model, batch, cache)
-            return forward.custom_forward(model, batch, reduction="sum")
+            return trainer(batch, reduction="sum")
 
     guard = numerics.Guard(config.guard, model, optimizer, scheduler, run_forward=run_forward,
                            max_rollbacks=config.max_rollbacks, rollback_lr_factor=config.rollback_lr_factor,
@@ -392,8 +405,8 @@ def _run(config: TrainConfig, resume, device) -> dict:
     metrics: dict = {}
     for epoch in range(start_epoch, last_epoch + 1):
         loader = make_loader(train_set, collator, config.batch_size, config.seed, epoch, shuffle=True)
-        bar = tqdm(groups_of(loader, config.grad_accum), total=steps_per_epoch, disable=not config.progress,
-                   desc=f"epoch {epoch}/{config.epochs}", leave=False)
+        bar = tqdm(groups_of(loader, config.grad_accum), total=steps_per_epoch,
+                   disable=not (config.progress and main), desc=f"epoch {epoch}/{config.epochs}", leave=False)
         epoch_loss, epoch_tokens = 0.0, 0
         for group in bar:
             started = time.perf_counter()
@@ -401,16 +414,23 @@ def _run(config: TrainConfig, resume, device) -> dict:
                 for b in group:
                     b["image_keys"] = feature_cache.pixel_keys(b["pixel_values"])
             group = [to_device(b, device) for b in group]
-            if not guard.inputs_ok(group, global_step):  # one isfinite per batch on pixel_values
+            inputs_ok = guard.inputs_ok(group, global_step)  # one isfinite per batch on pixel_values
+            # totals over all processes under torchrun (one all-reduce): every rank skips the same
+            # groups, and the loss is normalised by the global target count
+            bad_inputs, group_tokens, samples = distributed.all_sum(
+                [int(not inputs_ok), sum(forward.target_count(b) for b in group),
+                 sum(distributed.sample_count(b) for b in group)], device)
+            if bad_inputs:
                 continue
-            group_tokens = sum(forward.target_count(b) for b in group)
             batch_losses = []
-            for batch in group:
-                out = run_forward(batch)
-                loss = out.loss / group_tokens
-                scaler.scale(loss).backward()
+            for i, batch in enumerate(group):
+                with distributed.accumulating(trainer, last=i == len(group) - 1):
+                    out = run_forward(batch)
+                    # x processes: DDP averages the ranks' gradients, this makes the average their sum
+                    loss = out.loss / group_tokens * distributed.world_size()
+                    scaler.scale(loss).backward()
                 batch_losses.append(float(out.loss.detach()))
-            group_loss = sum(batch_losses)
+            group_loss, = distributed.all_sum([sum(batch_losses)], device)
             scaler.unscale_(optimizer)
             # leaves non-finite gradients as they are, so the localiser can name the first one
             grad_norm = numerics.clip_gradients(params, config.max_grad_norm)
@@ -426,7 +446,6 @@ def _run(config: TrainConfig, resume, device) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
-            samples = sum(len(b["ids"]) for b in group)
             record = {"type": "step", "epoch": epoch, "step": global_step, "loss": group_loss / group_tokens,
                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                       "samples_per_s": samples / (time.perf_counter() - started)}
@@ -443,10 +462,10 @@ def _run(config: TrainConfig, resume, device) -> dict:
         if cache is not None:
             metrics["feature_cache_hit_rate"] = cache.stats.hit_rate
         _append_jsonl(log_path, metrics)
-        if config.progress:
+        if config.progress and main:
             tqdm.write(f"epoch {epoch}: train loss {metrics['train_loss']:.4f}  val loss {metrics['val_loss']:.4f}  "
                        f"val accuracy {metrics['val_accuracy']:.3f} (majority answer {baseline:.3f})")
-        if checkpoint.should_save(epoch, config.epochs, config.save_every):
+        if main and checkpoint.should_save(epoch, config.epochs, config.save_every):
             checkpoint.save(run_dir, epoch, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                             global_step=global_step, config=asdict(config), keep_last=config.keep_last or None,
                             metrics=metrics)
