@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
+import shutil
+import sys
 
 import peft
 import torch
@@ -257,3 +260,58 @@ def finish_meta_model(model):
     if first is not None and first.is_meta:
         model.tie_weights()
     return model
+
+
+# ----------------------------------------------------------------------------- torch features (step options)
+
+def fused_adamw_unavailable_reason(params) -> str | None:
+    """Why ``AdamW(fused=True)`` cannot take ``params`` here, or None.
+
+    Fused kernels exist for CUDA since torch 2.0 and for CPU since 2.4; torch lists the
+    device types in a private helper, so a torch without it is treated as having none.
+    """
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+    except ImportError:
+        return f"torch {torch.__version__} does not list fused optimizer kernels"
+    devices = _get_fused_kernels_supported_devices()
+    for p in params:
+        if not torch.is_floating_point(p):
+            return f"a parameter has dtype {p.dtype}; fused AdamW needs floating-point parameters"
+        if p.device.type not in devices:
+            return f"torch {torch.__version__} has no fused AdamW kernel for {p.device.type} (has: {devices})"
+    return None
+
+
+def torch_compile_unavailable_reason(device_type: str) -> str | None:
+    """Why torch.compile cannot work for ``device_type`` here, or None (it may still fail later)."""
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile (added in 2.0)"
+    from torch import _dynamo
+
+    if not _dynamo.is_dynamo_supported():
+        return f"torch {torch.__version__} cannot compile on Python {sys.version_info[0]}.{sys.version_info[1]}"
+    if device_type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
+        return "no C++ compiler (g++ or clang++, or $CXX) for inductor's CPU kernels"
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "triton is not installed: inductor cannot generate GPU kernels"
+    return None
+
+
+# torch 2.4 made torch.is_autocast_enabled / get_autocast_dtype take the device type; before,
+# CPU and CUDA had their own functions.
+AUTOCAST_BY_DEVICE_TYPE = Version("2.4.0")
+
+
+def autocast_state(device_type: str) -> str:
+    """"no-autocast" or e.g. "autocast-torch.float16": the autocast mode ``device_type`` runs in now."""
+    if TORCH >= AUTOCAST_BY_DEVICE_TYPE:
+        enabled, dtype = torch.is_autocast_enabled(device_type), lambda: torch.get_autocast_dtype(device_type)
+    elif device_type == "cuda":
+        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype
+    else:
+        enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype
+    return f"autocast-{dtype()}" if enabled else "no-autocast"

@@ -115,18 +115,6 @@ def _weights_state(vision) -> tuple:
     return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in vision.state_dict(keep_vars=True).values())
 
 
-def _local_autocast_state(device_type: str) -> str:
-    # Until compat.autocast_state is wired in: torch >= 2.4 takes the device type here.
-    if torch.is_autocast_enabled(device_type):
-        return f"autocast-{torch.get_autocast_dtype(device_type)}"
-    return "no-autocast"
-
-
-# The autocast mode the features are computed in ("no-autocast" or "autocast-torch.float16"):
-# part of the cache namespace, because autocast changes the encoder's arithmetic.
-_autocast_state = getattr(compat, "autocast_state", _local_autocast_state)
-
-
 def refusal_reason(model, augment: bool) -> str | None:
     """Why features of this model/data are not a function of the image alone, or None."""
     if augment:
@@ -208,7 +196,7 @@ class FeatureCache:
             self._vision, self._weights, self.fingerprint = vision, weights, fingerprint
 
     def _namespace(self, device_type: str) -> str:
-        return hashlib.sha256(f"{self.fingerprint}|{_autocast_state(device_type)}".encode()).hexdigest()[:32]
+        return hashlib.sha256(f"{self.fingerprint}|{compat.autocast_state(device_type)}".encode()).hexdigest()[:32]
 
     def _path(self, namespace: str, key: str) -> Path:
         return self.directory / namespace / key[:2] / f"{key}.safetensors"

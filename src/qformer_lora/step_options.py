@@ -12,15 +12,12 @@ it differs (a ``Choice``), so a run log says "fused AdamW requested, foreach use
    a function, with a probe call that turns a compile failure into a recorded fallback.
 4. ``build_feature_cache``: the vision-feature cache (feature_cache.py) from an option.
 
-Version and feature checks belong in compat.py; until ``compat.fused_adamw_unavailable_reason``,
-``compat.torch_compile_unavailable_reason`` exist, the local fallbacks below stand in.
+What the installed torch can do (fused kernels, compile) is asked of compat.py.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -96,26 +93,6 @@ def set_lm_checkpointing(model, enabled: bool) -> Choice:
 
 # ----------------------------------------------------------------------------- 2. the optimizer
 
-def _local_fused_adamw_unavailable_reason(params) -> str | None:
-    # Stand-in for compat.fused_adamw_unavailable_reason: CUDA kernels since torch 2.0,
-    # CPU since 2.4; torch lists the device types in a private helper.
-    try:
-        from torch.optim.optimizer import _get_fused_kernels_supported_devices
-    except ImportError:
-        return f"torch {torch.__version__} does not list fused optimizer kernels"
-    devices = _get_fused_kernels_supported_devices()
-    for p in params:
-        if not torch.is_floating_point(p):
-            return f"a parameter has dtype {p.dtype}; fused AdamW needs floating-point parameters"
-        if p.device.type not in devices:
-            return f"torch {torch.__version__} has no fused AdamW kernel for {p.device.type} (has: {devices})"
-    return None
-
-
-_fused_adamw_unavailable_reason = getattr(compat, "fused_adamw_unavailable_reason",
-                                          _local_fused_adamw_unavailable_reason)
-
-
 def make_optimizer(params, lr: float, eps: float = 1e-8, weight_decay: float = 0.0,
                    fused: bool | None = None) -> tuple[torch.optim.AdamW, Choice]:
     """AdamW and the implementation used.
@@ -128,7 +105,7 @@ def make_optimizer(params, lr: float, eps: float = 1e-8, weight_decay: float = 0
     kwargs = dict(lr=lr, eps=eps, weight_decay=weight_decay)
     if fused is False:
         return torch.optim.AdamW(params, **kwargs), Choice("fused_optimizer", False, "default")
-    reason = _fused_adamw_unavailable_reason(params)
+    reason = compat.fused_adamw_unavailable_reason(params)
     if reason is None:
         try:
             return torch.optim.AdamW(params, fused=True, **kwargs), Choice("fused_optimizer", fused, "fused")
@@ -140,28 +117,6 @@ def make_optimizer(params, lr: float, eps: float = 1e-8, weight_decay: float = 0
 
 
 # ----------------------------------------------------------------------------- 3. compile
-
-def _local_torch_compile_unavailable_reason(device_type: str) -> str | None:
-    # Stand-in for compat.torch_compile_unavailable_reason.
-    if not hasattr(torch, "compile"):
-        return f"torch {torch.__version__} has no torch.compile (added in 2.0)"
-    from torch import _dynamo
-
-    if not _dynamo.is_dynamo_supported():
-        return f"torch {torch.__version__} cannot compile on Python {sys.version_info[0]}.{sys.version_info[1]}"
-    if device_type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
-        return "no C++ compiler (g++ or clang++, or $CXX) for inductor's CPU kernels"
-    if device_type == "cuda":
-        from torch.utils._triton import has_triton
-
-        if not has_triton():
-            return "triton is not installed: inductor cannot generate GPU kernels"
-    return None
-
-
-_torch_compile_unavailable_reason = getattr(compat, "torch_compile_unavailable_reason",
-                                            _local_torch_compile_unavailable_reason)
-
 
 def _uncompile(target) -> None:
     if isinstance(target, torch.nn.Module) and "forward" in vars(target):
@@ -182,7 +137,7 @@ def maybe_compile(target, enabled: bool, *, probe=None, device_type: str | None 
     if device_type is None:
         first = next(iter(target.parameters()), None) if isinstance(target, torch.nn.Module) else None
         device_type = first.device.type if first is not None else "cpu"
-    reason = _torch_compile_unavailable_reason(device_type)
+    reason = compat.torch_compile_unavailable_reason(device_type)
     if reason is None:
         try:
             if isinstance(target, torch.nn.Module):

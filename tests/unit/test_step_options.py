@@ -122,7 +122,7 @@ def assert_curves_close(observed, reference, rtol: float, what: str):
 
 
 def test_fused_adamw_matches_foreach_over_five_steps():
-    reason = step_options._fused_adamw_unavailable_reason([torch.zeros(1)])
+    reason = compat.fused_adamw_unavailable_reason([torch.zeros(1)])
     if reason is not None:
         pytest.skip(f"no fused AdamW on CPU here: {reason}")
     model = adapter_model()
@@ -140,7 +140,7 @@ def test_fused_adamw_matches_foreach_over_five_steps():
 
 
 def test_fused_request_falls_back_to_foreach_with_the_reason(monkeypatch):
-    monkeypatch.setattr(step_options, "_fused_adamw_unavailable_reason", lambda params: "no kernel here")
+    monkeypatch.setattr(compat, "fused_adamw_unavailable_reason", lambda params: "no kernel here")
     params = [torch.nn.Parameter(torch.ones(3))]
     with pytest.warns(UserWarning, match="no kernel here"):
         opt, choice = step_options.make_optimizer(params, lr=1e-3, fused=True)
@@ -152,7 +152,7 @@ def test_fused_request_falls_back_to_foreach_with_the_reason(monkeypatch):
 
 
 def test_integer_parameters_are_reported_unfused():
-    reason = step_options._fused_adamw_unavailable_reason([torch.zeros(2, dtype=torch.long)])
+    reason = compat.fused_adamw_unavailable_reason([torch.zeros(2, dtype=torch.long)])
     assert reason is not None and "floating-point" in reason
 
 
@@ -165,7 +165,7 @@ def test_compile_failure_is_recorded_and_undone(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("backend exploded\nlong traceback")
 
-    monkeypatch.setattr(step_options, "_torch_compile_unavailable_reason", lambda device_type: None)
+    monkeypatch.setattr(compat, "torch_compile_unavailable_reason", lambda device_type: None)
     monkeypatch.setattr(torch, "compile", broken)
     with pytest.warns(UserWarning, match="backend exploded"):
         target, choice = step_options.maybe_compile(qformer, True)
@@ -174,7 +174,7 @@ def test_compile_failure_is_recorded_and_undone(monkeypatch):
 
 
 def test_compile_unavailable_is_recorded(monkeypatch):
-    monkeypatch.setattr(step_options, "_torch_compile_unavailable_reason", lambda device_type: "no compiler")
+    monkeypatch.setattr(compat, "torch_compile_unavailable_reason", lambda device_type: "no compiler")
     with pytest.warns(UserWarning, match="no compiler"):
         fn, choice = step_options.maybe_compile(math.sqrt, True)
     assert fn is math.sqrt and choice.reason == "no compiler"
@@ -191,7 +191,7 @@ def test_compiled_qformer_matches_eager_over_five_steps(backend):
     about 90 s on this shared 2-core CPU with an empty inductor cache, about 35 s once
     inductor's on-disk cache (/tmp/torchinductor_$USER) holds them.
     """
-    reason = step_options._torch_compile_unavailable_reason("cpu")
+    reason = compat.torch_compile_unavailable_reason("cpu")
     if reason is not None:
         pytest.skip(f"torch.compile cannot run here: {reason}")
     model = adapter_model()
@@ -213,3 +213,10 @@ def test_compiled_qformer_matches_eager_over_five_steps(backend):
     assert_curves_close(observed, reference, COMPILE_RTOL, f"compiled Q-Former ({backend}) vs eager")
     names = {n for n, _ in model.named_parameters()}
     assert names == {n for n, _ in eager.named_parameters()}, "compiling changed the parameter names"
+
+
+def test_autocast_state_names_the_mode_the_features_are_computed_in():
+    assert compat.autocast_state("cpu") == "no-autocast"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compat.autocast_state("cpu") == "autocast-torch.bfloat16"
+    assert compat.autocast_state("cpu") == "no-autocast"
