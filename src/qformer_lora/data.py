@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from . import compat
 from .forward import IGNORE_INDEX  # the label value every loss here ignores
 from .presets import FIXTURES_DIR  # the one place that locates fixtures/
 
@@ -201,7 +202,7 @@ def build_processor(family: str, checkpoint_dir: str | Path | None = None, image
         # a hub repo id and try the network.
         if not checkpoint_dir.is_dir():
             raise FileNotFoundError(f"checkpoint directory {checkpoint_dir} does not exist")
-        return cls.from_pretrained(str(checkpoint_dir), local_files_only=True)
+        return compat.load_processor(cls, checkpoint_dir)  # also a 5.x-saved directory on 4.x
 
     image_processor = _blip_image_processor(image_size)
     tokenizer = AutoTokenizer.from_pretrained(str(LM_TOKENIZER_DIR), local_files_only=True)
