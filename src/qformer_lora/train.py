@@ -49,7 +49,9 @@ class TrainConfig:
     epochs: int = 40
     batch_size: int = 16
     grad_accum: int = 1
-    lr: float = 3e-3
+    # 6e-3 rather than 3e-3: on the tiny base both cut the val loss to ~0.32 x in 40 epochs, but
+    # 6e-3 ends more accurate (0.646 vs 0.604, measured on CPU)
+    lr: float = 6e-3
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
     warmup_steps: int = 10

@@ -50,10 +50,13 @@ def test_default_run_learns(default_run):
     history = epochs(default_run)
     start, end = history[0], history[-1]
     assert start["epoch"] == 0 and end["epoch"] == train.TrainConfig().epochs
-    # Figures reached on CPU (torch 2.13, transformers 5.24): val loss 0.953 -> 0.595,
-    # accuracy 0.208 -> 0.458 against a majority-answer baseline of 0.208.
-    assert end["val_loss"] <= 0.65 * start["val_loss"], (start["val_loss"], end["val_loss"])
-    assert end["val_accuracy"] >= end["majority_baseline"] + 0.15, end
+    # Figures reached on CPU (torch 2.13, transformers 5.24): val loss 1.106 -> 0.357 (0.32 x),
+    # accuracy 0.438 -> 0.646 against a majority-answer baseline of 0.208. The issue asks for
+    # the loss to at least halve; accuracy must beat the majority answer by 0.30 (15 of the
+    # 48 val questions), which the start (re-initialised Q-Former: 0.438, what the questions
+    # alone give away) does not, so the adapter has to read the image to pass.
+    assert end["val_loss"] <= 0.5 * start["val_loss"], (start["val_loss"], end["val_loss"])
+    assert end["val_accuracy"] >= end["majority_baseline"] + 0.30, end
     assert end["train_loss"] < history[1]["train_loss"]
 
 
