@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import bench, checkpoint, compat, data, distributed, infer, lora, presets, train
+from . import bench, checkpoint, compat, data, distributed, infer, lora, presets, run_config, train
 
 
 def _add_lora_options(parser: argparse.ArgumentParser) -> None:
@@ -60,9 +60,9 @@ def format_scope_report(report: dict) -> str:
 
 
 def cmd_train(args) -> int:
-    overrides = {name: getattr(args, name) for name in train.TrainConfig.__dataclass_fields__
+    overrides = {name: getattr(args, name) for name in run_config.TrainConfig.__dataclass_fields__
                  if getattr(args, name, None) is not None}
-    config = train.load_run_config(args.config, overrides)
+    config = run_config.load_run_config(args.config, overrides)
     metrics = train.train(config, resume=args.resume)
     if distributed.is_main():  # under torchrun every process returns the same metrics: print them once
         print(json.dumps(metrics, indent=2))
@@ -78,13 +78,13 @@ def add_train_parser(sub) -> None:
     p.add_argument("--config", help="TOML run config")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint directory, or the run's latest when no path is given")
-    defaults = train.TrainConfig()
-    for name, field in train.TrainConfig.__dataclass_fields__.items():
+    defaults = run_config.TrainConfig()
+    for name, field in run_config.TrainConfig.__dataclass_fields__.items():
         default = getattr(defaults, name)
         shown = ",".join(default) if isinstance(default, tuple) else default
-        # strings are parsed by train.coerce, which names the option on a bad value
+        # strings are parsed by run_config.coerce, which names the option on a bad value
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar="VALUE",
-                       help=f"{train.HELP[name]} (default: {shown})")
+                       help=f"{run_config.HELP[name]} (default: {shown})")
     p.set_defaults(func=cmd_train)
 
 
@@ -232,10 +232,10 @@ def cmd_doctor(args) -> int:
     """Print the precision doctor's findings; exit status 1 if any finding is fatal."""
     import torch
 
-    from . import doctor, train
+    from . import doctor
 
-    defaults = train.TrainConfig()
-    config = train.TrainConfig(
+    defaults = run_config.TrainConfig()
+    config = run_config.TrainConfig(
         preset=args.preset, base_checkpoint=args.base_checkpoint, precision=args.precision,
         lr=defaults.lr if args.lr is None else args.lr,
         adam_eps=defaults.adam_eps if args.adam_eps is None else args.adam_eps,
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (presets.PresetError, lora.ScopeError, train.ConfigError, data.ManifestError, data.ImageLoadError,
+    except (presets.PresetError, lora.ScopeError, run_config.ConfigError, data.ManifestError, data.ImageLoadError,
             checkpoint.CheckpointError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"qformer-lora: error: {err}", file=sys.stderr)
         return 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from qformer_lora import checkpoint, cli, data, forward, infer, presets, train
+from qformer_lora import checkpoint, cli, data, forward, infer, presets, run_config, train
 
 from ..conftest import check_against_release
 
@@ -166,14 +165,14 @@ def test_export_merges_the_adapter(default_run, tmp_path):
 def test_bad_run_config_is_named(tmp_path, toml, message):
     path = tmp_path / "run.toml"
     path.write_text(toml)
-    with pytest.raises(train.ConfigError, match=message):
-        train.load_run_config(path)
+    with pytest.raises(run_config.ConfigError, match=message):
+        run_config.load_run_config(path)
 
 
 def test_flags_override_the_run_config_and_bad_manifest_writes_nothing(tmp_path, capsys):
     config = tmp_path / "run.toml"
     config.write_text("epochs = 3\nlr = 0.01\n")
-    merged = train.load_run_config(config, {"lr": "0.002", "targets": "query,value"})
+    merged = run_config.load_run_config(config, {"lr": "0.002", "targets": "query,value"})
     assert (merged.epochs, merged.lr, merged.targets) == (3, 0.002, ("query", "value"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "images/train_000.png", "instruction": "q?", "answer": "red"}\n{oops\n')
