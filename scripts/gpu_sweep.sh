@@ -26,7 +26,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 start=$(date +%s)
 status=0
 timeout --signal=INT --kill-after=20 "$LIMIT" \
-    "$PYTHON" -m pytest -m gpu -x -q -p no:cacheprovider --benchmark-json="$OUT/benchmark.json" tests/gpu "$@" \
+    "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --benchmark-json="$OUT/benchmark.json" tests/gpu "$@" \
     || status=$?
 echo "gpu_sweep: exit $status after $(( $(date +%s) - start )) s (limit ${LIMIT} s); files in $OUT:"
 ls -l "$OUT"
