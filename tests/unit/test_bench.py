@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from qformer_lora import bench, bench_report, compat, flops, lora
+from qformer_lora import bench, bench_report, compat, device, flops, lora
 
 TINY_IB, TINY_B2 = "tiny-instructblip-flan-t5", "tiny-blip2-flan-t5"
 SHAPE = bench.SequenceShape(prompt_len=6, answer_len=3, instruction_len=4)
@@ -381,10 +381,10 @@ def test_memory_cap_names_the_device_index(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 80 * bench.GIB}))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: calls.append((fraction, device)))
-    monkeypatch.setattr(bench, "free_memory", lambda collect=True: None)
-    with bench.memory_cap(24 * bench.GIB, torch.device("cuda")) as fraction:
+    monkeypatch.setattr(device, "free_memory", lambda collect=True: None)
+    with device.memory_cap(24 * bench.GIB, torch.device("cuda")) as fraction:
         assert fraction == 24 / 80
-    with bench.memory_cap(40 * bench.GIB, torch.device("cuda", 1)):
+    with device.memory_cap(40 * bench.GIB, torch.device("cuda", 1)):
         pass
     assert calls == [(0.3, 0), (1.0, 0), (0.5, 1), (1.0, 1)]
 
