@@ -299,6 +299,7 @@ class Collator:
         decoder_only: bool,
         max_prompt_tokens: int = 32,
         max_answer_tokens: int = 16,
+        static_qformer_length: bool = False,
     ):
         if family not in FAMILIES:
             raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
@@ -312,6 +313,10 @@ class Collator:
         self.decoder_only = decoder_only
         self.max_prompt_tokens = max_prompt_tokens
         self.max_answer_tokens = max_answer_tokens
+        # Q-Former text padded to max_prompt_tokens in every batch: a compiled Q-Former then sees
+        # one shape (padding is masked, so the query outputs are unchanged). With shapes varying
+        # per batch, dynamo recompiles with dynamic shapes, which failed in inductor on the H200.
+        self.static_qformer_length = static_qformer_length
 
         self.pad_id = _required_id(self.tokenizer, "pad_token_id")
         self.eos_id = _required_id(self.tokenizer, "eos_token_id")
@@ -337,7 +342,8 @@ class Collator:
                 + [self.qformer_sep_id]
                 for ex in examples
             ]
-            batch["qformer_input_ids"], batch["qformer_attention_mask"] = _pad(qf, self.qformer_pad_id)
+            batch["qformer_input_ids"], batch["qformer_attention_mask"] = _pad(
+                qf, self.qformer_pad_id, self.max_prompt_tokens if self.static_qformer_length else None)
 
         prompts, answers = [], []
         for ex in examples:
@@ -385,9 +391,9 @@ def _required_id(tokenizer: Any, attr: str) -> int:
     return int(value)
 
 
-def _pad(rows: list[list[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest row; return (ids, mask with 1 on real tokens)."""
-    width = max(len(r) for r in rows)
+def _pad(rows: list[list[int]], pad_value: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to ``width`` (default: the longest row); return (ids, mask with 1 on real tokens)."""
+    width = width or max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):

@@ -186,7 +186,8 @@ def _run(config: TrainConfig, resume, device) -> dict:
 
     processor = data.build_processor(family, config.base_checkpoint, image_size=image_size)
     collator = data.Collator(processor, family=family, decoder_only=decoder_only,
-                             max_prompt_tokens=config.max_prompt_tokens, max_answer_tokens=config.max_answer_tokens)
+                             max_prompt_tokens=config.max_prompt_tokens, max_answer_tokens=config.max_answer_tokens,
+                             static_qformer_length=config.compile_qformer)
     train_samples = data.read_manifest(config.train_manifest, config.image_root)
     val_samples = data.read_manifest(config.val_manifest, config.image_root)
     train_set, val_set = data.ManifestDataset(train_samples), data.ManifestDataset(val_samples)
@@ -214,7 +215,10 @@ def _run(config: TrainConfig, resume, device) -> dict:
                 forward.custom_forward(model, probe_batch, reduction="sum").loss.backward()
             optimizer.zero_grad(set_to_none=True)
 
-        choices.append(step_options.maybe_compile(model.get_base_model().qformer, True, probe=probe)[1])
+        # static shapes: the collator pads the Q-Former text to one length; a smaller last batch
+        # compiles once more. Dynamic-shape recompiles failed in inductor (torch 2.11, H200).
+        choices.append(step_options.maybe_compile(model.get_base_model().qformer, True, probe=probe,
+                                                  dynamic=False)[1])
     start_epoch, global_step = 1, 0
     if resume is not None:
         path = checkpoint.latest_checkpoint(run_dir) if str(resume) == "latest" else Path(resume)

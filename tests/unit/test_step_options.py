@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from qformer_lora import compat, forward, lora, presets, step_options, synthetic
+from qformer_lora import compat, data, forward, lora, presets, run_config, step_options, synthetic, train
 
 T5, OPT = "tiny-instructblip-flan-t5", "tiny-blip2-opt"
 # Checkpointing recomputes the same layers, but transformers marks T5's position bias as
@@ -220,3 +220,41 @@ def test_autocast_state_names_the_mode_the_features_are_computed_in():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert compat.autocast_state("cpu") == "autocast-torch.bfloat16"
     assert compat.autocast_state("cpu") == "no-autocast"
+
+
+def test_static_qformer_length_changes_the_shape_not_the_loss():
+    # what train.py collates with when compiling: one Q-Former text shape in every batch
+    config = run_config.TrainConfig()
+    model, _ = train.build_adapter_model(config)
+    processor = data.build_processor("instructblip", config.base_checkpoint)
+    dataset = data.ManifestDataset(data.read_manifest(config.train_manifest))
+    examples = [dataset[i] for i in range(4)]
+
+    def collate(static: bool) -> dict:
+        return data.Collator(processor, "instructblip", decoder_only=False, max_prompt_tokens=config.max_prompt_tokens,
+                             max_answer_tokens=config.max_answer_tokens, static_qformer_length=static)(examples)
+
+    dynamic, static = collate(False), collate(True)
+    assert static["qformer_input_ids"].shape[1] == config.max_prompt_tokens > dynamic["qformer_input_ids"].shape[1]
+    width = dynamic["qformer_input_ids"].shape[1]
+    assert torch.equal(static["qformer_attention_mask"][:, :width], dynamic["qformer_attention_mask"])
+    assert not static["qformer_attention_mask"][:, width:].any(), "the extra positions are padding"
+    with torch.no_grad():
+        losses = [forward.custom_forward(model, batch).loss for batch in (dynamic, static)]
+    # masked positions get exp(min - max) = 0 exactly in fp32 softmax; only summation order may differ
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+
+
+def test_training_compiles_the_qformer_with_static_shapes(monkeypatch, tmp_path):
+    calls, collators = [], []
+    real_collator = data.Collator
+
+    def fake_compile(target, enabled, **kwargs):  # records the call, runs eager
+        calls.append(kwargs)
+        return target, step_options.Choice("compile", enabled, "eager", "recorded by the test")
+
+    monkeypatch.setattr(step_options, "maybe_compile", fake_compile)
+    monkeypatch.setattr(data, "Collator", lambda *a, **k: collators.append(k) or real_collator(*a, **k))
+    train.train(run_config.TrainConfig(output_dir=str(tmp_path), epochs=1, progress=False, compile_qformer=True))
+    assert len(calls) == 1 and calls[0]["dynamic"] is False and callable(calls[0]["probe"]), calls
+    assert [k["static_qformer_length"] for k in collators] == [True]
