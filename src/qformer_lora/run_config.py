@@ -103,7 +103,8 @@ HELP = {
                         "per step; same loss and gradients)",
     "fused_optimizer": "AdamW implementation: true = fused (foreach with a warning where torch has no fused kernel "
                        "for the device), none = fused where available, false = torch's default",
-    "compile_qformer": "torch.compile the Q-Former (falls back to eager, with the reason logged, if compiling fails)",
+    "compile_qformer": "torch.compile the Q-Former with static shapes (its text is padded to max_prompt_tokens); "
+                       "falls back to eager, with the reason logged, if compiling fails",
     "feature_cache": "off | memory | disk: compute the frozen vision encoder's features once per image and reuse "
                      "them (exact; refused with image augmentation or a trainable vision encoder)",
     "feature_cache_dir": "directory of the disk feature cache (default: <output_dir>/feature_cache)",
