@@ -9,14 +9,13 @@ nothing here: it only runs once a check has fired.
 from __future__ import annotations
 
 import math
-import statistics
-import time
 
 import pytest
 import torch
 
 from qformer_lora import forward, lora, numerics
 
+from ..timing import interleaved_medians
 from .helpers import adapter_model, batches
 
 pytestmark = pytest.mark.stability
@@ -62,14 +61,7 @@ def test_guard_overhead_is_small():
     """The ratio, measured interleaved (none, raise, rollback, none, ...) so that drift in the
     machine's load hits every variant alike; sequential benchmarks on a shared machine do not."""
     steps = {variant: make_step(variant) for variant in VARIANTS}
-    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    for round_ in range(3 + ROUNDS):
-        for variant in VARIANTS[round_ % 3:] + VARIANTS[:round_ % 3]:  # rotate who goes first
-            started = time.perf_counter()
-            steps[variant]()
-            if round_ >= 3:  # warm-up rounds
-                times[variant].append(time.perf_counter() - started)
-    medians = {variant: statistics.median(values) for variant, values in times.items()}
+    medians = interleaved_medians(steps, rounds=ROUNDS, warmup=3)
     ratios = {variant: medians[variant] / medians["none"] for variant in ("raise", "rollback")}
     print(f"\nguard overhead on a healthy step (interleaved medians, {ROUNDS} rounds): "
           + ", ".join(f"{v} {r:.3f}x" for v, r in ratios.items()) + f"; no guard {medians['none'] * 1e3:.1f} ms")

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import copy
 import functools
-import statistics
-import time
 
 import pytest
 import torch
 
 from qformer_lora import compat, forward, lora, presets, synthetic
 from qformer_lora.feature_cache import FeatureCache, attach_cached_features
+
+from ..timing import interleaved_medians
 
 PRESET = "tiny-instructblip-flan-t5"
 BATCH = 8
@@ -77,14 +77,7 @@ def test_cache_speedup(tmp_path):
     """The ratio, measured interleaved so that load changes on a shared machine hit every
     variant alike (sequential benchmarks would not)."""
     steps = {variant: make_step(variant, tmp_path / variant)[0] for variant in VARIANTS}
-    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    for round_ in range(2 + RATIO_ROUNDS):
-        for variant in VARIANTS[round_ % 3:] + VARIANTS[:round_ % 3]:  # rotate who goes first
-            started = time.perf_counter()
-            steps[variant]()
-            if round_ >= 2:  # warm-up rounds
-                times[variant].append(time.perf_counter() - started)
-    medians = {variant: statistics.median(values) for variant, values in times.items()}
+    medians = interleaved_medians(steps, rounds=RATIO_ROUNDS, warmup=2)
     speedup = {variant: medians["no-cache"] / medians[variant] for variant in VARIANTS[1:]}
     print(f"\nfeature cache, {PRESET} batch {BATCH}, interleaved medians of {RATIO_ROUNDS} steps: "
           f"no cache {medians['no-cache'] * 1e3:.1f} ms, "
