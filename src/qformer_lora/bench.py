@@ -39,6 +39,11 @@ SEED_ROWS = (("BLIP-2 Q-Former LoRA", FULL_BLIP2, "qformer", "24"),
              ("InstructBLIP Q-Former-only LoRA", FULL_INSTRUCTBLIP, "qformer", "16-20 (expected)"))
 
 
+# The step options a SweepPoint can turn on (its boolean fields), with their label words, in order.
+STEP_OPTIONS = {"lm_activation_checkpointing": "lm-ckpt", "feature_cache": "feature-cache",
+                "fused_optimizer": "fused", "compile_qformer": "compiled"}
+
+
 @dataclass(frozen=True)
 class SweepPoint:
     """One configuration; ``batch_sizes=None`` takes the sweep's list."""
@@ -69,9 +74,8 @@ class SweepPoint:
 
     @property
     def label(self) -> str:
-        extras = ([f"as {self.family}"] * bool(self.family) + ["lm-ckpt"] * self.lm_activation_checkpointing
-                  + ["feature-cache"] * self.feature_cache + ["fused"] * self.fused_optimizer
-                  + ["compiled"] * self.compile_qformer)
+        extras = [f"as {self.family}"] * bool(self.family) + [word for field, word in STEP_OPTIONS.items()
+                                                               if getattr(self, field)]
         return " ".join([self.preset, self.scope, self.precision, self.forward, *extras])
 
     @property
@@ -128,8 +132,7 @@ def option_points(preset: str, batch_size: int = OPTIONS_BATCH) -> list[SweepPoi
 
 def is_plain(point: SweepPoint) -> bool:
     """The custom forward with no step option: the step whose FLOPs define MFU."""
-    return (point.forward == "custom" and not point.lm_activation_checkpointing and not point.feature_cache
-            and not point.fused_optimizer and not point.compile_qformer)
+    return point.forward == "custom" and not any(getattr(point, field) for field in STEP_OPTIONS)
 
 
 def ran(result: dict) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 from dataclasses import asdict
 
 from . import flops
-from .bench import OPTIONS_BATCH, SEED_ROWS, SweepPoint, is_plain, ran
+from .bench import OPTIONS_BATCH, SEED_ROWS, STEP_OPTIONS, SweepPoint, is_plain, ran
 from .capacity import BUDGETS_GIB, GIB, budgets, fit_linear, predict_max_batch
 
 
@@ -28,6 +28,13 @@ from .capacity import BUDGETS_GIB, GIB, budgets, fit_linear, predict_max_batch
 
 def _same_config(config: dict) -> tuple:
     return tuple(v for k, v in sorted(config.items()) if k not in ("batch_sizes", "validate_budget_gib", "forward"))
+
+
+def _memory_ratio(result: dict, base: dict) -> float | None:
+    """Peak allocated memory of ``result`` over ``base``; None without memory measurements (CPU)."""
+    if not (result["peak_allocated_bytes"] and base["peak_allocated_bytes"]):
+        return None
+    return result["peak_allocated_bytes"] / base["peak_allocated_bytes"]
 
 
 def compare_forwards(entries: list[dict]) -> list[dict]:
@@ -39,15 +46,12 @@ def compare_forwards(entries: list[dict]) -> list[dict]:
             ok = {r["batch_size"]: r for r in custom["results"] if ran(r)}
             for n in (r for r in native["results"] if ran(r) and r["batch_size"] in ok):
                 c = ok[n["batch_size"]]
-                memory = (c["peak_allocated_bytes"] / n["peak_allocated_bytes"]
-                          if c["peak_allocated_bytes"] and n["peak_allocated_bytes"] else None)
-                out.append({"label": custom["label"], "batch_size": n["batch_size"], "memory_ratio": memory,
+                out.append({"label": custom["label"], "batch_size": n["batch_size"], "memory_ratio": _memory_ratio(c, n),
                             "time_ratio": c["step_time_s"] / n["step_time_s"]})
             break
     return out
 
 
-OPTION_FIELDS = ("lm_activation_checkpointing", "feature_cache", "fused_optimizer", "compile_qformer")
 TARGETS = {"speedup": 2.0, "memory_ratio": 0.5}  # the options' goal against the native forward
 
 
@@ -75,12 +79,11 @@ def option_table(entries: list[dict], device_name: str, batch_size: int | None =
             result = next((r for r in entry["results"] if r["batch_size"] == size), None)
             if result is None:
                 continue
-            options = [f for f in OPTION_FIELDS if entry["config"][f]]
+            options = [field for field in STEP_OPTIONS if entry["config"][field]]
             row = {"label": entry["label"], "forward": entry["config"]["forward"], "options": options,
                    "batch_size": size, "error": result.get("error") if not ran(result) else None}
             if ran(result):
-                memory = (result["peak_allocated_bytes"] / base["peak_allocated_bytes"]
-                          if result["peak_allocated_bytes"] and base["peak_allocated_bytes"] else None)
+                memory = _memory_ratio(result, base)
                 row.update(samples_per_s=result["samples_per_s"], peak_allocated_gib=result["peak_allocated_gib"],
                            speedup=result["samples_per_s"] / base["samples_per_s"], memory_ratio=memory,
                            flops_per_sample=flops_per_sample, peak_flops=peak,
@@ -185,6 +188,12 @@ def write_reports(report: dict, out_dir: str | os.PathLike | None = None, *, plo
     elif plot:
         print("matplotlib is not installed: skipped the PNG plot (pip install matplotlib)")
     return paths | {"png": paths["png"] if png is not None else None}
+
+
+def print_paths(paths: dict[str, Path | None]) -> None:
+    """One line per report file that write_reports wrote (or skipped)."""
+    for kind, path in paths.items():
+        print(f"{kind}: {path or 'skipped (matplotlib is not installed)'}")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -302,8 +311,7 @@ def main(argv=None) -> int:
         paths = write_reports(summarise(report), args.out or args.report.parent)
     except (OSError, ValueError, KeyError) as err:
         parser.exit(2, f"{args.report}: not a bench report ({type(err).__name__}: {err})\n")
-    for kind, path in paths.items():
-        print(f"{kind}: {path or 'skipped (matplotlib is not installed)'}")
+    print_paths(paths)
     return 0
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import bench, checkpoint, compat, data, distributed, infer, lora, presets, run_config, train
+from . import bench, bench_report, checkpoint, compat, data, distributed, infer, lora, presets, run_config, train
 
 
 def _add_lora_options(parser: argparse.ArgumentParser) -> None:
@@ -140,8 +140,7 @@ def cmd_bench(args) -> int:
     report, paths = bench.run_benchmark(points, tuple(args.batch_sizes), device=args.device, shape=shape,
                                         report_dir=args.out, steps=args.steps)
     print(report["paragraph"])
-    for kind, path in paths.items():
-        print(f"{kind}: {path or 'skipped (matplotlib is not installed)'}")
+    bench_report.print_paths(paths)
     return 0
 
 

@@ -196,6 +196,8 @@ class FeatureCache:
             self._vision, self._weights, self.fingerprint = vision, weights, fingerprint
 
     def _namespace(self, device_type: str) -> str:
+        # the autocast mode the features are computed in is part of the namespace: autocast
+        # changes the encoder's arithmetic, so its features are not the fp32 ones
         return hashlib.sha256(f"{self.fingerprint}|{compat.autocast_state(device_type)}".encode()).hexdigest()[:32]
 
     def _path(self, namespace: str, key: str) -> Path:

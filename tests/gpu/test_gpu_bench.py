@@ -77,8 +77,7 @@ def test_step_options_measured_against_native(gpu_report):
     # native, plain custom, and the five option points of bench.option_points
     assert len(rows) == 7 and rows[0]["forward"] == "native", [r["label"] for r in rows]
     assert {tuple(r["options"]) for r in rows[2:]} == {
-        tuple(f for f in ("lm_activation_checkpointing", "feature_cache", "fused_optimizer", "compile_qformer")
-              if getattr(p, f)) for p in bench.option_points(bench.FULL_INSTRUCTBLIP)[1:]}
+        tuple(f for f in bench.STEP_OPTIONS if getattr(p, f)) for p in bench.option_points(bench.FULL_INSTRUCTBLIP)[1:]}
     for row in rows:
         assert row["error"] is None, row
         assert row["flops_per_sample"] > 0 and 0 < row["mfu"] < 1, row
