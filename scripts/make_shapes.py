@@ -197,25 +197,30 @@ def first_difference(expected: Path, actual: Path) -> str | None:
     return None
 
 
+def write_or_check(script: str, generate, out: Path, check: bool, what: str) -> int:
+    """``generate(directory)`` into ``out``; with ``check``, into a temporary directory compared
+    file by file with ``out`` instead (exit status 1 naming the first difference)."""
+    if check:
+        with tempfile.TemporaryDirectory() as tmp:
+            generate(Path(tmp))
+            diff = first_difference(Path(tmp), out)
+        if diff:
+            print(f"{script} --check FAILED: {diff}", file=sys.stderr)
+            return 1
+        print(f"{script} --check OK: {out} matches a fresh regeneration")
+        return 0
+    generate(out)
+    print(f"wrote {what} to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)")
     parser.add_argument("--check", action="store_true", help="regenerate to a temp dir and compare with --out")
     args = parser.parse_args(argv)
 
-    if args.check:
-        with tempfile.TemporaryDirectory() as tmp:
-            generate(Path(tmp))
-            diff = first_difference(Path(tmp), args.out)
-        if diff:
-            print(f"make_shapes --check FAILED: {diff}", file=sys.stderr)
-            return 1
-        print(f"make_shapes --check OK: {args.out} matches a fresh regeneration")
-        return 0
-
-    generate(args.out)
-    print(f"wrote shapes fixture to {args.out}")
-    return 0
+    return write_or_check("make_shapes", generate, args.out, args.check, what="shapes fixture")
 
 
 if __name__ == "__main__":

@@ -28,11 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 # Same tree comparison as the shapes fixture (scripts/ is on sys.path when run as a script).
-from make_shapes import first_difference
+from make_shapes import write_or_check
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -228,19 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="regenerate to a temp dir and compare with --out")
     args = parser.parse_args(argv)
 
-    if args.check:
-        with tempfile.TemporaryDirectory() as tmp:
-            generate(Path(tmp), args.shapes)
-            diff = first_difference(Path(tmp), args.out)
-        if diff:
-            print(f"make_tokenizers --check FAILED: {diff}", file=sys.stderr)
-            return 1
-        print(f"make_tokenizers --check OK: {args.out} matches a fresh regeneration")
-        return 0
-
-    generate(args.out, args.shapes)
-    print(f"wrote tokenizers to {args.out}")
-    return 0
+    return write_or_check("make_tokenizers", lambda out: generate(out, args.shapes), args.out, args.check,
+                          what="tokenizers")
 
 
 if __name__ == "__main__":
