@@ -1,11 +1,11 @@
-"""Tests for qformer_lora.data and the fixture generators.
+"""Tests for qformer_lora.data's manifests and images, and the fixture generators
+(tokenizers, processors and collation: test_collation.py).
 
 Bad inputs are written to tmp_path; the committed fixtures are only read.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -15,23 +15,17 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from PIL import Image
 
 from qformer_lora.data import (
     FIXTURES_DIR,
-    IGNORE_INDEX,
     QFORMER_TOKENIZER_DIR,
     SHAPES_DIR,
-    Collator,
     Example,
     ImageLoadError,
     ManifestDataset,
     ManifestError,
     ShapesDataset,
-    build_processor,
     load_image,
     read_manifest,
 )
@@ -39,20 +33,9 @@ from qformer_lora.data import (
 REPO_ROOT = FIXTURES_DIR.parent
 SCRIPTS = REPO_ROOT / "scripts"
 TWO_MB = 2 * 1024 * 1024
-# Tiny presets use vocab_size 512 and image_token_index 511 (see fixtures/tokenizers/README.md).
-PRESET_VOCAB = 512
-IMAGE_TOKEN_INDEX = 511
-CONFIGS = [(f, d) for f in ("instructblip", "blip2") for d in (False, True)]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@functools.cache
-def processor(family: str):
-    # Cached at module level rather than as a pytest fixture so the
-    # hypothesis test can use it too (function-scoped fixtures + @given clash).
-    return build_processor(family, image_size=32)
 
 
 def write_png(path: Path, mode: str = "RGB", colour=(200, 10, 10)) -> Path:
@@ -78,10 +61,6 @@ def good(**overrides) -> dict:
     record = {"image": "images/ok.png", "instruction": "What colour is the shape?", "answer": "red"}
     record.update(overrides)
     return record
-
-
-def tiny_image() -> Image.Image:
-    return Image.new("RGB", (32, 32), (10, 200, 10))
 
 
 # --------------------------------------------------------------------------- manifests: happy path
@@ -250,207 +229,6 @@ def test_dataset_returns_raw_examples():
     assert len(ds) == 48
     assert isinstance(ex, Example) and ex.image.mode == "RGB" and ex.image.size == (32, 32)
     assert (ex.instruction, ex.answer, ex.id) == (ds.samples[0].instruction, ds.samples[0].answer, ds.samples[0].id)
-
-
-# --------------------------------------------------------------------------- tokenizers & processors
-
-
-def test_fixture_tokenizers_ids_and_post_processors():
-    lm, qf = processor("instructblip").tokenizer, processor("instructblip").qformer_tokenizer
-    assert (lm.pad_token_id, lm.eos_token_id, lm.unk_token_id, lm.bos_token_id) == (0, 1, 2, 3)
-    assert lm.convert_tokens_to_ids("<image>") == 4
-    assert [qf.convert_tokens_to_ids(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 1, 2, 3, 4]
-    assert len(lm) <= 500 and len(qf) <= 500, f"vocab sizes {len(lm)}, {len(qf)} exceed 500"
-    ids = lm("What colour is the shape?")["input_ids"]
-    assert ids[-1] == lm.eos_token_id and lm.unk_token_id not in ids, ids
-    qids = qf("What colour is the shape?")["input_ids"]
-    assert qids[0] == qf.cls_token_id and qids[-1] == qf.sep_token_id and qf.unk_token_id not in qids, qids
-    # every fixture word tokenizes without <unk> in both tokenizers
-    for s in read_manifest(SHAPES_DIR / "train.jsonl", SHAPES_DIR):
-        for tok in (lm, qf):
-            assert tok.unk_token_id not in tok(s.instruction + " " + s.answer)["input_ids"], (s.id, type(tok))
-
-
-def test_processor_construction_does_not_grow_vocab():
-    # The processors add "<image>" if missing; the fixture reserves it at id 4.
-    for family in ("instructblip", "blip2"):
-        tok = processor(family).tokenizer
-        assert len(tok) < IMAGE_TOKEN_INDEX, f"{family}: LM vocab {len(tok)} reaches image_token_index"
-        assert len(tok) == len(json.loads((FIXTURES_DIR / "tokenizers/lm/tokenizer.json").read_text())["model"]["vocab"])
-
-
-def test_processor_types_and_image_size():
-    from transformers import Blip2Processor, InstructBlipProcessor
-
-    assert isinstance(processor("instructblip"), InstructBlipProcessor)
-    assert isinstance(processor("blip2"), Blip2Processor)
-    out = processor("blip2").image_processor(tiny_image(), return_tensors="pt")["pixel_values"]
-    assert tuple(out.shape) == (1, 3, 32, 32), out.shape
-
-
-def test_build_processor_from_local_checkpoint(tmp_path: Path):
-    processor("instructblip").save_pretrained(tmp_path / "ckpt")
-    loaded = build_processor("instructblip", checkpoint_dir=tmp_path / "ckpt", image_size=999)
-    assert loaded.image_processor.size["height"] == 32, "checkpoint's image size must win over image_size"
-    assert len(loaded.qformer_tokenizer) == len(processor("instructblip").qformer_tokenizer)
-
-
-def test_build_processor_errors(tmp_path: Path):
-    with pytest.raises(ValueError, match="family"):
-        build_processor("llava")
-    with pytest.raises(FileNotFoundError, match="missing"):
-        build_processor("blip2", checkpoint_dir=tmp_path / "missing")
-
-
-# --------------------------------------------------------------------------- collation
-
-
-def shapes_batch(n: int = 5) -> list[Example]:
-    ds = ShapesDataset("train")
-    return [ds[i] for i in range(n)]
-
-
-@pytest.mark.parametrize("family,decoder_only", CONFIGS)
-def test_collate_keys_shapes_and_padding(family: str, decoder_only: bool):
-    proc = processor(family)
-    # One longer instruction and answer so that every field really needs padding.
-    extra = Example(tiny_image(), "Is there a red circle above the blue square?", "yes red circle", "extra")
-    batch = Collator(proc, family, decoder_only)([*shapes_batch(4), extra])
-    expected = {"pixel_values", "input_ids", "attention_mask", "labels", "ids"}
-    if family == "instructblip":
-        expected |= {"qformer_input_ids", "qformer_attention_mask"}
-    assert set(batch) == expected, f"keys differ: extra {set(batch) - expected}, missing {expected - set(batch)}"
-
-    pv = batch["pixel_values"]
-    assert tuple(pv.shape) == (5, 3, 32, 32) and pv.dtype == torch.float32, (pv.shape, pv.dtype)
-    assert batch["ids"] == [f"train-{i // 3:03d}-{i % 3}" for i in range(4)] + ["extra"]
-
-    pairs = [("input_ids", "attention_mask", proc.tokenizer.pad_token_id)]
-    if family == "instructblip":
-        pairs.append(("qformer_input_ids", "qformer_attention_mask", proc.qformer_tokenizer.pad_token_id))
-    for ids_key, mask_key, pad in pairs:
-        ids, mask = batch[ids_key], batch[mask_key]
-        assert ids.shape == mask.shape and ids.dtype == torch.long, (ids_key, ids.shape, mask.shape)
-        # pad never occurs as a real token, so the mask must be exactly "not pad"
-        assert torch.equal(mask, (ids != pad).long()), f"{mask_key} disagrees with non-pad positions of {ids_key}"
-        # right padding: every row is 1...1 0...0
-        assert torch.equal(mask, mask.sort(dim=1, descending=True).values), f"{mask_key} is not right-padded"
-        assert mask[:, 0].all(), f"{ids_key} has an empty row"
-
-    labels = batch["labels"]
-    assert labels.dtype == torch.long
-    eos = proc.tokenizer.eos_token_id
-    for row_labels in labels:
-        targets = row_labels[row_labels != IGNORE_INDEX]
-        assert targets[-1] == eos, f"targets {targets.tolist()} do not end with eos {eos}"
-        assert not (row_labels == proc.tokenizer.pad_token_id).any(), "pad id leaked into labels (should be -100)"
-        # -100 only as a prefix (decoder-only prompt) and/or suffix (padding): targets are contiguous
-        pos = (row_labels != IGNORE_INDEX).nonzero().flatten()
-        assert pos.tolist() == list(range(pos[0], pos[-1] + 1)), f"targets not contiguous: {row_labels.tolist()}"
-
-    if decoder_only:
-        assert labels.shape == batch["input_ids"].shape
-    else:
-        assert labels.shape[0] == 5 and labels.shape[1] <= 16
-        assert (batch["input_ids"].gather(1, batch["attention_mask"].sum(1, keepdim=True) - 1) == eos).all(), (
-            "encoder prompts must end with eos"
-        )
-    # no image/placeholder tokens, and all ids fit the tiny presets' vocab
-    assert not (batch["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<image>")).any()
-    assert int(batch["input_ids"].max()) < IMAGE_TOKEN_INDEX
-
-
-def test_decoder_only_label_alignment():
-    proc = processor("blip2")
-    examples = shapes_batch(4)
-    batch = Collator(proc, "blip2", decoder_only=True)(examples)
-    tok = proc.tokenizer
-    for i, ex in enumerate(examples):
-        prompt = tok(ex.instruction, add_special_tokens=False)["input_ids"]
-        answer = tok(ex.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        n = len(prompt) + len(answer)
-        row_ids, row_labels = batch["input_ids"][i], batch["labels"][i]
-        assert row_ids[:n].tolist() == prompt + answer, f"row {i}: input_ids {row_ids.tolist()} != prompt+answer+eos"
-        assert (row_labels[: len(prompt)] == IGNORE_INDEX).all(), f"row {i}: prompt positions not -100: {row_labels.tolist()}"
-        assert row_labels[len(prompt) : n].tolist() == row_ids[len(prompt) : n].tolist() == answer
-        assert (row_labels[n:] == IGNORE_INDEX).all() and (row_ids[n:] == tok.pad_token_id).all()
-
-
-def test_encoder_decoder_labels_are_answer_plus_eos():
-    proc = processor("instructblip")
-    examples = shapes_batch(3)
-    batch = Collator(proc, "instructblip", decoder_only=False)(examples)
-    for i, ex in enumerate(examples):
-        want = proc.tokenizer(ex.answer)["input_ids"]  # T5-style tokenizer appends eos itself
-        got = batch["labels"][i][batch["labels"][i] != IGNORE_INDEX].tolist()
-        assert got == want, f"row {i}: labels {got}, expected {want}"
-        q = batch["qformer_input_ids"][i][batch["qformer_attention_mask"][i].bool()].tolist()
-        assert q == proc.qformer_tokenizer(ex.instruction)["input_ids"], f"row {i}: qformer ids {q}"
-
-
-@pytest.mark.parametrize("family,decoder_only", CONFIGS)
-def test_overlong_text_truncated_with_warning(family: str, decoder_only: bool):
-    long_instruction = " ".join(["what"] * 50)
-    long_answer = " ".join(["red"] * 30)
-    collate = Collator(processor(family), family, decoder_only, max_prompt_tokens=10, max_answer_tokens=4)
-    with pytest.warns(UserWarning, match="sample 'too-long'") as record:
-        batch = collate([Example(tiny_image(), long_instruction, long_answer, "too-long"), shapes_batch(1)[0]])
-    messages = " | ".join(str(w.message) for w in record)
-    assert "instruction" in messages and "answer" in messages, messages
-    assert not any("train-000-0" in str(w.message) for w in record), f"short sample warned: {messages}"
-
-    n_prompt = 10  # max_prompt_tokens; for encoder-decoder it includes the closing eos
-    targets = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX]
-    assert len(targets) == 4 and targets[-1] == processor(family).tokenizer.eos_token_id, targets.tolist()
-    if decoder_only:
-        assert int(batch["attention_mask"][0].sum()) == n_prompt + 4
-    else:
-        assert int(batch["attention_mask"][0].sum()) == n_prompt
-        assert batch["input_ids"][0, n_prompt - 1] == processor(family).tokenizer.eos_token_id, "eos lost in truncation"
-    if family == "instructblip":
-        q = batch["qformer_input_ids"][0]
-        assert int(batch["qformer_attention_mask"][0].sum()) == 10 and q[9] == processor(family).qformer_tokenizer.sep_token_id
-
-
-def test_dataloader_integration():
-    ds = ShapesDataset("val")
-    loader = torch.utils.data.DataLoader(ds, batch_size=16, collate_fn=Collator(processor("blip2"), "blip2", True))
-    batches = list(loader)
-    assert [b["pixel_values"].shape[0] for b in batches] == [16, 16, 16]
-    assert sum(len(b["ids"]) for b in batches) == len(ds) == 48
-
-
-LM_WORDS = sorted(
-    t for t in json.loads((FIXTURES_DIR / "tokenizers/lm/tokenizer.json").read_text())["model"]["vocab"] if t.isalpha()
-)
-words = st.lists(st.sampled_from(LM_WORDS), min_size=1, max_size=8).map(" ".join)
-
-
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(config=st.sampled_from(CONFIGS), pairs=st.lists(st.tuples(words, words), min_size=1, max_size=4))
-def test_collation_round_trips(config, pairs):
-    family, decoder_only = config
-    proc = processor(family)
-    tok = proc.tokenizer
-    examples = [Example(tiny_image(), q, a, f"h{i}") for i, (q, a) in enumerate(pairs)]
-    batch = Collator(proc, family, decoder_only)(examples)
-    for i, (instruction, answer) in enumerate(pairs):
-        labels = batch["labels"][i]
-        targets = labels[labels != IGNORE_INDEX]
-        # decode(skip_special_tokens) would hide a stray pad/eos, so check those first
-        assert targets[-1] == tok.eos_token_id and (targets[:-1] != tok.eos_token_id).all(), targets.tolist()
-        assert (targets != tok.pad_token_id).all(), f"row {i}: pad id in targets {targets.tolist()}"
-        assert tok.decode(targets, skip_special_tokens=True) == answer, f"row {i}: {targets.tolist()}"
-        real = batch["input_ids"][i][batch["attention_mask"][i].bool()]
-        if decoder_only:
-            assert torch.equal(real[-len(targets) :], targets), "answer ids in input_ids differ from labels"
-            prompt = real[: len(real) - len(targets)]
-        else:
-            prompt = real
-        assert tok.decode(prompt, skip_special_tokens=True) == instruction, f"row {i}: prompt {prompt.tolist()}"
-        if family == "instructblip":
-            q = batch["qformer_input_ids"][i][batch["qformer_attention_mask"][i].bool()]
-            assert proc.qformer_tokenizer.decode(q, skip_special_tokens=True) == instruction, q.tolist()
 
 
 # --------------------------------------------------------------------------- fixture generators
