@@ -268,19 +268,14 @@ def run_steps(model, batches: list[dict], *, precision: str, steps: int, lr: flo
 
 def reproduce(preset: str, precision: str, *, steps: int = 4, device: str = "cpu", batch_size: int = 2,
               r: int = 4, seed: int = 0, **kwargs) -> dict:
-    """Build ``preset`` (random init) as ``train.build_adapter_model`` does for ``precision`` (the dtypes
-    of PRECISION_DTYPES, no dropout) but directly on ``device`` (initialising a 4B-parameter model
-    on CPU first takes minutes), and run :func:`run_steps` on synthetic batches: the CPU tests on
-    tiny presets and tests/gpu/test_gpu_nan.py on full-size ones. Defaults: the seed's r=4, alpha=8."""
-    from . import lora, presets, synthetic
+    """Build ``preset`` (random init) with ``train.build_adapter_model`` for ``precision`` directly
+    on ``device``, and run :func:`run_steps` on synthetic batches: the CPU tests on tiny presets
+    and tests/gpu/test_gpu_nan.py on full-size ones. Defaults: the seed's r=4, alpha=8."""
+    from . import run_config, synthetic, train  # train imports this module (circular at import time)
 
-    base_dtype, adapter_dtype, _ = PRECISION_DTYPES[precision]
-    base = presets.build_model(preset, device=device, dtype=base_dtype, seed=seed)
-    torch.manual_seed(seed)  # LoRA's random A init
-    model = lora.apply_lora(base, lora.LoraSpec(r=r, alpha=2 * r, dropout=0.0))
-    for param in lora.adapter_parameters(model):
-        param.data = param.data.to(adapter_dtype)
-    model.eval()
+    config = run_config.TrainConfig(preset=preset, base_checkpoint=None, precision=precision, lora_r=r,
+                                    lora_alpha=2 * r, lora_dropout=0.0, seed=seed)
+    model, _ = train.build_adapter_model(config, device=device)
     batches = [synthetic.random_batch(model, batch_size=batch_size, prompt_len=8, answer_len=4,
                                       seed=seed + i, device=device) for i in range(2)]
     return {"preset": preset, "device": str(device), "batch_size": batch_size, "r": r} | run_steps(

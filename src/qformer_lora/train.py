@@ -39,14 +39,17 @@ NonFiniteError = numerics.NonFiniteError
 # ----------------------------------------------------------------------------- set-up
 
 
-def build_adapter_model(config: TrainConfig):
-    """Base model in the precision's weight dtype, LoRA in the chosen scope, adapters in fp32."""
+def build_adapter_model(config: TrainConfig, device: str | torch.device = "cpu"):
+    """Base model in the precision's weight dtype, LoRA in the chosen scope, adapters in fp32.
+
+    ``device``: where the base model is built or loaded (a 4B model initialised on the CPU
+    first takes minutes; doctor.reproduce builds full-size presets directly on the GPU)."""
     # (base weights, adapters, autocast) per precision: one table, shared with the doctor
     weight_dtype, adapter_dtype, _ = doctor.PRECISION_DTYPES[config.precision]
     if config.base_checkpoint:
-        base = presets.load_model(config.base_checkpoint, dtype=weight_dtype)
+        base = presets.load_model(config.base_checkpoint, device=device, dtype=weight_dtype)
     else:
-        base = presets.build_model(config.preset, dtype=weight_dtype, seed=config.seed)
+        base = presets.build_model(config.preset, device=device, dtype=weight_dtype, seed=config.seed)
     torch.manual_seed(config.seed)  # LoRA's random A init
     spec = lora.LoraSpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                          targets=tuple(config.targets), scope=config.scope)
