@@ -41,7 +41,7 @@ SEED_ROWS = (("BLIP-2 Q-Former LoRA", FULL_BLIP2, "qformer", "24"),
 
 # The step options a SweepPoint can turn on (its boolean fields), with their label words, in order.
 STEP_OPTIONS = {"lm_activation_checkpointing": "lm-ckpt", "feature_cache": "feature-cache",
-                "fused_optimizer": "fused", "compile_qformer": "compiled"}
+                "fused_optimizer": "fused", "compile_qformer": "compiled", "compile_frozen": "compiled-frozen"}
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class SweepPoint:
     feature_cache: bool = False          # vision features from a warm in-memory cache (hashing included)
     fused_optimizer: bool = False        # AdamW(fused=True) where available; False = torch's default
     compile_qformer: bool = False        # torch.compile the Q-Former in place
+    compile_frozen: bool = False         # torch.compile each frozen vision / LM block in place
 
     def __post_init__(self):
         for name, value, allowed in (("scope", self.scope, lora.SCOPES), ("precision", self.precision, PRECISIONS),
@@ -69,8 +70,9 @@ class SweepPoint:
             raise ValueError(f"SweepPoint.family is {self.family!r}; expected one of {sorted(presets.FAMILIES)}")
         if self.batch_sizes is not None and (not self.batch_sizes or min(self.batch_sizes) < 1):
             raise ValueError(f"SweepPoint.batch_sizes must be positive integers, got {self.batch_sizes}")
-        if self.forward == "native" and (self.feature_cache or self.compile_qformer):
-            raise ValueError("SweepPoint: feature_cache and compile_qformer apply to the custom forward only")
+        if self.forward == "native" and (self.feature_cache or self.compile_qformer or self.compile_frozen):
+            raise ValueError("SweepPoint: feature_cache, compile_qformer and compile_frozen apply to the custom "
+                             "forward only")
 
     @property
     def label(self) -> str:
@@ -82,7 +84,8 @@ class SweepPoint:
     def build_key(self) -> tuple:
         # fp32 and fp16-amp share fp32 weights; forward, checkpointing, cache and optimizer are
         # switched per step, so all of these reuse one built model. Compiling changes the model.
-        return self.preset, self.family, PRECISIONS[self.precision][0], self.scope, self.r, self.compile_qformer
+        return (self.preset, self.family, PRECISIONS[self.precision][0], self.scope, self.r, self.compile_qformer,
+                self.compile_frozen)
 
 
 @dataclass(frozen=True)
@@ -97,18 +100,24 @@ def default_points(instructblip: str = FULL_INSTRUCTBLIP, blip2: str = FULL_BLIP
     """The GPU grid: every seed-table row in fp32 and bf16, plus fp16-amp, checkpointing, native,
     and each step option at OPTIONS_BATCH against the native forward (option_points).
 
-    Ordered so that consecutive points share a built model (7 builds: the compiled Q-Former is its own).
+    Ordered so that consecutive points share a built model (8 builds: each compiled set is its own).
+    The compiled points come last: their compile time is the least predictable part of the run,
+    and the reports are rewritten after every configuration, so a run cut short by its time
+    limit still has the seed table.
     """
     small, large, options_batch = (1, 4, 8), (1, 4, 8, 16), options_batch or OPTIONS_BATCH
+    options = option_points(instructblip, options_batch)
+    compiled = [p for p in options if p.compile_qformer or p.compile_frozen]
     return [SweepPoint(instructblip, "qformer", "bf16", batch_sizes=tuple(sorted({*large, options_batch})),
                        validate_budget_gib=24),
-            *option_points(instructblip, options_batch),
+            *[p for p in options if p not in compiled],
             SweepPoint(instructblip, "qformer", "fp32", batch_sizes=small),
             SweepPoint(instructblip, "qformer", "fp16-amp", batch_sizes=small),
             SweepPoint(instructblip, "qformer+llm", "fp32", batch_sizes=small),
             SweepPoint(instructblip, "qformer+llm", "bf16", batch_sizes=large),
             SweepPoint(blip2, "qformer", "bf16", batch_sizes=large),
-            SweepPoint(blip2, "qformer", "fp32", batch_sizes=small)]
+            SweepPoint(blip2, "qformer", "fp32", batch_sizes=small),
+            *compiled]
 
 
 OPTIONS_BATCH = 64
@@ -116,8 +125,12 @@ OPTIONS_BATCH = 64
 
 def option_points(preset: str, batch_size: int = OPTIONS_BATCH) -> list[SweepPoint]:
     """bf16 Q-Former LoRA at one batch size: the native forward, then each step option alone,
-    then all of them together; the plain custom point is the default grid's first point.
-    The compiled points come last because they need their own build."""
+    then the fastest exact combinations and all of them; the plain custom point is the default
+    grid's first point. The compiled points come last because they need their own builds: the
+    frozen blocks compiled with cache and fused AdamW (compile_frozen's effect), then with the
+    Q-Former compiled too (the whole model), then that with LM checkpointing (every option).
+    No compiled point stands alone: each compile costs a minute or more of the GPU run's
+    8-minute budget, and a failing Q-Former compile still leaves compile_frozen measured."""
     # the native forward also at batch 8, the custom/native comparison's batch since the first sweeps
     base = SweepPoint(preset, "qformer", "bf16", batch_sizes=tuple(sorted({min(8, batch_size), batch_size})))
     one = dataclasses.replace(base, batch_sizes=(batch_size,))
@@ -125,8 +138,9 @@ def option_points(preset: str, batch_size: int = OPTIONS_BATCH) -> list[SweepPoi
             dataclasses.replace(base, lm_activation_checkpointing=True, batch_sizes=tuple(sorted({4, 16, batch_size}))),
             dataclasses.replace(one, feature_cache=True),
             dataclasses.replace(one, fused_optimizer=True),
-            dataclasses.replace(one, compile_qformer=True),
-            dataclasses.replace(one, compile_qformer=True, feature_cache=True, fused_optimizer=True,
+            dataclasses.replace(one, feature_cache=True, fused_optimizer=True, compile_frozen=True),
+            dataclasses.replace(one, feature_cache=True, fused_optimizer=True, compile_frozen=True, compile_qformer=True),
+            dataclasses.replace(one, feature_cache=True, fused_optimizer=True, compile_frozen=True, compile_qformer=True,
                                 lm_activation_checkpointing=True)]
 
 
@@ -171,6 +185,8 @@ def build(point: SweepPoint, device: str | torch.device):
         # dynamic shapes and inductor failed (AssertionError), costing ~3 minutes. A failure at
         # the warm-up step is recorded for that batch by the sweep (_measure_or_error).
         step_options.maybe_compile(compat.unwrap(peft_model).qformer, True, dynamic=False)
+    if point.compile_frozen:  # the same, lazily, for each block of the frozen vision encoder and LM
+        step_options.compile_frozen_blocks(peft_model, True, dynamic=False)
     return peft_model
 
 
@@ -338,6 +354,7 @@ def sweep(points: list[SweepPoint], batch_sizes=(1, 4, 8, 16), *, device="cuda",
                 model, model_key = _build_or_oom(point, device), point.build_key
             entry = {"label": point.label, "config": asdict(point), "results": [],
                      "image_size": compat.unwrap(model).config.vision_config.image_size if model else None}
+            started = time.perf_counter()  # the point's wall time, compiles included: for planning GPU runs
             for size in sizes:
                 bar.set_postfix_str(f"{point.label} b={size}")
                 skip = _not_run(model, entry["results"])
@@ -345,6 +362,7 @@ def sweep(points: list[SweepPoint], batch_sizes=(1, 4, 8, 16), *, device="cuda",
                     {"batch_size": size, **skip} if skip else
                     _measure_or_error(point, size, device, model=model, shape=shape, warmup=warmup, steps=steps))
                 bar.update()
+            entry["wall_s"] = time.perf_counter() - started
             entry["memory_model"] = memory_model(entry["results"], report["device"].get("total_memory_bytes"))
             if is_plain(point) and model is not None and any(ran(r) for r in entry["results"]):
                 entry["flops_per_sample"] = flops.step_flops_per_sample(model, shape, device)

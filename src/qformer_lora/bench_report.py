@@ -17,7 +17,6 @@ import re
 import tempfile
 from pathlib import Path
 
-from dataclasses import asdict
 
 from . import flops
 from .bench import OPTIONS_BATCH, SEED_ROWS, STEP_OPTIONS, SweepPoint, is_plain, ran
@@ -79,7 +78,7 @@ def option_table(entries: list[dict], device_name: str, batch_size: int | None =
             result = next((r for r in entry["results"] if r["batch_size"] == size), None)
             if result is None:
                 continue
-            options = [field for field in STEP_OPTIONS if entry["config"][field]]
+            options = [field for field in STEP_OPTIONS if entry["config"].get(field)]  # reports predate some
             row = {"label": entry["label"], "forward": entry["config"]["forward"], "options": options,
                    "batch_size": size, "error": result.get("error") if not ran(result) else None}
             if ran(result):
@@ -118,8 +117,9 @@ def seed_table(entries: list[dict], budget_bytes: int = 24 * GIB, rows=SEED_ROWS
     for row, preset, scope, seed in rows:
         line = {"row": row, "preset": preset, "scope": scope, "seed": seed}
         for precision in ("fp32", "bf16"):
-            fit = next((e["memory_model"] for e in entries if e["memory_model"] and e["config"] | {
-                "batch_sizes": None, "validate_budget_gib": None} == asdict(SweepPoint(preset, scope, precision))), None)
+            # compared as SweepPoints: fields added since a report was written take their defaults
+            fit = next((e["memory_model"] for e in entries if e["memory_model"] and SweepPoint(**e["config"] | {
+                "batch_sizes": None, "validate_budget_gib": None}) == SweepPoint(preset, scope, precision)), None)
             line[precision] = predict_max_batch(fit["allocated"]["a"], fit["allocated"]["b"], budget_bytes) if fit else None
         table.append(line)
     return table

@@ -136,7 +136,8 @@ def cmd_bench(args) -> int:
               bench.grid(args.preset, scopes=args.scope, precisions=args.precision, forwards=args.forward,
                          lm_activation_checkpointing=args.lm_checkpointing, family=args.family,
                          validate_budget_gib=args.validate_budget_gib, feature_cache=args.feature_cache,
-                         fused_optimizer=args.fused_optimizer, compile_qformer=args.compile_qformer))
+                         fused_optimizer=args.fused_optimizer, compile_qformer=args.compile_qformer,
+                         compile_frozen=args.compile_frozen))
     report, paths = bench.run_benchmark(points, tuple(args.batch_sizes), device=args.device, shape=shape,
                                         report_dir=args.out, steps=args.steps)
     print(report["paragraph"])
@@ -162,6 +163,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--fused-optimizer", action="store_true", help="AdamW(fused=True) where available")
     p.add_argument("--compile-qformer", action="store_true",
                    help="torch.compile the Q-Former (static shapes; compiled at each batch size's warm-up step)")
+    p.add_argument("--compile-frozen", action="store_true",
+                   help="torch.compile each block of the frozen vision encoder and language model (as above)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16], metavar="N")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--answer-len", type=int, default=16)

@@ -301,6 +301,22 @@ def torch_compile_unavailable_reason(device_type: str) -> str | None:
     return None
 
 
+def raise_recompile_limit(minimum: int) -> int:
+    """Let dynamo keep at least ``minimum`` compiled variants of one function; returns the limit.
+
+    transformers 5 wraps every checkpointable layer class's forward in one shared function
+    (GradientCheckpointingLayer's ``forward_with_checkpointing``), so the vision layers and
+    the LM's first and later encoder / decoder blocks, with grad and without, are all
+    variants of one code object; past dynamo's default limit (8) the rest would silently
+    run eager. Newer torch renamed ``cache_size_limit`` to ``recompile_limit``.
+    """
+    from torch import _dynamo
+
+    name = "recompile_limit" if hasattr(_dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(_dynamo.config, name, max(getattr(_dynamo.config, name), minimum))
+    return getattr(_dynamo.config, name)
+
+
 # torch 2.4 made torch.is_autocast_enabled / get_autocast_dtype take the device type; before,
 # CPU and CUDA had their own functions.
 AUTOCAST_BY_DEVICE_TYPE = Version("2.4.0")

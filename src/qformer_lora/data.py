@@ -299,7 +299,7 @@ class Collator:
         decoder_only: bool,
         max_prompt_tokens: int = 32,
         max_answer_tokens: int = 16,
-        static_qformer_length: bool = False,
+        static_shapes: bool = False,
     ):
         if family not in FAMILIES:
             raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
@@ -313,10 +313,12 @@ class Collator:
         self.decoder_only = decoder_only
         self.max_prompt_tokens = max_prompt_tokens
         self.max_answer_tokens = max_answer_tokens
-        # Q-Former text padded to max_prompt_tokens in every batch: a compiled Q-Former then sees
-        # one shape (padding is masked, so the query outputs are unchanged). With shapes varying
-        # per batch, dynamo recompiles with dynamic shapes, which failed in inductor on the H200.
-        self.static_qformer_length = static_qformer_length
+        # Every text padded to its maximum in every batch (Q-Former text to max_prompt_tokens, LM
+        # input and labels to the prompt / answer budgets): a compiled Q-Former or LM block then
+        # sees one shape. Padding is masked and its labels ignored, so the loss is unchanged. With
+        # shapes varying per batch, dynamo recompiles with dynamic shapes, which failed in
+        # inductor on the H200 run (torch 2.11).
+        self.static_shapes = static_shapes
 
         self.pad_id = _required_id(self.tokenizer, "pad_token_id")
         self.eos_id = _required_id(self.tokenizer, "eos_token_id")
@@ -343,7 +345,7 @@ class Collator:
                 for ex in examples
             ]
             batch["qformer_input_ids"], batch["qformer_attention_mask"] = _pad(
-                qf, self.qformer_pad_id, self.max_prompt_tokens if self.static_qformer_length else None)
+                qf, self.qformer_pad_id, self.max_prompt_tokens if self.static_shapes else None)
 
         prompts, answers = [], []
         for ex in examples:
@@ -355,14 +357,17 @@ class Collator:
             answer = self._truncate(self._content_ids(self.tokenizer, ex.answer), self.max_answer_tokens - 1, ex.id, "answer")
             answers.append(answer + [self.eos_id])
 
+        static = self.static_shapes
         if self.decoder_only:
             sequences = [p + a for p, a in zip(prompts, answers)]
-            batch["input_ids"], batch["attention_mask"] = _pad(sequences, self.pad_id)
+            width = self.max_prompt_tokens + self.max_answer_tokens if static else None
+            batch["input_ids"], batch["attention_mask"] = _pad(sequences, self.pad_id, width)
             targets = [[IGNORE_INDEX] * len(p) + a for p, a in zip(prompts, answers)]
-            batch["labels"], _ = _pad(targets, IGNORE_INDEX)
+            batch["labels"], _ = _pad(targets, IGNORE_INDEX, width)
         else:
-            batch["input_ids"], batch["attention_mask"] = _pad(prompts, self.pad_id)
-            batch["labels"], _ = _pad(answers, IGNORE_INDEX)
+            batch["input_ids"], batch["attention_mask"] = _pad(prompts, self.pad_id,
+                                                               self.max_prompt_tokens if static else None)
+            batch["labels"], _ = _pad(answers, IGNORE_INDEX, self.max_answer_tokens if static else None)
 
         batch["ids"] = [ex.id for ex in examples]
         return batch

@@ -115,7 +115,7 @@ def custom_forward(model, batch: dict, reduction: str = "mean") -> ForwardOutput
     labels = batch.get("labels")
     if model.config.use_decoder_only_language_model:
         logits = model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                      return_dict=True).logits
+                                      use_cache=False, return_dict=True).logits
         if labels is not None:
             num_queries = language_model_inputs.shape[1]
             labels = torch.cat([labels.new_full((labels.shape[0], num_queries), IGNORE_INDEX), labels], dim=1)
@@ -124,7 +124,7 @@ def custom_forward(model, batch: dict, reduction: str = "mean") -> ForwardOutput
     else:
         # labels make the LM build decoder_input_ids (labels shifted right); its own loss is unused
         logits = model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                      labels=labels, return_dict=True).logits
+                                      labels=labels, use_cache=False, return_dict=True).logits
         logits_for_loss = logits
     loss = token_cross_entropy(logits_for_loss, labels, reduction) if labels is not None else None
     return ForwardOutput(loss=loss, logits=logits, query_output=query_output,

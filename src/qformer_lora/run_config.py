@@ -60,6 +60,7 @@ class TrainConfig:
     lm_checkpointing: bool = False
     fused_optimizer: bool | None = False
     compile_qformer: bool = False
+    compile_frozen: bool = False
     feature_cache: str = "off"
     feature_cache_dir: str | None = None
 
@@ -103,8 +104,10 @@ HELP = {
                         "per step; same loss and gradients)",
     "fused_optimizer": "AdamW implementation: true = fused (foreach with a warning where torch has no fused kernel "
                        "for the device), none = fused where available, false = torch's default",
-    "compile_qformer": "torch.compile the Q-Former with static shapes (its text is padded to max_prompt_tokens); "
+    "compile_qformer": "torch.compile the Q-Former with static shapes (every text is padded to its token budget); "
                        "falls back to eager, with the reason logged, if compiling fails",
+    "compile_frozen": "torch.compile each block of the frozen vision encoder and language model (static shapes "
+                      "as for compile_qformer; falls back to eager, with the reason logged)",
     "feature_cache": "off | memory | disk: compute the frozen vision encoder's features once per image and reuse "
                      "them (exact; refused with image augmentation or a trainable vision encoder)",
     "feature_cache_dir": "directory of the disk feature cache (default: <output_dir>/feature_cache)",

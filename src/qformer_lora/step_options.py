@@ -9,7 +9,9 @@ it differs (a ``Choice``), so a run log says "fused AdamW requested, foreach use
 2. ``make_optimizer``: AdamW, fused where the installed torch has a kernel for the
    parameters' device, else foreach (recorded, and warned when fused was demanded).
 3. ``maybe_compile``: torch.compile of a module (in place, state_dict keys unchanged) or
-   a function, with a probe call that turns a compile failure into a recorded fallback.
+   a function, with a probe call that turns a compile failure into a recorded fallback;
+   ``compile_frozen_blocks``: the same for each repeated block of the frozen vision
+   encoder and language model (regional compilation).
 4. ``build_feature_cache``: the vision-feature cache (feature_cache.py) from an option.
 
 What the installed torch can do (fused kernels, compile) is asked of compat.py.
@@ -134,25 +136,89 @@ def maybe_compile(target, enabled: bool, *, probe=None, device_type: str | None 
     """
     if not enabled:
         return target, Choice("compile", False, "eager")
+    if not isinstance(target, torch.nn.Module):
+        compiled = {}
+
+        def compile_function():
+            compiled["fn"] = torch.compile(target, **compile_kwargs)
+            return compiled["fn"]
+
+        choice = _compile_or_fall_back("compile", device_type or "cpu", compile_function, lambda: None, probe)
+        return compiled.get("fn", target) if choice.used == "compiled" else target, choice
+    probe_target = (lambda _modules: probe(target)) if probe is not None else None
+    return target, _compile_modules_or_fall_back("compile", [target], probe_target, device_type, compile_kwargs)
+
+
+# Variants dynamo may keep of one block forward: vision layer, first / later encoder and decoder
+# blocks, each with and without grad (validation), and a smaller last batch (see raise_recompile_limit).
+FROZEN_RECOMPILE_LIMIT = 32
+
+
+def frozen_blocks(model) -> list[torch.nn.Module]:
+    """The repeated blocks of the frozen vision encoder and language model, in order.
+
+    A block list is the outermost ModuleList whose members are all one class (ViT layers,
+    T5's encoder / decoder blocks, OPT / Llama decoder layers); T5's per-block ``layer``
+    list mixes classes and lies inside a block, so it is not a block list itself.
+    """
+    base = compat.unwrap(model)
+    blocks = []
+    for tower in (base.vision_model, base.language_model):
+        taken: list[str] = []
+        for name, module in tower.named_modules():
+            if any(name.startswith(prefix + ".") for prefix in taken):
+                continue
+            if isinstance(module, torch.nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+                taken.append(name)
+                blocks.extend(module)
+    return blocks
+
+
+def compile_frozen_blocks(model, enabled: bool, *, probe=None, **compile_kwargs) -> Choice:
+    """Regional compilation of the frozen towers: each of ``frozen_blocks`` compiled in place.
+
+    Their weights never change, but the step runs them every time (the LM also backward,
+    for its input gradients); eager they cost one Python call and kernel launch per small
+    op, which left the H200 step host-bound. Identical blocks share compiled code, so the
+    compile costs a few block graphs, not a whole-model graph. ``probe`` as for maybe_compile.
+    """
+    if not enabled:
+        return Choice("compile_frozen", False, "eager")
+    compat.raise_recompile_limit(FROZEN_RECOMPILE_LIMIT)
+    return _compile_modules_or_fall_back("compile_frozen", frozen_blocks(model), probe, None, compile_kwargs)
+
+
+def _compile_modules_or_fall_back(option: str, modules, probe, device_type, compile_kwargs) -> Choice:
     if device_type is None:
-        first = next(iter(target.parameters()), None) if isinstance(target, torch.nn.Module) else None
+        first = next(iter(modules[0].parameters()), None) if modules else None
         device_type = first.device.type if first is not None else "cpu"
+
+    def compile_all():
+        for module in modules:
+            module.forward = torch.compile(module.forward, **compile_kwargs)
+        return modules
+
+    def undo():
+        for module in modules:
+            _uncompile(module)
+
+    return _compile_or_fall_back(option, device_type, compile_all, undo, probe)
+
+
+def _compile_or_fall_back(option: str, device_type: str, compile_, undo, probe) -> Choice:
+    """Choice "compiled", or "eager" with the reason: unavailable here, or compile_/probe raised."""
     reason = compat.torch_compile_unavailable_reason(device_type)
     if reason is None:
         try:
-            if isinstance(target, torch.nn.Module):
-                target.forward = torch.compile(target.forward, **compile_kwargs)
-                compiled = target
-            else:
-                compiled = torch.compile(target, **compile_kwargs)
+            compiled = compile_()
             if probe is not None:
                 probe(compiled)
-            return compiled, Choice("compile", True, "compiled")
+            return Choice(option, True, "compiled")
         except Exception as err:  # noqa: BLE001 - any compile failure means "run eager", with the reason
-            _uncompile(target)
+            undo()
             reason = f"torch.compile failed: {type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
-    warnings.warn(f"compile requested but not used ({reason}); running eager", stacklevel=2)
-    return target, Choice("compile", True, "eager", reason)
+    warnings.warn(f"{option} requested but not used ({reason}); running eager", stacklevel=3)
+    return Choice(option, True, "eager", reason)
 
 
 # ----------------------------------------------------------------------------- 4. the feature cache

@@ -190,7 +190,7 @@ def _run(config: TrainConfig, resume, device) -> dict:
     processor = data.build_processor(family, config.base_checkpoint, image_size=image_size)
     collator = data.Collator(processor, family=family, decoder_only=decoder_only,
                              max_prompt_tokens=config.max_prompt_tokens, max_answer_tokens=config.max_answer_tokens,
-                             static_qformer_length=config.compile_qformer)
+                             static_shapes=config.compile_qformer or config.compile_frozen)
     train_samples = data.read_manifest(config.train_manifest, config.image_root)
     val_samples = data.read_manifest(config.val_manifest, config.image_root)
     train_set, val_set = data.ManifestDataset(train_samples), data.ManifestDataset(val_samples)
@@ -209,19 +209,23 @@ def _run(config: TrainConfig, resume, device) -> dict:
     log_path = run_dir / "metrics.jsonl"
     cache = step_options.build_feature_cache(model, config.feature_cache,
                                              config.feature_cache_dir or run_dir / "feature_cache")
-    if config.compile_qformer:  # the probe compiles forward and backward on one batch; its gradients are dropped
+    if config.compile_qformer or config.compile_frozen:
+        # the probe compiles forward and backward on one batch; its gradients are dropped
         probe_batch = to_device(next(iter(make_loader(train_set, collator, config.batch_size, config.seed, 0,
                                                       shuffle=False))), device)
 
-        def probe(_qformer):
+        def probe(_compiled):
             with autocast_context(config.precision, device):
                 forward.custom_forward(model, probe_batch, reduction="sum").loss.backward()
             optimizer.zero_grad(set_to_none=True)
 
-        # static shapes: the collator pads the Q-Former text to one length; a smaller last batch
+        # static shapes: the collator pads every text to one length; a smaller last batch
         # compiles once more. Dynamic-shape recompiles failed in inductor (torch 2.11, H200).
-        choices.append(step_options.maybe_compile(model.get_base_model().qformer, True, probe=probe,
-                                                  dynamic=False)[1])
+        if config.compile_qformer:
+            choices.append(step_options.maybe_compile(model.get_base_model().qformer, True, probe=probe,
+                                                      dynamic=False)[1])
+        if config.compile_frozen:
+            choices.append(step_options.compile_frozen_blocks(model, True, probe=probe, dynamic=False))
     start_epoch, global_step = 1, 0
     if resume is not None:
         path = checkpoint.latest_checkpoint(run_dir) if str(resume) == "latest" else Path(resume)

@@ -10,11 +10,14 @@ import dataclasses
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from qformer_lora import bench, bench_report, compat, device, flops, lora
+
+REPORTS_GPU = Path(__file__).resolve().parents[2] / "reports" / "gpu"
 
 TINY_IB, TINY_B2 = "tiny-instructblip-flan-t5", "tiny-blip2-flan-t5"
 SHAPE = bench.SequenceShape(prompt_len=6, answer_len=3, instruction_len=4)
@@ -217,7 +220,7 @@ def test_default_grid_covers_the_seed_table_and_shares_builds():
     assert sum(p.validate_budget_gib is not None for p in points) == 1
     keys = [p.build_key for p in points]
     runs = [k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k]
-    assert len(runs) == len(set(runs)) == 7, "points sharing a model must be consecutive (7 builds)"
+    assert len(runs) == len(set(runs)) == 8, "points sharing a model must be consecutive (8 builds)"
     assert any(p.forward == "native" for p in points) and any(p.lm_activation_checkpointing for p in points)
 
 
@@ -235,8 +238,10 @@ def test_the_gpu_grid_runs_end_to_end_on_tiny_presets(tmp_path):
     assert [(o["forward"], o["options"], o["error"]) for o in report["options"]] == [
         ("native", [], None), ("custom", [], None), ("custom", ["lm_activation_checkpointing"], None),
         ("custom", ["feature_cache"], None), ("custom", ["fused_optimizer"], None),
-        ("custom", ["compile_qformer"], None),
-        ("custom", ["lm_activation_checkpointing", "feature_cache", "fused_optimizer", "compile_qformer"], None)]
+        ("custom", ["feature_cache", "fused_optimizer", "compile_frozen"], None),
+        ("custom", ["feature_cache", "fused_optimizer", "compile_qformer", "compile_frozen"], None),
+        ("custom", ["lm_activation_checkpointing", "feature_cache", "fused_optimizer", "compile_qformer",
+                    "compile_frozen"], None)]
     # no memory and no 16-bit peak on a CPU: the ratios of time only
     assert all(o["memory_ratio"] is None and o["mfu"] is None and o["speedup"] > 0 for o in report["options"])
     assert all(o["flops_per_sample"] > 0 for o in report["options"])
@@ -375,6 +380,14 @@ def test_bench_report_rerenders_a_saved_report(cpu_report, tmp_path, capsys):
     assert exit_info.value.code == 2 and "broken.json: not a bench report" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stem", ["nvidia-h200-2026-11-27"])
+def test_committed_gpu_reports_rerender_unchanged(stem, tmp_path):
+    # reports written before a SweepPoint field was added must still summarise the same way
+    saved = REPORTS_GPU / f"{stem}.json"
+    assert bench_report.main([str(saved), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / f"{stem}.md").read_text() == (REPORTS_GPU / f"{stem}.md").read_text()
+
+
 def test_memory_cap_names_the_device_index(monkeypatch):
     # torch.cuda.set_per_process_memory_fraction refuses a bare "cuda" device (seen on the H200 run)
     calls = []
@@ -391,4 +404,9 @@ def test_memory_cap_names_the_device_index(monkeypatch):
 
 def test_grid_turns_step_options_on():
     [point] = bench.grid(TINY_IB, compile_qformer=True, feature_cache=True)
-    assert point.compile_qformer and point.feature_cache and not point.fused_optimizer
+    assert point.compile_qformer and point.feature_cache and not point.fused_optimizer and not point.compile_frozen
+    [point] = bench.grid(TINY_IB, compile_frozen=True)
+    assert point.compile_frozen and point.label.endswith("custom compiled-frozen")
+    assert point.build_key != bench.SweepPoint(TINY_IB).build_key, "compiled blocks change the model"
+    with pytest.raises(ValueError, match="custom forward only"):
+        bench.SweepPoint(TINY_IB, forward="native", compile_frozen=True)

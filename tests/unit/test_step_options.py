@@ -222,30 +222,46 @@ def test_autocast_state_names_the_mode_the_features_are_computed_in():
     assert compat.autocast_state("cpu") == "no-autocast"
 
 
-def test_static_qformer_length_changes_the_shape_not_the_loss():
-    # what train.py collates with when compiling: one Q-Former text shape in every batch
+@pytest.mark.parametrize("family, preset", [("instructblip", T5), ("blip2", OPT)])
+def test_static_shapes_change_the_shape_not_the_loss(family, preset):
+    # what train.py collates with when compiling: one shape per text in every batch
     config = run_config.TrainConfig()
-    model, _ = train.build_adapter_model(config)
-    processor = data.build_processor("instructblip", config.base_checkpoint)
+    model = adapter_model(preset)
+    base = compat.unwrap(model)
+    decoder_only = base.config.use_decoder_only_language_model
+    processor = data.build_processor(family, image_size=base.config.vision_config.image_size)
     dataset = data.ManifestDataset(data.read_manifest(config.train_manifest))
     examples = [dataset[i] for i in range(4)]
 
     def collate(static: bool) -> dict:
-        return data.Collator(processor, "instructblip", decoder_only=False, max_prompt_tokens=config.max_prompt_tokens,
-                             max_answer_tokens=config.max_answer_tokens, static_qformer_length=static)(examples)
+        return data.Collator(processor, family, decoder_only=decoder_only, max_prompt_tokens=config.max_prompt_tokens,
+                             max_answer_tokens=config.max_answer_tokens, static_shapes=static)(examples)
 
     dynamic, static = collate(False), collate(True)
-    assert static["qformer_input_ids"].shape[1] == config.max_prompt_tokens > dynamic["qformer_input_ids"].shape[1]
-    width = dynamic["qformer_input_ids"].shape[1]
-    assert torch.equal(static["qformer_attention_mask"][:, :width], dynamic["qformer_attention_mask"])
-    assert not static["qformer_attention_mask"][:, width:].any(), "the extra positions are padding"
+    prompt, answer = config.max_prompt_tokens, config.max_answer_tokens
+    widths = ({"input_ids": prompt + answer, "labels": prompt + answer} if decoder_only else
+              {"input_ids": prompt, "labels": answer})
+    masks = {"input_ids": "attention_mask"}
+    if family == "instructblip":
+        widths["qformer_input_ids"], masks["qformer_input_ids"] = prompt, "qformer_attention_mask"
+    pads = {"input_ids": processor.tokenizer.pad_token_id, "labels": -100,
+            "qformer_input_ids": getattr(processor, "qformer_tokenizer", processor.tokenizer).pad_token_id}
+    for key, width in widths.items():
+        n = dynamic[key].shape[1]
+        assert static[key].shape[1] == width > n, (key, static[key].shape, n)
+        assert torch.equal(static[key][:, :n], dynamic[key]), key
+        assert (static[key][:, n:] == pads[key]).all(), f"{key}: the extra positions are padding"
+        if key in masks:
+            assert torch.equal(static[masks[key]][:, :n], dynamic[masks[key]])
+            assert not static[masks[key]][:, n:].any(), f"{masks[key]}: the extra positions are masked"
     with torch.no_grad():
         losses = [forward.custom_forward(model, batch).loss for batch in (dynamic, static)]
     # masked positions get exp(min - max) = 0 exactly in fp32 softmax; only summation order may differ
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
 
 
-def test_training_compiles_the_qformer_with_static_shapes(monkeypatch, tmp_path):
+@pytest.mark.parametrize("option", ["compile_qformer", "compile_frozen"])
+def test_training_compiles_with_static_shapes(monkeypatch, tmp_path, option):
     calls, collators = [], []
     real_collator = data.Collator
 
@@ -253,8 +269,86 @@ def test_training_compiles_the_qformer_with_static_shapes(monkeypatch, tmp_path)
         calls.append(kwargs)
         return target, step_options.Choice("compile", enabled, "eager", "recorded by the test")
 
+    def fake_compile_frozen(model, enabled, **kwargs):
+        return fake_compile(model, enabled, **kwargs)[1]
+
     monkeypatch.setattr(step_options, "maybe_compile", fake_compile)
+    monkeypatch.setattr(step_options, "compile_frozen_blocks", fake_compile_frozen)
     monkeypatch.setattr(data, "Collator", lambda *a, **k: collators.append(k) or real_collator(*a, **k))
-    train.train(run_config.TrainConfig(output_dir=str(tmp_path), epochs=1, progress=False, compile_qformer=True))
+    train.train(run_config.TrainConfig(output_dir=str(tmp_path), epochs=1, progress=False, **{option: True}))
     assert len(calls) == 1 and calls[0]["dynamic"] is False and callable(calls[0]["probe"]), calls
-    assert [k["static_qformer_length"] for k in collators] == [True]
+    assert [k["static_shapes"] for k in collators] == [True]
+
+
+# ----------------------------------------------------------------------------- compiled frozen blocks
+
+@pytest.mark.parametrize("preset", [T5, OPT])
+def test_frozen_blocks_are_the_towers_repeated_layers(preset):
+    model = adapter_model(preset)
+    base = compat.unwrap(model)
+    config = base.config
+    blocks = step_options.frozen_blocks(model)
+    lm_layers = ((config.text_config.num_layers + config.text_config.num_decoder_layers)
+                 if preset == T5 else config.text_config.num_hidden_layers)
+    assert len(blocks) == config.vision_config.num_hidden_layers + lm_layers
+    assert len({id(b) for b in blocks}) == len(blocks)
+    assert {type(b).__name__ for b in blocks} == (
+        {"InstructBlipEncoderLayer", "T5Block"} if preset == T5 else {"Blip2EncoderLayer", "OPTDecoderLayer"})
+    inside = {id(m) for b in blocks for m in b.modules() if m is not b}
+    assert not inside & {id(b) for b in blocks}, "a block inside another block"
+    assert not any(p.requires_grad for b in blocks for p in b.parameters()), "a trainable block is not frozen"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, backend", [(T5, "aot_eager"), (OPT, "aot_eager"), (T5, "inductor")])
+def test_compiled_frozen_blocks_match_eager_over_five_steps(preset, backend):
+    """Every frozen vision and LM block compiled in place, five training steps.
+
+    aot_eager: 2-5 s per preset here; inductor: 25-60 s (warm or empty inductor cache).
+    """
+    reason = compat.torch_compile_unavailable_reason("cpu")
+    if reason is not None:
+        pytest.skip(f"torch.compile cannot run here: {reason}")
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()  # count this test's graphs only (reset() keeps the counters)
+    model = adapter_model(preset)
+    batches = [synthetic.random_batch(model, batch_size=2, seed=s) for s in range(2)]
+    eager = copy.deepcopy(model)
+    reference = loss_curve(eager, batches, torch.optim.AdamW(lora.adapter_parameters(eager), lr=1e-2))
+    params = lora.adapter_parameters(model)
+
+    def probe(_compiled):
+        forward.custom_forward(model, batches[0]).loss.backward()
+        for p in params:
+            p.grad = None
+
+    choice = step_options.compile_frozen_blocks(model, True, probe=probe, backend=backend, dynamic=False)
+    assert choice == step_options.Choice("compile_frozen", True, "compiled"), choice
+    blocks = step_options.frozen_blocks(model)
+    assert all("forward" in vars(b) for b in blocks), "a block was not compiled in place"
+    observed = loss_curve(model, batches, torch.optim.AdamW(params, lr=1e-2))
+    assert_curves_close(observed, reference, COMPILE_RTOL, f"compiled frozen blocks ({preset}, {backend}) vs eager")
+    assert {n for n, _ in model.named_parameters()} == {n for n, _ in eager.named_parameters()}
+    # identical blocks share compiled code: a handful of graphs, not one per block
+    assert 0 < counters["stats"]["unique_graphs"] < len(blocks), dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_compile_frozen_failure_is_recorded_and_undone(monkeypatch):
+    model = adapter_model()
+    blocks = step_options.frozen_blocks(model)
+
+    def broken(fn, **kwargs):
+        return lambda *a, **k: (_ for _ in ()).throw(RuntimeError("inductor fell over"))
+
+    monkeypatch.setattr(compat, "torch_compile_unavailable_reason", lambda device_type: None)
+    monkeypatch.setattr(torch, "compile", broken)
+    batch = synthetic.random_batch(model, batch_size=2, seed=0)
+    with pytest.warns(UserWarning, match="inductor fell over"):
+        choice = step_options.compile_frozen_blocks(
+            model, True, probe=lambda _: forward.custom_forward(model, batch))
+    assert choice.used == "eager" and "inductor fell over" in choice.reason
+    assert not any("forward" in vars(b) for b in blocks), "the failed compile left a block's forward replaced"
+    assert step_options.compile_frozen_blocks(model, False) == step_options.Choice("compile_frozen", False, "eager")
