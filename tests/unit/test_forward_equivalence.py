@@ -61,3 +61,17 @@ def test_decoder_only_labels_ignore_query_and_prompt_positions():
     assert (moved - base).abs() > 1e-4
     logits = forward.custom_forward(model, batch).logits
     assert logits.shape[1] == model.config.num_query_tokens + batch["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_language_model_builds_no_kv_cache(preset, monkeypatch):
+    # training never reads a KV cache; with one, T5's decoder blocks specialise on their layer
+    # index and compile_frozen would compile every block separately instead of sharing code
+    model = tiny_model(preset)
+    lm = model.language_model
+    seen = []
+    real_forward = lm.forward
+    monkeypatch.setattr(lm, "forward", lambda *a, **k: seen.append(k.get("use_cache")) or real_forward(*a, **k))
+    with torch.no_grad():
+        forward.custom_forward(model, synthetic.random_batch(model, batch_size=2))
+    assert seen == [False]
