@@ -191,21 +191,15 @@ def build(point: SweepPoint, device: str | torch.device):
 
 
 def set_lm_checkpointing(model, enabled: bool) -> None:
-    """Activation checkpointing of the frozen language model (non-reentrant).
+    """Activation checkpointing of the frozen language model (non-reentrant where the
+    release lets us choose; compat.set_activation_checkpointing).
 
     The LM's input embeddings carry grad from the Q-Former, so gradients reach the
-    adapters through the recomputed layers. transformers 5.x renamed the method
-    (the old name warns); older releases only have the old one.
+    adapters through the recomputed layers.
     """
     lm = compat.unwrap(model).language_model
-    if enabled:
-        enable = getattr(lm, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif lm_checkpointing_active(model):
-        (getattr(lm, "activation_checkpointing_disable", None) or lm.gradient_checkpointing_disable)()
+    if enabled or lm_checkpointing_active(model):
+        compat.set_activation_checkpointing(lm, enabled)
 
 
 def lm_checkpointing_active(model) -> bool:

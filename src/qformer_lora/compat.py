@@ -301,6 +301,28 @@ def torch_compile_unavailable_reason(device_type: str) -> str | None:
     return None
 
 
+# transformers 4.35 added gradient_checkpointing_kwargs (before it, always torch's reentrant
+# checkpoint, whose gradients still reach inputs that require grad, as the LM's input embeddings
+# do); transformers 5 renamed the methods activation_checkpointing_enable / _disable (the old
+# names warn).
+CHECKPOINTING_KWARGS = Version("4.35.0")
+
+
+def set_activation_checkpointing(model, enabled: bool) -> None:
+    """Activation checkpointing of a transformers model on or off; non-reentrant where the
+    release lets us choose."""
+    if not enabled:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        return
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif TRANSFORMERS >= CHECKPOINTING_KWARGS:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable()
+
+
 def raise_recompile_limit(minimum: int) -> int:
     """Let dynamo keep at least ``minimum`` compiled variants of one function; returns the limit.
 

@@ -156,6 +156,37 @@ def test_integer_parameters_are_reported_unfused():
     assert reason is not None and "floating-point" in reason
 
 
+class _RecordingLM:
+    """Records which checkpointing method a release would be called with."""
+
+    def __init__(self, renamed: bool):
+        self.calls = []
+        if renamed:  # transformers 5 names
+            self.activation_checkpointing_enable = lambda **kw: self.calls.append(("activation_enable", kw))
+            self.activation_checkpointing_disable = lambda: self.calls.append(("activation_disable", {}))
+
+    def gradient_checkpointing_enable(self, **kwargs):
+        self.calls.append(("gradient_enable", kwargs))
+
+    def gradient_checkpointing_disable(self):
+        self.calls.append(("gradient_disable", {}))
+
+
+@pytest.mark.parametrize("version, renamed, expected", [
+    ("4.34.1", False, ("gradient_enable", {})),  # no kwargs before 4.35: the call would raise TypeError
+    ("4.35.0", False, ("gradient_enable", {"gradient_checkpointing_kwargs": {"use_reentrant": False}})),
+    ("5.24.0", True, ("activation_enable", {"activation_checkpointing_kwargs": {"use_reentrant": False}})),
+])
+def test_activation_checkpointing_uses_each_releases_call(monkeypatch, version, renamed, expected):
+    from packaging.version import Version
+
+    monkeypatch.setattr(compat, "TRANSFORMERS", Version(version))
+    lm = _RecordingLM(renamed)
+    compat.set_activation_checkpointing(lm, True)
+    compat.set_activation_checkpointing(lm, False)
+    assert lm.calls == [expected, ("activation_disable" if renamed else "gradient_disable", {})]
+
+
 # ----------------------------------------------------------------------------- compile
 
 def test_compile_failure_is_recorded_and_undone(monkeypatch):
