@@ -249,7 +249,9 @@ def section_dtype_and_nan(rows: list[dict]) -> list[str]:
 def section_tests(rows: list[dict]) -> list[str]:
     lines = ["## 5. Test results per pair", "",
              "`pytest -m \"regression or stability\"` and `pytest tests/unit/test_lora_scope.py "
-             "tests/unit/test_forward_equivalence.py` against the pair's rows in `fixtures/expectations/`.", ""]
+             "tests/unit/test_forward_equivalence.py` against the pair's rows in `fixtures/expectations/`, "
+             "and `pytest tests/unit/test_step_options.py -k \"not inductor\"` (step options; pairs "
+             "recorded before it was added lack that run).", ""]
     for d in rows:
         tests = d.get("tests")
         if not tests:

@@ -137,14 +137,9 @@ def maybe_compile(target, enabled: bool, *, probe=None, device_type: str | None 
     if not enabled:
         return target, Choice("compile", False, "eager")
     if not isinstance(target, torch.nn.Module):
-        compiled = {}
-
-        def compile_function():
-            compiled["fn"] = torch.compile(target, **compile_kwargs)
-            return compiled["fn"]
-
-        choice = _compile_or_fall_back("compile", device_type or "cpu", compile_function, lambda: None, probe)
-        return compiled.get("fn", target) if choice.used == "compiled" else target, choice
+        compiled, choice = _compile_or_fall_back("compile", device_type or "cpu",
+                                                 lambda: torch.compile(target, **compile_kwargs), lambda: None, probe)
+        return compiled or target, choice
     probe_target = (lambda _modules: probe(target)) if probe is not None else None
     return target, _compile_modules_or_fall_back("compile", [target], probe_target, device_type, compile_kwargs)
 
@@ -202,23 +197,24 @@ def _compile_modules_or_fall_back(option: str, modules, probe, device_type, comp
         for module in modules:
             _uncompile(module)
 
-    return _compile_or_fall_back(option, device_type, compile_all, undo, probe)
+    return _compile_or_fall_back(option, device_type, compile_all, undo, probe)[1]
 
 
-def _compile_or_fall_back(option: str, device_type: str, compile_, undo, probe) -> Choice:
-    """Choice "compiled", or "eager" with the reason: unavailable here, or compile_/probe raised."""
+def _compile_or_fall_back(option: str, device_type: str, compile_, undo, probe) -> tuple[object, Choice]:
+    """(what compile_() returned, Choice "compiled"), or (None, Choice "eager" with the reason:
+    compile unavailable here, or compile_ / probe raised, after which undo() ran)."""
     reason = compat.torch_compile_unavailable_reason(device_type)
     if reason is None:
         try:
             compiled = compile_()
             if probe is not None:
                 probe(compiled)
-            return Choice(option, True, "compiled")
+            return compiled, Choice(option, True, "compiled")
         except Exception as err:  # noqa: BLE001 - any compile failure means "run eager", with the reason
             undo()
             reason = f"torch.compile failed: {type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
     warnings.warn(f"{option} requested but not used ({reason}); running eager", stacklevel=3)
-    return Choice(option, True, "eager", reason)
+    return None, Choice(option, True, "eager", reason)
 
 
 # ----------------------------------------------------------------------------- 4. the feature cache
