@@ -325,10 +325,13 @@ def measure(point: SweepPoint, batch_size: int, device="cuda", *, model=None, sh
 
 def sweep(points: list[SweepPoint], batch_sizes=(1, 4, 8, 16), *, device="cuda",
           shape: SequenceShape = SequenceShape(), warmup: int = 1, steps: int = 3, progress: bool = True,
-          on_point=None) -> dict:
+          on_point=None, out_of_time=None) -> dict:
     """Measure every point at its batch sizes (ascending); after an OOM, larger batches are not run.
 
     ``on_point(report)`` is called after each configuration (to save partial results).
+    ``out_of_time()``, asked before each configuration: once True, the remaining ones are
+    recorded as not run (a GPU session has a fixed time limit, and a run killed by it
+    would lose the results of every test still to come).
     """
     from .bench_report import summarise  # bench_report builds on this module
 
@@ -342,6 +345,10 @@ def sweep(points: list[SweepPoint], batch_sizes=(1, 4, 8, 16), *, device="cuda",
     model, model_key = None, None
     with tqdm(total=sum(len(sizes) for _, sizes in plan), desc="bench", disable=not progress) as bar:
         for point, sizes in plan:
+            if out_of_time is not None and out_of_time():
+                report["points"].append(_not_started(point, sizes))
+                bar.update(len(sizes))
+                continue
             if point.build_key != model_key:
                 model, model_key = None, None
                 free_memory()
@@ -368,6 +375,12 @@ def sweep(points: list[SweepPoint], batch_sizes=(1, 4, 8, 16), *, device="cuda",
     del model
     free_memory()
     return summarise(report)
+
+
+def _not_started(point: SweepPoint, sizes) -> dict:
+    return {"label": point.label, "config": asdict(point), "image_size": None, "wall_s": 0.0, "memory_model": None,
+            "results": [{"batch_size": n, "oom": False, "error": "not run: the sweep's time budget was spent"}
+                        for n in sizes]}
 
 
 def _not_run(model, results: list[dict]) -> dict | None:
@@ -439,11 +452,11 @@ def validate_point(point: SweepPoint, entry: dict, device: torch.device, model, 
 
 def run_benchmark(points: list[SweepPoint], batch_sizes=(1, 4, 8, 16), *, device="cuda",
                   shape: SequenceShape = SequenceShape(), report_dir=None, steps: int = 3,
-                  progress: bool = True) -> tuple[dict, dict]:
+                  progress: bool = True, out_of_time=None) -> tuple[dict, dict]:
     """sweep() then write_reports(): what the CLI and the GPU tests call."""
     from .bench_report import write_reports  # bench_report builds on this module
 
     # reports are rewritten after every configuration, so a run cut short still leaves its numbers
     report = sweep(points, batch_sizes, device=device, shape=shape, steps=steps, progress=progress,
-                   on_point=lambda partial: write_reports(partial, report_dir, plot=False))
+                   on_point=lambda partial: write_reports(partial, report_dir, plot=False), out_of_time=out_of_time)
     return report, write_reports(report, report_dir)

@@ -249,6 +249,19 @@ def test_the_gpu_grid_runs_end_to_end_on_tiny_presets(tmp_path):
     assert paths["md"].is_file() and paths["json"].is_file()
 
 
+def test_sweep_out_of_time_records_the_rest_as_not_run(tmp_path):
+    points = [bench.SweepPoint(TINY_IB, batch_sizes=(1,)), bench.SweepPoint(TINY_IB, "qformer+llm", batch_sizes=(1, 2))]
+    asked = iter([False, True])
+    report, paths = bench.run_benchmark(points, device="cpu", shape=SHAPE, steps=1, report_dir=tmp_path,
+                                        progress=False, out_of_time=lambda: next(asked))
+    first, second = report["points"]
+    assert [r["oom"] for r in first["results"]] == [False] and bench.ran(first["results"][0])
+    assert second["label"] == points[1].label and second["memory_model"] is None
+    assert [(r["batch_size"], r["error"]) for r in second["results"]] == [
+        (1, "not run: the sweep's time budget was spent"), (2, "not run: the sweep's time budget was spent")]
+    assert paths["md"].is_file()
+
+
 def test_grid_orders_points_to_share_models():
     points = bench.grid(TINY_IB, scopes=("qformer", "qformer+llm"), precisions=("fp32", "bf16", "fp16-amp"),
                         forwards=("custom", "native"), validate_budget_gib=24)
