@@ -190,22 +190,6 @@ def build(point: SweepPoint, device: str | torch.device):
     return peft_model
 
 
-def set_lm_checkpointing(model, enabled: bool) -> None:
-    """Activation checkpointing of the frozen language model (non-reentrant where the
-    release lets us choose; compat.set_activation_checkpointing).
-
-    The LM's input embeddings carry grad from the Q-Former, so gradients reach the
-    adapters through the recomputed layers.
-    """
-    lm = compat.unwrap(model).language_model
-    if enabled or lm_checkpointing_active(model):
-        compat.set_activation_checkpointing(lm, enabled)
-
-
-def lm_checkpointing_active(model) -> bool:
-    return any(getattr(m, "gradient_checkpointing", False) for m in compat.unwrap(model).language_model.modules())
-
-
 @dataclass
 class StepState:
     model: object

@@ -4,8 +4,8 @@ Each option is asked for, and what was actually used is recorded with the reason
 it differs (a ``Choice``), so a run log says "fused AdamW requested, foreach used:
 <why>" instead of silently running something else. Read top to bottom:
 
-1. ``set_lm_checkpointing``: activation checkpointing of the frozen language model,
-   bench.set_lm_checkpointing plus what makes it act in the eval-mode training loop.
+1. ``set_lm_checkpointing``: activation checkpointing of the frozen language model
+   (compat.set_activation_checkpointing), and what makes it act in the eval-mode training loop.
 2. ``make_optimizer``: AdamW, fused where the installed torch has a kernel for the
    parameters' device, else foreach (recorded, and warned when fused was demanded).
 3. ``maybe_compile``: torch.compile of a module (in place, state_dict keys unchanged) or
@@ -55,7 +55,9 @@ def set_lm_checkpointing(model, enabled: bool) -> Choice:
     """Activation checkpointing of the language model, also in an eval-mode model.
 
     transformers checkpoints a layer only while ``layer.training`` is True. The bench runs
-    in train mode, where bench.set_lm_checkpointing is all it takes. The training loop runs
+    in train mode, where switching transformers' checkpointing on is all it takes (non-reentrant
+    where the release lets us choose: the LM's input embeddings carry grad from the Q-Former,
+    so gradients reach the adapters through the recomputed layers). The training loop runs
     in eval mode (no dropout anywhere), so here exactly the modules that carry a
     ``gradient_checkpointing`` flag are switched to training mode, with their own
     dropout-like rates set to 0; their submodules (dropout layers, attention) stay in eval
@@ -63,13 +65,11 @@ def set_lm_checkpointing(model, enabled: bool) -> Choice:
     transformers adds on enabling (its disable leaves it on non-PEFT models: the text
     embeddings would keep requiring grad). Gradients are equal either way (a test).
     """
-    from . import bench  # lazily: bench may import this module
-
     lm = compat.unwrap(model).language_model
     state = getattr(lm, _STATE, None)
     if enabled and state is None:
         state = {"had_input_hook": hasattr(lm, "_require_grads_hook"), "rates": {}}
-        bench.set_lm_checkpointing(model, True)
+        compat.set_activation_checkpointing(lm, True)
         if not lm.training:
             for name, module in lm.named_modules():
                 if hasattr(module, "gradient_checkpointing") and not module.training:
@@ -80,7 +80,8 @@ def set_lm_checkpointing(model, enabled: bool) -> Choice:
                     module.training = True  # this module only, not its children
         setattr(lm, _STATE, state)
     elif not enabled:
-        bench.set_lm_checkpointing(model, False)
+        if lm_checkpointing_active(model):
+            compat.set_activation_checkpointing(lm, False)
         if state is not None:
             modules = dict(lm.named_modules())
             for name, rates in state["rates"].items():
@@ -90,7 +91,11 @@ def set_lm_checkpointing(model, enabled: bool) -> Choice:
             if not state["had_input_hook"] and hasattr(lm, "_require_grads_hook"):
                 lm.disable_input_require_grads()
             delattr(lm, _STATE)
-    return Choice("lm_checkpointing", enabled, "on" if bench.lm_checkpointing_active(model) else "off")
+    return Choice("lm_checkpointing", enabled, "on" if lm_checkpointing_active(model) else "off")
+
+
+def lm_checkpointing_active(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in compat.unwrap(model).language_model.modules())
 
 
 # ----------------------------------------------------------------------------- 2. the optimizer

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qformer_lora import bench, bench_report, compat, device, flops, lora
+from qformer_lora import bench, bench_report, compat, device, flops, lora, step_options
 
 REPORTS_GPU = Path(__file__).resolve().parents[2] / "reports" / "gpu"
 
@@ -173,12 +173,12 @@ def test_bf16_with_lm_checkpointing_trains_fp32_adapters():
     before = [p.detach().clone() for p in adapters]
     result = bench.measure(point, 2, "cpu", model=model, shape=SHAPE, warmup=0, steps=1)
     assert result["oom"] is False and math.isfinite(result["loss"]) and result["skipped_steps"] is None, result
-    assert bench.lm_checkpointing_active(model)
+    assert step_options.lm_checkpointing_active(model)
     changed = sum(not torch.equal(b, p) for b, p in zip(before, adapters))
     assert changed > 0, "no adapter moved: gradients did not reach the Q-Former through the checkpointed LM"
     bench.measure(dataclasses.replace(point, lm_activation_checkpointing=False), 1, "cpu", model=model,
                   shape=SHAPE, warmup=0, steps=1)
-    assert not bench.lm_checkpointing_active(model), "checkpointing is switched per configuration"
+    assert not step_options.lm_checkpointing_active(model), "checkpointing is switched per configuration"
 
 
 def test_fp16_amp_scales_the_loss_and_counts_skipped_steps():
