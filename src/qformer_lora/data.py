@@ -335,6 +335,9 @@ class Collator:
             "pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"].to(torch.float32)
         }
 
+        # None: pad to the longest row of this batch
+        prompt_width, answer_width = ((self.max_prompt_tokens, self.max_answer_tokens) if self.static_shapes
+                                      else (None, None))
         if self.qformer_tokenizer is not None:
             # Special tokens are added by hand (not by the tokenizer) so that
             # truncation keeps the closing [SEP].
@@ -344,8 +347,7 @@ class Collator:
                 + [self.qformer_sep_id]
                 for ex in examples
             ]
-            batch["qformer_input_ids"], batch["qformer_attention_mask"] = _pad(
-                qf, self.qformer_pad_id, self.max_prompt_tokens if self.static_shapes else None)
+            batch["qformer_input_ids"], batch["qformer_attention_mask"] = _pad(qf, self.qformer_pad_id, prompt_width)
 
         prompts, answers = [], []
         for ex in examples:
@@ -357,17 +359,15 @@ class Collator:
             answer = self._truncate(self._content_ids(self.tokenizer, ex.answer), self.max_answer_tokens - 1, ex.id, "answer")
             answers.append(answer + [self.eos_id])
 
-        static = self.static_shapes
         if self.decoder_only:
             sequences = [p + a for p, a in zip(prompts, answers)]
-            width = self.max_prompt_tokens + self.max_answer_tokens if static else None
+            width = prompt_width + answer_width if self.static_shapes else None
             batch["input_ids"], batch["attention_mask"] = _pad(sequences, self.pad_id, width)
             targets = [[IGNORE_INDEX] * len(p) + a for p, a in zip(prompts, answers)]
             batch["labels"], _ = _pad(targets, IGNORE_INDEX, width)
         else:
-            batch["input_ids"], batch["attention_mask"] = _pad(prompts, self.pad_id,
-                                                               self.max_prompt_tokens if static else None)
-            batch["labels"], _ = _pad(answers, IGNORE_INDEX, self.max_answer_tokens if static else None)
+            batch["input_ids"], batch["attention_mask"] = _pad(prompts, self.pad_id, prompt_width)
+            batch["labels"], _ = _pad(answers, IGNORE_INDEX, answer_width)
 
         batch["ids"] = [ex.id for ex in examples]
         return batch

@@ -182,6 +182,7 @@ def _run(config: TrainConfig, resume, device) -> dict:
     model.to(device)
     lora.check_trainable_scope(model, spec.scope)  # refuse to train anything outside the scope
     choices = [step_options.set_lm_checkpointing(model, config.lm_checkpointing)]
+    compiling = config.compile_qformer or config.compile_frozen
     preset_family = model.get_base_model().config.model_type
     family = "instructblip" if preset_family == "instructblip" else "blip2"
     decoder_only = model.get_base_model().config.use_decoder_only_language_model
@@ -190,7 +191,7 @@ def _run(config: TrainConfig, resume, device) -> dict:
     processor = data.build_processor(family, config.base_checkpoint, image_size=image_size)
     collator = data.Collator(processor, family=family, decoder_only=decoder_only,
                              max_prompt_tokens=config.max_prompt_tokens, max_answer_tokens=config.max_answer_tokens,
-                             static_shapes=config.compile_qformer or config.compile_frozen)
+                             static_shapes=compiling)
     train_samples = data.read_manifest(config.train_manifest, config.image_root)
     val_samples = data.read_manifest(config.val_manifest, config.image_root)
     train_set, val_set = data.ManifestDataset(train_samples), data.ManifestDataset(val_samples)
@@ -209,7 +210,7 @@ def _run(config: TrainConfig, resume, device) -> dict:
     log_path = run_dir / "metrics.jsonl"
     cache = step_options.build_feature_cache(model, config.feature_cache,
                                              config.feature_cache_dir or run_dir / "feature_cache")
-    if config.compile_qformer or config.compile_frozen:
+    if compiling:
         # the probe compiles forward and backward on one batch; its gradients are dropped
         probe_batch = to_device(next(iter(make_loader(train_set, collator, config.batch_size, config.seed, 0,
                                                       shuffle=False))), device)
