@@ -3,7 +3,7 @@
 Pure arithmetic on measured peaks (bench.py measures them): ``fit_linear`` fits
 ``peak = a + b * batch``, ``predict_max_batch`` inverts it for a budget, ``memory_model``
 does both for a sweep's results, ``find_limit`` searches the real limit with a probe
-(bench.validate_prediction supplies one that runs a step under a memory cap).
+(bench_sweep.validate_prediction supplies one that runs a step under a memory cap).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import bench, bench_report, checkpoint, compat, data, distributed, infer, lora, presets, run_config, train
+from . import bench, bench_report, bench_sweep, checkpoint, compat, data, distributed, infer, lora, presets, run_config, train
 
 
 def _add_lora_options(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +138,7 @@ def cmd_bench(args) -> int:
                          validate_budget_gib=args.validate_budget_gib, feature_cache=args.feature_cache,
                          fused_optimizer=args.fused_optimizer, compile_qformer=args.compile_qformer,
                          compile_frozen=args.compile_frozen))
-    report, paths = bench.run_benchmark(points, tuple(args.batch_sizes), device=args.device, shape=shape,
+    report, paths = bench_sweep.run_benchmark(points, tuple(args.batch_sizes), device=args.device, shape=shape,
                                         report_dir=args.out, steps=args.steps)
     print(report["paragraph"])
     bench_report.print_paths(paths)

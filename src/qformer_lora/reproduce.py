@@ -142,9 +142,9 @@ def _subset(tmp: str, n: int = 48) -> Path:
 def item_memory() -> dict:
     """Seed issue 6: memory against batch size. Measured only on a GPU; otherwise the latest committed report."""
     if torch.cuda.is_available():
-        from . import bench
+        from . import bench, bench_sweep
 
-        report, paths = bench.run_benchmark(bench.default_points(), device="cuda", progress=False)
+        report, paths = bench_sweep.run_benchmark(bench.default_points(), device="cuda", progress=False)
         return {"status": "reproduced", "fix_holds": True, "why": "measured now on this GPU",
                 "evidence": {"seed_table": report.get("seed_table"), "report": str(paths.get("json"))}}
     committed = sorted((REPORTS_DIR / "gpu").glob("*.json"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qformer_lora import bench, bench_report
+from qformer_lora import bench, bench_report, bench_sweep
 
 HERE = Path(__file__).resolve().parent
 RUN = {"loaded": time.perf_counter()}  # what the terminal summary prints
@@ -52,7 +52,7 @@ def free_gpu_memory():
 def gpu_report():
     """bench.default_points() on the full-size presets, reports written to $QFORMER_LORA_REPORT_DIR or reports/gpu."""
     start = time.perf_counter()
-    report, paths = bench.run_benchmark(
+    report, paths = bench_sweep.run_benchmark(
         bench.default_points(), device="cuda", report_dir=bench_report.default_report_dir(),
         out_of_time=lambda: time.perf_counter() - RUN["loaded"] > RUN_LIMIT_S - RESERVE_S)
     RUN.update(sweep_s=time.perf_counter() - start, paths=paths)

@@ -1,4 +1,4 @@
-"""bench.py on CPU with tiny presets: the same sweep, memory model and report code the GPU run uses.
+"""bench.py and bench_sweep.py on CPU with tiny presets: the same sweep, memory model and report code the GPU run uses.
 
 Memory is only measured on CUDA, so the memory-model summaries are checked on
 fabricated numbers with the shape of a GPU report; everything else runs for real.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qformer_lora import bench, bench_report, compat, device, flops, lora, step_options
+from qformer_lora import bench, bench_report, bench_sweep, capacity, compat, device, flops, lora, step_options
 
 REPORTS_GPU = Path(__file__).resolve().parents[2] / "reports" / "gpu"
 
@@ -44,7 +44,7 @@ def cpu_report(tmp_path_factory):
               bench.SweepPoint(TINY_IB, precision="fp32", forward="native")]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bench, "build", lambda point, device: builds.append(point) or real_build(point, device))
-        report, paths = bench.run_benchmark(points, (2, 1), device="cpu", shape=SHAPE, steps=3,
+        report, paths = bench_sweep.run_benchmark(points, (2, 1), device="cpu", shape=SHAPE, steps=3,
                                             report_dir=out_dir, progress=False)
     assert paths["json"].parent == out_dir and json.loads(paths["json"].read_text()) == json.loads(json.dumps(report))
     return report, builds
@@ -126,7 +126,7 @@ def test_oom_is_recorded_and_the_sweep_goes_on(monkeypatch):
     monkeypatch.setattr(bench, "build", build)
     points = [bench.SweepPoint(TINY_IB, precision="fp32"), bench.SweepPoint(TINY_IB, family="blip2"),
               bench.SweepPoint(TINY_IB, precision="fp32", forward="native")]
-    report = bench.sweep(points, (1, 2, 3), device="cpu", shape=SHAPE, warmup=0, steps=1, progress=False)
+    report = bench_sweep.sweep(points, (1, 2, 3), device="cpu", shape=SHAPE, warmup=0, steps=1, progress=False)
     custom, too_big, native = ([(r["batch_size"], r["oom"]) for r in e["results"]] for e in report["points"])
     assert custom == native == [(1, False), (2, True), (3, True)]
     assert too_big == [(1, True), (2, True), (3, True)]
@@ -156,7 +156,7 @@ def test_a_failing_configuration_is_recorded_and_the_sweep_goes_on(monkeypatch):
     monkeypatch.setattr(bench, "train_step", step)
     points = [bench.SweepPoint(TINY_IB, precision="fp32", fused_optimizer=True),
               bench.SweepPoint(TINY_IB, precision="fp32")]
-    report = bench.sweep(points, (1, 2, 3), device="cpu", shape=SHAPE, warmup=0, steps=1, progress=False)
+    report = bench_sweep.sweep(points, (1, 2, 3), device="cpu", shape=SHAPE, warmup=0, steps=1, progress=False)
     failed, plain = ([(r["batch_size"], bench.ran(r)) for r in e["results"]] for e in report["points"])
     assert failed == [(1, True), (2, False), (3, False)] and plain == [(1, True), (2, True), (3, True)]
     assert report["points"][0]["results"][1]["error"] == "RuntimeError: fused kernel missing"
@@ -227,7 +227,7 @@ def test_default_grid_covers_the_seed_table_and_shares_builds():
 def test_the_gpu_grid_runs_end_to_end_on_tiny_presets(tmp_path):
     # the same call the GPU session fixture makes, on the tiny variants, one step per point
     points = bench.default_points(TINY_IB, TINY_B2, options_batch=4)  # batch 64 adds nothing on CPU but time
-    report, paths = bench.run_benchmark(points, device="cpu", shape=SHAPE, steps=1, report_dir=tmp_path,
+    report, paths = bench_sweep.run_benchmark(points, device="cpu", shape=SHAPE, steps=1, report_dir=tmp_path,
                                         progress=False)
     assert [e["label"] for e in report["points"]] == [p.label for p in points]
     for entry, point in zip(report["points"], points):
@@ -252,7 +252,7 @@ def test_the_gpu_grid_runs_end_to_end_on_tiny_presets(tmp_path):
 def test_sweep_out_of_time_records_the_rest_as_not_run(tmp_path):
     points = [bench.SweepPoint(TINY_IB, batch_sizes=(1,)), bench.SweepPoint(TINY_IB, "qformer+llm", batch_sizes=(1, 2))]
     asked = iter([False, True])
-    report, paths = bench.run_benchmark(points, device="cpu", shape=SHAPE, steps=1, report_dir=tmp_path,
+    report, paths = bench_sweep.run_benchmark(points, device="cpu", shape=SHAPE, steps=1, report_dir=tmp_path,
                                         progress=False, out_of_time=lambda: next(asked))
     first, second = report["points"]
     assert [r["oom"] for r in first["results"]] == [False] and bench.ran(first["results"][0])
@@ -280,7 +280,7 @@ def test_validate_prediction_finds_the_real_limit(predicted, monkeypatch):
     oom_from(5, monkeypatch)  # batches of 5 and more "run out of memory"
     point = bench.SweepPoint(TINY_IB, precision="fp32")
     model = bench.build(point, "cpu")
-    result = bench.validate_prediction(point, predicted, 24 * bench.GIB, device="cpu", model=model, shape=SHAPE)
+    result = bench_sweep.validate_prediction(point, predicted, 24 * capacity.GIB, device="cpu", model=model, shape=SHAPE)
     assert (result["measured"], result["measured_exact"]) == (4, True), result["probes"]
     assert result["relative_error"] == pytest.approx(abs(predicted - 4) / 4)
     assert result["memory_fraction"] is None  # no cap outside CUDA
@@ -289,15 +289,15 @@ def test_validate_prediction_finds_the_real_limit(predicted, monkeypatch):
 
 def _fake_entry(point: bench.SweepPoint, a: int, b: int, sizes=(1, 4, 8), step_s: float = 0.5) -> dict:
     results = [{"batch_size": n, "oom": False, "peak_allocated_bytes": a + b * n, "peak_reserved_bytes": a + b * n + 2 ** 28,
-                "peak_allocated_gib": (a + b * n) / bench.GIB, "peak_reserved_gib": (a + b * n + 2 ** 28) / bench.GIB,
+                "peak_allocated_gib": (a + b * n) / capacity.GIB, "peak_reserved_gib": (a + b * n + 2 ** 28) / capacity.GIB,
                 "step_time_s": step_s, "step_times_s": [step_s], "samples_per_s": n / step_s, "loss": 1.0}
                for n in sizes]
     return {"label": point.label, "config": dataclasses.asdict(point), "image_size": 224, "results": results,
-            "memory_model": bench.memory_model(results, 80 * bench.GIB)}
+            "memory_model": capacity.memory_model(results, 80 * capacity.GIB)}
 
 
 def test_summaries_from_gpu_like_numbers(tmp_path):
-    gib = bench.GIB
+    gib = capacity.GIB
     lines = {("blip2-flan-t5-xl", "qformer", "fp32"): (16 * gib, gib // 4),
              ("blip2-flan-t5-xl", "qformer", "bf16"): (8 * gib, gib // 8),
              ("instructblip-flan-t5-xl", "qformer+llm", "fp32"): (16 * gib, gib // 2),
@@ -335,7 +335,7 @@ def test_summaries_from_gpu_like_numbers(tmp_path):
 
 
 def test_option_table_ratios_and_mfu_from_gpu_like_numbers():
-    gib, preset = bench.GIB, "instructblip-flan-t5-xl"
+    gib, preset = capacity.GIB, "instructblip-flan-t5-xl"
     native = _fake_entry(bench.SweepPoint(preset, forward="native"), 20 * gib, 0, sizes=(64,), step_s=0.5)
     plain = _fake_entry(bench.SweepPoint(preset), 15 * gib, 0, sizes=(64,), step_s=0.25)
     plain["flops_per_sample"] = 2e12
@@ -372,13 +372,13 @@ def test_peak_flops_table():
 
 def test_holdout_check_predicts_the_largest_batch_from_the_others():
     point = bench.SweepPoint("instructblip-flan-t5-xl")
-    entry = _fake_entry(point, 8 * bench.GIB, bench.GIB // 4, sizes=(1, 4, 8, 64))
-    entry["results"][-1]["peak_allocated_bytes"] += bench.GIB  # batch 64 needs 1 GiB more than the line says
+    entry = _fake_entry(point, 8 * capacity.GIB, capacity.GIB // 4, sizes=(1, 4, 8, 64))
+    entry["results"][-1]["peak_allocated_bytes"] += capacity.GIB  # batch 64 needs 1 GiB more than the line says
     [check] = bench_report.holdout_checks([entry, _fake_entry(point, 0, 1, sizes=(1, 2))])  # 2 batches: no check
-    measured = 8 * bench.GIB + 64 * (bench.GIB // 4) + bench.GIB
+    measured = 8 * capacity.GIB + 64 * (capacity.GIB // 4) + capacity.GIB
     assert check["fitted_on"] == [1, 4, 8] and check["batch_size"] == 64
-    assert check["predicted_gib"] == pytest.approx(measured / bench.GIB - 1)
-    assert check["relative_error"] == pytest.approx(-bench.GIB / measured)
+    assert check["predicted_gib"] == pytest.approx(measured / capacity.GIB - 1)
+    assert check["relative_error"] == pytest.approx(-capacity.GIB / measured)
 
 
 def test_bench_report_rerenders_a_saved_report(cpu_report, tmp_path, capsys):
@@ -404,13 +404,13 @@ def test_committed_gpu_reports_rerender_unchanged(stem, tmp_path):
 def test_memory_cap_names_the_device_index(monkeypatch):
     # torch.cuda.set_per_process_memory_fraction refuses a bare "cuda" device (seen on the H200 run)
     calls = []
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 80 * bench.GIB}))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 80 * capacity.GIB}))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: calls.append((fraction, device)))
     monkeypatch.setattr(device, "free_memory", lambda collect=True: None)
-    with device.memory_cap(24 * bench.GIB, torch.device("cuda")) as fraction:
+    with device.memory_cap(24 * capacity.GIB, torch.device("cuda")) as fraction:
         assert fraction == 24 / 80
-    with device.memory_cap(40 * bench.GIB, torch.device("cuda", 1)):
+    with device.memory_cap(40 * capacity.GIB, torch.device("cuda", 1)):
         pass
     assert calls == [(0.3, 0), (1.0, 0), (0.5, 1), (1.0, 1)]
 
