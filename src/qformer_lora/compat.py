@@ -323,6 +323,25 @@ def set_activation_checkpointing(model, enabled: bool) -> None:
         model.gradient_checkpointing_enable()
 
 
+def checkpointing_switches(model) -> list[torch.nn.Module]:
+    """The modules of ``model`` whose ``training`` flag decides whether checkpointing acts.
+
+    From transformers 4.53 each layer (a GradientCheckpointingLayer) checkpoints itself;
+    before, the stack that runs the layers (the module holding their ModuleList) did.
+    Other modules carry the ``gradient_checkpointing`` flag too: on T5's attention it only
+    marks the zero cross-attention position bias as requiring grad (in training mode). That
+    buys nothing with non-reentrant checkpointing, but it breaks a compiled block's graph
+    inside the checkpoint (dynamo cannot set requires_grad in a graph) and makes SDPA pick
+    another CPU kernel (checkpointing then moved T5's gradients in the last bits).
+    """
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return [m for m in model.modules() if hasattr(m, "gradient_checkpointing")
+                and any(isinstance(child, torch.nn.ModuleList) for child in m.children())]
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 def raise_recompile_limit(minimum: int) -> int:
     """Let dynamo keep at least ``minimum`` compiled variants of one function; returns the limit.
 

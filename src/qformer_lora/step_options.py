@@ -58,8 +58,8 @@ def set_lm_checkpointing(model, enabled: bool) -> Choice:
     in train mode, where switching transformers' checkpointing on is all it takes (non-reentrant
     where the release lets us choose: the LM's input embeddings carry grad from the Q-Former,
     so gradients reach the adapters through the recomputed layers). The training loop runs
-    in eval mode (no dropout anywhere), so here exactly the modules that carry a
-    ``gradient_checkpointing`` flag are switched to training mode, with their own
+    in eval mode (no dropout anywhere), so here exactly the modules whose flag makes them
+    checkpoint (``compat.checkpointing_switches``) are switched to training mode, with their own
     dropout-like rates set to 0; their submodules (dropout layers, attention) stay in eval
     mode. Disabling restores flags and rates, and removes the input-embedding hook that
     transformers adds on enabling (its disable leaves it on non-PEFT models: the text
@@ -70,9 +70,16 @@ def set_lm_checkpointing(model, enabled: bool) -> Choice:
     if enabled and state is None:
         state = {"had_input_hook": hasattr(lm, "_require_grads_hook"), "rates": {}}
         compat.set_activation_checkpointing(lm, True)
+        # only the modules that checkpoint keep the flag: on T5's attention it just marks a zero
+        # position bias as requiring grad, which breaks compiled graphs and moves gradients in the
+        # last bits (see compat.checkpointing_switches)
+        switches = {id(m) for m in compat.checkpointing_switches(lm)}
+        for module in lm.modules():
+            if hasattr(module, "gradient_checkpointing") and id(module) not in switches:
+                module.gradient_checkpointing = False
         if not lm.training:
             for name, module in lm.named_modules():
-                if hasattr(module, "gradient_checkpointing") and not module.training:
+                if id(module) in switches and not module.training:
                     rates = {k: v for k, v in vars(module).items() if "drop" in k and isinstance(v, float)}
                     state["rates"][name] = rates
                     for key in rates:

@@ -6,8 +6,10 @@
 The model has InstructBLIP-FlanT5-XL's depth (39 ViT-g layers, 12 Q-Former layers, 24 + 24
 T5 blocks) at width 64, so almost all of a CPU step is the per-op cost that compiling
 removes, not arithmetic. Variants: eager; the frozen vision / LM blocks compiled
-(``compile_frozen_blocks``); those and the Q-Former compiled. The ratio is a CPU proxy for
-the host-bound GPU step, not a GPU figure (inductor writes C++ here, triton there).
+(``compile_frozen_blocks``); those and the Q-Former compiled; and eager and all compiled with
+LM activation checkpointing (the option that halves memory, whose recompute compiling should
+pay for). The ratio is a CPU proxy for the host-bound GPU step, not a GPU figure (inductor
+writes C++ here, triton there).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..timing import interleaved_medians
 BATCH = 2
 ROUNDS = 10          # per variant in the pytest-benchmark table
 RATIO_ROUNDS = 15    # per variant in the interleaved ratio
-VARIANTS = ("eager", "compiled-frozen", "compiled-all")
+VARIANTS = ("eager", "compiled-frozen", "compiled-all", "eager+lm-ckpt", "compiled-all+lm-ckpt")
 
 pytestmark = pytest.mark.slow
 
@@ -59,13 +61,14 @@ def make_step(variant: str):
             p.grad = None
         return loss.detach()
 
-    choices = []
-    if variant != "eager":
+    compiling, _, checkpointing = variant.partition("+")
+    choices = [step_options.set_lm_checkpointing(model, True)] if checkpointing else []
+    if compiling != "eager":
         choices.append(step_options.compile_frozen_blocks(model, True, dynamic=False))
-    if variant == "compiled-all":
+    if compiling == "compiled-all":
         choices.append(step_options.maybe_compile(compat.unwrap(model).qformer, True, dynamic=False)[1])
     first_loss = step()  # compiles; then the choices are known to hold
-    assert all(c.used == "compiled" for c in choices), choices
+    assert all(c.used in ("compiled", "on") for c in choices), choices
     return step, first_loss
 
 
@@ -93,6 +96,9 @@ def test_compile_speedup(steps):
     speedup = {variant: medians["eager"] / medians[variant] for variant in VARIANTS[1:]}
     print(f"\ncompile, overhead-bound CPU step, interleaved medians of {RATIO_ROUNDS}: eager "
           f"{medians['eager'] * 1e3:.1f} ms, "
-          + ", ".join(f"{v} {medians[v] * 1e3:.1f} ms ({speedup[v]:.2f}x)" for v in VARIANTS[1:]))
-    # generous bound for a noisy shared machine (the printed figures are the measurement)
+          + ", ".join(f"{v} {medians[v] * 1e3:.1f} ms ({speedup[v]:.2f}x)" for v in VARIANTS[1:])
+          + f"; with LM checkpointing, compiling all: {medians['eager+lm-ckpt'] / medians['compiled-all+lm-ckpt']:.2f}x")
+    # generous bounds for a noisy shared machine (the printed figures are the measurement)
     assert speedup["compiled-all"] > 1.0, f"compiling made the step slower: {speedup} ({medians})"
+    assert medians["compiled-all+lm-ckpt"] < medians["eager+lm-ckpt"], f"compiling made the checkpointed step " \
+                                                                       f"slower: {medians}"
