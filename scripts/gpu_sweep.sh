@@ -18,6 +18,9 @@ PYTHON="${PYTHON:-python3}"   # the GPU image's python3 is the one that holds CU
 LIMIT="${GPU_SWEEP_TIMEOUT:-450}"
 mkdir -p "$OUT"
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" QFORMER_LORA_REPORT_DIR="$OUT" PYTHONUNBUFFERED=1
+# the sweep plans within the same limit (tests/gpu/conftest.py stops starting configurations
+# when too little of it is left); without this it would plan for its default 480 s
+export QFORMER_LORA_GPU_BUDGET_S="${QFORMER_LORA_GPU_BUDGET_S:-$LIMIT}"
 
 "$PYTHON" -c "import sys, torch, transformers, peft; print('python', sys.version.split()[0], '| torch', torch.__version__,
 '| transformers', transformers.__version__, '| peft', peft.__version__, '| cuda', torch.cuda.is_available(),
