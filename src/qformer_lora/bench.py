@@ -176,14 +176,18 @@ def build(point: SweepPoint, device: str | torch.device):
     for param in lora.adapter_parameters(peft_model):
         param.data = param.data.float()
     peft_model.train()  # train mode: dropout masks count, and HF checkpointing only acts in training
+    choices = []
     if point.compile_qformer:
         # Compiled lazily, at the warm-up step of each batch size, with static shapes: on the
         # H200 run (torch 2.11) a batch-1 probe followed by batch 64 made dynamo recompile with
         # dynamic shapes and inductor failed (AssertionError), costing ~3 minutes. A failure at
         # the warm-up step is recorded for that batch by the sweep (bench_sweep._measure_or_error).
-        step_options.maybe_compile(compat.unwrap(peft_model).qformer, True, dynamic=False)
+        choices.append(step_options.maybe_compile(compat.unwrap(peft_model).qformer, True, dynamic=False)[1])
     if point.compile_frozen:  # the same, lazily, for each block of the frozen vision encoder and LM
-        step_options.compile_frozen_blocks(peft_model, True, dynamic=False)
+        choices.append(step_options.compile_frozen_blocks(peft_model, True, dynamic=False))
+    # kept for every result of this build: where compile is unavailable the option falls back
+    # to eager, and a "compiled" row must then say so rather than report eager figures
+    peft_model._bench_build_choices = tuple(choices)
     return peft_model
 
 
@@ -218,7 +222,8 @@ def prepare_step(model, point: SweepPoint, batch_size: int, device, shape: Seque
     scaler = torch.amp.GradScaler(device.type) if point.precision == "fp16-amp" else None
     optimizer, choice = step_options.make_optimizer(params, lr=1e-4, weight_decay=0.01, fused=point.fused_optimizer)
     cache = _feature_cache(model) if point.feature_cache else None  # filled by the warm-up step
-    return StepState(model, point, batch, native_kwargs, optimizer, scaler, device, cache, (checkpointing, choice))
+    return StepState(model, point, batch, native_kwargs, optimizer, scaler, device, cache,
+                     (checkpointing, choice, *getattr(model, "_bench_build_choices", ())))
 
 
 def _feature_cache(model) -> FeatureCache:

@@ -80,7 +80,8 @@ def option_table(entries: list[dict], device_name: str, batch_size: int | None =
                 continue
             options = [field for field in STEP_OPTIONS if entry["config"].get(field)]  # reports predate some
             row = {"label": entry["label"], "forward": entry["config"]["forward"], "options": options,
-                   "batch_size": size, "error": result.get("error") if not ran(result) else None}
+                   "batch_size": size, "error": result.get("error") if not ran(result) else None,
+                   "not_used": not_used(result)}
             if ran(result):
                 memory = _memory_ratio(result, base)
                 row.update(samples_per_s=result["samples_per_s"], peak_allocated_gib=result["peak_allocated_gib"],
@@ -91,6 +92,13 @@ def option_table(entries: list[dict], device_name: str, batch_size: int | None =
                                         and memory <= TARGETS["memory_ratio"])
             rows.append(row)
     return rows
+
+
+def not_used(result: dict) -> list[str]:
+    """The options a result asked for but ran without, with the reason (e.g. compile
+    unavailable: eager), from its step_options records; such a row measures the fallback."""
+    return [f"{c['option']}: {c['used']} ({c['reason']})" for c in result.get("step_options", [])
+            if c["requested"] and c["reason"] is not None]
 
 
 def holdout_checks(entries: list[dict]) -> list[dict]:
@@ -255,7 +263,8 @@ def markdown(report: dict) -> str:
         if o["error"]:
             lines.append(f"| {o['label']} | failed: {o['error']} | | | | | |")
             continue
-        lines.append(f"| {o['label']} | {_num(o['samples_per_s'], '.1f')} | {_num(o['peak_allocated_gib'])} | "
+        label = o["label"] + (f" (not used: {'; '.join(o['not_used'])})" if o.get("not_used") else "")
+        lines.append(f"| {label} | {_num(o['samples_per_s'], '.1f')} | {_num(o['peak_allocated_gib'])} | "
                      f"{_num(o['speedup'])} | {_num(o['memory_ratio'])} | "
                      f"{_num(o['flops_per_sample'] and o['flops_per_sample'] / 1e9, '.1f')} | {_num(o['mfu'], '.1%')} |")
     lines += ["", "## Memory model on a held-out batch (fitted without the largest batch)", "",

@@ -63,7 +63,7 @@ def sweep(points: list[SweepPoint], batch_sizes=(1, 4, 8, 16), *, device="cuda",
             entry["wall_s"] = time.perf_counter() - started
             entry["memory_model"] = memory_model(entry["results"], report["device"].get("total_memory_bytes"))
             if is_plain(point) and model is not None and any(ran(r) for r in entry["results"]):
-                entry["flops_per_sample"] = flops.step_flops_per_sample(model, shape, device)
+                entry.update(_flops_or_error(model, shape, device))
             report["points"].append(entry)
             if point.validate_budget_gib and model is not None:
                 report["validation"].append(validate_point(point, entry, device, model, shape))
@@ -100,6 +100,17 @@ def _measure_or_error(point: SweepPoint, size: int, device, **kwargs) -> dict:
         message = f"{type(err).__name__}: {str(err).strip()[:300]}"
     free_memory()  # outside the except block: the traceback no longer holds the step's tensors
     return {"batch_size": size, "oom": False, "error": message}
+
+
+def _flops_or_error(model, shape: SequenceShape, device: torch.device) -> dict:
+    """{"flops_per_sample": n}, or the error of counting them: MFU is then left out, and the
+    sweep goes on (counting runs one more step, which can still run out of memory)."""
+    try:
+        return {"flops_per_sample": flops.step_flops_per_sample(model, shape, device)}
+    except Exception as err:  # noqa: BLE001 - recorded; the measurements still count
+        message = f"{type(err).__name__}: {str(err).strip()[:300]}"
+    free_memory()
+    return {"flops_error": message}
 
 
 def _build_or_oom(point: SweepPoint, device: torch.device):

@@ -164,6 +164,38 @@ def test_a_failing_configuration_is_recorded_and_the_sweep_goes_on(monkeypatch):
     assert not any(r["oom"] for r in report["points"][0]["results"])
 
 
+def test_a_compile_that_falls_back_to_eager_says_so_in_its_row(monkeypatch, tmp_path):
+    # where compile is unavailable the option runs eager: its row must not pass for compiled
+    monkeypatch.setattr(compat, "torch_compile_unavailable_reason", lambda device_type: "no triton here")
+    native, compiled = (bench.SweepPoint(TINY_IB, precision="fp32", forward="native", batch_sizes=(2,)),
+                        bench.SweepPoint(TINY_IB, precision="fp32", compile_qformer=True, compile_frozen=True,
+                                         batch_sizes=(2,)))
+    with pytest.warns(UserWarning, match="no triton here"):
+        report, paths = bench_sweep.run_benchmark([native, compiled], device="cpu", shape=SHAPE, steps=1,
+                                                  report_dir=tmp_path, progress=False)
+    [result] = report["points"][1]["results"]
+    assert [(c["option"], c["used"]) for c in result["step_options"] if c["option"].startswith("compile")] == [
+        ("compile", "eager"), ("compile_frozen", "eager")]
+    rows = {row["label"]: row for row in report["options"]}
+    assert rows[native.label]["not_used"] == []
+    assert rows[compiled.label]["not_used"] == ["compile: eager (no triton here)", "compile_frozen: eager (no triton here)"]
+    assert f"{compiled.label} (not used: compile: eager (no triton here); " in paths["md"].read_text()
+
+
+def test_a_failed_flop_count_is_recorded_and_the_sweep_goes_on(monkeypatch):
+    def broken(model, shape, device):
+        raise RuntimeError("FlopCounterMode fell over")
+
+    monkeypatch.setattr(flops, "step_flops_per_sample", broken)
+    points = [bench.SweepPoint(TINY_IB, precision="fp32", batch_sizes=(1,)),
+              bench.SweepPoint(TINY_IB, precision="fp32", forward="native", batch_sizes=(1,))]
+    report = bench_sweep.sweep(points, device="cpu", shape=SHAPE, warmup=0, steps=1, progress=False)
+    plain, native = report["points"]
+    assert plain["flops_error"] == "RuntimeError: FlopCounterMode fell over" and "flops_per_sample" not in plain
+    assert bench.ran(native["results"][0]), "the sweep stopped at the failed count"
+    assert all(row["flops_per_sample"] is None and row["mfu"] is None for row in report["options"])
+
+
 def test_bf16_with_lm_checkpointing_trains_fp32_adapters():
     point = bench.SweepPoint(TINY_B2, precision="bf16", lm_activation_checkpointing=True)
     model = bench.build(point, "cpu")
