@@ -6,7 +6,32 @@ import argparse
 import json
 import sys
 
-from . import bench, bench_report, bench_sweep, checkpoint, compat, data, distributed, infer, lora, presets, run_config, train
+import torch
+
+from . import (bench, bench_report, bench_sweep, checkpoint, compat, data, distributed, infer, lora, numerics, presets,
+               run_config, train)
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1 (a batch of 0 or a --limit of -1 ran and wrote reports, or dropped a sample)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{number} is not a positive integer")
+    return number
+
+
+def device_name(value: str) -> str:
+    """argparse type: a torch device this machine has ('cuda' without one failed deep inside torch)."""
+    try:
+        device = torch.device(value)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: {str(err).splitlines()[0]}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value}: no CUDA device here (torch {torch.__version__}); use --device cpu")
+    return value
 
 
 def _add_lora_options(parser: argparse.ArgumentParser) -> None:
@@ -83,8 +108,9 @@ def add_train_parser(sub) -> None:
         default = getattr(defaults, name)
         shown = ",".join(default) if isinstance(default, tuple) else default
         # strings are parsed by run_config.coerce, which names the option on a bad value
+        text = run_config.HELP[name]  # some say their default in words already
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar="VALUE",
-                       help=f"{run_config.HELP[name]} (default: {shown})")
+                       help=text if "(default:" in text else f"{text} (default: {shown})")
     p.set_defaults(func=cmd_train)
 
 
@@ -112,8 +138,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--question", help="instruction / question")
     p.add_argument("--manifest", help="JSONL manifest: answer every sample (up to --limit)")
     p.add_argument("--image-root", default=None, help="image root for --manifest (default: its directory)")
-    p.add_argument("--limit", type=int, default=10, help="samples from --manifest (default 10)")
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--limit", type=positive_int, default=10, help="samples from --manifest (default 10)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=8, help="longest answer in tokens (default 8)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -154,8 +180,10 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--preset", default=None, help="sweep one preset (default: the built-in grid)")
     p.add_argument("--family", choices=sorted(presets.FAMILIES), default=None,
                    help="build the preset's config as this family")
-    p.add_argument("--scope", nargs="+", choices=sorted(lora.SCOPES), default=["qformer"])
-    p.add_argument("--precision", nargs="+", choices=sorted(bench.PRECISIONS), default=["bf16"])
+    p.add_argument("--scope", nargs="+", choices=sorted(lora.SCOPES), default=["qformer"],
+                   help="LoRA scopes to sweep (default: qformer)")
+    p.add_argument("--precision", nargs="+", choices=sorted(bench.PRECISIONS), default=["bf16"],
+                   help="precisions to sweep (default: bf16)")
     p.add_argument("--forward", nargs="+", choices=bench.FORWARDS, default=["custom"],
                    help="custom forward or the library's own (through a plain PeftModel)")
     p.add_argument("--lm-checkpointing", action="store_true", help="activation checkpointing in the language model")
@@ -165,14 +193,18 @@ def add_bench_parser(sub) -> None:
                    help="torch.compile the Q-Former (static shapes; compiled at each batch size's warm-up step)")
     p.add_argument("--compile-frozen", action="store_true",
                    help="torch.compile each block of the frozen vision encoder and language model (as above)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16], metavar="N")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--answer-len", type=int, default=16)
-    p.add_argument("--instruction-len", type=int, default=32, help="InstructBLIP Q-Former instruction tokens")
-    p.add_argument("--steps", type=int, default=3, help="measured steps per point after one warm-up (default 3)")
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 4, 8, 16], metavar="N",
+                   help="batch sizes per configuration, run ascending until one runs out of memory "
+                        "(default: 1 4 8 16)")
+    p.add_argument("--prompt-len", type=positive_int, default=32, help="prompt tokens per sample (default 32)")
+    p.add_argument("--answer-len", type=positive_int, default=16, help="answer tokens per sample (default 16)")
+    p.add_argument("--instruction-len", type=positive_int, default=32,
+                   help="InstructBLIP Q-Former instruction tokens (default 32)")
+    p.add_argument("--steps", type=positive_int, default=3,
+                   help="measured steps per point after one warm-up (default 3)")
     p.add_argument("--validate-budget-gib", type=float, default=None,
                    help="check the predicted max batch under this memory cap (CUDA only)")
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", type=device_name, default="cuda", help="cuda[:N] or cpu (default: cuda)")
     p.add_argument("--out", default=None, help="report folder (default: $QFORMER_LORA_REPORT_DIR or reports/gpu)")
     p.set_defaults(func=cmd_bench)
 
@@ -209,8 +241,10 @@ def add_reproduce_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qformer-lora", description=__doc__.splitlines()[0].replace(
-        "Command line: ", "qformer-lora: "))
+    parser = argparse.ArgumentParser(prog="qformer-lora", description=(
+        "LoRA on the Q-Former of InstructBLIP / BLIP-2, with the documented failures reproduced and guarded: "
+        "train, generate, export, check a setting (doctor, verify), measure memory and speed (bench), "
+        "replay every documented failure (reproduce)."))
     sub = parser.add_subparsers(dest="command", required=True)
     verify = sub.add_parser("verify", help="build a preset on the meta device, apply LoRA, print the scope report",
                             description="Build the preset without allocating memory (meta device), apply LoRA "
@@ -276,7 +310,7 @@ def _add_doctor_parser(sub) -> None:
     parser.add_argument("--adam-eps", type=float, default=None, help="AdamW epsilon (default: the training default)")
     parser.add_argument("--weight-decay", type=float, default=None,
                         help="AdamW weight decay (default: the training default)")
-    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--device", type=device_name, default=None, help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--json", action="store_true", help="print the findings as JSON")
     parser.set_defaults(func=cmd_doctor)
 
@@ -285,8 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    # user mistakes and their diagnoses, without a traceback; OSError: a path that exists,
+    # is missing, is a file where a directory was named, cannot be written
     except (presets.PresetError, lora.ScopeError, run_config.ConfigError, data.ManifestError, data.ImageLoadError,
-            checkpoint.CheckpointError, FileExistsError, FileNotFoundError, ValueError) as err:
+            checkpoint.CheckpointError, numerics.NonFiniteError, OSError, ValueError) as err:
         print(f"qformer-lora: error: {err}", file=sys.stderr)
         return 2
 

@@ -96,6 +96,12 @@ def check_config(precision: str, *, lr: float, adam_eps: float, weight_decay: fl
             f"exp_avg_sq = 1e-3*g**2 flushes to 0 for |g| < 5.5e-3, giving NaN/inf updates",
             FIX_PRECISION + "; with peft < 0.12 / model.half() after get_peft_model, cast the lora_ "
                             "parameters back to fp32"))
+    if adam_eps <= 0:  # in any precision: the same 0/(0+0) as an eps that underflows
+        findings.append(Finding(
+            FATAL, "eps-zero",
+            f"AdamW eps={adam_eps:g}: LoRA's lora_B starts at zero, so lora_A's first gradient and both moments "
+            f"are exactly 0 and the update is 0/(0+0) = NaN after the first optimizer step",
+            "use an eps > 0 (the default is 1e-8)"))
     findings += _eps_findings(adam_eps, lr, weight_decay, adapter_dtype, fused)
     if text_model_type == "t5" and FP16 in (base_dtype, autocast_dtype):
         findings.append(Finding(

@@ -29,6 +29,7 @@ class TrainConfig:
     val_manifest: str = str(data.SHAPES_DIR / "val.jsonl")
     image_root: str | None = None
     output_dir: str = "runs/default"
+    overwrite: bool = False
     epochs: int = 40
     batch_size: int = 16
     grad_accum: int = 1
@@ -73,6 +74,8 @@ HELP = {
     "val_manifest": "JSONL manifest of validation samples",
     "image_root": "directory image paths are resolved in (default: the manifest's directory)",
     "output_dir": "run directory: metrics.jsonl and checkpoints/",
+    "overwrite": "start afresh in an output directory that already holds a run, deleting its log and "
+                 "checkpoints (without it such a directory is refused; --resume continues it instead)",
     "epochs": "number of epochs",
     "batch_size": "samples per micro-batch (per process under torchrun)",
     "grad_accum": "micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)",
@@ -118,6 +121,12 @@ class ConfigError(ValueError):
     """A run config names an unknown option or gives a value of the wrong type."""
 
 
+# The smallest value each count accepts: below it a run divided by zero, trained nothing, or
+# (keep_last < 0) pruned every checkpoint it wrote.
+MINIMUMS = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "save_every": 1, "keep_last": 0, "warmup_steps": 0,
+            "max_rollbacks": 0, "stop_after_epochs": 1}
+
+
 def coerce(name: str, value, where: str):
     """``value`` converted to the type of TrainConfig field ``name``; ConfigError naming it if impossible."""
     fields = TrainConfig.__dataclass_fields__
@@ -158,7 +167,7 @@ def load_run_config(path: str | os.PathLike | None, overrides: dict | None = Non
     """TrainConfig from a TOML file (flat keys, as the CLI flags) plus overrides."""
     import tomllib
 
-    values = {}
+    values, sources = {}, {}
     if path is not None:
         try:
             raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
@@ -166,11 +175,23 @@ def load_run_config(path: str | os.PathLike | None, overrides: dict | None = Non
             raise ConfigError(f"{path}: run config not found") from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: invalid TOML: {err}") from None
+        except (OSError, UnicodeDecodeError) as err:  # a directory, unreadable, not UTF-8 text
+            raise ConfigError(f"{path}: cannot read the run config: {err}") from None
         values = {k: coerce(k, v, str(path)) for k, v in raw.items()}
-    values |= {k: coerce(k, v, f"--{k.replace('_', '-')}") for k, v in (overrides or {}).items()}
+        sources = dict.fromkeys(raw, str(path))
+    for name, value in (overrides or {}).items():
+        sources[name] = f"--{name.replace('_', '-')}"
+        values[name] = coerce(name, value, sources[name])
     config = TrainConfig(**values)
+
+    def refuse(name: str, why: str):
+        raise ConfigError(f"{sources.get(name, 'default')}: option {name!r} is {getattr(config, name)!r}; {why}")
+
     for name, allowed in (("precision", PRECISIONS), ("guard", GUARDS), ("scope", tuple(lora.SCOPES)),
                           ("feature_cache", step_options.FEATURE_CACHE_MODES)):
         if getattr(config, name) not in allowed:
-            raise ConfigError(f"option {name!r} is {getattr(config, name)!r}; expected one of {allowed}")
+            refuse(name, f"expected one of {allowed}")
+    for name, minimum in MINIMUMS.items():
+        if getattr(config, name) is not None and getattr(config, name) < minimum:
+            refuse(name, f"it must be at least {minimum}")
     return config

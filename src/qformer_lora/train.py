@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -30,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, distributed, doctor, feature_cache, forward, lora, numerics, presets, step_options
-from .run_config import TrainConfig  # the options; train.TrainConfig is what callers pass to train()
+from .run_config import ConfigError, TrainConfig  # the options; train.TrainConfig is what callers pass to train()
 
 # Training produced a non-finite input, loss, gradient or parameter; ``.diagnosis`` says where.
 NonFiniteError = numerics.NonFiniteError
@@ -146,14 +147,86 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (an interrupted run's tail)."""
+    """Drop log lines written after the checkpoint we resume from (an interrupted run's tail).
+
+    A last line cut short (the process died while writing it) is dropped too; any other line
+    that is not a log record is an error naming it.
+    """
     if not path.exists() or not distributed.is_main():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if json.loads(line).get("step", 0) <= last_step]
+    lines, kept = path.read_text(encoding="utf-8").splitlines(), []
+    for number, line in enumerate(lines, 1):
+        try:
+            step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError) as err:
+            if number == len(lines) and isinstance(err, json.JSONDecodeError):
+                break  # torn by the interruption this resume recovers from
+            raise checkpoint.CheckpointError(f"{path}:{number}: not a log record ({err}); fix or delete the line")
+        if not isinstance(step, int):
+            raise checkpoint.CheckpointError(f"{path}:{number}: field 'step' is {step!r}, not an integer")
+        if step <= last_step:
+            kept.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _resume_point(run_dir: Path, resume) -> Path:
+    """The checkpoint ``resume`` names ('latest': the run's newest), checked before anything is built."""
+    path = checkpoint.latest_checkpoint(run_dir) if str(resume) == "latest" else Path(resume)
+    if path is None:
+        raise checkpoint.CheckpointError(f"{run_dir}: no checkpoint to resume from")
+    if not path.is_dir():
+        raise checkpoint.CheckpointError(f"{path}: no such checkpoint directory")
+    return path
+
+
+# What a resumed run takes from its checkpoint: the adapter's shape (another one cannot load)
+# and the optimizer settings its restored state carries (another --lr was silently overridden).
+RESUME_KEEPS = ("preset", "base_checkpoint", "scope", "targets", "lora_r", "lora_alpha", "lr", "weight_decay",
+                "adam_eps")
+
+
+def _check_resume_options(path: Path, config: TrainConfig) -> None:
+    state_file = path / checkpoint.STATE_FILE
+    if not state_file.is_file():
+        return  # checkpoint.restore names what is missing
+    saved = json.loads(state_file.read_text(encoding="utf-8")).get("config", {})
+
+    def same(name: str) -> bool:
+        old, new = saved[name], getattr(config, name)
+        if name == "targets":
+            return list(old) == list(new)
+        if name == "base_checkpoint" and old and new:
+            return old == new or Path(old).resolve() == Path(new).resolve()
+        return old == new
+
+    differ = [f"{name}={saved[name]!r} (this run: {getattr(config, name)!r})" for name in RESUME_KEEPS
+              if name in saved and not same(name)]
+    if differ:
+        raise checkpoint.CheckpointError(f"{path} was trained with {', '.join(differ)}; a resumed run keeps the "
+                                         f"checkpoint's values: leave these options out, or start a new run")
+
+
+def _earlier_run(run_dir: Path) -> list[str]:
+    """What in ``run_dir`` an earlier run left: its log and its checkpoints."""
+    return ([name for name in ("metrics.jsonl",) if (run_dir / name).exists()]
+            + [f"checkpoints/{p.name}" for p in checkpoint.list_checkpoints(run_dir)])
+
+
+def _refuse_earlier_run(run_dir: Path) -> None:
+    # a fresh run here would replace the log but keep the old checkpoints, and pruning
+    # (keep_last) would then delete the new run's own checkpoints before the old ones
+    earlier = _earlier_run(run_dir)
+    if earlier:
+        raise ConfigError(f"{run_dir}: holds an earlier run ({', '.join(earlier)}); continue it with --resume, "
+                          f"start afresh with --overwrite true, or choose another --output-dir")
+
+
+def _clear_earlier_run(run_dir: Path) -> None:
+    if distributed.is_main():
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
 def train(config: TrainConfig, resume: str | os.PathLike | None = None, device: str | None = None) -> dict:
@@ -171,6 +244,13 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, device: 
 def _run(config: TrainConfig, resume, device) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     main = distributed.is_main()
+    run_dir = Path(config.output_dir)
+    # both checked before anything is built or written
+    resume_from = _resume_point(run_dir, resume) if resume is not None else None
+    if resume_from is not None:
+        _check_resume_options(resume_from, config)
+    if resume is None and not config.overwrite:
+        _refuse_earlier_run(run_dir)
     findings = doctor.examine(config, device=device)  # refuse known-bad precision before building anything
     doctor.enforce(findings, config.allow_unsafe)
     if config.deterministic:
@@ -205,7 +285,6 @@ def _run(config: TrainConfig, resume, device) -> dict:
     scheduler = linear_warmup_decay(optimizer, config.warmup_steps, steps_per_epoch * config.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16-amp")
 
-    run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "metrics.jsonl"
     cache = step_options.build_feature_cache(model, config.feature_cache,
@@ -228,15 +307,12 @@ def _run(config: TrainConfig, resume, device) -> dict:
         if config.compile_frozen:
             choices.append(step_options.compile_frozen_blocks(model, True, probe=probe, dynamic=False))
     start_epoch, global_step = 1, 0
-    if resume is not None:
-        path = checkpoint.latest_checkpoint(run_dir) if str(resume) == "latest" else Path(resume)
-        if path is None:
-            raise checkpoint.CheckpointError(f"{run_dir}: no checkpoint to resume from")
-        state = checkpoint.restore(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    if resume_from is not None:
+        state = checkpoint.restore(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
         _truncate_log(log_path, global_step)
-    elif log_path.exists() and main:
-        log_path.unlink()  # a fresh run starts a fresh log
+    else:
+        _clear_earlier_run(run_dir)  # only --overwrite gets here with one: a fresh run starts fresh
 
     reported = {f.code for f in findings}
     doctor.enforce([f for f in doctor.check_model(model, optimizer) if f.code not in reported], config.allow_unsafe)

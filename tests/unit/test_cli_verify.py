@@ -28,3 +28,53 @@ def test_verify_text_report_and_errors(capsys):
     assert "['nonsense'] match no linear layer in the Q-Former" in capsys.readouterr().err
     assert cli.main(["verify", "--preset", "missing-preset"]) == 2
     assert "no preset 'missing-preset'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- bad input, named
+
+import pytest  # noqa: E402
+
+from qformer_lora import data, doctor  # noqa: E402
+
+
+@pytest.mark.parametrize("argv, message", [
+    # a batch of 0 ran, recorded a reshape error and wrote reports with exit 0
+    (["bench", "--device", "cpu", "--batch-sizes", "0"], "argument --batch-sizes: 0 is not a positive integer"),
+    (["bench", "--device", "cpu", "--batch-sizes", "1", "--steps", "0"], "argument --steps: 0 is not a positive integer"),
+    # --limit -1 silently dropped the last sample, 0 ended in an IndexError traceback
+    (["generate", "run", "--manifest", "m.jsonl", "--limit", "-1"], "argument --limit: -1 is not a positive integer"),
+    (["doctor", "--device", "banana"], "argument --device: 'banana' is not a device"),
+])
+def test_bad_numbers_and_devices_are_refused_by_the_parser(argv, message, capsys, tmp_path):
+    if argv[0] == "bench":  # were the check gone: a tiny sweep into tmp_path, not the full-size grid
+        argv = argv + ["--preset", "tiny-instructblip-flan-t5", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_on_a_machine_without_cuda_says_so(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--preset", "tiny-instructblip-flan-t5", "--out", str(tmp_path)])  # --device: cuda
+    assert "argument --device: cuda: no CUDA device here" in capsys.readouterr().err
+
+
+def test_a_non_finite_stop_is_a_diagnosis_not_a_traceback(tmp_path, capsys):
+    # eps=0 (forced past the doctor) gives NaN at the first optimizer step; guard=raise stops there
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(line + "\n" for line in (data.SHAPES_DIR / "train.jsonl").read_text().splitlines()[:4]))
+    code = cli.main(["train", "--train-manifest", str(few), "--image-root", str(data.SHAPES_DIR), "--epochs", "1",
+                     "--adam-eps", "0", "--allow-unsafe", "true", "--output-dir", str(tmp_path / "run"),
+                     "--progress", "false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "\nqformer-lora: error: non-finite parameter at optimizer step 1" in "\n" + err, err
+    assert "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16-amp"])
+def test_doctor_refuses_a_zero_adam_eps_in_every_precision(precision):
+    # fp32 training with eps=0 gave NaN at step 1, and the doctor said "no findings"
+    codes = {f.code: f.severity for f in doctor.check_config(precision, lr=1e-3, adam_eps=0.0)}
+    assert codes.get("eps-zero") == doctor.FATAL, codes
+    assert "eps-zero" not in {f.code for f in doctor.check_config(precision, lr=1e-3, adam_eps=1e-8)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -159,14 +160,89 @@ def test_export_merges_the_adapter(default_run, tmp_path):
     ("epochz = 3\n", "unknown option 'epochz'"),
     ("epochs = 'three'\n", "option 'epochs' expects int, got 'three'"),
     ("lr = true\n", "option 'lr' expects float"),
-    ("precision = 'fp8'\n", "option 'precision' is 'fp8'"),
+    ("precision = 'fp8'\n", "run.toml: option 'precision' is 'fp8'"),
     ("epochs = \n", "invalid TOML"),
+    # a negative keep_last pruned every checkpoint; zero counts divided by zero or trained nothing
+    ("keep_last = -1\n", "run.toml: option 'keep_last' is -1; it must be at least 0"),
+    ("batch_size = 0\n", "run.toml: option 'batch_size' is 0; it must be at least 1"),
+    ("save_every = 0\n", "option 'save_every' is 0; it must be at least 1"),
+    ("grad_accum = 0\n", "option 'grad_accum' is 0"),
+    ("epochs = 0\n", "option 'epochs' is 0"),
+    ("stop_after_epochs = 0\n", "option 'stop_after_epochs' is 0"),
 ])
 def test_bad_run_config_is_named(tmp_path, toml, message):
     path = tmp_path / "run.toml"
     path.write_text(toml)
     with pytest.raises(run_config.ConfigError, match=message):
         run_config.load_run_config(path)
+
+
+def test_bad_values_name_their_flag_and_unreadable_configs_their_file(tmp_path):
+    with pytest.raises(run_config.ConfigError, match="--keep-last: option 'keep_last' is -1"):
+        run_config.load_run_config(None, {"keep_last": "-1"})
+    with pytest.raises(run_config.ConfigError, match="--precision: option 'precision' is 'fp8'"):
+        run_config.load_run_config(None, {"precision": "fp8"})
+    with pytest.raises(run_config.ConfigError, match=f"{tmp_path}: cannot read the run config"):
+        run_config.load_run_config(tmp_path)  # a directory
+    binary = tmp_path / "run.toml"
+    binary.write_bytes(b"\xff\xfe epochs = 3")
+    with pytest.raises(run_config.ConfigError, match="run.toml: cannot read the run config"):
+        run_config.load_run_config(binary)
+
+
+def test_an_earlier_run_is_refused_untouched_unless_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    common = dict(output_dir=str(run), epochs=2, save_every=1, keep_last=1, **_few(tmp_path))
+    train.train(quiet(**common))
+    log, checkpoints = (run / "metrics.jsonl").read_text(), [p.name for p in checkpoint.list_checkpoints(run)]
+    assert checkpoints == ["epoch-0002"]
+    code = cli.main(["train", "--output-dir", str(run), "--epochs", "1", "--progress", "false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds an earlier run (metrics.jsonl, checkpoints/epoch-0002)" in err and "--overwrite" in err
+    assert (run / "metrics.jsonl").read_text() == log and [p.name for p in checkpoint.list_checkpoints(run)] == checkpoints
+    # before the fix the new run kept epoch-0002 and pruned its own epoch-0001 (keep_last=1)
+    train.train(quiet(**common | {"epochs": 1, "overwrite": True}))
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["epoch-0001"]
+    assert max(r["epoch"] for r in epochs(run)) == 1
+
+
+def test_resume_checks_its_checkpoint_first_and_drops_a_torn_last_log_line(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint to resume from"):
+        train.train(quiet(output_dir=str(run)), resume="latest")
+    assert not run.exists(), "a refused resume left a run directory behind"
+    with pytest.raises(checkpoint.CheckpointError, match="nowhere: no such checkpoint directory"):
+        train.train(quiet(output_dir=str(run)), resume=tmp_path / "nowhere")
+    common = dict(output_dir=str(run), epochs=2, save_every=1, **_few(tmp_path))
+    train.train(quiet(**common, stop_after_epochs=1))
+    log = run / "metrics.jsonl"
+    good = log.read_text()
+    log.write_text(good + '{"type": "step", "epoch": 2, "st')  # the process died mid-write
+    train.train(quiet(**common), resume="latest")
+    assert max(r["epoch"] for r in epochs(run)) == 2
+    log.write_text(good + '{"type": "step", "step": "x"}\n')
+    with pytest.raises(checkpoint.CheckpointError, match=r"metrics.jsonl:\d+: field 'step' is 'x'"):
+        train.train(quiet(**common), resume=checkpoint.checkpoint_dir(run, 1))
+
+
+def test_resume_refuses_options_its_checkpoint_overrides(tmp_path):
+    run = tmp_path / "run"
+    common = dict(output_dir=str(run), epochs=2, save_every=1, **_few(tmp_path))
+    train.train(quiet(**common, stop_after_epochs=1))
+    # lora_r: a size-mismatch traceback; lr: silently replaced by the restored optimizer's
+    for option, message in (({"lora_r": 4}, "lora_r=8 (this run: 4)"), ({"lr": 1e-9}, "lr=0.006 (this run: 1e-09)"),
+                            ({"targets": ("query",)}, "targets=['query', 'key', 'value', 'dense']")):
+        with pytest.raises(checkpoint.CheckpointError, match=re.escape(message)):
+            train.train(quiet(**common | option), resume="latest")
+    train.train(quiet(**common | {"epochs": 3}), resume="latest")  # the schedule's length may change
+    assert max(r["epoch"] for r in epochs(run)) == 3
+
+
+def _few(tmp_path: Path, count: int = 8) -> dict:
+    """Options for a short training manifest of the shapes data: a run of seconds."""
+    path = tmp_path / "few.jsonl"
+    path.write_text("".join(line + "\n" for line in (data.SHAPES_DIR / "train.jsonl").read_text().splitlines()[:count]))
+    return {"train_manifest": str(path), "image_root": str(data.SHAPES_DIR)}
 
 
 def test_flags_override_the_run_config_and_bad_manifest_writes_nothing(tmp_path, capsys):
