@@ -115,8 +115,7 @@ def add_train_parser(sub) -> None:
 
 
 def cmd_generate(args) -> int:
-    path = checkpoint.latest_checkpoint(args.checkpoint) or args.checkpoint
-    model, processor, family, _ = infer.load_trained(path)
+    # the inputs first: a typo should not cost the minutes of loading a full-size model
     if args.manifest:
         samples = data.read_manifest(args.manifest, args.image_root)[: args.limit]
         images, questions = [data.load_image(s.image_path) for s in samples], [s.instruction for s in samples]
@@ -125,6 +124,8 @@ def cmd_generate(args) -> int:
         if not (args.image and args.question):
             raise ValueError("give --image and --question, or --manifest")
         images, questions, expected = [data.load_image(args.image)], [args.question], [None]
+    path = checkpoint.latest_checkpoint(args.checkpoint) or args.checkpoint
+    model, processor, family, _ = infer.load_trained(path)
     answers = infer.answer(model, processor, family, images, questions, max_new_tokens=args.max_new_tokens)
     for question, got, want in zip(questions, answers, expected):
         print(f"{question} -> {got}" + (f"   (expected: {want})" if want is not None else ""))

@@ -54,6 +54,7 @@ class Sample:
     instruction: str
     answer: str
     line: int  # 1-based line in the manifest, for error messages downstream
+    manifest: Path | None = None  # the manifest it came from, likewise
 
 
 REQUIRED_KEYS = ("image", "instruction", "answer")
@@ -120,7 +121,7 @@ def read_manifest(path: str | Path, image_root: str | Path | None = None) -> lis
             )
         first_line_of_id[sample_id] = line_no
 
-        samples.append(Sample(sample_id, image_path, record["instruction"], record["answer"], line_no))
+        samples.append(Sample(sample_id, image_path, record["instruction"], record["answer"], line_no, path))
 
     if not samples:
         raise ManifestError(f"{path}: manifest contains no samples")
@@ -250,7 +251,13 @@ class ManifestDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Example:
         s = self.samples[index]
-        return Example(load_image(s.image_path), s.instruction, s.answer, s.id)
+        try:
+            image = load_image(s.image_path)
+        except ImageLoadError as err:  # images are decoded lazily: name the manifest line that gave the path
+            if s.manifest is None:
+                raise
+            raise ImageLoadError(f"{s.manifest}:{s.line}: field 'image': {err}") from None
+        return Example(image, s.instruction, s.answer, s.id)
 
 
 class ShapesDataset(ManifestDataset):

@@ -160,7 +160,10 @@ def examine(config, model=None, optimizer=None, device: str | torch.device = "cp
         from pathlib import Path
 
         config_file = Path(config.base_checkpoint) / "config.json"
-        saved = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        if not config_file.is_file():  # checked silently, it dropped the T5 findings of a mistyped path
+            raise presets.PresetError(f"{config.base_checkpoint}: no config.json; expected a saved "
+                                      f"InstructBLIP / BLIP-2 checkpoint directory")
+        saved = json.loads(config_file.read_text(encoding="utf-8"))
         text_model_type = saved.get("text_config", {}).get("model_type")
     else:
         text_model_type = presets.load_preset(config.preset).text_model_type

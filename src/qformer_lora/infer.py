@@ -69,11 +69,11 @@ def answer(model, processor, family: str, images, instructions, max_new_tokens: 
 
 def export_merged(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Merge the adapter into the base (merge_and_unload) and save model + processor atomically."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():  # before loading and merging, which take minutes on a full-size model
+        raise FileExistsError(f"{out_dir} already exists; choose a new directory")
     model, processor, _, _ = load_trained(checkpoint_path)
     merged = model.merge_and_unload()
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} already exists; choose a new directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
     try:

@@ -78,3 +78,23 @@ def test_doctor_refuses_a_zero_adam_eps_in_every_precision(precision):
     codes = {f.code: f.severity for f in doctor.check_config(precision, lr=1e-3, adam_eps=0.0)}
     assert codes.get("eps-zero") == doctor.FATAL, codes
     assert "eps-zero" not in {f.code for f in doctor.check_config(precision, lr=1e-3, adam_eps=1e-8)}
+
+
+def test_doctor_names_a_base_checkpoint_without_a_config(tmp_path, capsys):
+    # a mistyped path was checked as if it had no language model: the T5 fp16 warning vanished
+    assert cli.main(["doctor", "--base-checkpoint", str(tmp_path / "nope"), "--precision", "fp16-amp"]) == 2
+    assert f"{tmp_path / 'nope'}: no config.json" in capsys.readouterr().err
+
+
+def test_generate_and_export_check_their_own_arguments_before_loading_a_model(tmp_path, monkeypatch, capsys):
+    def load_trained(path):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli.infer, "load_trained", load_trained)
+    assert cli.main(["generate", "run"]) == 2
+    assert "give --image and --question, or --manifest" in capsys.readouterr().err
+    assert cli.main(["generate", "run", "--image", str(tmp_path / "nope.png"), "--question", "q?"]) == 2
+    assert "nope.png" in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()
+    assert cli.main(["export", "run", str(tmp_path / "taken")]) == 2
+    assert "taken already exists" in capsys.readouterr().err

@@ -197,9 +197,11 @@ def test_truncated_image_names_file(tmp_path: Path):
 
 def test_corrupt_image_through_dataset(root: Path):
     (root / "images" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
-    ds = ManifestDataset.from_manifest(write_manifest(root / "m.jsonl", [good(image="images/bad.png")]), root)
-    with pytest.raises(ImageLoadError, match="bad.png"):
-        ds[0]
+    ds = ManifestDataset.from_manifest(write_manifest(root / "m.jsonl", [good(id="a"), good(id="b", image="images/bad.png")]),
+                                       root)
+    # decoded lazily, during training: the error names the manifest line as well as the file
+    with pytest.raises(ImageLoadError, match=r"m\.jsonl:2: field 'image': .*bad\.png"):
+        ds[1]
 
 
 @pytest.mark.parametrize(
