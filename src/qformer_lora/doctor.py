@@ -52,7 +52,7 @@ class UnsafePrecisionError(ValueError):
         self.findings = findings
         listed = "\n".join(str(f) for f in findings)
         super().__init__(f"refusing to train: {len(findings)} fatal precision finding(s) "
-                         f"(set allow_unsafe / --allow-unsafe to train anyway):\n{listed}")
+                         f"(set allow_unsafe = true / --allow-unsafe true to train anyway):\n{listed}")
 
 
 def _eps_findings(eps: float, lr: float, weight_decay: float, dtype: torch.dtype, fused: bool) -> list[Finding]:

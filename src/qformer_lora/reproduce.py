@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import compat, expectations, lora, presets, probes
 
@@ -168,12 +169,16 @@ def environment() -> dict:
                                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
-def run(only: list[str] | None = None) -> dict:
+def run(only: list[str] | None = None, progress: bool = True) -> dict:
     names = only or list(ITEMS)
     unknown = [n for n in names if n not in ITEMS]
     if unknown:
         raise ValueError(f"unknown item(s) {unknown}; choose from {list(ITEMS)}")
-    results = {name: ITEMS[name]() for name in names}
+    results = {}
+    with tqdm(names, desc="reproduce", unit="item", disable=not progress) as bar:  # ~1 min on a CPU
+        for name in bar:
+            bar.set_postfix_str(name)
+            results[name] = ITEMS[name]()
     return {"date": datetime.date.today().isoformat(), "environment": environment(), "items": results,
             "all_fixes_hold": all(r["fix_holds"] for r in results.values())}
 

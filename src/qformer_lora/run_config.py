@@ -182,6 +182,9 @@ def load_run_config(path: str | os.PathLike | None, overrides: dict | None = Non
     for name, value in (overrides or {}).items():
         sources[name] = f"--{name.replace('_', '-')}"
         values[name] = coerce(name, value, sources[name])
+    if values.get("base_checkpoint"):
+        # absolute: the checkpoints record it, and generate / export load it from wherever they run
+        values["base_checkpoint"] = str(Path(values["base_checkpoint"]).resolve())
     config = TrainConfig(**values)
 
     def refuse(name: str, why: str):

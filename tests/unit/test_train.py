@@ -250,6 +250,10 @@ def test_flags_override_the_run_config_and_bad_manifest_writes_nothing(tmp_path,
     config.write_text("epochs = 3\nlr = 0.01\n")
     merged = run_config.load_run_config(config, {"lr": "0.002", "targets": "query,value"})
     assert (merged.epochs, merged.lr, merged.targets) == (3, 0.002, ("query", "value"))
+    # recorded in every checkpoint: a relative path broke generate / export run from elsewhere
+    relative = run_config.load_run_config(None, {"base_checkpoint": "fixtures/checkpoints/x"})
+    assert relative.base_checkpoint == str(Path.cwd() / "fixtures/checkpoints/x")
+    assert run_config.load_run_config(None, {"base_checkpoint": "none"}).base_checkpoint is None
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "images/train_000.png", "instruction": "q?", "answer": "red"}\n{oops\n')
     run = tmp_path / "never"
