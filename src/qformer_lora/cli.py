@@ -320,9 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    # user mistakes and their diagnoses, without a traceback; OSError: a path that exists,
-    # is missing, is a file where a directory was named, cannot be written
-    except (presets.PresetError, lora.ScopeError, run_config.ConfigError, data.ManifestError, data.ImageLoadError,
+    # user mistakes and their diagnoses, without a traceback; OSError: a path that exists, is
+    # missing, is a file where a directory was named, cannot be written, or an image that
+    # cannot be decoded (data.ImageLoadError is an OSError)
+    except (presets.PresetError, lora.ScopeError, run_config.ConfigError, data.ManifestError,
             checkpoint.CheckpointError, numerics.NonFiniteError, OSError, ValueError) as err:
         print(f"qformer-lora: error: {err}", file=sys.stderr)
         return 2

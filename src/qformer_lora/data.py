@@ -54,7 +54,7 @@ class Sample:
     instruction: str
     answer: str
     line: int  # 1-based line in the manifest, for error messages downstream
-    manifest: Path | None = None  # the manifest it came from, likewise
+    manifest: Path  # the manifest it came from, likewise
 
 
 REQUIRED_KEYS = ("image", "instruction", "answer")
@@ -254,8 +254,6 @@ class ManifestDataset(torch.utils.data.Dataset):
         try:
             image = load_image(s.image_path)
         except ImageLoadError as err:  # images are decoded lazily: name the manifest line that gave the path
-            if s.manifest is None:
-                raise
             raise ImageLoadError(f"{s.manifest}:{s.line}: field 'image': {err}") from None
         return Example(image, s.instruction, s.answer, s.id)
 

@@ -169,13 +169,13 @@ def environment() -> dict:
                                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
-def run(only: list[str] | None = None, progress: bool = True) -> dict:
+def run(only: list[str] | None = None) -> dict:
     names = only or list(ITEMS)
     unknown = [n for n in names if n not in ITEMS]
     if unknown:
         raise ValueError(f"unknown item(s) {unknown}; choose from {list(ITEMS)}")
     results = {}
-    with tqdm(names, desc="reproduce", unit="item", disable=not progress) as bar:  # ~1 min on a CPU
+    with tqdm(names, desc="reproduce", unit="item") as bar:  # ~1 min on a CPU; on stderr, so --json stays clean
         for name in bar:
             bar.set_postfix_str(name)
             results[name] = ITEMS[name]()

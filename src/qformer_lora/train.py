@@ -33,6 +33,8 @@ from tqdm.auto import tqdm
 from . import checkpoint, data, distributed, doctor, feature_cache, forward, lora, numerics, presets, step_options
 from .run_config import ConfigError, TrainConfig  # the options; train.TrainConfig is what callers pass to train()
 
+LOG_FILE = "metrics.jsonl"  # one JSON record a line: step, epoch, step_options and guard events
+
 # Training produced a non-finite input, loss, gradient or parameter; ``.diagnosis`` says where.
 NonFiniteError = numerics.NonFiniteError
 
@@ -210,8 +212,8 @@ def _check_resume_options(path: Path, config: TrainConfig) -> None:
 
 def _earlier_run(run_dir: Path) -> list[str]:
     """What in ``run_dir`` an earlier run left: its log and its checkpoints."""
-    return ([name for name in ("metrics.jsonl",) if (run_dir / name).exists()]
-            + [f"checkpoints/{p.name}" for p in checkpoint.list_checkpoints(run_dir)])
+    return ([LOG_FILE] if (run_dir / LOG_FILE).exists() else []) + [
+        f"checkpoints/{p.name}" for p in checkpoint.list_checkpoints(run_dir)]
 
 
 def _refuse_earlier_run(run_dir: Path) -> None:
@@ -225,7 +227,7 @@ def _refuse_earlier_run(run_dir: Path) -> None:
 
 def _clear_earlier_run(run_dir: Path) -> None:
     if distributed.is_main():
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (run_dir / LOG_FILE).unlink(missing_ok=True)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
@@ -286,7 +288,7 @@ def _run(config: TrainConfig, resume, device) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16-amp")
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    log_path = run_dir / "metrics.jsonl"
+    log_path = run_dir / LOG_FILE
     cache = step_options.build_feature_cache(model, config.feature_cache,
                                              config.feature_cache_dir or run_dir / "feature_cache")
     if compiling:
