@@ -141,6 +141,12 @@ def option_points(preset: str, batch_size: int = OPTIONS_BATCH) -> list[SweepPoi
                                 lm_activation_checkpointing=True)]
 
 
+def options_grid(preset: str, batch_size: int = OPTIONS_BATCH) -> list[SweepPoint]:
+    """The plain custom point at ``batch_size`` (the FLOP count for MFU) then option_points: the
+    step-option table alone, without the seed-table rows, for repeating it with more steps."""
+    return [SweepPoint(preset, "qformer", "bf16", batch_sizes=(batch_size,)), *option_points(preset, batch_size)]
+
+
 def is_plain(point: SweepPoint) -> bool:
     """The custom forward with no step option: the step whose FLOPs define MFU."""
     return point.forward == "custom" and not any(getattr(point, field) for field in STEP_OPTIONS)

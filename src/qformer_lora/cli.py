@@ -159,12 +159,16 @@ def add_export_parser(sub) -> None:
 
 def cmd_bench(args) -> int:
     shape = bench.SequenceShape(args.prompt_len, args.answer_len, args.instruction_len)
-    points = (bench.default_points() if args.preset is None else
-              bench.grid(args.preset, scopes=args.scope, precisions=args.precision, forwards=args.forward,
-                         lm_activation_checkpointing=args.lm_checkpointing, family=args.family,
-                         validate_budget_gib=args.validate_budget_gib, feature_cache=args.feature_cache,
-                         fused_optimizer=args.fused_optimizer, compile_qformer=args.compile_qformer,
-                         compile_frozen=args.compile_frozen))
+    if args.options_batch is not None:
+        points = bench.options_grid(args.preset or bench.FULL_INSTRUCTBLIP, args.options_batch)
+    elif args.preset is None:
+        points = bench.default_points()
+    else:
+        points = bench.grid(args.preset, scopes=args.scope, precisions=args.precision, forwards=args.forward,
+                            lm_activation_checkpointing=args.lm_checkpointing, family=args.family,
+                            validate_budget_gib=args.validate_budget_gib, feature_cache=args.feature_cache,
+                            fused_optimizer=args.fused_optimizer, compile_qformer=args.compile_qformer,
+                            compile_frozen=args.compile_frozen)
     report, paths = bench_sweep.run_benchmark(points, tuple(args.batch_sizes), device=args.device, shape=shape,
                                         report_dir=args.out, steps=args.steps)
     print(report["paragraph"])
@@ -194,6 +198,10 @@ def add_bench_parser(sub) -> None:
                    help="torch.compile the Q-Former (static shapes; compiled at each batch size's warm-up step)")
     p.add_argument("--compile-frozen", action="store_true",
                    help="torch.compile each block of the frozen vision encoder and language model (as above)")
+    p.add_argument("--options-batch", type=positive_int, default=None, metavar="N",
+                   help="only the step-option table at batch N (the GPU grid's is 64): the native forward and "
+                        "each option of the grid on --preset (default: full-size InstructBLIP-FlanT5-XL); the "
+                        "scope, precision and option flags above are ignored")
     p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 4, 8, 16], metavar="N",
                    help="batch sizes per configuration, run ascending until one runs out of memory "
                         "(default: 1 4 8 16)")

@@ -34,7 +34,7 @@ def test_verify_text_report_and_errors(capsys):
 
 import pytest  # noqa: E402
 
-from qformer_lora import data, doctor  # noqa: E402
+from qformer_lora import bench, data, doctor  # noqa: E402
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -98,3 +98,16 @@ def test_generate_and_export_check_their_own_arguments_before_loading_a_model(tm
     (tmp_path / "taken").mkdir()
     assert cli.main(["export", "run", str(tmp_path / "taken")]) == 2
     assert "taken already exists" in capsys.readouterr().err
+
+
+def test_bench_options_batch_runs_only_the_step_option_table(monkeypatch, tmp_path, capsys):
+    # the GPU's option rows repeated with more steps; the sweep itself is tested in test_bench.py
+    calls = []
+    monkeypatch.setattr(cli.bench_sweep, "run_benchmark",
+                        lambda points, *args, **kwargs: calls.append((points, kwargs)) or ({"paragraph": "p"}, {}))
+    cli.main(["bench", "--device", "cpu", "--preset", "tiny-instructblip-flan-t5", "--options-batch", "4",
+              "--steps", "7", "--out", str(tmp_path)])
+    [(points, kwargs)] = calls
+    assert points == bench.options_grid("tiny-instructblip-flan-t5", 4) and kwargs["steps"] == 7
+    assert [p.forward for p in points[:2]] == ["custom", "native"] and bench.is_plain(points[0])
+    assert all(4 in p.batch_sizes for p in points)
