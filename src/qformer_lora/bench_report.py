@@ -137,14 +137,18 @@ def paragraph(report: dict) -> str:
     """The numbers in prose; the explanation of why is for a human to add."""
     dev, seq, versions = report["device"], report["sequence"], report["versions"]
     rows = [r for r in report["seed_table"] if r["fp32"] is not None or r["bf16"] is not None]
-    if not rows:
+    if not any(r.get("peak_allocated_bytes") for e in report["points"] for r in e["results"]):
         return f"No memory measurements on {dev['name']}: the 24 GiB table needs a CUDA run."
     image = report["points"][0]["image_size"]
     text = (f"Measured on {dev['name']} (torch {versions['torch']}, transformers {versions['transformers']}, peft "
             f"{versions['peft']}) with {seq['prompt_len']} prompt and {seq['answer_len']} answer tokens, {image}px "
-            f"images, LoRA r=8 and AdamW. A linear fit of peak allocated memory against batch size predicts, on a "
-            f"24 GiB budget: " + "; ".join(f"{r['row']} batch {r['fp32']} with fp32 weights and {r['bf16']} with "
-                                           f"bf16 weights (seed: {r['seed']})" for r in rows) + ".")
+            f"images, LoRA r=8 and AdamW.")
+    if rows:
+        text += (" A linear fit of peak allocated memory against batch size predicts, on a 24 GiB budget: "
+                 + "; ".join(f"{r['row']} batch {r['fp32']} with fp32 weights and {r['bf16']} with bf16 weights "
+                             f"(seed: {r['seed']})" for r in rows) + ".")
+    else:  # a run of other configurations (bench --preset, --options-batch)
+        text += " None of the seed table's configurations was measured in this run."
     if dev.get("outside_allocator_bytes"):
         text += (f" Budgets are the allocator's; the CUDA context ({dev['outside_allocator_bytes'] / GIB:.2f} GiB "
                  f"here) comes on top on a real card.")

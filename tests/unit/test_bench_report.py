@@ -93,9 +93,23 @@ def test_holdout_check_predicts_the_largest_batch_from_the_others():
     assert check["relative_error"] == pytest.approx(-capacity.GIB / measured)
 
 
-@pytest.mark.parametrize("stem", ["nvidia-h200-2026-11-27"])
+def test_paragraph_of_a_gpu_run_without_seed_table_rows():
+    # bench --options-batch measures memory, but none of the seed table's configurations: its
+    # paragraph said "No memory measurements ... needs a CUDA run" on an H200
+    gib = capacity.GIB
+    entries = [_fake_entry(point, 8 * gib, gib // 4, sizes=(64,)) for point in bench.options_grid("instructblip-flan-t5-xl")[:2]]
+    report = {"created": "2026-11-28T10:00:00+00:00", "versions": compat.versions(), "sequence": dataclasses.asdict(
+        bench.SequenceShape()), "device": {"type": "cuda", "name": "NVIDIA H200", "total_memory_bytes": 140 * gib},
+        "points": entries, "validation": []}
+    text = bench_report.summarise(report)["paragraph"]
+    assert text.startswith("Measured on NVIDIA H200") and "None of the seed table's configurations" in text
+    # and the rest of the paragraph still follows: here the custom/native comparison at batch 64
+    assert "needs a CUDA run" not in text and "took 1.00x the memory and 1.00x the step time" in text
+
+
+@pytest.mark.parametrize("stem", ["nvidia-h200-2026-11-27", "nvidia-h200-2026-11-28", "options/nvidia-h200-2026-11-28"])
 def test_committed_gpu_reports_rerender_unchanged(stem, tmp_path):
     # reports written before a SweepPoint field was added must still summarise the same way
     saved = REPORTS_GPU / f"{stem}.json"
     assert bench_report.main([str(saved), "--out", str(tmp_path)]) == 0
-    assert (tmp_path / f"{stem}.md").read_text() == (REPORTS_GPU / f"{stem}.md").read_text()
+    assert (tmp_path / f"{saved.stem}.md").read_text() == (REPORTS_GPU / f"{stem}.md").read_text()
