@@ -60,6 +60,13 @@ def test_default_run_learns(default_run):
     assert end["train_loss"] < history[1]["train_loss"]
 
 
+def test_default_run_checkpoints_the_language_model(default_run):
+    # on by default since the H200 measurements (issue 8): exact, and under half the memory
+    [record] = [r for r in map(json.loads, (default_run / "metrics.jsonl").read_text().splitlines())
+                if r["type"] == "step_options"]
+    assert {c["option"]: c["used"] for c in record["choices"]}["lm_checkpointing"] == "on", record
+
+
 def test_golden_curve_is_shared_by_batch_and_accumulation_variants(tmp_path):
     """torchtune style: batch 16 x 1, 8 x 2 and 4 x 4 give one loss curve, pinned per release."""
     curves = {}
