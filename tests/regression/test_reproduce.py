@@ -49,3 +49,24 @@ def test_a_broken_fix_makes_reproduce_exit_non_zero(monkeypatch, capsys):
     monkeypatch.setattr(forward, "custom_forward", broken)
     assert cli.main(["reproduce", "--only", "kwarg-conflict"]) == 1
     assert "fix broken" in capsys.readouterr().out
+
+
+def test_memory_item_quotes_the_newest_sweep_with_a_seed_table(tmp_path, monkeypatch):
+    # it took the last file name in sorted order: a NaN or benchmark JSON, or an older card's
+    # sweep whose device name sorts later, would have been quoted instead of the newest sweep
+    gpu = tmp_path / "gpu"
+    gpu.mkdir()
+
+    def write(name, created, seed_table):
+        (gpu / name).write_text(json.dumps({"created": created, "device": {"name": name}, "seed_table": seed_table}))
+    write("amd-mi300x-2026-12-01.json", "2026-12-01T10:00:00+00:00", [{"row": "r", "fp32": 20, "bf16": 50}])
+    write("nvidia-h200-2026-11-28.json", "2026-11-28T10:00:00+00:00", [{"row": "r", "fp32": 19, "bf16": 49}])
+    write("tiny-cpu-2026-12-02.json", "2026-12-02T10:00:00+00:00", [{"row": "r", "fp32": None, "bf16": None}])
+    (gpu / "zz-benchmark.json").write_text(json.dumps({"benchmarks": []}))
+    monkeypatch.setattr(reproduce, "REPORTS_DIR", tmp_path)
+    monkeypatch.setattr(reproduce.torch.cuda, "is_available", lambda: False)
+    item = reproduce.item_memory()
+    assert item["evidence"]["report"] == "amd-mi300x-2026-12-01.json"
+    assert item["evidence"]["seed_table"][0]["bf16"] == 50 and item["status"] == "not measured now"
+    monkeypatch.setattr(reproduce, "REPORTS_DIR", tmp_path / "none")
+    assert reproduce.item_memory()["status"] == "not measured"
