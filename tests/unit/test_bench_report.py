@@ -107,7 +107,8 @@ def test_paragraph_of_a_gpu_run_without_seed_table_rows():
     assert "needs a CUDA run" not in text and "took 1.00x the memory and 1.00x the step time" in text
 
 
-@pytest.mark.parametrize("stem", ["nvidia-h200-2026-11-27", "nvidia-h200-2026-11-28", "options/nvidia-h200-2026-11-28"])
+@pytest.mark.parametrize("stem", ["nvidia-h200-2026-11-27", "nvidia-h200-2026-11-28", "options/nvidia-h200-2026-11-28",
+                                  "combo/nvidia-h200-2026-11-28"])
 def test_committed_gpu_reports_rerender_unchanged(stem, tmp_path):
     # reports written before a SweepPoint field was added must still summarise the same way
     saved = REPORTS_GPU / f"{stem}.json"
