@@ -193,11 +193,11 @@ def compat(session: nox.Session, transformers_version: str, peft_version: str, n
     session.run("python", "-m", "pip", "freeze", "--exclude-editable", stdout=(tmp / "freeze.txt").open("w"))
     session.run("python", "-c", PRINT_VERSIONS)
     try:
-        session.run("python", "-m", "qformer_lora.compat_probe", "--out", str(report))
+        session.run("python", "-m", "qformer_lora.repro.compat_probe", "--out", str(report))
     except nox.command.CommandFailed:
         _write_json(report, {"schema": 1, "requested": requested, "install": {"status": "ok"},
                              "import": {"status": "error", "exception": "ProbeCrashed",
-                                        "message": "python -m qformer_lora.compat_probe failed; see the session log"}})
+                                        "message": "python -m qformer_lora.repro.compat_probe failed; see the session log"}})
         session.error(f"compat {pair}: the probe could not run (recorded in {report})")
 
     tests = {}

@@ -53,7 +53,8 @@ sys.path.insert(0, str(REPO_ROOT / "src"))
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 import make_shapes  # noqa: E402
-from qformer_lora import data, forward, presets, train  # noqa: E402
+from qformer_lora import data, forward, presets  # noqa: E402
+from qformer_lora.training import train
 
 PRESET = "tiny-instructblip-flan-t5"
 DEFAULT_OUT = REPO_ROOT / "fixtures" / "checkpoints" / "tiny-instructblip-flan-t5-shapes"

@@ -40,7 +40,7 @@ def check_against_release(table: str, key: str, observed, rel_tol: float | None 
     With QFORMER_LORA_RECORD=1 the observation is written to fixtures/expectations/<table>.json
     instead; review that diff before committing it.
     """
-    from qformer_lora import expectations
+    from qformer_lora.repro import expectations
 
     if expectations.RECORD:
         expectations.record(table, key, observed)

@@ -8,8 +8,11 @@ import sys
 
 import torch
 
-from . import (bench, bench_report, bench_sweep, checkpoint, compat, data, distributed, infer, lora, numerics, presets,
-               run_config, train)
+from . import checkpoint, compat, data, lora, presets
+from .bench import measurement, reporting, sweep
+from .diagnostics import numerics
+from .inference import generate
+from .training import distributed, run_config, train
 
 
 def positive_int(value: str) -> int:
@@ -125,8 +128,8 @@ def cmd_generate(args) -> int:
             raise ValueError("give --image and --question, or --manifest")
         images, questions, expected = [data.load_image(args.image)], [args.question], [None]
     path = checkpoint.latest_checkpoint(args.checkpoint) or args.checkpoint
-    model, processor, family, _ = infer.load_trained(path)
-    answers = infer.answer(model, processor, family, images, questions, max_new_tokens=args.max_new_tokens)
+    model, processor, family, _ = generate.load_trained(path)
+    answers = generate.answer(model, processor, family, images, questions, max_new_tokens=args.max_new_tokens)
     for question, got, want in zip(questions, answers, expected):
         print(f"{question} -> {got}" + (f"   (expected: {want})" if want is not None else ""))
     return 0
@@ -158,21 +161,21 @@ def add_export_parser(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    shape = bench.SequenceShape(args.prompt_len, args.answer_len, args.instruction_len)
+    shape = measurement.SequenceShape(args.prompt_len, args.answer_len, args.instruction_len)
     if args.options_batch is not None:
-        points = bench.options_grid(args.preset or bench.FULL_INSTRUCTBLIP, args.options_batch)
+        points = measurement.options_grid(args.preset or measurement.FULL_INSTRUCTBLIP, args.options_batch)
     elif args.preset is None:
-        points = bench.default_points()
+        points = measurement.default_points()
     else:
-        points = bench.grid(args.preset, scopes=args.scope, precisions=args.precision, forwards=args.forward,
+        points = measurement.grid(args.preset, scopes=args.scope, precisions=args.precision, forwards=args.forward,
                             lm_activation_checkpointing=args.lm_checkpointing, family=args.family,
                             validate_budget_gib=args.validate_budget_gib, feature_cache=args.feature_cache,
                             fused_optimizer=args.fused_optimizer, compile_qformer=args.compile_qformer,
                             compile_frozen=args.compile_frozen)
-    report, paths = bench_sweep.run_benchmark(points, tuple(args.batch_sizes), device=args.device, shape=shape,
+    report, paths = sweep.run_benchmark(points, tuple(args.batch_sizes), device=args.device, shape=shape,
                                         report_dir=args.out, steps=args.steps)
     print(report["paragraph"])
-    bench_report.print_paths(paths)
+    reporting.print_paths(paths)
     return 0
 
 
@@ -187,9 +190,9 @@ def add_bench_parser(sub) -> None:
                    help="build the preset's config as this family")
     p.add_argument("--scope", nargs="+", choices=sorted(lora.SCOPES), default=["qformer"],
                    help="LoRA scopes to sweep (default: qformer)")
-    p.add_argument("--precision", nargs="+", choices=sorted(bench.PRECISIONS), default=["bf16"],
+    p.add_argument("--precision", nargs="+", choices=sorted(measurement.PRECISIONS), default=["bf16"],
                    help="precisions to sweep (default: bf16)")
-    p.add_argument("--forward", nargs="+", choices=bench.FORWARDS, default=["custom"],
+    p.add_argument("--forward", nargs="+", choices=measurement.FORWARDS, default=["custom"],
                    help="custom forward or the library's own (through a plain PeftModel)")
     p.add_argument("--lm-checkpointing", action="store_true", help="activation checkpointing in the language model")
     p.add_argument("--feature-cache", action="store_true", help="vision features from a warm in-memory cache")
@@ -219,7 +222,7 @@ def add_bench_parser(sub) -> None:
 
 
 def cmd_reproduce(args) -> int:
-    from . import reproduce
+    from .repro import reproduce
 
     report = reproduce.run(args.only)
     if not args.only:  # a partial run does not overwrite the full report
@@ -236,7 +239,7 @@ def cmd_reproduce(args) -> int:
 
 
 def add_reproduce_parser(sub) -> None:
-    from . import reproduce
+    from .repro import reproduce
 
     p = sub.add_parser("reproduce", help="replay every failure the seed documents and its fix; write the report",
                        description="Run each documented failure and its fix on the embedded tiny presets (CPU, "
@@ -277,7 +280,7 @@ def cmd_doctor(args) -> int:
     """Print the precision doctor's findings; exit status 1 if any finding is fatal."""
     import torch
 
-    from . import doctor
+    from .diagnostics import doctor
 
     defaults = run_config.TrainConfig()
     config = run_config.TrainConfig(
@@ -303,7 +306,7 @@ def cmd_doctor(args) -> int:
 
 
 def _add_doctor_parser(sub) -> None:
-    from . import doctor
+    from .diagnostics import doctor
 
     parser = sub.add_parser("doctor", help="check a precision setting for known numerical failures",
                             description="Flag dtype/optimizer combinations known to produce NaN/inf (fp16 "

@@ -174,7 +174,7 @@ def parameter_count_regime(text_model_type: str) -> str:
 
 # ----------------------------------------------------------------------------- adapter dtype (numerics)
 # Which dtype get_peft_model gives LoRA weights on an fp16/bf16 base (FINDINGS.md (d)), the
-# switch between "seed NaN" and "no NaN" (numerics.py): peft 0.5/0.6 create the LoRA
+# switch between "seed NaN" and "no NaN" (diagnostics/numerics.py): peft 0.5/0.6 create the LoRA
 # nn.Linear in fp32 and only move it; 0.7-0.11 cast it to the base weight dtype; 0.12 added
 # get_peft_model(autocast_adapter_dtype=True), which upcasts fp16/bf16 adapters to fp32.
 PEFT_ADAPTERS_IN_BASE_DTYPE = (Version("0.7.0"), Version("0.12.0"))

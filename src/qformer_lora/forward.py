@@ -41,7 +41,7 @@ def encode_images(model, images: torch.Tensor | dict) -> torch.Tensor:
     """Vision encoder output; runs without autograd when the encoder has nothing to train.
 
     ``images`` is a pixel_values tensor or a batch; a batch carrying ``image_embeds``
-    (precomputed features, see feature_cache.py) skips the encoder.
+    (precomputed features, see training/feature_cache.py) skips the encoder.
     """
     vision = model.vision_model
     trainable = any(p.requires_grad for p in vision.parameters())

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qformer_lora import bench, bench_report, bench_sweep
+from qformer_lora.bench import measurement, reporting, sweep
 
 HERE = Path(__file__).resolve().parent
 RUN = {"loaded": time.perf_counter()}  # what the terminal summary prints
@@ -52,8 +52,8 @@ def free_gpu_memory():
 def gpu_report():
     """bench.default_points() on the full-size presets, reports written to $QFORMER_LORA_REPORT_DIR or reports/gpu."""
     start = time.perf_counter()
-    report, paths = bench_sweep.run_benchmark(
-        bench.default_points(), device="cuda", report_dir=bench_report.default_report_dir(),
+    report, paths = sweep.run_benchmark(
+        measurement.default_points(), device="cuda", report_dir=reporting.default_report_dir(),
         out_of_time=lambda: time.perf_counter() - RUN["loaded"] > RUN_LIMIT_S - RESERVE_S)
     RUN.update(sweep_s=time.perf_counter() - start, paths=paths)
     skipped = [e["label"] for e in report["points"] if any("time budget" in (r.get("error") or "") for r in e["results"])]

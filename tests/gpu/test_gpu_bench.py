@@ -13,16 +13,16 @@ import math
 
 import pytest
 
-from qformer_lora import bench
+from qformer_lora.bench import measurement
 
 pytestmark = pytest.mark.gpu
 
 
 def ok_results(entry: dict) -> list[dict]:
-    return [r for r in entry["results"] if bench.ran(r)]
+    return [r for r in entry["results"] if measurement.ran(r)]
 
 
-def entry_for(report: dict, point: bench.SweepPoint) -> dict:
+def entry_for(report: dict, point: measurement.SweepPoint) -> dict:
     [entry] = [e for e in report["points"] if e["label"] == point.label]
     return entry
 
@@ -30,7 +30,7 @@ def entry_for(report: dict, point: bench.SweepPoint) -> dict:
 def test_every_configuration_was_measured(gpu_report):
     report, _ = gpu_report
     assert report["device"]["type"] == "cuda" and report["device"]["total_memory_bytes"] > 0
-    assert [e["label"] for e in report["points"]] == [p.label for p in bench.default_points()]
+    assert [e["label"] for e in report["points"]] == [p.label for p in measurement.default_points()]
     for entry in report["points"]:
         assert ok_results(entry), f"{entry['label']}: no batch size ran: {[r.get('error') for r in entry['results']]}"
         assert entry["image_size"] == 224
@@ -49,9 +49,9 @@ def test_peak_memory_grows_with_batch_size(gpu_report):
 
 def test_lm_checkpointing_lowers_peak_memory(gpu_report):
     report, _ = gpu_report
-    base = bench.SweepPoint(bench.FULL_INSTRUCTBLIP, "qformer", "bf16")
+    base = measurement.SweepPoint(measurement.FULL_INSTRUCTBLIP, "qformer", "bf16")
     plain = {r["batch_size"]: r for r in ok_results(entry_for(report, base))}
-    checkpointed = ok_results(entry_for(report, bench.SweepPoint(base.preset, lm_activation_checkpointing=True)))
+    checkpointed = ok_results(entry_for(report, measurement.SweepPoint(base.preset, lm_activation_checkpointing=True)))
     for r in checkpointed:
         assert r["peak_allocated_bytes"] < plain[r["batch_size"]]["peak_allocated_bytes"], (r, plain[r["batch_size"]])
 
@@ -66,7 +66,7 @@ def test_seed_table_is_filled(gpu_report):
 
 def test_custom_and_native_forward_compared(gpu_report):
     comparisons = gpu_report[0]["comparisons"]
-    assert [c["batch_size"] for c in comparisons] == [8, bench.OPTIONS_BATCH], comparisons
+    assert [c["batch_size"] for c in comparisons] == [8, measurement.OPTIONS_BATCH], comparisons
     for comparison in comparisons:
         assert comparison["memory_ratio"] > 0 and comparison["time_ratio"] > 0, comparison
 
@@ -75,10 +75,10 @@ def test_step_options_measured_against_native(gpu_report):
     report, _ = gpu_report
     rows = report["options"]
     # the plain custom point, and the option points of bench.option_points (native first)
-    assert len(rows) == len(bench.option_points(bench.FULL_INSTRUCTBLIP)) + 1, [r["label"] for r in rows]
+    assert len(rows) == len(measurement.option_points(measurement.FULL_INSTRUCTBLIP)) + 1, [r["label"] for r in rows]
     assert rows[0]["forward"] == "native", [r["label"] for r in rows]
     assert {tuple(r["options"]) for r in rows[2:]} == {
-        tuple(f for f in bench.STEP_OPTIONS if getattr(p, f)) for p in bench.option_points(bench.FULL_INSTRUCTBLIP)[1:]}
+        tuple(f for f in measurement.STEP_OPTIONS if getattr(p, f)) for p in measurement.option_points(measurement.FULL_INSTRUCTBLIP)[1:]}
     for row in rows:
         assert row["error"] is None, row
         assert not row["not_used"], f"{row['label']} measured a fallback, not its options: {row['not_used']}"
@@ -99,12 +99,12 @@ def test_reports_written(gpu_report):
 
 def test_bf16_training_step_benchmark(benchmark):
     """One bf16 step (InstructBLIP-FlanT5-XL, Q-Former LoRA, batch 8), timed by pytest-benchmark."""
-    point = bench.SweepPoint(bench.FULL_INSTRUCTBLIP, "qformer", "bf16")
-    model = bench.build(point, "cuda")
-    state = bench.prepare_step(model, point, 8, "cuda", bench.SequenceShape())
-    bench.train_step(state)  # first step: kernels, optimizer state
+    point = measurement.SweepPoint(measurement.FULL_INSTRUCTBLIP, "qformer", "bf16")
+    model = measurement.build(point, "cuda")
+    state = measurement.prepare_step(model, point, 8, "cuda", measurement.SequenceShape())
+    measurement.train_step(state)  # first step: kernels, optimizer state
     benchmark.extra_info.update(point=point.label, batch_size=8)
-    loss = benchmark.pedantic(bench.train_step, args=(state,), rounds=5, iterations=1, warmup_rounds=1)
+    loss = benchmark.pedantic(measurement.train_step, args=(state,), rounds=5, iterations=1, warmup_rounds=1)
     assert math.isfinite(loss)
 
 

@@ -19,7 +19,9 @@ from datetime import datetime, timezone
 import pytest
 import torch
 
-from qformer_lora import bench_report, compat, doctor
+from qformer_lora import compat
+from qformer_lora.bench import reporting
+from qformer_lora.diagnostics import doctor
 
 pytestmark = pytest.mark.gpu
 
@@ -40,7 +42,7 @@ def nan_report():
         report["runs"][precision] = trace
         gc.collect()
         torch.cuda.empty_cache()
-    out_dir = bench_report.default_report_dir()
+    out_dir = reporting.default_report_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
     path = out_dir / f"nan-{slug}-{report['created'][:10]}.json"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from qformer_lora import probes
+from qformer_lora.repro import probes
 
 from ..conftest import TINY_PRESETS, check_against_release
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from qformer_lora import cli, expectations, forward, reproduce
+from qformer_lora import cli, forward
+from qformer_lora.repro import expectations, reproduce
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import copy
 import functools
 import warnings
 
-from qformer_lora import synthetic, train
+from qformer_lora import synthetic
+from qformer_lora.training import train
 
 SEED_PRESET = "tiny-instructblip-flan-t5"  # the seed's family: InstructBLIP + FlanT5
 

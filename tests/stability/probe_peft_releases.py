@@ -29,7 +29,8 @@ import warnings
 
 import torch
 
-from qformer_lora import compat, doctor, lora, presets, synthetic
+from qformer_lora import compat, lora, presets, synthetic
+from qformer_lora.diagnostics import doctor
 
 PRESET = "tiny-instructblip-flan-t5"
 SPEC = lora.LoraSpec(r=4, alpha=8, dropout=0.0)

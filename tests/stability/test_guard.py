@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qformer_lora import checkpoint, data, doctor, lora, numerics, train
+from qformer_lora import checkpoint, data, lora
+from qformer_lora.diagnostics import doctor, numerics
+from qformer_lora.training import train
 
 from .helpers import SEED_PRESET, adapter_model, batches
 

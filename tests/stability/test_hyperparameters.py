@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qformer_lora import doctor
+from qformer_lora.diagnostics import doctor
 
 from .helpers import adapter_model, batches
 

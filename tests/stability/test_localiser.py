@@ -21,7 +21,8 @@ import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from qformer_lora import doctor, forward, lora, numerics
+from qformer_lora import forward, lora
+from qformer_lora.diagnostics import doctor, numerics
 
 from .helpers import batches, shared_adapter_model
 

@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from qformer_lora import forward, lora, numerics
+from qformer_lora import forward, lora
+from qformer_lora.diagnostics import numerics
 
 from ..timing import interleaved_medians
 from .helpers import adapter_model, batches

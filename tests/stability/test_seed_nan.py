@@ -1,6 +1,6 @@
 """Seed problem 3, reproduced and explained: loss finite at step 0, NaN at every later step.
 
-The mechanism (numerics.py docstring) is checked link by link on the seed's model family
+The mechanism (diagnostics/numerics.py docstring) is checked link by link on the seed's model family
 (tiny InstructBLIP + FlanT5), then the library choices that make it appear or disappear.
 """
 
@@ -12,7 +12,8 @@ import warnings
 import pytest
 import torch
 
-from qformer_lora import compat, doctor, forward, lora, presets
+from qformer_lora import compat, forward, lora, presets
+from qformer_lora.diagnostics import doctor
 
 from .helpers import SEED_PRESET, adapter_model, batches
 

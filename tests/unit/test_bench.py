@@ -1,4 +1,4 @@
-"""bench.py and bench_sweep.py on CPU with tiny presets: the same sweep, memory model and report code the GPU run uses.
+"""bench/measurement.py and bench/sweep.py on CPU with tiny presets: the same sweep, memory model and report code the GPU run uses.
 
 Memory is only measured on CUDA, so the memory-model summaries are checked on fabricated
 numbers with the shape of a GPU report in test_bench_report.py; everything here runs for real.
@@ -14,10 +14,12 @@ import sys
 import pytest
 import torch
 
-from qformer_lora import bench, bench_report, bench_sweep, capacity, compat, device, flops, lora, step_options
+from qformer_lora import compat, lora
+from qformer_lora.bench import capacity, device, flops, measurement, reporting, sweep
+from qformer_lora.training import step_options
 
 TINY_IB, TINY_B2 = "tiny-instructblip-flan-t5", "tiny-blip2-flan-t5"
-SHAPE = bench.SequenceShape(prompt_len=6, answer_len=3, instruction_len=4)
+SHAPE = measurement.SequenceShape(prompt_len=6, answer_len=3, instruction_len=4)
 OOM_MESSAGE = "CUDA out of memory. Tried to allocate 2.00 GiB"
 
 
@@ -36,12 +38,12 @@ def cpu_report(tmp_path_factory):
     """One real run_benchmark (what the CLI and GPU tests call): custom and native forward on a
     tiny preset, 2 batch sizes, a validation request; counts model builds."""
     builds, out_dir = [], tmp_path_factory.mktemp("reports")
-    real_build = bench.build
-    points = [bench.SweepPoint(TINY_IB, precision="fp32", validate_budget_gib=24),
-              bench.SweepPoint(TINY_IB, precision="fp32", forward="native")]
+    real_build = measurement.build
+    points = [measurement.SweepPoint(TINY_IB, precision="fp32", validate_budget_gib=24),
+              measurement.SweepPoint(TINY_IB, precision="fp32", forward="native")]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bench, "build", lambda point, device: builds.append(point) or real_build(point, device))
-        report, paths = bench_sweep.run_benchmark(points, (2, 1), device="cpu", shape=SHAPE, steps=3,
+        report, paths = sweep.run_benchmark(points, (2, 1), device="cpu", shape=SHAPE, steps=3,
                                             report_dir=out_dir, progress=False)
     assert paths["json"].parent == out_dir and json.loads(paths["json"].read_text()) == json.loads(json.dumps(report))
     return report, builds
@@ -49,7 +51,7 @@ def cpu_report(tmp_path_factory):
 
 def oom_from(batch_size: int, monkeypatch):
     """Make train_step raise the CUDA OOM error for batches >= ``batch_size``; returns the batches run."""
-    real_step, seen = bench.train_step, []
+    real_step, seen = measurement.train_step, []
 
     def step(state):
         seen.append(state.batch_size)
@@ -89,7 +91,7 @@ def test_sweep_report_is_well_formed(cpu_report):
 
 def test_report_writers(cpu_report, tmp_path):
     report, _ = cpu_report
-    paths = bench_report.write_reports(report, tmp_path / "gpu")
+    paths = reporting.write_reports(report, tmp_path / "gpu")
     assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(report))
     text = paths["md"].read_text()
     assert f"| {TINY_IB} qformer fp32 native | 30 | 2 |" in text and report["paragraph"] in text
@@ -106,14 +108,14 @@ def test_report_writers(cpu_report, tmp_path):
 
 def test_png_is_skipped_with_a_note_without_matplotlib(cpu_report, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
-    paths = bench_report.write_reports(cpu_report[0], tmp_path)
+    paths = reporting.write_reports(cpu_report[0], tmp_path)
     assert paths["png"] is None and not list(tmp_path.glob("*.png"))
     assert "matplotlib is not installed" in capsys.readouterr().out
 
 
 def test_oom_is_recorded_and_the_sweep_goes_on(monkeypatch):
     seen = oom_from(2, monkeypatch)
-    real_build = bench.build
+    real_build = measurement.build
 
     def build(point, device):
         if point.family == "blip2":
@@ -121,9 +123,9 @@ def test_oom_is_recorded_and_the_sweep_goes_on(monkeypatch):
         return real_build(point, device)
 
     monkeypatch.setattr(bench, "build", build)
-    points = [bench.SweepPoint(TINY_IB, precision="fp32"), bench.SweepPoint(TINY_IB, family="blip2"),
-              bench.SweepPoint(TINY_IB, precision="fp32", forward="native")]
-    report = bench_sweep.sweep(points, (1, 2, 3), device="cpu", shape=SHAPE, warmup=0, steps=1, progress=False)
+    points = [measurement.SweepPoint(TINY_IB, precision="fp32"), measurement.SweepPoint(TINY_IB, family="blip2"),
+              measurement.SweepPoint(TINY_IB, precision="fp32", forward="native")]
+    report = sweep.sweep(points, (1, 2, 3), device="cpu", shape=SHAPE, warmup=0, steps=1, progress=False)
     custom, too_big, native = ([(r["batch_size"], r["oom"]) for r in e["results"]] for e in report["points"])
     assert custom == native == [(1, False), (2, True), (3, True)]
     assert too_big == [(1, True), (2, True), (3, True)]
@@ -139,11 +141,11 @@ def test_other_errors_are_not_swallowed(monkeypatch):
 
     monkeypatch.setattr(bench, "train_step", broken)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
-        bench.measure(bench.SweepPoint(TINY_IB, precision="fp32"), 1, "cpu", shape=SHAPE)
+        measurement.measure(measurement.SweepPoint(TINY_IB, precision="fp32"), 1, "cpu", shape=SHAPE)
 
 
 def test_a_failing_configuration_is_recorded_and_the_sweep_goes_on(monkeypatch):
-    real_step = bench.train_step
+    real_step = measurement.train_step
 
     def step(state):
         if state.point.fused_optimizer and state.batch_size >= 2:
@@ -151,10 +153,10 @@ def test_a_failing_configuration_is_recorded_and_the_sweep_goes_on(monkeypatch):
         return real_step(state)
 
     monkeypatch.setattr(bench, "train_step", step)
-    points = [bench.SweepPoint(TINY_IB, precision="fp32", fused_optimizer=True),
-              bench.SweepPoint(TINY_IB, precision="fp32")]
-    report = bench_sweep.sweep(points, (1, 2, 3), device="cpu", shape=SHAPE, warmup=0, steps=1, progress=False)
-    failed, plain = ([(r["batch_size"], bench.ran(r)) for r in e["results"]] for e in report["points"])
+    points = [measurement.SweepPoint(TINY_IB, precision="fp32", fused_optimizer=True),
+              measurement.SweepPoint(TINY_IB, precision="fp32")]
+    report = sweep.sweep(points, (1, 2, 3), device="cpu", shape=SHAPE, warmup=0, steps=1, progress=False)
+    failed, plain = ([(r["batch_size"], measurement.ran(r)) for r in e["results"]] for e in report["points"])
     assert failed == [(1, True), (2, False), (3, False)] and plain == [(1, True), (2, True), (3, True)]
     assert report["points"][0]["results"][1]["error"] == "RuntimeError: fused kernel missing"
     assert report["points"][0]["results"][2]["error"] == "not run: a smaller batch failed"
@@ -164,11 +166,11 @@ def test_a_failing_configuration_is_recorded_and_the_sweep_goes_on(monkeypatch):
 def test_a_compile_that_falls_back_to_eager_says_so_in_its_row(monkeypatch, tmp_path):
     # where compile is unavailable the option runs eager: its row must not pass for compiled
     monkeypatch.setattr(compat, "torch_compile_unavailable_reason", lambda device_type: "no triton here")
-    native, compiled = (bench.SweepPoint(TINY_IB, precision="fp32", forward="native", batch_sizes=(2,)),
-                        bench.SweepPoint(TINY_IB, precision="fp32", compile_qformer=True, compile_frozen=True,
+    native, compiled = (measurement.SweepPoint(TINY_IB, precision="fp32", forward="native", batch_sizes=(2,)),
+                        measurement.SweepPoint(TINY_IB, precision="fp32", compile_qformer=True, compile_frozen=True,
                                          batch_sizes=(2,)))
     with pytest.warns(UserWarning, match="no triton here"):
-        report, paths = bench_sweep.run_benchmark([native, compiled], device="cpu", shape=SHAPE, steps=1,
+        report, paths = sweep.run_benchmark([native, compiled], device="cpu", shape=SHAPE, steps=1,
                                                   report_dir=tmp_path, progress=False)
     [result] = report["points"][1]["results"]
     assert [(c["option"], c["used"]) for c in result["step_options"] if c["option"].startswith("compile")] == [
@@ -184,40 +186,40 @@ def test_a_failed_flop_count_is_recorded_and_the_sweep_goes_on(monkeypatch):
         raise RuntimeError("FlopCounterMode fell over")
 
     monkeypatch.setattr(flops, "step_flops_per_sample", broken)
-    points = [bench.SweepPoint(TINY_IB, precision="fp32", batch_sizes=(1,)),
-              bench.SweepPoint(TINY_IB, precision="fp32", forward="native", batch_sizes=(1,))]
-    report = bench_sweep.sweep(points, device="cpu", shape=SHAPE, warmup=0, steps=1, progress=False)
+    points = [measurement.SweepPoint(TINY_IB, precision="fp32", batch_sizes=(1,)),
+              measurement.SweepPoint(TINY_IB, precision="fp32", forward="native", batch_sizes=(1,))]
+    report = sweep.sweep(points, device="cpu", shape=SHAPE, warmup=0, steps=1, progress=False)
     plain, native = report["points"]
     assert plain["flops_error"] == "RuntimeError: FlopCounterMode fell over" and "flops_per_sample" not in plain
-    assert bench.ran(native["results"][0]), "the sweep stopped at the failed count"
+    assert measurement.ran(native["results"][0]), "the sweep stopped at the failed count"
     assert all(row["flops_per_sample"] is None and row["mfu"] is None for row in report["options"])
 
 
 def test_bf16_with_lm_checkpointing_trains_fp32_adapters():
-    point = bench.SweepPoint(TINY_B2, precision="bf16", lm_activation_checkpointing=True)
-    model = bench.build(point, "cpu")
+    point = measurement.SweepPoint(TINY_B2, precision="bf16", lm_activation_checkpointing=True)
+    model = measurement.build(point, "cpu")
     assert compat.unwrap(model).language_model.get_input_embeddings().weight.dtype == torch.bfloat16
     adapters = lora.adapter_parameters(model)
     assert {p.dtype for p in adapters} == {torch.float32}
     before = [p.detach().clone() for p in adapters]
-    result = bench.measure(point, 2, "cpu", model=model, shape=SHAPE, warmup=0, steps=1)
+    result = measurement.measure(point, 2, "cpu", model=model, shape=SHAPE, warmup=0, steps=1)
     assert result["oom"] is False and math.isfinite(result["loss"]) and result["skipped_steps"] is None, result
     assert step_options.lm_checkpointing_active(model)
     changed = sum(not torch.equal(b, p) for b, p in zip(before, adapters))
     assert changed > 0, "no adapter moved: gradients did not reach the Q-Former through the checkpointed LM"
-    bench.measure(dataclasses.replace(point, lm_activation_checkpointing=False), 1, "cpu", model=model,
+    measurement.measure(dataclasses.replace(point, lm_activation_checkpointing=False), 1, "cpu", model=model,
                   shape=SHAPE, warmup=0, steps=1)
     assert not step_options.lm_checkpointing_active(model), "checkpointing is switched per configuration"
 
 
 def test_fp16_amp_scales_the_loss_and_counts_skipped_steps():
-    point = bench.SweepPoint(TINY_B2, precision="fp16-amp")
-    model = bench.build(point, "cpu")
+    point = measurement.SweepPoint(TINY_B2, precision="fp16-amp")
+    model = measurement.build(point, "cpu")
     assert compat.unwrap(model).language_model.get_input_embeddings().weight.dtype == torch.float32
-    state = bench.prepare_step(model, point, 2, "cpu", SHAPE)
+    state = measurement.prepare_step(model, point, 2, "cpu", SHAPE)
     adapters = lora.adapter_parameters(model)
     before = [p.detach().clone() for p in adapters]
-    losses = [bench.train_step(state) for _ in range(3)]
+    losses = [measurement.train_step(state) for _ in range(3)]
     assert all(math.isfinite(x) for x in losses), losses
     # GradScaler halves its scale (initially 2**16) on every step it skips for inf/NaN gradients
     assert state.scaler.get_scale() == 2.0 ** (16 - state.skipped_steps), (state.scaler.get_scale(), state.skipped_steps)
@@ -226,25 +228,25 @@ def test_fp16_amp_scales_the_loss_and_counts_skipped_steps():
 
 
 def test_family_override_builds_the_other_family():
-    model = bench.build(bench.SweepPoint(TINY_IB, precision="fp32", family="blip2"), "cpu")
+    model = measurement.build(measurement.SweepPoint(TINY_IB, precision="fp32", family="blip2"), "cpu")
     assert type(compat.unwrap(model)).__name__ == "Blip2ForConditionalGeneration"
 
 
 def test_sweep_point_rejects_unknown_values():
     with pytest.raises(ValueError, match=r"precision is 'fp16'; expected one of \['bf16', 'fp16-amp', 'fp32'\]"):
-        bench.SweepPoint(TINY_IB, precision="fp16")
+        measurement.SweepPoint(TINY_IB, precision="fp16")
     with pytest.raises(ValueError, match="forward"):
-        bench.SweepPoint(TINY_IB, forward="peft")
+        measurement.SweepPoint(TINY_IB, forward="peft")
     with pytest.raises(ValueError, match="batch_sizes"):
-        bench.SweepPoint(TINY_IB, batch_sizes=(0, 4))
+        measurement.SweepPoint(TINY_IB, batch_sizes=(0, 4))
 
 
 def test_default_grid_covers_the_seed_table_and_shares_builds():
-    points = bench.default_points()
-    for _, preset, scope, _ in bench.SEED_ROWS:
+    points = measurement.default_points()
+    for _, preset, scope, _ in measurement.SEED_ROWS:
         for precision in ("fp32", "bf16"):
             matches = [p for p in points if dataclasses.replace(p, batch_sizes=None, validate_budget_gib=None)
-                       == bench.SweepPoint(preset, scope, precision)]
+                       == measurement.SweepPoint(preset, scope, precision)]
             assert len(matches) == 1 and len(matches[0].batch_sizes) >= 2, (preset, scope, precision)
     assert sum(p.validate_budget_gib is not None for p in points) == 1
     keys = [p.build_key for p in points]
@@ -255,8 +257,8 @@ def test_default_grid_covers_the_seed_table_and_shares_builds():
 
 def test_the_gpu_grid_runs_end_to_end_on_tiny_presets(tmp_path):
     # the same call the GPU session fixture makes, on the tiny variants, one step per point
-    points = bench.default_points(TINY_IB, TINY_B2, options_batch=4)  # batch 64 adds nothing on CPU but time
-    report, paths = bench_sweep.run_benchmark(points, device="cpu", shape=SHAPE, steps=1, report_dir=tmp_path,
+    points = measurement.default_points(TINY_IB, TINY_B2, options_batch=4)  # batch 64 adds nothing on CPU but time
+    report, paths = sweep.run_benchmark(points, device="cpu", shape=SHAPE, steps=1, report_dir=tmp_path,
                                         progress=False)
     assert [e["label"] for e in report["points"]] == [p.label for p in points]
     for entry, point in zip(report["points"], points):
@@ -279,12 +281,12 @@ def test_the_gpu_grid_runs_end_to_end_on_tiny_presets(tmp_path):
 
 
 def test_sweep_out_of_time_records_the_rest_as_not_run(tmp_path):
-    points = [bench.SweepPoint(TINY_IB, batch_sizes=(1,)), bench.SweepPoint(TINY_IB, "qformer+llm", batch_sizes=(1, 2))]
+    points = [measurement.SweepPoint(TINY_IB, batch_sizes=(1,)), measurement.SweepPoint(TINY_IB, "qformer+llm", batch_sizes=(1, 2))]
     asked = iter([False, True])
-    report, paths = bench_sweep.run_benchmark(points, device="cpu", shape=SHAPE, steps=1, report_dir=tmp_path,
+    report, paths = sweep.run_benchmark(points, device="cpu", shape=SHAPE, steps=1, report_dir=tmp_path,
                                         progress=False, out_of_time=lambda: next(asked))
     first, second = report["points"]
-    assert [r["oom"] for r in first["results"]] == [False] and bench.ran(first["results"][0])
+    assert [r["oom"] for r in first["results"]] == [False] and measurement.ran(first["results"][0])
     assert second["label"] == points[1].label and second["memory_model"] is None
     assert [(r["batch_size"], r["error"]) for r in second["results"]] == [
         (1, "not run: the sweep's time budget was spent"), (2, "not run: the sweep's time budget was spent")]
@@ -292,14 +294,14 @@ def test_sweep_out_of_time_records_the_rest_as_not_run(tmp_path):
 
 
 def test_grid_orders_points_to_share_models():
-    points = bench.grid(TINY_IB, scopes=("qformer", "qformer+llm"), precisions=("fp32", "bf16", "fp16-amp"),
+    points = measurement.grid(TINY_IB, scopes=("qformer", "qformer+llm"), precisions=("fp32", "bf16", "fp16-amp"),
                         forwards=("custom", "native"), validate_budget_gib=24)
     assert len(points) == 12 and points[0].validate_budget_gib == 24
     assert all(p.validate_budget_gib is None for p in points[1:])
     keys = [p.build_key for p in points]
     assert len([k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k]) == len(set(keys)) == 4
     with pytest.raises(ValueError, match="precision"):
-        bench.grid(TINY_IB, precisions=("int8",))
+        measurement.grid(TINY_IB, precisions=("int8",))
 
 
 # ----------------------------------------------------------------------------- memory model (measured)
@@ -307,9 +309,9 @@ def test_grid_orders_points_to_share_models():
 @pytest.mark.parametrize("predicted", [3, 4, 9])
 def test_validate_prediction_finds_the_real_limit(predicted, monkeypatch):
     oom_from(5, monkeypatch)  # batches of 5 and more "run out of memory"
-    point = bench.SweepPoint(TINY_IB, precision="fp32")
-    model = bench.build(point, "cpu")
-    result = bench_sweep.validate_prediction(point, predicted, 24 * capacity.GIB, device="cpu", model=model, shape=SHAPE)
+    point = measurement.SweepPoint(TINY_IB, precision="fp32")
+    model = measurement.build(point, "cpu")
+    result = sweep.validate_prediction(point, predicted, 24 * capacity.GIB, device="cpu", model=model, shape=SHAPE)
     assert (result["measured"], result["measured_exact"]) == (4, True), result["probes"]
     assert result["relative_error"] == pytest.approx(abs(predicted - 4) / 4)
     assert result["memory_fraction"] is None  # no cap outside CUDA
@@ -317,8 +319,8 @@ def test_validate_prediction_finds_the_real_limit(predicted, monkeypatch):
 
 
 def test_flops_per_sample_is_counted_and_independent_of_batch_size():
-    point = bench.SweepPoint(TINY_IB, precision="fp32")
-    model = bench.build(point, "cpu")
+    point = measurement.SweepPoint(TINY_IB, precision="fp32")
+    model = measurement.build(point, "cpu")
     per_sample = {n: flops.step_flops_per_sample(model, SHAPE, "cpu", batch_size=n) for n in (1, 3)}
     assert per_sample[1] == per_sample[3] > 0
     longer = flops.step_flops_per_sample(model, dataclasses.replace(SHAPE, prompt_len=12), "cpu")
@@ -336,11 +338,11 @@ def test_bench_report_rerenders_a_saved_report(cpu_report, tmp_path, capsys):
     report, _ = cpu_report
     saved = tmp_path / "saved.json"
     saved.write_text(json.dumps(report))
-    assert bench_report.main([str(saved), "--out", str(tmp_path / "out")]) == 0
-    assert (tmp_path / "out" / f"{bench_report.report_stem(report)}.md").read_text() == bench_report.markdown(report)
+    assert reporting.main([str(saved), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / f"{bench_report.report_stem(report)}.md").read_text() == reporting.markdown(report)
     (tmp_path / "broken.json").write_text("{}")
     with pytest.raises(SystemExit) as exit_info:
-        bench_report.main([str(tmp_path / "broken.json")])
+        reporting.main([str(tmp_path / "broken.json")])
     assert exit_info.value.code == 2 and "broken.json: not a bench report" in capsys.readouterr().err
 
 
@@ -359,10 +361,10 @@ def test_memory_cap_names_the_device_index(monkeypatch):
 
 
 def test_grid_turns_step_options_on():
-    [point] = bench.grid(TINY_IB, compile_qformer=True, feature_cache=True)
+    [point] = measurement.grid(TINY_IB, compile_qformer=True, feature_cache=True)
     assert point.compile_qformer and point.feature_cache and not point.fused_optimizer and not point.compile_frozen
-    [point] = bench.grid(TINY_IB, compile_frozen=True)
+    [point] = measurement.grid(TINY_IB, compile_frozen=True)
     assert point.compile_frozen and point.label.endswith("custom compiled-frozen")
-    assert point.build_key != bench.SweepPoint(TINY_IB).build_key, "compiled blocks change the model"
+    assert point.build_key != measurement.SweepPoint(TINY_IB).build_key, "compiled blocks change the model"
     with pytest.raises(ValueError, match="custom forward only"):
-        bench.SweepPoint(TINY_IB, forward="native", compile_frozen=True)
+        measurement.SweepPoint(TINY_IB, forward="native", compile_frozen=True)

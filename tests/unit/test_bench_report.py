@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from qformer_lora import bench, bench_report, capacity, compat, flops
+from qformer_lora import compat
+from qformer_lora.bench import capacity, flops, measurement, reporting
 
 REPORTS_GPU = Path(__file__).resolve().parents[2] / "reports" / "gpu"
 
 
-def _fake_entry(point: bench.SweepPoint, a: int, b: int, sizes=(1, 4, 8), step_s: float = 0.5) -> dict:
+def _fake_entry(point: measurement.SweepPoint, a: int, b: int, sizes=(1, 4, 8), step_s: float = 0.5) -> dict:
     results = [{"batch_size": n, "oom": False, "peak_allocated_bytes": a + b * n, "peak_reserved_bytes": a + b * n + 2 ** 28,
                 "peak_allocated_gib": (a + b * n) / capacity.GIB, "peak_reserved_gib": (a + b * n + 2 ** 28) / capacity.GIB,
                 "step_time_s": step_s, "step_times_s": [step_s], "samples_per_s": n / step_s, "loss": 1.0}
@@ -32,20 +33,20 @@ def test_summaries_from_gpu_like_numbers(tmp_path):
              ("instructblip-flan-t5-xl", "qformer+llm", "bf16"): (8 * gib, gib // 4),
              ("instructblip-flan-t5-xl", "qformer", "fp32"): (16 * gib, gib // 3),
              ("instructblip-flan-t5-xl", "qformer", "bf16"): (8 * gib, gib // 5)}
-    entries = [_fake_entry(bench.SweepPoint(*key), *ab) for key, ab in lines.items()]
-    native = bench.SweepPoint("instructblip-flan-t5-xl", "qformer", "bf16", forward="native")
+    entries = [_fake_entry(measurement.SweepPoint(*key), *ab) for key, ab in lines.items()]
+    native = measurement.SweepPoint("instructblip-flan-t5-xl", "qformer", "bf16", forward="native")
     entries.append(_fake_entry(native, 8 * gib, gib // 4, sizes=(4,), step_s=0.25))
     report = {"created": "2026-11-27T10:00:00+00:00", "versions": compat.versions(), "sequence": dataclasses.asdict(
-        bench.SequenceShape()), "settings": {"warmup_steps": 1, "measured_steps": 3, "optimizer": "AdamW lr=1e-4"},
+        measurement.SequenceShape()), "settings": {"warmup_steps": 1, "measured_steps": 3, "optimizer": "AdamW lr=1e-4"},
         "device": {"type": "cuda", "name": "NVIDIA H100 80GB HBM3", "total_memory_bytes": 80 * gib,
                    "driver_version": "580.1", "cuda_runtime": "13.0", "outside_allocator_bytes": gib // 2},
         "points": entries, "validation": [{"status": "done", "label": entries[-2]["label"], "budget_gib": 24,
                                             "predicted": 80, "measured": 78, "relative_error": 2 / 78, "probes": {}}]}
-    bench_report.summarise(report)
+    reporting.summarise(report)
 
     expected = {key: (24 * gib - a) // b for key, (a, b) in lines.items()}
     assert [(r["fp32"], r["bf16"]) for r in report["seed_table"]] == [
-        (expected[(p, s, "fp32")], expected[(p, s, "bf16")]) for _, p, s, _ in bench.SEED_ROWS]
+        (expected[(p, s, "fp32")], expected[(p, s, "bf16")]) for _, p, s, _ in measurement.SEED_ROWS]
     assert entries[0]["memory_model"]["max_batch"] == {
         name: (budget - 16 * gib) // (gib // 4) for name, budget in
         {"24 GiB": 24 * gib, "40 GiB": 40 * gib, "80 GiB": 80 * gib, "this card": 80 * gib}.items()}
@@ -55,7 +56,7 @@ def test_summaries_from_gpu_like_numbers(tmp_path):
     text = report["paragraph"]
     assert f"BLIP-2 Q-Former LoRA batch {expected[('blip2-flan-t5-xl', 'qformer', 'fp32')]} with fp32" in text
     assert "(seed: 10)" in text and "the measured limit 78 (2.6% off" in text and "0.50 GiB" in text
-    paths = bench_report.write_reports(report, tmp_path)
+    paths = reporting.write_reports(report, tmp_path)
     assert paths["md"].name == "nvidia-h100-80gb-hbm3-2026-11-27.md"
     markdown = paths["md"].read_text()
     assert f"| BLIP-2 Q-Former LoRA | 24 | {expected[('blip2-flan-t5-xl', 'qformer', 'fp32')]} |" in markdown
@@ -64,16 +65,16 @@ def test_summaries_from_gpu_like_numbers(tmp_path):
 
 def test_option_table_ratios_and_mfu_from_gpu_like_numbers():
     gib, preset = capacity.GIB, "instructblip-flan-t5-xl"
-    native = _fake_entry(bench.SweepPoint(preset, forward="native"), 20 * gib, 0, sizes=(64,), step_s=0.5)
-    plain = _fake_entry(bench.SweepPoint(preset), 15 * gib, 0, sizes=(64,), step_s=0.25)
+    native = _fake_entry(measurement.SweepPoint(preset, forward="native"), 20 * gib, 0, sizes=(64,), step_s=0.5)
+    plain = _fake_entry(measurement.SweepPoint(preset), 15 * gib, 0, sizes=(64,), step_s=0.25)
     plain["flops_per_sample"] = 2e12
-    cached = _fake_entry(bench.SweepPoint(preset, feature_cache=True), 9 * gib, 0, sizes=(64,), step_s=0.125)
-    other = _fake_entry(bench.SweepPoint("blip2-flan-t5-xl"), 5 * gib, 0, sizes=(64,), step_s=0.1)
-    rows = bench_report.option_table([native, plain, cached, other], "NVIDIA H200")
+    cached = _fake_entry(measurement.SweepPoint(preset, feature_cache=True), 9 * gib, 0, sizes=(64,), step_s=0.125)
+    other = _fake_entry(measurement.SweepPoint("blip2-flan-t5-xl"), 5 * gib, 0, sizes=(64,), step_s=0.1)
+    rows = reporting.option_table([native, plain, cached, other], "NVIDIA H200")
     assert [(r["label"], r["speedup"], r["memory_ratio"], r["meets_targets"]) for r in rows] == [
         (native["label"], 1.0, 1.0, False), (plain["label"], 2.0, 0.75, False), (cached["label"], 4.0, 0.45, True)]
     assert rows[2]["mfu"] == pytest.approx((64 / 0.125) * 2e12 / 989.5e12)
-    assert bench_report.option_table([native, plain], "a card with no listed peak")[1]["mfu"] is None
+    assert reporting.option_table([native, plain], "a card with no listed peak")[1]["mfu"] is None
 
 
 def test_peak_flops_table():
@@ -83,10 +84,10 @@ def test_peak_flops_table():
 
 
 def test_holdout_check_predicts_the_largest_batch_from_the_others():
-    point = bench.SweepPoint("instructblip-flan-t5-xl")
+    point = measurement.SweepPoint("instructblip-flan-t5-xl")
     entry = _fake_entry(point, 8 * capacity.GIB, capacity.GIB // 4, sizes=(1, 4, 8, 64))
     entry["results"][-1]["peak_allocated_bytes"] += capacity.GIB  # batch 64 needs 1 GiB more than the line says
-    [check] = bench_report.holdout_checks([entry, _fake_entry(point, 0, 1, sizes=(1, 2))])  # 2 batches: no check
+    [check] = reporting.holdout_checks([entry, _fake_entry(point, 0, 1, sizes=(1, 2))])  # 2 batches: no check
     measured = 8 * capacity.GIB + 64 * (capacity.GIB // 4) + capacity.GIB
     assert check["fitted_on"] == [1, 4, 8] and check["batch_size"] == 64
     assert check["predicted_gib"] == pytest.approx(measured / capacity.GIB - 1)
@@ -97,11 +98,11 @@ def test_paragraph_of_a_gpu_run_without_seed_table_rows():
     # bench --options-batch measures memory, but none of the seed table's configurations: its
     # paragraph said "No memory measurements ... needs a CUDA run" on an H200
     gib = capacity.GIB
-    entries = [_fake_entry(point, 8 * gib, gib // 4, sizes=(64,)) for point in bench.options_grid("instructblip-flan-t5-xl")[:2]]
+    entries = [_fake_entry(point, 8 * gib, gib // 4, sizes=(64,)) for point in measurement.options_grid("instructblip-flan-t5-xl")[:2]]
     report = {"created": "2026-11-28T10:00:00+00:00", "versions": compat.versions(), "sequence": dataclasses.asdict(
-        bench.SequenceShape()), "device": {"type": "cuda", "name": "NVIDIA H200", "total_memory_bytes": 140 * gib},
+        measurement.SequenceShape()), "device": {"type": "cuda", "name": "NVIDIA H200", "total_memory_bytes": 140 * gib},
         "points": entries, "validation": []}
-    text = bench_report.summarise(report)["paragraph"]
+    text = reporting.summarise(report)["paragraph"]
     assert text.startswith("Measured on NVIDIA H200") and "None of the seed table's configurations" in text
     # and the rest of the paragraph still follows: here the custom/native comparison at batch 64
     assert "needs a CUDA run" not in text and "took 1.00x the memory and 1.00x the step time" in text
@@ -112,5 +113,5 @@ def test_paragraph_of_a_gpu_run_without_seed_table_rows():
 def test_committed_gpu_reports_rerender_unchanged(stem, tmp_path):
     # reports written before a SweepPoint field was added must still summarise the same way
     saved = REPORTS_GPU / f"{stem}.json"
-    assert bench_report.main([str(saved), "--out", str(tmp_path)]) == 0
+    assert reporting.main([str(saved), "--out", str(tmp_path)]) == 0
     assert (tmp_path / f"{saved.stem}.md").read_text() == (REPORTS_GPU / f"{stem}.md").read_text()

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from qformer_lora import compat, forward, lora, presets, synthetic
-from qformer_lora.feature_cache import FeatureCache, attach_cached_features
+from qformer_lora.training.feature_cache import FeatureCache, attach_cached_features
 
 from ..timing import interleaved_medians
 

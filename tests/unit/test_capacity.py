@@ -1,4 +1,4 @@
-"""capacity.py: the linear memory model, the max-batch prediction and the limit search.
+"""bench/capacity.py: the linear memory model, the max-batch prediction and the limit search.
 
 Pure arithmetic, so checked exactly against generated lines (hypothesis); the GPU run
 checks the same prediction against a real memory cap (tests/gpu/test_gpu_bench.py).
@@ -11,7 +11,7 @@ from fractions import Fraction
 import pytest
 from hypothesis import given, strategies as st
 
-from qformer_lora import capacity
+from qformer_lora.bench import capacity
 
 
 def test_fit_linear_recovers_exact_coefficients():

@@ -34,7 +34,9 @@ def test_verify_text_report_and_errors(capsys):
 
 import pytest  # noqa: E402
 
-from qformer_lora import bench, data, doctor  # noqa: E402
+from qformer_lora import data  # noqa: E402
+from qformer_lora.bench import measurement
+from qformer_lora.diagnostics import doctor
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -108,6 +110,6 @@ def test_bench_options_batch_runs_only_the_step_option_table(monkeypatch, tmp_pa
     cli.main(["bench", "--device", "cpu", "--preset", "tiny-instructblip-flan-t5", "--options-batch", "4",
               "--steps", "7", "--out", str(tmp_path)])
     [(points, kwargs)] = calls
-    assert points == bench.options_grid("tiny-instructblip-flan-t5", 4) and kwargs["steps"] == 7
-    assert [p.forward for p in points[:2]] == ["custom", "native"] and bench.is_plain(points[0])
+    assert points == measurement.options_grid("tiny-instructblip-flan-t5", 4) and kwargs["steps"] == 7
+    assert [p.forward for p in points[:2]] == ["custom", "native"] and measurement.is_plain(points[0])
     assert all(4 in p.batch_sizes for p in points)

@@ -15,16 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from qformer_lora.data import (
-    FIXTURES_DIR,
-    IGNORE_INDEX,
-    SHAPES_DIR,
-    Collator,
-    Example,
-    ShapesDataset,
-    build_processor,
-    read_manifest,
-)
+from qformer_lora.data import FIXTURES_DIR, IGNORE_INDEX, SHAPES_DIR, Collator, Example, ShapesDataset, build_processor, read_manifest
 
 # Tiny presets use image_token_index 511 (see fixtures/tokenizers/README.md).
 IMAGE_TOKEN_INDEX = 511

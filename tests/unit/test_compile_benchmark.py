@@ -21,7 +21,8 @@ import functools
 import pytest
 import torch
 
-from qformer_lora import compat, forward, lora, presets, step_options, synthetic
+from qformer_lora import compat, forward, lora, presets, synthetic
+from qformer_lora.training import step_options
 
 from ..timing import interleaved_medians
 

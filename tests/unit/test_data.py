@@ -17,18 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from qformer_lora.data import (
-    FIXTURES_DIR,
-    QFORMER_TOKENIZER_DIR,
-    SHAPES_DIR,
-    Example,
-    ImageLoadError,
-    ManifestDataset,
-    ManifestError,
-    ShapesDataset,
-    load_image,
-    read_manifest,
-)
+from qformer_lora.data import FIXTURES_DIR, QFORMER_TOKENIZER_DIR, SHAPES_DIR, Example, ImageLoadError, ManifestDataset, ManifestError, ShapesDataset, load_image, read_manifest
 
 REPO_ROOT = FIXTURES_DIR.parent
 SCRIPTS = REPO_ROOT / "scripts"

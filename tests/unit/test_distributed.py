@@ -19,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qformer_lora import checkpoint, data, distributed, train
+from qformer_lora import checkpoint, data
+from qformer_lora.training import distributed, train
 
 RANKS = 2
 PER_RANK_BATCH = 2

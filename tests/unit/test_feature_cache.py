@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qformer_lora import compat, data, feature_cache, forward, lora, presets, synthetic
-from qformer_lora.feature_cache import FeatureCache, FeatureCacheError, attach_cached_features
+from qformer_lora import compat, data, forward, lora, presets, synthetic
+from qformer_lora.training import feature_cache
+from qformer_lora.training.feature_cache import FeatureCache, FeatureCacheError, attach_cached_features
 
 T5, OPT = "tiny-instructblip-flan-t5", "tiny-blip2-opt"
 

@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qformer_lora import compat, expectations, lora, presets
+from qformer_lora import compat, lora, presets
+from qformer_lora.repro import expectations
 
 from ..conftest import FULL_PRESETS, check_against_release, tiny_model
 

@@ -1,4 +1,4 @@
-"""Unit tests of numerics.py (diagnosis, checks, guard state) and doctor.py (findings, CLI)."""
+"""Unit tests of diagnostics/numerics.py (diagnosis, checks, guard state) and diagnostics/doctor.py (findings, CLI)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import warnings
 import pytest
 import torch
 
-from qformer_lora import cli, compat, doctor, lora, numerics, train
+from qformer_lora import cli, compat, lora
+from qformer_lora.diagnostics import doctor, numerics
+from qformer_lora.training import train
 
 
 # ----------------------------------------------------------------------------- fp16 facts

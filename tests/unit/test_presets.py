@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from qformer_lora import presets, synthetic, forward
+from qformer_lora import forward, presets, synthetic
 
 from ..conftest import FULL_PRESETS, TINY_PRESETS
 

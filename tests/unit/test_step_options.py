@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from qformer_lora import compat, data, forward, lora, presets, run_config, step_options, synthetic, train
+from qformer_lora import compat, data, forward, lora, presets, synthetic
+from qformer_lora.training import run_config, step_options, train
 
 T5, OPT = "tiny-instructblip-flan-t5", "tiny-blip2-opt"
 # Checkpointing recomputes the same layers: bitwise where non-reentrant checkpointing can be
@@ -30,7 +31,7 @@ def _adapter_model(preset: str):
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, 0.02)
-    return model.eval()  # eval mode, as train.py runs (no dropout anywhere)
+    return model.eval()  # eval mode, as training/train.py runs (no dropout anywhere)
 
 
 def adapter_model(preset: str = T5):
@@ -257,7 +258,7 @@ def test_autocast_state_names_the_mode_the_features_are_computed_in():
 
 @pytest.mark.parametrize("family, preset", [("instructblip", T5), ("blip2", OPT)])
 def test_static_shapes_change_the_shape_not_the_loss(family, preset):
-    # what train.py collates with when compiling: one shape per text in every batch
+    # what training/train.py collates with when compiling: one shape per text in every batch
     config = run_config.TrainConfig()
     model = adapter_model(preset)
     base = compat.unwrap(model)

@@ -11,7 +11,9 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from qformer_lora import checkpoint, cli, data, forward, infer, presets, run_config, train
+from qformer_lora import checkpoint, cli, data, forward, presets
+from qformer_lora.inference import generate
+from qformer_lora.training import run_config, train
 
 from ..conftest import check_against_release
 
@@ -125,7 +127,7 @@ def test_crash_mid_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch)
 
 def test_adapter_loads_in_plain_peft_with_the_same_outputs(default_run):
     path = checkpoint.latest_checkpoint(default_run)
-    model, processor, family, config = infer.load_trained(path)
+    model, processor, family, config = generate.load_trained(path)
     plain = PeftModel.from_pretrained(presets.load_model(config["base_checkpoint"]),
                                       str(path / checkpoint.ADAPTER_DIR)).eval()
     collator = data.Collator(processor, family, decoder_only=False)
@@ -155,7 +157,7 @@ def test_export_merges_the_adapter(default_run, tmp_path):
     out = tmp_path / "merged"
     assert cli.main(["export", str(default_run), str(out)]) == 0
     merged = presets.load_model(out)
-    model, processor, family, _ = infer.load_trained(checkpoint.latest_checkpoint(default_run))
+    model, processor, family, _ = generate.load_trained(checkpoint.latest_checkpoint(default_run))
     batch = data.Collator(processor, family, decoder_only=False)([data.ShapesDataset("val")[i] for i in range(3)])
     with torch.no_grad():
         gap = (forward.custom_forward(merged, batch).logits - forward.custom_forward(model, batch).logits).abs().max()

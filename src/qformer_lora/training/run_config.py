@@ -1,6 +1,6 @@
 """The training run's options: TrainConfig, their help texts, and reading them from TOML + flags.
 
-Split from train.py so that module is the loop alone. Every option is a TrainConfig field
+Split from training/train.py so that module is the loop alone. Every option is a TrainConfig field
 with a HELP line (the CLI builds its flags from both); values from a TOML file or a flag go
 through ``coerce``, which names the file or flag, the option and the expected type when a
 value does not fit, and ``load_run_config`` checks the options with a fixed set of choices.
@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import data, lora, presets, step_options
+from .. import data, lora, presets
+from . import step_options
 
 PRECISIONS = ("fp32", "bf16", "fp16-amp", "fp16-pure")
 # A random frozen language model cannot be steered by a Q-Former adapter, so the embedded

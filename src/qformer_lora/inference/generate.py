@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from . import checkpoint, data, forward, presets
+from .. import checkpoint, data, forward, presets
 
 
 def run_config(checkpoint_path: str | os.PathLike) -> dict:

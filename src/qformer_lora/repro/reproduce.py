@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import compat, expectations, lora, presets, probes
+from .. import compat, lora, presets
+from . import expectations, probes
 
 REPORTS_DIR = presets.FIXTURES_DIR.parent / "reports"
 TINY_PRESETS = ("tiny-instructblip-flan-t5", "tiny-instructblip-vicuna", "tiny-blip2-flan-t5", "tiny-blip2-opt")
@@ -85,7 +86,7 @@ def item_lora_scope() -> dict:
 
 def item_nan() -> dict:
     """Seed issue 3: finite at step 0, NaN after, whatever the hyperparameters; root cause and fix."""
-    from . import doctor
+    from ..diagnostics import doctor
 
     failing = doctor.reproduce("tiny-instructblip-flan-t5", "fp16-pure", steps=4)
     fixed = {p: doctor.reproduce("tiny-instructblip-flan-t5", p, steps=4) for p in ("fp16-amp", "bf16")}
@@ -106,7 +107,8 @@ def item_checkpoints() -> dict:
     """Seed issue 5: save every 2 epochs and at the last; here also atomic writes and exact resume."""
     from safetensors.torch import load_file
 
-    from . import checkpoint, data, train
+    from .. import checkpoint, data
+    from ..training import train
 
     with tempfile.TemporaryDirectory() as tmp:
         # the random-init tiny preset, not the shipped base: cadence and resume do not need a
@@ -132,7 +134,7 @@ def item_checkpoints() -> dict:
 
 def _subset(tmp: str, n: int = 48) -> Path:
     """The first n shapes training samples (keeps this item to seconds)."""
-    from . import data
+    from .. import data
 
     lines = (data.SHAPES_DIR / "train.jsonl").read_text(encoding="utf-8").splitlines()[:n]
     path = Path(tmp) / "train-subset.jsonl"
@@ -143,9 +145,9 @@ def _subset(tmp: str, n: int = 48) -> Path:
 def item_memory() -> dict:
     """Seed issue 6: memory against batch size. Measured only on a GPU; otherwise the latest committed report."""
     if torch.cuda.is_available():
-        from . import bench, bench_sweep
+        from ..bench import measurement, sweep
 
-        report, paths = bench_sweep.run_benchmark(bench.default_points(), device="cuda", progress=False)
+        report, paths = sweep.run_benchmark(measurement.default_points(), device="cuda", progress=False)
         return {"status": "reproduced", "fix_holds": True, "why": "measured now on this GPU",
                 "evidence": {"seed_table": report.get("seed_table"), "report": str(paths.get("json"))}}
     # the newest sweep that filled the seed's table: reports/gpu also holds NaN and pytest-benchmark
@@ -157,7 +159,7 @@ def item_memory() -> dict:
         return {"status": "not measured", "fix_holds": True,
                 "why": "no CUDA device here and no committed GPU report yet: run `nox -s gpu_tests` on a GPU",
                 "evidence": {}}
-    _, name, latest = max(sweeps, key=lambda sweep: sweep[0])
+    _, name, latest = max(sweeps, key=lambda found: found[0])
     return {"status": "not measured now", "fix_holds": True,
             "why": f"no CUDA device here; figures from the committed report {name}, "
                    f"measured on {latest.get('device', {}).get('name')}",

@@ -1,10 +1,10 @@
 """Summaries and report files of a bench sweep: ratios, the seed's table, JSON/Markdown/PNG.
 
-Split from bench.py so that module only measures. Files are written atomically
+Split from bench/measurement.py so that module only measures. Files are written atomically
 (temporary file, then os.replace); matplotlib is imported lazily and the PNG is
 skipped with a note when it is not installed.
 
-``python -m qformer_lora.bench_report REPORT.json [--out DIR]`` re-summarises a saved
+``python -m qformer_lora.bench.reporting REPORT.json [--out DIR]`` re-summarises a saved
 report (e.g. after a summary was added) and rewrites its Markdown and PNG.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 from . import flops
-from .bench import OPTIONS_BATCH, SEED_ROWS, STEP_OPTIONS, SweepPoint, is_plain, ran
+from .measurement import OPTIONS_BATCH, SEED_ROWS, STEP_OPTIONS, SweepPoint, is_plain, ran
 from .capacity import BUDGETS_GIB, GIB, budgets, fit_linear, predict_max_batch
 
 
@@ -63,7 +63,7 @@ def option_table(entries: list[dict], device_name: str, batch_size: int | None =
     in the GPU grid) against the native forward of the same workload: samples/s and peak
     allocated memory, their ratios to native, and MFU.
 
-    MFU uses the plain custom step's counted FLOPs per sample for every row (flops.py)."""
+    MFU uses the plain custom step's counted FLOPs per sample for every row (bench/flops.py)."""
     rows = []
     for native in (e for e in entries if e["config"]["forward"] == "native"):
         size = batch_size or max(r["batch_size"] for r in native["results"])
@@ -314,7 +314,7 @@ def plot_png(report: dict) -> bytes | None:
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m qformer_lora.bench_report",
+    parser = argparse.ArgumentParser(prog="python -m qformer_lora.bench.reporting",
                                      description="Re-summarise a saved bench report and rewrite its Markdown and PNG.")
     parser.add_argument("report", type=Path, help="a <gpu>-<date>.json written by `qformer-lora bench`")
     parser.add_argument("--out", type=Path, default=None, help="folder for the files (default: beside the report)")

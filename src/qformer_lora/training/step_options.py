@@ -12,7 +12,7 @@ it differs (a ``Choice``), so a run log says "fused AdamW requested, foreach use
    a function, with a probe call that turns a compile failure into a recorded fallback;
    ``compile_frozen_blocks``: the same for each repeated block of the frozen vision
    encoder and language model (regional compilation).
-4. ``build_feature_cache``: the vision-feature cache (feature_cache.py) from an option.
+4. ``build_feature_cache``: the vision-feature cache (training/feature_cache.py) from an option.
 
 What the installed torch can do (fused kernels, compile) is asked of compat.py.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import compat
+from .. import compat
 
 FEATURE_CACHE_MODES = ("off", "memory", "disk")
 
@@ -113,7 +113,7 @@ def make_optimizer(params, lr: float, eps: float = 1e-8, weight_decay: float = 0
 
     ``fused=True``: fused, or foreach with a warning when unavailable. ``None``: fused
     where available, else foreach, silently (recorded). ``False``: torch's default choice
-    (for-loop on CPU, foreach on CUDA): what train.py and bench.py used before this option.
+    (for-loop on CPU, foreach on CUDA): what training/train.py and bench/measurement.py used before this option.
     """
     params = list(params)
     kwargs = dict(lr=lr, eps=eps, weight_decay=weight_decay)

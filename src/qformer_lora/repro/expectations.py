@@ -14,8 +14,8 @@ import json
 import os
 from pathlib import Path
 
-from . import compat
-from .presets import FIXTURES_DIR
+from .. import compat
+from ..presets import FIXTURES_DIR
 
 EXPECTATIONS_DIR = FIXTURES_DIR / "expectations"
 RECORD = os.environ.get("QFORMER_LORA_RECORD") == "1"

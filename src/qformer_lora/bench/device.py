@@ -1,6 +1,6 @@
 """The CUDA device as a benchmark sees it: out-of-memory errors, peaks, caps and card facts.
 
-Split from bench.py, which measures steps: ``is_oom`` tells an allocation failure from
+Split from bench/measurement.py, which measures steps: ``is_oom`` tells an allocation failure from
 any other error, ``free_memory`` empties the allocator's cache between measurements,
 ``memory_stats`` reads the peaks since the last reset, ``memory_cap`` limits the allocator
 to a budget (how a 24 GiB card is simulated on a larger one), ``device_info`` describes the

@@ -2,8 +2,8 @@
 
 Read top to bottom: a configuration (:class:`SweepPoint`), the GPU grid of them
 (:func:`default_points`) -> one built model and one training step -> one measured batch
-size (:func:`measure`). Then bench_sweep.py (many configurations and batch sizes, the
-memory model of capacity.py checked under a real memory cap), and bench_report.py (the
+size (:func:`measure`). Then bench/sweep.py (many configurations and batch sizes, the
+memory model of bench/capacity.py checked under a real memory cap), and bench/reporting.py (the
 seed's table, the step-option ratios and report files). Models are random-initialised
 from presets (no downloads); on a CPU the memory fields are None and only times are measured.
 """
@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import compat, lora, presets, step_options, synthetic
+from .. import compat, lora, presets, synthetic
+from ..training import step_options
 from .device import free_memory, is_oom, memory_stats
-from .feature_cache import FeatureCache, attach_cached_features
-from .forward import custom_forward
+from ..training.feature_cache import FeatureCache, attach_cached_features
+from ..forward import custom_forward
 
 # precision -> (weight dtype, autocast dtype). fp16 weights are not offered: fp16 training
 # needs fp32 master weights, which is what "fp16-amp" (fp32 weights + autocast) is.

@@ -18,7 +18,7 @@ loop; this module is everything they need beyond the single-process loop, read t
    count, but every rank runs the same number of steps (DDP would hang otherwise).
 4. ``all_sum``: the per-step totals (target count, samples, bad-input flag) and the loss summed
    over ranks, so that every rank takes the same decisions and the loss is normalised by the
-   global target count (train.py multiplies by the world size to undo DDP's gradient mean).
+   global target count (training/train.py multiplies by the world size to undo DDP's gradient mean).
 
 Only rank 0 (``is_main``) writes metrics.jsonl and checkpoints and shows the progress bar.
 Validation runs on every rank over the whole validation set: the adapters are identical after
@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from . import forward
+from .. import forward
 
 # ----------------------------------------------------------------------------- 1. process group
 

@@ -1,4 +1,4 @@
-"""A sweep over configurations and batch sizes (bench.py measures one), each memory model
+"""A sweep over configurations and batch sizes (bench/measurement.py measures one), each memory model
 checked at its predicted max batch under a real memory cap, and the reports written.
 
 Every configuration's failure is recorded rather than raised: a GPU run is one-shot, and
@@ -14,9 +14,10 @@ from dataclasses import asdict
 import torch
 from tqdm.auto import tqdm
 
-from . import bench, compat, flops
-from .bench import SequenceShape, SweepPoint, is_plain, measure, ran
-from .bench_report import summarise, write_reports
+from .. import compat
+from . import flops, measurement
+from .measurement import SequenceShape, SweepPoint, is_plain, measure, ran
+from .reporting import summarise, write_reports
 from .capacity import GIB, find_limit, memory_model, predict_max_batch
 from .device import device_info, free_memory, is_oom, memory_cap
 
@@ -116,7 +117,7 @@ def _flops_or_error(model, shape: SequenceShape, device: torch.device) -> dict:
 def _build_or_oom(point: SweepPoint, device: torch.device):
     """The built model, or None when it does not fit on the device (the sweep goes on)."""
     try:
-        return bench.build(point, device)
+        return measurement.build(point, device)
     except RuntimeError as err:
         if not is_oom(err):
             raise

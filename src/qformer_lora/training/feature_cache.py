@@ -23,7 +23,7 @@ safetensors stores the bytes unchanged). A feature is what the encoder gave in t
 the image first appeared in; CPU and GPU GEMMs may round a batch of another composition
 differently in the last bits, so a whole run matches one without the cache to that noise
 (default run, 2 epochs on CPU: step losses within 1e-6 relative). Call
-``attach_cached_features`` inside the forward's autocast context (train.py's ``run_forward``).
+``attach_cached_features`` inside the forward's autocast context (training/train.py's ``run_forward``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from . import compat, forward
+from .. import compat, forward
 
 FEATURE_NAME = "last_hidden_state"
 FORMAT_VERSION = "1"  # bump when the key or file layout changes: old entries then simply miss

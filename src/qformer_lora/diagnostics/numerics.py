@@ -29,7 +29,7 @@ computes in fp32 and keeps eps, so it stays finite (its fp16 ``exp_avg_sq`` stil
 which turns small-gradient updates into ``m / eps``: finite but meaningless).
 
 The fix is not a hyperparameter: keep adapters and optimizer state in fp32 (``fp16-amp``,
-``bf16`` or ``fp32`` here); :mod:`qformer_lora.doctor` refuses the broken combination.
+``bf16`` or ``fp32`` here); :mod:`qformer_lora.diagnostics.doctor` refuses the broken combination.
 
 This module also holds the tools that found it: ``Diagnosis`` (what went non-finite first),
 ``localise`` (re-runs a failing batch with forward hooks; costs nothing while training is
@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import compat
+from .. import compat
 
 FP16_SMALLEST_SUBNORMAL = 2.0 ** -24  # every positive value below half of this rounds to 0 in fp16
 KINDS = ("input", "parameter", "loss", "gradient")

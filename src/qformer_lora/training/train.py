@@ -10,7 +10,7 @@ Choices that make runs comparable:
 * The model runs in eval mode (no dropout in the frozen parts or the Q-Former) and the
   data order of epoch e is a permutation seeded by (seed, e), so resuming from a
   checkpoint replays exactly what an uninterrupted run would have done.
-* Under ``torchrun`` (distributed.py) each of N processes takes its shard of that order and
+* Under ``torchrun`` (training/distributed.py) each of N processes takes its shard of that order and
   DDP averages the adapter gradients: batch 4 on 2 processes follows the curve of batch 8
   on one.
 """
@@ -30,7 +30,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, distributed, doctor, feature_cache, forward, lora, numerics, presets, step_options
+from .. import checkpoint, data, forward, lora, presets
+from ..diagnostics import doctor, numerics
+from . import distributed, feature_cache, step_options
 from .run_config import ConfigError, TrainConfig  # the options; train.TrainConfig is what callers pass to train()
 
 LOG_FILE = "metrics.jsonl"  # one JSON record a line: step, epoch, step_options and guard events

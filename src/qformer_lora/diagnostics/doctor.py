@@ -3,7 +3,7 @@
 ``qformer-lora doctor --preset X --precision Y`` prints the findings of :func:`examine`;
 ``train.train`` runs the same checks first and refuses fatal findings unless
 ``allow_unsafe`` is set. Each finding carries a severity, what is wrong and a fix.
-The seed's NaN (see :mod:`qformer_lora.numerics`) is finding ``adapters-fp16`` +
+The seed's NaN (see :mod:`qformer_lora.diagnostics.numerics`) is finding ``adapters-fp16`` +
 ``eps-underflow``.
 
 :func:`run_steps` / :func:`reproduce` are trial runs that show a finding happen: a few
@@ -123,7 +123,7 @@ def check_config(precision: str, *, lr: float, adam_eps: float, weight_decay: fl
 
 def check_model(model, optimizer=None) -> list[Finding]:
     """Findings from a built model and optimizer: the dtypes really in use."""
-    from . import compat
+    from .. import compat
 
     findings = []
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -153,7 +153,7 @@ def check_model(model, optimizer=None) -> list[Finding]:
 
 def examine(config, model=None, optimizer=None, device: str | torch.device = "cpu") -> list[Finding]:
     """All findings for a TrainConfig-like object (and the built model / optimizer when given)."""
-    from . import presets
+    from .. import presets
 
     if getattr(config, "base_checkpoint", None):
         import json
@@ -215,7 +215,8 @@ def run_steps(model, batches: list[dict], *, precision: str, steps: int, lr: flo
     ``optimizer``: an AdamW over the adapter parameters to use (tests inspect its state).
     Returns a JSON-ready trace (the Guard's events under "guard_events").
     """
-    from . import forward, train  # train imports this module (circular at import time)
+    from .. import forward  # train imports this module (circular at import time)
+    from ..training import train
 
     device = next(p for p in model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -280,7 +281,8 @@ def reproduce(preset: str, precision: str, *, steps: int = 4, device: str = "cpu
     """Build ``preset`` (random init) with ``train.build_adapter_model`` for ``precision`` directly
     on ``device``, and run :func:`run_steps` on synthetic batches: the CPU tests on tiny presets
     and tests/gpu/test_gpu_nan.py on full-size ones. Defaults: the seed's r=4, alpha=8."""
-    from . import run_config, synthetic, train  # train imports this module (circular at import time)
+    from .. import synthetic  # train imports this module (circular at import time)
+    from ..training import run_config, train
 
     config = run_config.TrainConfig(preset=preset, base_checkpoint=None, precision=precision, lora_r=r,
                                     lora_alpha=2 * r, lora_dropout=0.0, seed=seed)

@@ -13,7 +13,7 @@ import re
 import peft
 import torch
 
-from . import compat, forward, presets, synthetic
+from .. import compat, forward, presets, synthetic
 
 # None is PEFT's plain PeftModel; the others are the task wrappers users reach for.
 TASK_TYPES = ("SEQ_2_SEQ_LM", "CAUSAL_LM", "FEATURE_EXTRACTION", None)

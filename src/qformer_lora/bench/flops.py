@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import lora, synthetic
-from .forward import custom_forward
+from .. import lora, synthetic
+from ..forward import custom_forward
 
 # Dense (no sparsity) 16-bit tensor-core peaks from NVIDIA's datasheets, TFLOP/s. Matched
 # as substrings of torch.cuda.get_device_name(), first match wins (NVL/PCIe before SXM).

@@ -1,6 +1,6 @@
 """Peak memory against batch size: a linear fit, and the largest batch that fits a budget.
 
-Pure arithmetic on measured peaks (bench.py measures them): ``fit_linear`` fits
+Pure arithmetic on measured peaks (bench/measurement.py measures them): ``fit_linear`` fits
 ``peak = a + b * batch``, ``predict_max_batch`` inverts it for a budget, ``memory_model``
 does both for a sweep's results, ``find_limit`` searches the real limit with a probe
 (bench_sweep.validate_prediction supplies one that runs a step under a memory cap).

@@ -1,6 +1,6 @@
 """What the installed transformers / peft pair does, written to one JSON file per pair.
 
-``python -m qformer_lora.compat_probe --out reports/compat/<transformers>-<peft>.json``
+``python -m qformer_lora.repro.compat_probe --out reports/compat/<transformers>-<peft>.json``
 (the ``compat`` nox session runs it). Every section is observed, never assumed: an
 exception is recorded with its class and message instead of stopping the probe, so a
 pair that breaks the project still yields a report that says where. The tests pin the
@@ -78,7 +78,8 @@ def _loss_outcome(call) -> tuple[dict, float | None]:
 
 
 def probe_preset(name: str) -> dict:
-    from . import compat, forward, presets, probes, synthetic
+    from .. import compat, forward, presets, synthetic
+    from . import probes
 
     model = presets.build_model(name, seed=0)
     batch = synthetic.random_batch(model, seed=0)
@@ -103,7 +104,7 @@ def probe_preset(name: str) -> dict:
 
 
 def _lora_report(model, r: int = 8) -> dict:
-    from . import compat, lora
+    from .. import compat, lora
 
     spec = lora.LoraSpec(r=r, alpha=2 * r)
     peft_model = lora.apply_lora(model, spec)
@@ -118,7 +119,7 @@ def _lora_report(model, r: int = 8) -> dict:
 
 
 def probe_lora_counts() -> dict:
-    from . import compat, presets
+    from .. import compat, presets
 
     out = {name: _section(lambda n=name: _lora_report(presets.build_model(n, seed=0))) for name in TINY_PRESETS}
     full = presets.load_preset(FULL_PRESET)
@@ -139,7 +140,8 @@ def probe_lora_counts() -> dict:
 def _default_fp16_adapter_model(preset: str, r: int = 8):
     import peft
 
-    from . import compat, presets, probes
+    from .. import compat, presets
+    from . import probes
 
     model = presets.build_model(preset, dtype=torch.float16, seed=0)
     config = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=probes.SEED_TARGETS)
@@ -155,7 +157,7 @@ def probe_adapter_dtype() -> dict:
 
 def probe_nan_default(steps: int = 3, lr: float = 1e-4) -> dict:
     """The seed's recipe with every library default: does the loss go NaN after step 0?"""
-    from . import forward, lora, synthetic
+    from .. import forward, lora, synthetic
 
     model = _default_fp16_adapter_model(NAN_PRESET)
     params = lora.adapter_parameters(model)
@@ -180,7 +182,7 @@ def probe() -> dict:
     started = time.monotonic()
     result = {"schema": SCHEMA, "versions": installed_versions(), "command": " ".join(sys.argv)}
     try:
-        from . import compat
+        from .. import compat
     except Exception as err:  # noqa: BLE001 - a pair that cannot import the project is a result
         result["import"] = _error(err)
         return result
@@ -197,7 +199,7 @@ def probe() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qformer_lora.compat_probe", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m qformer_lora.repro.compat_probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="JSON file to write (replaced); default: stdout")
     args = parser.parse_args(argv)
     result = probe()

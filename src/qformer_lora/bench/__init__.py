@@ -1,0 +1,1 @@
+"""Benchmarks: one measured training step, sweeps over batch sizes, the memory model and reports."""

@@ -1,0 +1,1 @@
+"""Diagnostics: finite checks, the localiser, guard policies and the precision doctor."""

@@ -1,0 +1,1 @@
+"""The reproduction harness: probes of the installed releases, pinned expectations, `reproduce`."""
