@@ -42,7 +42,7 @@ def cpu_report(tmp_path_factory):
     points = [measurement.SweepPoint(TINY_IB, precision="fp32", validate_budget_gib=24),
               measurement.SweepPoint(TINY_IB, precision="fp32", forward="native")]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bench, "build", lambda point, device: builds.append(point) or real_build(point, device))
+        mp.setattr(measurement, "build", lambda point, device: builds.append(point) or real_build(point, device))
         report, paths = sweep.run_benchmark(points, (2, 1), device="cpu", shape=SHAPE, steps=3,
                                             report_dir=out_dir, progress=False)
     assert paths["json"].parent == out_dir and json.loads(paths["json"].read_text()) == json.loads(json.dumps(report))
@@ -59,7 +59,7 @@ def oom_from(batch_size: int, monkeypatch):
             raise torch.cuda.OutOfMemoryError(OOM_MESSAGE)
         return real_step(state)
 
-    monkeypatch.setattr(bench, "train_step", step)
+    monkeypatch.setattr(measurement, "train_step", step)
     return seen
 
 
@@ -122,7 +122,7 @@ def test_oom_is_recorded_and_the_sweep_goes_on(monkeypatch):
             raise torch.cuda.OutOfMemoryError(OOM_MESSAGE)
         return real_build(point, device)
 
-    monkeypatch.setattr(bench, "build", build)
+    monkeypatch.setattr(measurement, "build", build)
     points = [measurement.SweepPoint(TINY_IB, precision="fp32"), measurement.SweepPoint(TINY_IB, family="blip2"),
               measurement.SweepPoint(TINY_IB, precision="fp32", forward="native")]
     report = sweep.sweep(points, (1, 2, 3), device="cpu", shape=SHAPE, warmup=0, steps=1, progress=False)
@@ -139,7 +139,7 @@ def test_other_errors_are_not_swallowed(monkeypatch):
     def broken(state):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
-    monkeypatch.setattr(bench, "train_step", broken)
+    monkeypatch.setattr(measurement, "train_step", broken)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         measurement.measure(measurement.SweepPoint(TINY_IB, precision="fp32"), 1, "cpu", shape=SHAPE)
 
@@ -152,7 +152,7 @@ def test_a_failing_configuration_is_recorded_and_the_sweep_goes_on(monkeypatch):
             raise RuntimeError("fused kernel missing")
         return real_step(state)
 
-    monkeypatch.setattr(bench, "train_step", step)
+    monkeypatch.setattr(measurement, "train_step", step)
     points = [measurement.SweepPoint(TINY_IB, precision="fp32", fused_optimizer=True),
               measurement.SweepPoint(TINY_IB, precision="fp32")]
     report = sweep.sweep(points, (1, 2, 3), device="cpu", shape=SHAPE, warmup=0, steps=1, progress=False)

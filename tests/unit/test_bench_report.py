@@ -1,4 +1,4 @@
-"""bench_report on numbers: fabricated ones with the shape of a GPU report, and the committed
+"""bench.reporting on numbers: fabricated ones with the shape of a GPU report, and the committed
 GPU reports. Memory is only measured on CUDA, so the memory model, the seed table, the option
 ratios and MFU are checked here without running a model (tests/unit/test_bench.py runs the sweep).
 """

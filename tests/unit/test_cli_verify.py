@@ -92,7 +92,7 @@ def test_generate_and_export_check_their_own_arguments_before_loading_a_model(tm
     def load_trained(path):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(cli.infer, "load_trained", load_trained)
+    monkeypatch.setattr(cli.generate, "load_trained", load_trained)
     assert cli.main(["generate", "run"]) == 2
     assert "give --image and --question, or --manifest" in capsys.readouterr().err
     assert cli.main(["generate", "run", "--image", str(tmp_path / "nope.png"), "--question", "q?"]) == 2
@@ -105,7 +105,7 @@ def test_generate_and_export_check_their_own_arguments_before_loading_a_model(tm
 def test_bench_options_batch_runs_only_the_step_option_table(monkeypatch, tmp_path, capsys):
     # the GPU's option rows repeated with more steps; the sweep itself is tested in test_bench.py
     calls = []
-    monkeypatch.setattr(cli.bench_sweep, "run_benchmark",
+    monkeypatch.setattr(cli.sweep, "run_benchmark",
                         lambda points, *args, **kwargs: calls.append((points, kwargs)) or ({"paragraph": "p"}, {}))
     cli.main(["bench", "--device", "cpu", "--preset", "tiny-instructblip-flan-t5", "--options-batch", "4",
               "--steps", "7", "--out", str(tmp_path)])
