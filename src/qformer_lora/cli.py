@@ -149,7 +149,7 @@ def add_generate_parser(sub) -> None:
 
 def cmd_export(args) -> int:
     path = checkpoint.latest_checkpoint(args.checkpoint) or args.checkpoint
-    print(f"merged model written to {infer.export_merged(path, args.out)}")
+    print(f"merged model written to {generate.export_merged(path, args.out)}")
     return 0
 
 

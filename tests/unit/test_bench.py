@@ -339,7 +339,7 @@ def test_bench_report_rerenders_a_saved_report(cpu_report, tmp_path, capsys):
     saved = tmp_path / "saved.json"
     saved.write_text(json.dumps(report))
     assert reporting.main([str(saved), "--out", str(tmp_path / "out")]) == 0
-    assert (tmp_path / "out" / f"{bench_report.report_stem(report)}.md").read_text() == reporting.markdown(report)
+    assert (tmp_path / "out" / f"{reporting.report_stem(report)}.md").read_text() == reporting.markdown(report)
     (tmp_path / "broken.json").write_text("{}")
     with pytest.raises(SystemExit) as exit_info:
         reporting.main([str(tmp_path / "broken.json")])
