@@ -4,6 +4,7 @@ One private implementation (`_pytest`), thin public sessions. Versions are print
 before pytest runs so every log says what it tested.
 
     nox -s tests                      the default CPU suite (newest releases)
+    nox -s lint                       ruff check + ruff format --check
     nox -s stability                  pytest -m stability
     nox -s gpu_tests                  GPU tests in the machine's own environment (no venv)
     nox -s "compat(4.33.3-0.5.0)"     one transformers x peft pair (nox -l lists them all;
@@ -38,9 +39,8 @@ PRINT_VERSIONS = ("import sys, torch, transformers, peft; print('python', sys.ve
                   "torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, "
                   "'| cuda', torch.cuda.is_available())")
 
-# The interpreter the version matrix was verified with; elsewhere (CI) any 3.11.
-_PYENV_311 = Path("/root/.pyenv/versions/3.11.7/bin/python3")
-PY311 = str(_PYENV_311) if _PYENV_311.exists() else "3.11"
+# The version matrix's interpreter: any Python 3.11 on PATH (every pair installs there).
+PY311 = "3.11"
 
 # (transformers, peft, era-appropriate neighbours). Neighbours are pinned to releases of the
 # same months as the pair: numpy < 2 up to transformers 4.38 (compiled against numpy 1),
@@ -97,6 +97,14 @@ def stability(session: nox.Session) -> None:
     """Numerical-stability tests only (`pytest -m stability`)."""
     _install(session)
     _pytest(session, "-m", "stability")
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """ruff check + ruff format --check, with the ruff version pinned in pyproject.toml's lint extra."""
+    session.install(*nox.project.load_toml("pyproject.toml")["project"]["optional-dependencies"]["lint"])
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
 
 
 @nox.session(venv_backend="none")

@@ -54,7 +54,8 @@ sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 import make_shapes  # noqa: E402
 from qformer_lora import data, forward, presets  # noqa: E402
-from qformer_lora.training import train
+from qformer_lora.training import train, validation  # noqa: E402
+from qformer_lora.training.step import linear_warmup_decay  # noqa: E402
 
 PRESET = "tiny-instructblip-flan-t5"
 DEFAULT_OUT = REPO_ROOT / "fixtures" / "checkpoints" / "tiny-instructblip-flan-t5-shapes"
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
                                  max_answer_tokens=8)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
         steps_per_epoch = -(-len(corpus) // args.batch_size)
-        scheduler = train.linear_warmup_decay(optimizer, WARMUP_STEPS, steps_per_epoch * args.epochs)
+        scheduler = linear_warmup_decay(optimizer, WARMUP_STEPS, steps_per_epoch * args.epochs)
         for epoch in range(args.epochs):
             epoch_loss = 0.0
             for batch in train.make_loader(corpus, collator, args.batch_size, args.seed, epoch, shuffle=True):
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
 
     def evaluate(split: str) -> str:
         loader = train.make_loader(data.ShapesDataset(split), collator, 16, 0, 0, shuffle=False)
-        m = train.evaluate(model, loader, "fp32", torch.device("cpu"))
+        m = validation.evaluate(model, loader, "fp32", torch.device("cpu"))
         return f"{split} loss {m['val_loss']:.3f} accuracy {m['val_accuracy']:.3f}"
 
     print("pretrained full model:", evaluate("train"), "|", evaluate("val"))

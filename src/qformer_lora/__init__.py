@@ -1,3 +1,27 @@
-"""qformer-lora: LoRA on the Q-Former of InstructBLIP / BLIP-2, with the failures pinned."""
+"""qformer-lora: LoRA on the Q-Former of InstructBLIP / BLIP-2, with the failures pinned.
+
+The core is flat; each workflow is a subpackage. A module imports only its own layer and the
+layers above it in this list (tests/unit/test_layout.py keeps it so, and finds no cycles)::
+
+    core            what every workflow stands on
+      compat.py       the one place that knows how transformers / peft / torch releases differ
+      presets.py      preset JSON -> config -> model (build_model, load_model from a local checkpoint)
+      lora.py         LoRA confined to the Q-Former: target resolution, scope report, leak refusal
+      forward.py      the custom forward: vision encoder -> Q-Former -> language projection -> LM
+      precision.py    the one precision table: weights, adapters, autocast, grad scaler
+      data.py         JSONL manifests, images, processors, collation
+      checkpoint.py   adapter (PEFT format) + trainer state (safetensors + JSON), atomic
+      synthetic.py    random batches for tests, probes and benchmarks
+    diagnostics/    numerics.py (finite checks, localiser, guard policies), doctor.py (precision doctor)
+    training/       run_config.py (options), train.py (setup() and the loop), step.py (the one training
+                    step), validation.py, run_dir.py (log, resume checks), step_options.py,
+                    feature_cache.py, distributed.py (torchrun / DDP)
+    inference/      generate.py (load a trained adapter, answer, export a merged model)
+    bench/          measurement.py (one configuration through the training step), sweep.py,
+                    capacity.py (memory model), flops.py (MFU), device.py, reporting.py
+    repro/          reproduce.py (`qformer-lora reproduce`), trials.py (trial runs of the step),
+                    probes.py, compat_probe.py, expectations.py (per-release pinned values)
+    cli.py          argparse only; imports each workflow inside the command that runs it
+"""
 
 __version__ = "0.1.0"

@@ -1,4 +1,13 @@
-"""Command line: parses arguments and calls the modules; no logic of its own."""
+"""Command line: parses arguments and calls the workflows; no logic of its own.
+
+One vocabulary across subcommands: an option that means the same thing has the same flag,
+value style and default everywhere (``tests/unit/test_cli_vocabulary.py`` walks every parser).
+Options that are run-config fields (rank, alpha, targets, scope, precision, the step
+options, the optimizer's) are declared once, from ``training.run_config`` (type, default,
+help), by :func:`config_option`. Booleans take a value (``true``/``false``); a list to sweep
+over has a plural name (``bench --precisions bf16 fp32``). Workflows are imported inside
+the command that runs them, so ``train`` does not import the benchmark stack.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +17,11 @@ import sys
 
 import torch
 
-from . import checkpoint, compat, data, lora, presets
-from .bench import measurement, reporting, sweep
-from .diagnostics import numerics
-from .inference import generate
-from .training import distributed, run_config, train
+from . import checkpoint, data, lora, precision, presets
+from .diagnostics.numerics import NonFiniteError
+from .training import run_config, step_options
+
+AUTO = "auto"  # --device: cuda when available, else cpu
 
 
 def positive_int(value: str) -> int:
@@ -27,7 +36,9 @@ def positive_int(value: str) -> int:
 
 
 def device_name(value: str) -> str:
-    """argparse type: a torch device this machine has ('cuda' without one failed deep inside torch)."""
+    """argparse type: 'auto' or a torch device this machine has ('cuda' without one failed deep inside torch)."""
+    if value == AUTO:
+        return value
     try:
         device = torch.device(value)
     except RuntimeError as err:
@@ -37,26 +48,56 @@ def device_name(value: str) -> str:
     return value
 
 
-def _add_lora_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default=presets.DEFAULT_PRESET,
-                        help=f"architecture preset name or JSON path (default: {presets.DEFAULT_PRESET}; "
-                             f"shipped: {', '.join(presets.list_presets())})")
-    parser.add_argument("--scope", choices=sorted(lora.SCOPES), default="qformer",
-                        help="where LoRA may go: the Q-Former only (default) or Q-Former + language model")
-    parser.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
-    parser.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default 2*r)")
-    parser.add_argument("--targets", default=",".join(lora.DEFAULT_TARGETS),
-                        help="comma-separated layer names matched inside the Q-Former (default: %(default)s)")
+def resolve_device(value: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if value == AUTO else value
 
 
-def _spec(args) -> lora.LoraSpec:
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    return lora.LoraSpec(r=args.r, alpha=args.alpha if args.alpha is not None else 2 * args.r,
-                         targets=targets, scope=args.scope)
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", type=device_name, default=AUTO,
+                        help="auto (cuda when available, else cpu), cpu or cuda[:N] (default: auto)")
+
+
+# Fixed choices of run-config options, shown in --help and checked by the parser.
+CHOICES = {"precision": precision.NAMES, "scope": tuple(lora.SCOPES), "guard": run_config.GUARDS,
+           "feature_cache": step_options.FEATURE_CACHE_MODES}
+
+
+def _coercer(name: str, flag: str):
+    def parse(value: str):
+        try:
+            return run_config.coerce(name, value, flag)
+        except run_config.ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
+
+
+def config_option(parser: argparse.ArgumentParser, name: str, *, overrides: bool = False) -> None:
+    """``--<name>`` for run-config field ``name``: its type, default and help. ``overrides``: the
+    parser default is None so a TOML run config can supply the value (train); the help shows the
+    field's default either way."""
+    flag = f"--{name.replace('_', '-')}"
+    default = getattr(run_config.TrainConfig, name)
+    shown = ",".join(default) if isinstance(default, tuple) else str(default).lower() if isinstance(default, bool) \
+        else default
+    text = run_config.HELP[name]  # some say their default in words already
+    parser.add_argument(flag, dest=name, type=_coercer(name, flag), choices=CHOICES.get(name),
+                        default=None if overrides else default, metavar=None if name in CHOICES else "VALUE",
+                        help=text if "(default:" in text else f"{text} (default: {shown})")
+
+
+def lora_spec(args) -> lora.LoraSpec:
+    return lora.LoraSpec(r=args.lora_r, alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
+                         targets=tuple(args.targets), scope=args.scope)
+
+
+# ----------------------------------------------------------------------------- verify
 
 
 def cmd_verify(args) -> int:
-    spec = _spec(args)
+    from . import compat
+
+    spec = lora_spec(args)
     preset = presets.load_preset(args.preset)
     model = presets.build_model(preset, device="meta")
     report = {"preset": preset.name, "versions": compat.versions()} | lora.scope_report(
@@ -87,11 +128,68 @@ def format_scope_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def add_verify_parser(sub) -> None:
+    p = sub.add_parser("verify", help="build a preset on the meta device, apply LoRA, print the scope report",
+                       description="Build the preset without allocating memory (meta device), apply LoRA "
+                                   "within the chosen scope and print where the adapter went.")
+    p.add_argument("--preset", default=presets.DEFAULT_PRESET,
+                   help=f"architecture preset name or JSON path (default: {presets.DEFAULT_PRESET}, the model "
+                        f"the seed's counts are for; shipped: {', '.join(presets.list_presets())})")
+    for name in ("lora_r", "lora_alpha", "targets", "scope"):
+        config_option(p, name)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_verify)
+
+
+# ----------------------------------------------------------------------------- doctor
+
+
+def cmd_doctor(args) -> int:
+    """Print the precision doctor's findings; exit status 1 if any finding is fatal."""
+    from .diagnostics import doctor
+
+    config = run_config.TrainConfig(preset=args.preset, base_checkpoint=args.base_checkpoint,
+                                    precision=args.precision, lr=args.lr, adam_eps=args.adam_eps,
+                                    weight_decay=args.weight_decay)
+    device = resolve_device(args.device)
+    findings = doctor.examine(config, device=device)
+    fatal = sum(f.severity == doctor.FATAL for f in findings)
+    if args.json:
+        print(json.dumps({"preset": config.preset, "base_checkpoint": config.base_checkpoint,
+                          "precision": config.precision, "lr": config.lr,
+                          "adam_eps": config.adam_eps, "weight_decay": config.weight_decay, "device": device,
+                          "fatal": fatal, "findings": doctor.as_json(findings)}, indent=2))
+    else:
+        print(f"precision doctor: preset {config.preset}, precision {config.precision}, lr {config.lr:g}, "
+              f"eps {config.adam_eps:g}, weight decay {config.weight_decay:g}, device {device}")
+        for finding in findings:
+            print(finding)
+        print(f"{fatal} fatal, {len(findings) - fatal} warning(s)" if findings else "no findings")
+    return 1 if fatal else 0
+
+
+def add_doctor_parser(sub) -> None:
+    p = sub.add_parser("doctor", help="check a precision setting for known numerical failures",
+                       description="Flag dtype/optimizer combinations known to produce NaN/inf (fp16 "
+                                   "adapters, eps that rounds to 0, T5 in fp16, bf16 without hardware "
+                                   "support). Exit status 1 if any finding is fatal. The defaults are train's.")
+    for name in ("preset", "base_checkpoint", "precision", "lr", "adam_eps", "weight_decay"):
+        config_option(p, name)
+    add_device_option(p)
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    p.set_defaults(func=cmd_doctor)
+
+
+# ----------------------------------------------------------------------------- train, generate, export
+
+
 def cmd_train(args) -> int:
+    from .training import distributed, train
+
     overrides = {name: getattr(args, name) for name in run_config.TrainConfig.__dataclass_fields__
                  if getattr(args, name, None) is not None}
     config = run_config.load_run_config(args.config, overrides)
-    metrics = train.train(config, resume=args.resume)
+    metrics = train.train(config, resume=args.resume, device=None if args.device == AUTO else args.device)
     if distributed.is_main():  # under torchrun every process returns the same metrics: print them once
         print(json.dumps(metrics, indent=2))
     return 0
@@ -106,18 +204,15 @@ def add_train_parser(sub) -> None:
     p.add_argument("--config", help="TOML run config")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint directory, or the run's latest when no path is given")
-    defaults = run_config.TrainConfig()
-    for name, field in run_config.TrainConfig.__dataclass_fields__.items():
-        default = getattr(defaults, name)
-        shown = ",".join(default) if isinstance(default, tuple) else default
-        # strings are parsed by run_config.coerce, which names the option on a bad value
-        text = run_config.HELP[name]  # some say their default in words already
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar="VALUE",
-                       help=text if "(default:" in text else f"{text} (default: {shown})")
+    add_device_option(p)
+    for name in run_config.TrainConfig.__dataclass_fields__:
+        config_option(p, name, overrides=True)
     p.set_defaults(func=cmd_train)
 
 
 def cmd_generate(args) -> int:
+    from .inference import generate
+
     # the inputs first: a typo should not cost the minutes of loading a full-size model
     if args.manifest:
         samples = data.read_manifest(args.manifest, args.image_root)[: args.limit]
@@ -148,6 +243,8 @@ def add_generate_parser(sub) -> None:
 
 
 def cmd_export(args) -> int:
+    from .inference import generate
+
     path = checkpoint.latest_checkpoint(args.checkpoint) or args.checkpoint
     print(f"merged model written to {generate.export_merged(path, args.out)}")
     return 0
@@ -160,19 +257,34 @@ def add_export_parser(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
-def cmd_bench(args) -> int:
-    shape = measurement.SequenceShape(args.prompt_len, args.answer_len, args.instruction_len)
+# ----------------------------------------------------------------------------- bench
+
+
+def bench_points(args, measurement) -> list:
+    """The sweep's configurations from the bench flags."""
+    if args.feature_cache == "disk":
+        raise ValueError("--feature-cache disk: the benchmark measures the in-memory cache; use memory")
     if args.options_batch is not None:
-        points = measurement.options_grid(args.preset or measurement.FULL_INSTRUCTBLIP, args.options_batch)
-    elif args.preset is None:
-        points = measurement.default_points()
-    else:
-        points = measurement.grid(args.preset, scopes=args.scope, precisions=args.precision, forwards=args.forward,
+        return measurement.options_grid(args.preset or measurement.FULL_INSTRUCTBLIP, args.options_batch)
+    if args.preset is None:
+        return measurement.default_points()
+    return measurement.grid(args.preset, scopes=args.scopes, precisions=args.precisions, forwards=args.forwards,
                             lm_activation_checkpointing=args.lm_checkpointing, family=args.family,
-                            validate_budget_gib=args.validate_budget_gib, feature_cache=args.feature_cache,
-                            fused_optimizer=args.fused_optimizer, compile_qformer=args.compile_qformer,
+                            validate_budget_gib=args.validate_budget_gib, feature_cache=args.feature_cache == "memory",
+                            fused_optimizer=bool(args.fused_optimizer), compile_qformer=args.compile_qformer,
                             compile_frozen=args.compile_frozen)
-    report, paths = sweep.run_benchmark(points, tuple(args.batch_sizes), device=args.device, shape=shape,
+
+
+def cmd_bench(args) -> int:
+    from .bench import measurement, reporting, sweep
+
+    device = resolve_device(args.device)
+    if args.preset is None and torch.device(device).type == "cpu":
+        raise ValueError(f"--device {args.device}: the built-in grid builds full-size models (about 4B parameters "
+                         f"each) for a GPU; on a CPU pass --preset with a tiny preset (tiny-instructblip-flan-t5)")
+    points = bench_points(args, measurement)
+    shape = measurement.SequenceShape(args.prompt_len, args.answer_len, args.instruction_len)
+    report, paths = sweep.run_benchmark(points, tuple(args.batch_sizes), device=device, shape=shape,
                                         report_dir=args.out, steps=args.steps)
     print(report["paragraph"])
     reporting.print_paths(paths)
@@ -181,26 +293,28 @@ def cmd_bench(args) -> int:
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="peak memory and step time against batch size; writes JSON/Markdown/PNG reports",
-                       description="Train a few LoRA steps on a randomly initialised preset per configuration and "
-                                   "batch size, fit peak memory = a + b x batch, predict the max batch for 24/40/80 GiB "
-                                   "and write reports. Without --preset: the built-in GPU grid (full-size "
-                                   "InstructBLIP-FlanT5-XL and BLIP-2-FlanT5-XL, the seed's table).")
+                       description="Train a few LoRA steps (the trainer's own step) on a randomly initialised preset "
+                                   "per configuration and batch size, fit peak memory = a + b x batch, predict the "
+                                   "max batch for 24/40/80 GiB and write reports. Without --preset: the built-in GPU "
+                                   "grid (full-size InstructBLIP-FlanT5-XL and BLIP-2-FlanT5-XL, the seed's table).")
     p.add_argument("--preset", default=None, help="sweep one preset (default: the built-in grid)")
     p.add_argument("--family", choices=sorted(presets.FAMILIES), default=None,
                    help="build the preset's config as this family")
-    p.add_argument("--scope", nargs="+", choices=sorted(lora.SCOPES), default=["qformer"],
+    p.add_argument("--scopes", nargs="+", choices=sorted(lora.SCOPES), default=["qformer"],
                    help="LoRA scopes to sweep (default: qformer)")
-    p.add_argument("--precision", nargs="+", choices=sorted(measurement.PRECISIONS), default=["bf16"],
+    p.add_argument("--precisions", nargs="+", choices=precision.SAFE_NAMES, default=["bf16"],
                    help="precisions to sweep (default: bf16)")
-    p.add_argument("--forward", nargs="+", choices=measurement.FORWARDS, default=["custom"],
-                   help="custom forward or the library's own (through a plain PeftModel)")
-    p.add_argument("--lm-checkpointing", action="store_true", help="activation checkpointing in the language model")
-    p.add_argument("--feature-cache", action="store_true", help="vision features from a warm in-memory cache")
-    p.add_argument("--fused-optimizer", action="store_true", help="AdamW(fused=True) where available")
-    p.add_argument("--compile-qformer", action="store_true",
-                   help="torch.compile the Q-Former (static shapes; compiled at each batch size's warm-up step)")
-    p.add_argument("--compile-frozen", action="store_true",
-                   help="torch.compile each block of the frozen vision encoder and language model (as above)")
+    p.add_argument("--forwards", nargs="+", choices=("custom", "native"), default=["custom"],
+                   help="custom forward or the library's own (through a plain PeftModel) (default: custom)")
+    for name in ("lm_checkpointing", "feature_cache", "fused_optimizer", "compile_qformer", "compile_frozen"):
+        config_option(p, name)
+    _add_bench_sizes(p)
+    add_device_option(p)
+    p.add_argument("--out", default=None, help="report folder (default: $QFORMER_LORA_REPORT_DIR or reports/gpu)")
+    p.set_defaults(func=cmd_bench)
+
+
+def _add_bench_sizes(p: argparse.ArgumentParser) -> None:
     p.add_argument("--options-batch", type=positive_int, default=None, metavar="N",
                    help="only the step-option table at batch N (the GPU grid's is 64): the native forward and "
                         "each option of the grid on --preset (default: full-size InstructBLIP-FlanT5-XL); the "
@@ -216,9 +330,9 @@ def add_bench_parser(sub) -> None:
                    help="measured steps per point after one warm-up (default 3)")
     p.add_argument("--validate-budget-gib", type=float, default=None,
                    help="check the predicted max batch under this memory cap (CUDA only)")
-    p.add_argument("--device", type=device_name, default="cuda", help="cuda[:N] or cpu (default: cuda)")
-    p.add_argument("--out", default=None, help="report folder (default: $QFORMER_LORA_REPORT_DIR or reports/gpu)")
-    p.set_defaults(func=cmd_bench)
+
+
+# ----------------------------------------------------------------------------- reproduce
 
 
 def cmd_reproduce(args) -> int:
@@ -252,79 +366,19 @@ def add_reproduce_parser(sub) -> None:
     p.set_defaults(func=cmd_reproduce)
 
 
+# ----------------------------------------------------------------------------- entry point
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qformer-lora", description=(
         "LoRA on the Q-Former of InstructBLIP / BLIP-2, with the documented failures reproduced and guarded: "
         "train, generate, export, check a setting (doctor, verify), measure memory and speed (bench), "
         "replay every documented failure (reproduce)."))
     sub = parser.add_subparsers(dest="command", required=True)
-    verify = sub.add_parser("verify", help="build a preset on the meta device, apply LoRA, print the scope report",
-                            description="Build the preset without allocating memory (meta device), apply LoRA "
-                                        "within the chosen scope and print where the adapter went.")
-    _add_lora_options(verify)
-    verify.add_argument("--json", action="store_true", help="print the report as JSON")
-    verify.set_defaults(func=cmd_verify)
-    _add_doctor_parser(sub)
-    add_train_parser(sub)
-    add_generate_parser(sub)
-    add_export_parser(sub)
-    add_bench_parser(sub)
-    add_reproduce_parser(sub)
+    for add in (add_verify_parser, add_doctor_parser, add_train_parser, add_generate_parser, add_export_parser,
+                add_bench_parser, add_reproduce_parser):
+        add(sub)
     return parser
-
-
-# ----------------------------------------------------------------------------- doctor
-
-
-def cmd_doctor(args) -> int:
-    """Print the precision doctor's findings; exit status 1 if any finding is fatal."""
-    import torch
-
-    from .diagnostics import doctor
-
-    defaults = run_config.TrainConfig()
-    config = run_config.TrainConfig(
-        preset=args.preset, base_checkpoint=args.base_checkpoint, precision=args.precision,
-        lr=defaults.lr if args.lr is None else args.lr,
-        adam_eps=defaults.adam_eps if args.adam_eps is None else args.adam_eps,
-        weight_decay=defaults.weight_decay if args.weight_decay is None else args.weight_decay)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    findings = doctor.examine(config, device=device)
-    fatal = sum(f.severity == doctor.FATAL for f in findings)
-    if args.json:
-        print(json.dumps({"preset": config.preset, "base_checkpoint": config.base_checkpoint,
-                          "precision": config.precision, "lr": config.lr,
-                          "adam_eps": config.adam_eps, "weight_decay": config.weight_decay, "device": device,
-                          "fatal": fatal, "findings": doctor.as_json(findings)}, indent=2))
-    else:
-        print(f"precision doctor: preset {config.preset}, precision {config.precision}, lr {config.lr:g}, "
-              f"eps {config.adam_eps:g}, weight decay {config.weight_decay:g}, device {device}")
-        for finding in findings:
-            print(finding)
-        print(f"{fatal} fatal, {len(findings) - fatal} warning(s)" if findings else "no findings")
-    return 1 if fatal else 0
-
-
-def _add_doctor_parser(sub) -> None:
-    from .diagnostics import doctor
-
-    parser = sub.add_parser("doctor", help="check a precision setting for known numerical failures",
-                            description="Flag dtype/optimizer combinations known to produce NaN/inf (fp16 "
-                                        "adapters, eps that rounds to 0, T5 in fp16, bf16 without hardware "
-                                        "support). Exit status 1 if any finding is fatal.")
-    parser.add_argument("--preset", default="tiny-instructblip-flan-t5",
-                        help="architecture preset name or JSON path (default: %(default)s)")
-    parser.add_argument("--base-checkpoint", default=None,
-                        help="local checkpoint directory to check instead of --preset (its config.json)")
-    parser.add_argument("--precision", choices=list(doctor.PRECISION_DTYPES), default="fp32",
-                        help="training precision to check (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the training default)")
-    parser.add_argument("--adam-eps", type=float, default=None, help="AdamW epsilon (default: the training default)")
-    parser.add_argument("--weight-decay", type=float, default=None,
-                        help="AdamW weight decay (default: the training default)")
-    parser.add_argument("--device", type=device_name, default=None, help="cpu or cuda[:N] (default: cuda when available)")
-    parser.add_argument("--json", action="store_true", help="print the findings as JSON")
-    parser.set_defaults(func=cmd_doctor)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     # missing, is a file where a directory was named, cannot be written, or an image that
     # cannot be decoded (data.ImageLoadError is an OSError)
     except (presets.PresetError, lora.ScopeError, run_config.ConfigError, data.ManifestError,
-            checkpoint.CheckpointError, numerics.NonFiniteError, OSError, ValueError) as err:
+            checkpoint.CheckpointError, NonFiniteError, OSError, ValueError) as err:
         print(f"qformer-lora: error: {err}", file=sys.stderr)
         return 2
 

@@ -89,29 +89,7 @@ def read_manifest(path: str | Path, image_root: str | Path | None = None) -> lis
             continue  # blank lines (e.g. a trailing newline) carry no sample
         where = f"{path}:{line_no}"
 
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"{where}: malformed JSON: {exc.msg} (column {exc.colno})") from exc
-        if not isinstance(record, dict):
-            raise ManifestError(f"{where}: expected a JSON object, got {type(record).__name__}")
-
-        # Unknown keys are rejected rather than ignored: a typo such as
-        # "answers" would otherwise silently train on nothing.
-        for key in record:
-            if key not in REQUIRED_KEYS and key not in OPTIONAL_KEYS:
-                allowed = ", ".join(REQUIRED_KEYS + OPTIONAL_KEYS)
-                raise ManifestError(f"{where}: field '{key}': unknown key (allowed: {allowed})")
-        for key in REQUIRED_KEYS:
-            if key not in record:
-                raise ManifestError(f"{where}: field '{key}': missing required key")
-        for key in (*REQUIRED_KEYS, *(k for k in OPTIONAL_KEYS if k in record)):
-            value = record[key]
-            if not isinstance(value, str):
-                raise ManifestError(f"{where}: field '{key}': expected a string, got {type(value).__name__}")
-            if not value.strip():
-                raise ManifestError(f"{where}: field '{key}': must not be empty or whitespace")
-
+        record = _manifest_record(raw, where)
         image_path = _resolve_inside(root, root_resolved, record["image"], where)
 
         sample_id = record.get("id", f"{path.stem}:{line_no}")
@@ -126,6 +104,32 @@ def read_manifest(path: str | Path, image_root: str | Path | None = None) -> lis
     if not samples:
         raise ManifestError(f"{path}: manifest contains no samples")
     return samples
+
+
+def _manifest_record(raw: str, where: str) -> dict:
+    """One manifest line as a checked dict; ManifestError naming ``where`` (file:line) and the field."""
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{where}: malformed JSON: {exc.msg} (column {exc.colno})") from exc
+    if not isinstance(record, dict):
+        raise ManifestError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    # Unknown keys are rejected rather than ignored: a typo such as
+    # "answers" would otherwise silently train on nothing.
+    for key in record:
+        if key not in REQUIRED_KEYS and key not in OPTIONAL_KEYS:
+            allowed = ", ".join(REQUIRED_KEYS + OPTIONAL_KEYS)
+            raise ManifestError(f"{where}: field '{key}': unknown key (allowed: {allowed})")
+    for key in REQUIRED_KEYS:
+        if key not in record:
+            raise ManifestError(f"{where}: field '{key}': missing required key")
+    for key in (*REQUIRED_KEYS, *(k for k in OPTIONAL_KEYS if k in record)):
+        value = record[key]
+        if not isinstance(value, str):
+            raise ManifestError(f"{where}: field '{key}': expected a string, got {type(value).__name__}")
+        if not value.strip():
+            raise ManifestError(f"{where}: field '{key}': must not be empty or whitespace")
+    return record
 
 
 def _resolve_inside(root: Path, root_resolved: Path, rel: str, where: str) -> Path:

@@ -3,7 +3,7 @@
 fp16-pure: loss finite at step 0, non-finite at every later step (CUDA's default foreach
 AdamW computes in fp16, so eps=1e-8 is 0 and lora_A's first update is 0/0). fp16-amp and
 bf16 (fp32 adapters): finite for 20 steps. Same code path as the CPU stability test
-tests/stability/test_seed_nan.py::test_same_code_path_as_gpu_test (doctor.reproduce).
+tests/stability/test_seed_nan.py::test_same_code_path_as_gpu_test (trials.reproduce).
 Writes nan-<gpu>-<date>.json to $QFORMER_LORA_REPORT_DIR (default reports/gpu).
 """
 
@@ -21,7 +21,7 @@ import torch
 
 from qformer_lora import compat
 from qformer_lora.bench import reporting
-from qformer_lora.diagnostics import doctor
+from qformer_lora.repro import trials
 
 pytestmark = pytest.mark.gpu
 
@@ -37,7 +37,7 @@ def nan_report():
               "runs": {}}
     for precision, steps in RUNS.items():
         started = time.perf_counter()
-        trace = doctor.reproduce(PRESET, precision, steps=steps, device="cuda", batch_size=2, **SEED_SETTINGS)
+        trace = trials.reproduce(PRESET, precision, steps=steps, device="cuda", batch_size=2, **SEED_SETTINGS)
         trace["wall_s"] = round(time.perf_counter() - started, 1)
         report["runs"][precision] = trace
         gc.collect()

@@ -30,7 +30,7 @@ import warnings
 import torch
 
 from qformer_lora import compat, lora, presets, synthetic
-from qformer_lora.diagnostics import doctor
+from qformer_lora.repro import trials
 
 PRESET = "tiny-instructblip-flan-t5"
 SPEC = lora.LoraSpec(r=4, alpha=8, dropout=0.0)
@@ -51,7 +51,7 @@ def half_after_wrapping():
 def run(label: str, make) -> dict:
     model = make()
     batches = [synthetic.random_batch(model, batch_size=2, prompt_len=8, answer_len=4, seed=i) for i in range(2)]
-    trace = doctor.run_steps(model, batches, precision="fp16-pure", steps=3, lr=5e-6, max_grad_norm=0.1,
+    trace = trials.run_steps(model, batches, precision="fp16-pure", steps=3, lr=5e-6, max_grad_norm=0.1,
                              warmup_steps=50)
     return {"setup": label, "adapter_dtypes": trace["adapter_dtypes"], "losses": trace["losses"],
             "first_parameter": (trace["diagnosis"] or {}).get("first_parameter")}

@@ -1,5 +1,5 @@
 """Guard policies (raise | skip | rollback), the doctor's refusal, and GradScaler's own path,
-through doctor.run_steps and through the real entry point train.train on a tiny run."""
+through trials.run_steps and through the real entry point train.train on a tiny run."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import torch
 
 from qformer_lora import checkpoint, data, lora
 from qformer_lora.diagnostics import doctor, numerics
+from qformer_lora.repro import trials
 from qformer_lora.training import train
+from qformer_lora.training.step import linear_warmup_decay
 
 from .helpers import SEED_PRESET, adapter_model, batches
 
@@ -46,7 +48,7 @@ def test_skip_drops_a_transient_failure_and_goes_on():
     model = adapter_model("fp32")
     poison_after(model, calls=2, once=True)
     optimizer = torch.optim.AdamW(lora.adapter_parameters(model), lr=1e-3)
-    trace = doctor.run_steps(model, batches(model), precision="fp32", steps=4, guard="skip", optimizer=optimizer)
+    trace = trials.run_steps(model, batches(model), precision="fp32", steps=4, guard="skip", optimizer=optimizer)
     assert [e["action"] for e in trace["guard_events"]] == ["skip"], trace["guard_events"]
     assert trace["guard_events"][0]["diagnosis"]["first_module"] == POISONED
     assert trace["optimizer_steps"] == 3 and adamw_steps(optimizer) == {3}, (trace, adamw_steps(optimizer))
@@ -56,7 +58,7 @@ def test_skip_aborts_when_the_parameters_are_non_finite():
     """The seed's "skip the NaN batch" would skip forever: its parameters are NaN after step 0."""
     model = adapter_model("fp16-pure", r=4)
     with pytest.raises(numerics.NonFiniteError, match="guard=skip cannot continue") as caught:
-        doctor.run_steps(model, batches(model), precision="fp16-pure", steps=4, lr=5e-6, guard="skip")
+        trials.run_steps(model, batches(model), precision="fp16-pure", steps=4, lr=5e-6, guard="skip")
     diagnosis = caught.value.diagnosis
     assert (diagnosis.step, diagnosis.kind) == (1, "parameter") and "lora_A" in diagnosis.first_parameter, \
         diagnosis.message
@@ -66,7 +68,7 @@ def test_rollback_restores_the_last_finite_state_and_lowers_lr():
     model = adapter_model("fp32")
     poison_after(model, calls=2, once=True)
     optimizer = torch.optim.AdamW(lora.adapter_parameters(model), lr=1e-3)
-    trace = doctor.run_steps(model, batches(model), precision="fp32", steps=4, guard="rollback", optimizer=optimizer)
+    trace = trials.run_steps(model, batches(model), precision="fp32", steps=4, guard="rollback", optimizer=optimizer)
     events = trace["guard_events"]
     assert [e["action"] for e in events] == ["rollback"], events
     # updates of steps 0 and 1 were taken; step 2 failed, so the state before step 1's update
@@ -91,7 +93,7 @@ def test_rollback_gives_up_after_max_rollbacks():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(numerics.Guard, "_record", spy)
         with pytest.raises(numerics.NonFiniteError, match=r"gave up after 2 rollback\(s\)") as caught:
-            doctor.run_steps(model, batches(model), precision="fp16-pure", steps=10, lr=1e-4, guard="rollback",
+            trials.run_steps(model, batches(model), precision="fp16-pure", steps=10, lr=1e-4, guard="rollback",
                              max_rollbacks=2, optimizer=optimizer)
     assert [e["action"] for e in seen] == ["rollback", "rollback"], seen
     assert [e["step"] for e in seen] == [1, 3] and caught.value.diagnosis.step == 5, (seen, caught.value.diagnosis)
@@ -103,7 +105,7 @@ def test_fp16_amp_gradient_overflow_is_left_to_gradscaler():
     model = adapter_model("fp16-amp")
     name, param = next((n, p) for n, p in model.named_parameters() if "lora_B" in n)
     param.register_hook(lambda grad: grad * math.inf)  # every step: inf gradients, finite loss
-    trace = doctor.run_steps(model, batches(model), precision="fp16-amp", steps=3, guard="raise")
+    trace = trials.run_steps(model, batches(model), precision="fp16-amp", steps=3, guard="raise")
     assert trace["guard_events"] == [] and trace["scaler_skipped"] == 3 and trace["optimizer_steps"] == 0, trace
     assert all(trace["finite"]), trace["losses"]
 
@@ -117,9 +119,9 @@ def test_fp16_amp_still_catches_non_finite_parameters(monkeypatch):
             super().__init__(*args, **kwargs)
             param.data[0, 0] = math.nan
 
-    monkeypatch.setattr(doctor, "Guard", CorruptAfterScan)
+    monkeypatch.setattr(numerics, "Guard", CorruptAfterScan)
     with pytest.raises(numerics.NonFiniteError) as caught:
-        doctor.run_steps(model, batches(model), precision="fp16-amp", steps=2, guard="raise")
+        trials.run_steps(model, batches(model), precision="fp16-amp", steps=2, guard="raise")
     assert (caught.value.diagnosis.kind, caught.value.diagnosis.first_parameter) == ("parameter", name)
     assert "before the first step" not in str(caught.value)
 
@@ -130,7 +132,7 @@ def test_non_finite_weights_are_refused_before_the_first_step():
     param.data.view(-1)[0] = math.inf
     for policy in ("raise", "skip", "rollback"):
         with pytest.raises(numerics.NonFiniteError, match="before the first step") as caught:
-            doctor.run_steps(model, batches(model), precision="fp32", steps=1, guard=policy)
+            trials.run_steps(model, batches(model), precision="fp32", steps=1, guard=policy)
         assert caught.value.diagnosis.first_parameter == name, caught.value.diagnosis.message
 
 
@@ -173,7 +175,7 @@ def test_raise_leaves_the_last_checkpoint_intact(tiny_run, monkeypatch):
         return model, spec
 
     monkeypatch.setattr(train, "build_adapter_model", poisoned_build)
-    with pytest.raises(train.NonFiniteError) as caught:
+    with pytest.raises(numerics.NonFiniteError) as caught:
         train.train(tiny_run(), resume="latest", device="cpu")
     diagnosis = caught.value.diagnosis
     assert (diagnosis.kind, diagnosis.first_module, diagnosis.step) == ("loss", POISONED, 2), diagnosis.message
@@ -183,7 +185,7 @@ def test_raise_leaves_the_last_checkpoint_intact(tiny_run, monkeypatch):
     monkeypatch.undo()
     model, _ = train.build_adapter_model(config)
     optimizer = torch.optim.AdamW(lora.adapter_parameters(model), lr=config.lr)
-    scheduler = train.linear_warmup_decay(optimizer, 0, 6)
+    scheduler = linear_warmup_decay(optimizer, 0, 6)
     state = checkpoint.restore(saved, model=model, optimizer=optimizer, scheduler=scheduler, scaler=None)
     assert state["global_step"] == 2 and numerics.first_non_finite_parameter(model) is None
 
@@ -193,7 +195,7 @@ def test_train_refuses_fp16_pure_unless_allowed(tiny_run):
         train.train(tiny_run(precision="fp16-pure"), device="cpu")
     assert {"adapters-fp16", "eps-underflow"} <= {f.code for f in refused.value.findings}, str(refused.value)
     # allowed: the seed's failure through the real entry point, stopped at the first NaN
-    with pytest.raises(train.NonFiniteError) as caught:
+    with pytest.raises(numerics.NonFiniteError) as caught:
         train.train(tiny_run(precision="fp16-pure", allow_unsafe=True, lr=5e-6, max_grad_norm=0.1), device="cpu")
     diagnosis = caught.value.diagnosis
     assert (diagnosis.step, diagnosis.kind) == (1, "parameter") and "lora_A" in diagnosis.first_parameter, \
@@ -202,7 +204,7 @@ def test_train_refuses_fp16_pure_unless_allowed(tiny_run):
 
 def test_train_rollback_logs_and_gives_up(tiny_run):
     config = tiny_run(precision="fp16-pure", allow_unsafe=True, guard="rollback", max_rollbacks=2, batch_size=2)
-    with pytest.raises(train.NonFiniteError, match="gave up after 2"):
+    with pytest.raises(numerics.NonFiniteError, match="gave up after 2"):
         train.train(config, device="cpu")
     records = [line for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()
                if '"type": "guard"' in line]

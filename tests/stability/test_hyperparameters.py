@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qformer_lora.diagnostics import doctor
+from qformer_lora.repro import trials
 
 from .helpers import adapter_model, batches
 
@@ -25,7 +25,7 @@ hyperparameters = dict(
 @given(**hyperparameters)
 def test_fp16_pure_fails_whatever_the_hyperparameters(lr, r, max_grad_norm, warmup_steps):
     model = adapter_model("fp16-pure", r=r)
-    trace = doctor.run_steps(model, batches(model), precision="fp16-pure", steps=2, lr=lr,
+    trace = trials.run_steps(model, batches(model), precision="fp16-pure", steps=2, lr=lr,
                              max_grad_norm=max_grad_norm, warmup_steps=warmup_steps)
     assert trace["finite"] == [True, False], \
         f"lr={lr:g} r={r} clip={max_grad_norm} warmup={warmup_steps}: losses {trace['losses']}"
@@ -35,7 +35,7 @@ def test_fp16_pure_fails_whatever_the_hyperparameters(lr, r, max_grad_norm, warm
 @given(precision=st.sampled_from(["fp16-amp", "bf16", "fp32"]), **hyperparameters)
 def test_recommended_precisions_never_fail(precision, lr, r, max_grad_norm, warmup_steps):
     model = adapter_model(precision, r=r)
-    trace = doctor.run_steps(model, batches(model), precision=precision, steps=3, lr=lr,
+    trace = trials.run_steps(model, batches(model), precision=precision, steps=3, lr=lr,
                              max_grad_norm=max_grad_norm, warmup_steps=warmup_steps)
     assert all(trace["finite"]) and trace["diagnosis"] is None, \
         f"{precision} lr={lr:g} r={r} clip={max_grad_norm} warmup={warmup_steps}: losses {trace['losses']}"

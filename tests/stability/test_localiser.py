@@ -2,7 +2,7 @@
 
 Four hypothesis properties (210 generated cases) inject a non-finite value into the input
 pixels, a random module's output, a random gradient or a random parameter of one shared
-tiny model, run one guarded training step (doctor.run_steps, the train loop's pieces) under
+tiny model, run one guarded training step (trials.run_steps, the train loop's pieces) under
 a random guard policy, and check: detected every time the value reaches the loss or a
 gradient, the right module / parameter / gradient / sample named, no optimizer step on
 non-finite values. NaN always reaches them. +-inf can be absorbed legitimately: torch's
@@ -22,7 +22,8 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from qformer_lora import forward, lora
-from qformer_lora.diagnostics import doctor, numerics
+from qformer_lora.diagnostics import numerics
+from qformer_lora.repro import trials
 
 from .helpers import batches, shared_adapter_model
 
@@ -79,7 +80,7 @@ def run_guarded(model, batch, policy):
     saved = [p.detach().clone() for p in lora.adapter_parameters(model)]
     error = trace = None
     try:
-        trace = doctor.run_steps(model, [batch], precision="fp32", steps=1, guard=policy, optimizer=optimizer)
+        trace = trials.run_steps(model, [batch], precision="fp32", steps=1, guard=policy, optimizer=optimizer)
     except numerics.NonFiniteError as raised:
         error = raised
     try:
@@ -202,7 +203,7 @@ def test_parameter(index, where, value, policy):
 
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(doctor, "Guard", CorruptAfterScan)  # the Guard that run_steps builds
+            patch.setattr(numerics, "Guard", CorruptAfterScan)  # the Guard that the step builds
             error, trace, optimizer, still_bad = run_guarded(model, batch, policy)
     finally:
         flat[position] = original

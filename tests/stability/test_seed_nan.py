@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from qformer_lora import compat, forward, lora, presets
-from qformer_lora.diagnostics import doctor
+from qformer_lora.repro import trials
 
 from .helpers import SEED_PRESET, adapter_model, batches
 
@@ -29,7 +29,7 @@ def lora_named(model, kind: str):
 def test_seed_failure_reproduced_fp16_pure():
     """Regression: exactly the seed's symptom, and the localiser names lora_A as the first NaN."""
     model = adapter_model("fp16-pure", r=4)
-    trace = doctor.run_steps(model, batches(model), precision="fp16-pure", steps=4, **SEED_SETTINGS)
+    trace = trials.run_steps(model, batches(model), precision="fp16-pure", steps=4, **SEED_SETTINGS)
     assert trace["finite"] == [True, False, False, False], f"losses per step: {trace['losses']}"
     diagnosis = trace["diagnosis"]
     assert diagnosis["step"] == 1 and diagnosis["kind"] == "parameter", diagnosis["message"]
@@ -43,7 +43,7 @@ def test_seed_failure_reproduced_fp16_pure():
 @pytest.mark.parametrize("precision", ["fp16-amp", "bf16", "fp32"])
 def test_recommended_precisions_stay_finite(precision):
     model = adapter_model(precision, r=4)
-    trace = doctor.run_steps(model, batches(model), precision=precision, steps=4, **SEED_SETTINGS)
+    trace = trials.run_steps(model, batches(model), precision=precision, steps=4, **SEED_SETTINGS)
     assert all(trace["finite"]), f"{precision}: losses {trace['losses']}"
     assert trace["adapter_dtypes"] == ["float32"], trace["adapter_dtypes"]
 
@@ -96,7 +96,7 @@ def test_representable_eps_with_fp32_adapters_is_finite():
     model = adapter_model("fp16-pure", r=4)
     for param in lora.adapter_parameters(model):
         param.data = param.data.float()
-    trace = doctor.run_steps(model, batches(model), precision="fp16-pure", steps=3, **SEED_SETTINGS)
+    trace = trials.run_steps(model, batches(model), precision="fp16-pure", steps=3, **SEED_SETTINGS)
     assert all(trace["finite"]), f"fp16 base + fp32 adapters: losses {trace['losses']}"
 
 
@@ -108,7 +108,7 @@ def test_representable_eps_with_fp32_adapters_is_finite():
 def test_adamw_implementation(optimizer_kwargs, nan_expected):
     model = adapter_model("fp16-pure", r=4)
     optimizer = torch.optim.AdamW(lora.adapter_parameters(model), lr=5e-6, eps=1e-8, **optimizer_kwargs)
-    trace = doctor.run_steps(model, batches(model), precision="fp16-pure", steps=3, optimizer=optimizer,
+    trace = trials.run_steps(model, batches(model), precision="fp16-pure", steps=3, optimizer=optimizer,
                              **SEED_SETTINGS)
     assert (not all(trace["finite"])) == nan_expected, f"AdamW({optimizer_kwargs}): losses {trace['losses']}"
 
@@ -140,16 +140,16 @@ def test_peft_adapter_dtype_decides(how):
                 "base-dtype": torch.float16,
                 "half-after-wrapping": torch.float16}[how]
     assert dtypes == {expected}, f"{how} with peft {compat.PEFT}: adapter dtypes {dtypes}, expected {expected}"
-    trace = doctor.run_steps(model, batches(model), precision="fp16-pure", steps=3, **SEED_SETTINGS)
+    trace = trials.run_steps(model, batches(model), precision="fp16-pure", steps=3, **SEED_SETTINGS)
     assert trace["finite"][0], f"{how}: step-0 loss {trace['losses'][0]}"
     assert all(trace["finite"]) == (expected == torch.float32), \
         f"{how} ({expected} adapters): losses {trace['losses']}"
 
 
 def test_same_code_path_as_gpu_test():
-    """tests/gpu/test_gpu_nan.py runs doctor.reproduce on the full-size preset; here on the tiny one."""
-    broken = doctor.reproduce(SEED_PRESET, "fp16-pure", steps=3, **SEED_SETTINGS)
+    """tests/gpu/test_gpu_nan.py runs trials.reproduce on the full-size preset; here on the tiny one."""
+    broken = trials.reproduce(SEED_PRESET, "fp16-pure", steps=3, **SEED_SETTINGS)
     assert broken["finite"] == [True, False, False], broken["losses"]
     for precision in ("fp16-amp", "bf16"):
-        healthy = doctor.reproduce(SEED_PRESET, precision, steps=5, **SEED_SETTINGS)
+        healthy = trials.reproduce(SEED_PRESET, precision, steps=5, **SEED_SETTINGS)
         assert all(healthy["finite"]), f"{precision}: {healthy['losses']}"

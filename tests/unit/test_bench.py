@@ -51,7 +51,7 @@ def cpu_report(tmp_path_factory):
 
 def oom_from(batch_size: int, monkeypatch):
     """Make train_step raise the CUDA OOM error for batches >= ``batch_size``; returns the batches run."""
-    real_step, seen = measurement.train_step, []
+    real_step, seen = measurement.timed_step, []
 
     def step(state):
         seen.append(state.batch_size)
@@ -59,7 +59,7 @@ def oom_from(batch_size: int, monkeypatch):
             raise torch.cuda.OutOfMemoryError(OOM_MESSAGE)
         return real_step(state)
 
-    monkeypatch.setattr(measurement, "train_step", step)
+    monkeypatch.setattr(measurement, "timed_step", step)
     return seen
 
 
@@ -139,20 +139,20 @@ def test_other_errors_are_not_swallowed(monkeypatch):
     def broken(state):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
-    monkeypatch.setattr(measurement, "train_step", broken)
+    monkeypatch.setattr(measurement, "timed_step", broken)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         measurement.measure(measurement.SweepPoint(TINY_IB, precision="fp32"), 1, "cpu", shape=SHAPE)
 
 
 def test_a_failing_configuration_is_recorded_and_the_sweep_goes_on(monkeypatch):
-    real_step = measurement.train_step
+    real_step = measurement.timed_step
 
     def step(state):
         if state.point.fused_optimizer and state.batch_size >= 2:
             raise RuntimeError("fused kernel missing")
         return real_step(state)
 
-    monkeypatch.setattr(measurement, "train_step", step)
+    monkeypatch.setattr(measurement, "timed_step", step)
     points = [measurement.SweepPoint(TINY_IB, precision="fp32", fused_optimizer=True),
               measurement.SweepPoint(TINY_IB, precision="fp32")]
     report = sweep.sweep(points, (1, 2, 3), device="cpu", shape=SHAPE, warmup=0, steps=1, progress=False)
@@ -219,10 +219,10 @@ def test_fp16_amp_scales_the_loss_and_counts_skipped_steps():
     state = measurement.prepare_step(model, point, 2, "cpu", SHAPE)
     adapters = lora.adapter_parameters(model)
     before = [p.detach().clone() for p in adapters]
-    losses = [measurement.train_step(state) for _ in range(3)]
+    losses = [measurement.timed_step(state) for _ in range(3)]
     assert all(math.isfinite(x) for x in losses), losses
     # GradScaler halves its scale (initially 2**16) on every step it skips for inf/NaN gradients
-    assert state.scaler.get_scale() == 2.0 ** (16 - state.skipped_steps), (state.scaler.get_scale(), state.skipped_steps)
+    assert state.parts.scaler.get_scale() == 2.0 ** (16 - state.skipped_steps), (state.parts.scaler.get_scale(), state.skipped_steps)
     moved = any(not torch.equal(b, p) for b, p in zip(before, adapters))
     assert moved == (state.skipped_steps < 3), "adapters move exactly when a step was not skipped"
 

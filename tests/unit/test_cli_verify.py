@@ -21,7 +21,7 @@ def test_verify_json_on_the_default_preset_reports_the_seed_counts():
 
 
 def test_verify_text_report_and_errors(capsys):
-    assert cli.main(["verify", "--preset", "tiny-blip2-opt", "--r", "4"]) == 0
+    assert cli.main(["verify", "--preset", "tiny-blip2-opt", "--lora-r", "4"]) == 0
     out = capsys.readouterr().out
     assert "LoRA tensors:" in out and "qformer" in out and "language_model" in out
     assert cli.main(["verify", "--preset", "tiny-blip2-opt", "--targets", "query,nonsense"]) == 2
@@ -35,8 +35,9 @@ def test_verify_text_report_and_errors(capsys):
 import pytest  # noqa: E402
 
 from qformer_lora import data  # noqa: E402
-from qformer_lora.bench import measurement
-from qformer_lora.diagnostics import doctor
+from qformer_lora.bench import measurement, sweep  # noqa: E402
+from qformer_lora.diagnostics import doctor  # noqa: E402
+from qformer_lora.inference import generate  # noqa: E402
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -58,8 +59,12 @@ def test_bad_numbers_and_devices_are_refused_by_the_parser(argv, message, capsys
 def test_bench_on_a_machine_without_cuda_says_so(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit):
-        cli.main(["bench", "--preset", "tiny-instructblip-flan-t5", "--out", str(tmp_path)])  # --device: cuda
+        cli.main(["bench", "--device", "cuda", "--preset", "tiny-instructblip-flan-t5", "--out", str(tmp_path)])
     assert "argument --device: cuda: no CUDA device here" in capsys.readouterr().err
+    # the default (auto) resolves to the CPU here: the full-size grid is refused, naming what to do
+    assert cli.main(["bench", "--out", str(tmp_path)]) == 2
+    assert "the built-in grid builds full-size models" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "a refused run wrote reports"
 
 
 def test_a_non_finite_stop_is_a_diagnosis_not_a_traceback(tmp_path, capsys):
@@ -92,7 +97,7 @@ def test_generate_and_export_check_their_own_arguments_before_loading_a_model(tm
     def load_trained(path):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(cli.generate, "load_trained", load_trained)
+    monkeypatch.setattr(generate, "load_trained", load_trained)
     assert cli.main(["generate", "run"]) == 2
     assert "give --image and --question, or --manifest" in capsys.readouterr().err
     assert cli.main(["generate", "run", "--image", str(tmp_path / "nope.png"), "--question", "q?"]) == 2
@@ -105,7 +110,7 @@ def test_generate_and_export_check_their_own_arguments_before_loading_a_model(tm
 def test_bench_options_batch_runs_only_the_step_option_table(monkeypatch, tmp_path, capsys):
     # the GPU's option rows repeated with more steps; the sweep itself is tested in test_bench.py
     calls = []
-    monkeypatch.setattr(cli.sweep, "run_benchmark",
+    monkeypatch.setattr(sweep, "run_benchmark",
                         lambda points, *args, **kwargs: calls.append((points, kwargs)) or ({"paragraph": "p"}, {}))
     cli.main(["bench", "--device", "cpu", "--preset", "tiny-instructblip-flan-t5", "--options-batch", "4",
               "--steps", "7", "--out", str(tmp_path)])

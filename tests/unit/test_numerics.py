@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from qformer_lora import cli, compat, lora
+from qformer_lora import cli, compat, lora, precision
 from qformer_lora.diagnostics import doctor, numerics
 from qformer_lora.training import train
 
@@ -159,15 +159,16 @@ def test_doctor_check_model_sees_real_dtypes():
     assert "eps-underflow" not in codes(doctor.check_model(model, fused))
 
 
-@pytest.mark.parametrize("precision", list(doctor.PRECISION_DTYPES))
-def test_precision_table_matches_build_adapter_model(precision):
+@pytest.mark.parametrize("name", precision.NAMES)
+def test_precision_table_matches_build_adapter_model(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, _ = train.build_adapter_model(train.TrainConfig(base_checkpoint=None, precision=precision))
-    base_dtype, adapter_dtype, _ = doctor.PRECISION_DTYPES[precision]
+        model, _ = train.build_adapter_model(train.TrainConfig(base_checkpoint=None, precision=name))
+    row = precision.get(name)
+    base_dtype, adapter_dtype = row.weights, row.adapters
     assert {p.dtype for p in lora.adapter_parameters(model)} == {adapter_dtype}
     frozen = {p.dtype for n, p in model.named_parameters() if not p.requires_grad and "query_tokens" not in n}
-    assert frozen == {base_dtype}, (precision, frozen)
+    assert frozen == {base_dtype}, (name, frozen)
 
 
 def test_enforce_refuses_fatal_unless_allowed():

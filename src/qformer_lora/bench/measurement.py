@@ -2,7 +2,9 @@
 
 Read top to bottom: a configuration (:class:`SweepPoint`), the GPU grid of them
 (:func:`default_points`) -> one built model and one training step -> one measured batch
-size (:func:`measure`). Then bench/sweep.py (many configurations and batch sizes, the
+size (:func:`measure`). The step is the trainer's own (``training/step.py``: the same
+forward, loss normalisation, clipping, finite check and optimizer step as ``qformer-lora
+train``), so every speed figure is the trainer's. Then bench/sweep.py (many configurations and batch sizes, the
 memory model of bench/capacity.py checked under a real memory cap), and bench/reporting.py (the
 seed's table, the step-option ratios and report files). Models are random-initialised
 from presets (no downloads); on a CPU the memory fields are None and only times are measured.
@@ -10,7 +12,6 @@ from presets (no downloads); on a CPU the memory fields are None and only times 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import statistics
@@ -19,16 +20,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import compat, lora, presets, synthetic
-from ..training import step_options
+from .. import compat, forward, lora, precision, presets, synthetic
+from ..training import step_options, train
+from ..training.feature_cache import FeatureCache
+from ..training.run_config import TrainConfig
+from ..training.step import StepParts, linear_warmup_decay, make_step, training_step
 from .device import free_memory, is_oom, memory_stats
-from ..training.feature_cache import FeatureCache, attach_cached_features
-from ..forward import custom_forward
 
-# precision -> (weight dtype, autocast dtype). fp16 weights are not offered: fp16 training
-# needs fp32 master weights, which is what "fp16-amp" (fp32 weights + autocast) is.
-PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
-              "fp16-amp": (torch.float32, torch.float16)}
+# The precisions a benchmark runs (precision.py's table, less fp16-pure: it only reproduces a NaN).
+PRECISIONS = precision.SAFE_NAMES
 FORWARDS = ("custom", "native")
 FULL_INSTRUCTBLIP, FULL_BLIP2 = "instructblip-flan-t5-xl", "blip2-flan-t5-xl"
 # (row, preset, scope, what the seed reported on its card)
@@ -82,7 +82,7 @@ class SweepPoint:
     def build_key(self) -> tuple:
         # fp32 and fp16-amp share fp32 weights; forward, checkpointing, cache and optimizer are
         # switched per step, so all of these reuse one built model. Compiling changes the model.
-        return (self.preset, self.family, PRECISIONS[self.precision][0], self.scope, self.r, self.compile_qformer,
+        return (self.preset, self.family, precision.get(self.precision).weights, self.scope, self.r, self.compile_qformer,
                 self.compile_frozen)
 
 
@@ -164,31 +164,28 @@ def grid(preset: str, *, scopes=("qformer",), precisions=("bf16",), forwards=("c
     """Every combination for one preset, ordered so that points sharing a model are consecutive;
     the first point carries the validation request. ``step_options_on``: feature_cache,
     fused_optimizer, compile_qformer (custom forward only)."""
-    by_weights = sorted(precisions, key=lambda p: str(PRECISIONS[p][0]) if p in PRECISIONS else p)
-    points = [SweepPoint(preset, scope, precision, forward, lm_activation_checkpointing, family, **step_options_on)
-              for scope in scopes for precision in by_weights for forward in forwards]
+    by_weights = sorted(precisions, key=lambda p: str(precision.get(p).weights) if p in PRECISIONS else p)
+    points = [SweepPoint(preset, scope, name, how, lm_activation_checkpointing, family, **step_options_on)
+              for scope in scopes for name in by_weights for how in forwards]
     return [dataclasses.replace(points[0], validate_budget_gib=validate_budget_gib)] + points[1:]
 
 
 # ----------------------------------------------------------------------------- one step
 
 def build(point: SweepPoint, device: str | torch.device):
-    """The preset on ``device`` in the point's weight dtype, with LoRA (adapters fp32), in train mode."""
+    """The preset on ``device`` in the point's weight dtype, with LoRA, as training builds it (eval mode)."""
     preset = presets.load_preset(point.preset)
     if point.family:
         preset = dataclasses.replace(preset, family=point.family)
-    model = presets.build_model(preset, device=device, dtype=PRECISIONS[point.precision][0])
-    peft_model = lora.apply_lora(model, lora.LoraSpec(r=point.r, alpha=2 * point.r, scope=point.scope))
-    # bf16 adapters lose small updates; peft >= 0.12 upcasts them itself, older releases do not.
-    for param in lora.adapter_parameters(peft_model):
-        param.data = param.data.float()
-    peft_model.train()  # train mode: dropout masks count, and HF checkpointing only acts in training
+    model = presets.build_model(preset, device=device, dtype=precision.get(point.precision).weights)
+    peft_model = train.adapter_model(model, lora.LoraSpec(r=point.r, alpha=2 * point.r, scope=point.scope),
+                                     point.precision)
     choices = []
     if point.compile_qformer:
         # Compiled lazily, at the warm-up step of each batch size, with static shapes: on the
         # H200 run (torch 2.11) a batch-1 probe followed by batch 64 made dynamo recompile with
         # dynamic shapes and inductor failed (AssertionError), costing ~3 minutes. A failure at
-        # the warm-up step is recorded for that batch by the sweep (bench_sweep._measure_or_error).
+        # the warm-up step is recorded for that batch by the sweep (bench/sweep._measure_or_error).
         choices.append(step_options.maybe_compile(compat.unwrap(peft_model).qformer, True, dynamic=False)[1])
     if point.compile_frozen:  # the same, lazily, for each block of the frozen vision encoder and LM
         choices.append(step_options.compile_frozen_blocks(peft_model, True, dynamic=False))
@@ -200,15 +197,11 @@ def build(point: SweepPoint, device: str | torch.device):
 
 @dataclass
 class StepState:
-    model: object
+    """One configuration at one batch size, ready to step: the training step's pieces and its batch."""
     point: SweepPoint
     batch: dict
-    native_kwargs: dict | None
-    optimizer: torch.optim.Optimizer
-    scaler: object | None
-    device: torch.device
-    cache: FeatureCache | None = None
-    choices: tuple = ()             # step_options.Choice records: what was used, and why not what was asked
+    parts: StepParts
+    choices: tuple = ()     # step_options.Choice records: what was used, and why not what was asked
     skipped_steps: int = 0  # fp16-amp: optimizer steps GradScaler skipped for inf/NaN gradients
 
     @property
@@ -216,7 +209,22 @@ class StepState:
         return self.batch["input_ids"].shape[0]
 
 
+def _native_forward(model, batch: dict, precision_name: str, device: torch.device):
+    """The library's own forward through the plain PeftModel, as a summed token loss (the step divides by
+    the token count): the baseline. Its inputs are converted once, not per step."""
+    kwargs, tokens = compat.native_inputs(compat.unwrap(model), batch), forward.target_count(batch)
+
+    def run_forward(_batch):
+        with precision.autocast(precision_name, device):
+            out = model(**kwargs)
+        return forward.ForwardOutput(loss=out.loss * tokens, logits=out.logits, query_output=None,
+                                     language_model_inputs=None)
+    return run_forward
+
+
 def prepare_step(model, point: SweepPoint, batch_size: int, device, shape: SequenceShape) -> StepState:
+    """The training step's pieces for ``point`` at ``batch_size`` on one synthetic batch (train's defaults
+    for clipping and the guard; AdamW lr 1e-4, weight decay 0.01)."""
     device = torch.device(device)
     # step_options' wrapper also removes the input-embedding hook transformers leaves after disabling
     checkpointing = step_options.set_lm_checkpointing(model, point.lm_activation_checkpointing)
@@ -225,12 +233,12 @@ def prepare_step(model, point: SweepPoint, batch_size: int, device, shape: Seque
     params = lora.adapter_parameters(model)
     for param in params:  # a step cut short by OOM leaves gradients behind
         param.grad = None
-    native_kwargs = compat.native_inputs(compat.unwrap(model), batch) if point.forward == "native" else None
-    scaler = torch.amp.GradScaler(device.type) if point.precision == "fp16-amp" else None
     optimizer, choice = step_options.make_optimizer(params, lr=1e-4, weight_decay=0.01, fused=point.fused_optimizer)
-    cache = _feature_cache(model) if point.feature_cache else None  # filled by the warm-up step
-    return StepState(model, point, batch, native_kwargs, optimizer, scaler, device, cache,
-                     (checkpointing, choice, *getattr(model, "_bench_build_choices", ())))
+    native = _native_forward(model, batch, point.precision, device) if point.forward == "native" else None
+    parts = make_step(model, optimizer, linear_warmup_decay(optimizer, 0, 1 << 30), precision_name=point.precision,
+                      device=device, max_grad_norm=TrainConfig.max_grad_norm, run_forward=native,
+                      cache=_feature_cache(model) if point.feature_cache else None)  # filled by the warm-up step
+    return StepState(point, batch, parts, (checkpointing, choice, *getattr(model, "_bench_build_choices", ())))
 
 
 def _feature_cache(model) -> FeatureCache:
@@ -246,28 +254,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(state: StepState) -> float:
-    """Forward, backward, optimizer step, zero_grad; returns once the device has finished."""
-    autocast_dtype = PRECISIONS[state.point.precision][1]
-    autocast = (torch.autocast(state.device.type, dtype=autocast_dtype) if autocast_dtype
-                else contextlib.nullcontext())
-    with autocast:
-        if state.native_kwargs is not None:  # the library's own forward through the plain PeftModel
-            loss = state.model(**state.native_kwargs).loss
-        else:
-            loss = custom_forward(state.model, attach_cached_features(state.model, state.batch, state.cache)).loss
-    if state.scaler is not None:
-        scale = state.scaler.get_scale()
-        state.scaler.scale(loss).backward()
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-        state.skipped_steps += state.scaler.get_scale() < scale  # a skipped step halves the scale
-    else:
-        loss.backward()
-        state.optimizer.step()
-    state.optimizer.zero_grad(set_to_none=True)
-    synchronize(state.device)
-    return float(loss.detach())
+def timed_step(state: StepState) -> float:
+    """The training step (training/step.py) on the state's batch; returns its loss per answer token
+    once the device has finished."""
+    result = training_step(state.parts, [state.batch], 0)
+    state.skipped_steps += result.scaler_skipped
+    synchronize(state.parts.device)
+    return result.loss
 
 
 def measure(point: SweepPoint, batch_size: int, device="cuda", *, model=None, shape: SequenceShape = SequenceShape(),
@@ -286,16 +279,16 @@ def measure(point: SweepPoint, batch_size: int, device="cuda", *, model=None, sh
             model = build(point, device)
         state = prepare_step(model, point, batch_size, device, shape)
         for _ in range(warmup):
-            train_step(state)
+            timed_step(state)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times, loss, state.skipped_steps = [], math.nan, 0
         for _ in range(steps):
             start = time.perf_counter()
-            loss = train_step(state)
+            loss = timed_step(state)
             times.append(time.perf_counter() - start)
         memory = memory_stats(device)
-        skipped = state.skipped_steps if state.scaler is not None else None
+        skipped = state.skipped_steps if state.parts.scaler.is_enabled() else None
         choices = state.choices
     except RuntimeError as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
         if not is_oom(err):

@@ -20,10 +20,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .. import compat, lora, presets
-from . import expectations, probes
+from .. import checkpoint, compat, data, lora, presets
+from ..bench import measurement, sweep
+from ..training import train
+from ..training.run_config import TrainConfig
+from . import expectations, probes, trials
 
 REPORTS_DIR = presets.FIXTURES_DIR.parent / "reports"
 TINY_PRESETS = ("tiny-instructblip-flan-t5", "tiny-instructblip-vicuna", "tiny-blip2-flan-t5", "tiny-blip2-opt")
@@ -86,10 +90,8 @@ def item_lora_scope() -> dict:
 
 def item_nan() -> dict:
     """Seed issue 3: finite at step 0, NaN after, whatever the hyperparameters; root cause and fix."""
-    from ..diagnostics import doctor
-
-    failing = doctor.reproduce("tiny-instructblip-flan-t5", "fp16-pure", steps=4)
-    fixed = {p: doctor.reproduce("tiny-instructblip-flan-t5", p, steps=4) for p in ("fp16-amp", "bf16")}
+    failing = trials.reproduce("tiny-instructblip-flan-t5", "fp16-pure", steps=4)
+    fixed = {p: trials.reproduce("tiny-instructblip-flan-t5", p, steps=4) for p in ("fp16-amp", "bf16")}
     seed_pattern = failing["finite"][0] and not any(failing["finite"][1:])
     fix_holds = all(all(t["finite"]) for t in fixed.values())
     eps_in_fp16 = float(torch.tensor(1e-8, dtype=torch.float16))
@@ -105,20 +107,15 @@ def item_nan() -> dict:
 
 def item_checkpoints() -> dict:
     """Seed issue 5: save every 2 epochs and at the last; here also atomic writes and exact resume."""
-    from safetensors.torch import load_file
-
-    from .. import checkpoint, data
-    from ..training import train
-
     with tempfile.TemporaryDirectory() as tmp:
         # the random-init tiny preset, not the shipped base: cadence and resume do not need a
         # pretrained model, and a preset builds on every transformers release
         common = dict(epochs=4, save_every=2, keep_last=0, progress=False, train_manifest=str(_subset(tmp)),
                       image_root=str(data.SHAPES_DIR), base_checkpoint=None, preset="tiny-instructblip-flan-t5")
         straight, resumed = Path(tmp) / "straight", Path(tmp) / "resumed"
-        train.train(train.TrainConfig(output_dir=str(straight), **common))
-        train.train(train.TrainConfig(output_dir=str(resumed), stop_after_epochs=2, **common))
-        train.train(train.TrainConfig(output_dir=str(resumed), **common), resume="latest")
+        train.train(TrainConfig(output_dir=str(straight), **common))
+        train.train(TrainConfig(output_dir=str(resumed), stop_after_epochs=2, **common))
+        train.train(TrainConfig(output_dir=str(resumed), **common), resume="latest")
         saved = [p.name for p in checkpoint.list_checkpoints(straight)]
 
         def adapter(run):
@@ -134,7 +131,6 @@ def item_checkpoints() -> dict:
 
 def _subset(tmp: str, n: int = 48) -> Path:
     """The first n shapes training samples (keeps this item to seconds)."""
-    from .. import data
 
     lines = (data.SHAPES_DIR / "train.jsonl").read_text(encoding="utf-8").splitlines()[:n]
     path = Path(tmp) / "train-subset.jsonl"
@@ -145,8 +141,6 @@ def _subset(tmp: str, n: int = 48) -> Path:
 def item_memory() -> dict:
     """Seed issue 6: memory against batch size. Measured only on a GPU; otherwise the latest committed report."""
     if torch.cuda.is_available():
-        from ..bench import measurement, sweep
-
         report, paths = sweep.run_benchmark(measurement.default_points(), device="cuda", progress=False)
         return {"status": "reproduced", "fix_holds": True, "why": "measured now on this GPU",
                 "evidence": {"seed_table": report.get("seed_table"), "report": str(paths.get("json"))}}

@@ -182,7 +182,7 @@ def shard_loader(dataset, collator, batch_size: int, order) -> torch.utils.data.
 
 def sample_count(batch: dict) -> int:
     """Real samples in ``batch`` (padding rows of a shard not counted)."""
-    return len(batch["ids"]) - batch.get("padding", 0)
+    return batch["input_ids"].shape[0] - batch.get("padding", 0)  # synthetic batches carry no ids
 
 
 # ----------------------------------------------------------------------------- 4. totals over ranks

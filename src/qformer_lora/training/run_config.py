@@ -12,10 +12,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import data, lora, presets
+from .. import data, lora, precision, presets
 from . import step_options
 
-PRECISIONS = ("fp32", "bf16", "fp16-amp", "fp16-pure")
 # A random frozen language model cannot be steered by a Q-Former adapter, so the embedded
 # default starts from a tiny "pretrained" base (scripts/make_tiny_base.py explains how).
 TINY_BASE_CHECKPOINT = presets.FIXTURES_DIR / "checkpoints" / "tiny-instructblip-flan-t5-shapes"
@@ -43,7 +42,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"
     lora_r: int = 8
-    lora_alpha: int = 16
+    lora_alpha: int | None = None  # none: 2 x lora_r (resolved on construction)
     lora_dropout: float = 0.0
     targets: tuple[str, ...] = lora.DEFAULT_TARGETS
     scope: str = "qformer"
@@ -70,6 +69,10 @@ class TrainConfig:
     feature_cache: str = "off"
     feature_cache_dir: str | None = None
 
+    def __post_init__(self):
+        if self.lora_alpha is None:  # the same default as verify's and the reference recipe's: alpha = 2r
+            self.lora_alpha = 2 * self.lora_r
+
 
 HELP = {
     "preset": "architecture preset (fixtures/configs) used to build a randomly initialised base model",
@@ -91,7 +94,8 @@ HELP = {
     "max_grad_norm": "clip the adapter gradient norm to this value (none to disable)",
     "precision": "fp32 | bf16 | fp16-amp (autocast + GradScaler) | fp16-pure (everything fp16; "
                  "reproduces the seed's NaN, refused unless --allow-unsafe)",
-    "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout",
+    "lora_r": "LoRA rank r", "lora_alpha": "LoRA alpha (default: 2 x rank, as in Kim et al. 2024's Q-Former LoRA)",
+    "lora_dropout": "LoRA dropout",
     "targets": "comma-separated layer names matched inside the Q-Former",
     "scope": "qformer (default) or qformer+llm",
     "seed": "seed for model init, LoRA init and data order",
@@ -108,7 +112,7 @@ HELP = {
     "stop_after_epochs": "stop after this many epochs of the schedule, as if interrupted (for resume tests)",
     "progress": "show a progress bar",
     "allow_unsafe": "train even with a precision setting known to fail",
-    "lm_checkpointing": "activation checkpointing of the frozen language model (default true: under half the "
+    "lm_checkpointing": "activation checkpointing of the frozen language model (default: true; under half the "
                         "peak memory at batch 64 on InstructBLIP-FlanT5-XL, for one more LM forward per step; "
                         "same loss and gradients); false trades that memory for 1.2-1.5x the speed",
     "fused_optimizer": "AdamW implementation: true = fused (foreach with a warning where torch has no fused kernel "
@@ -196,7 +200,7 @@ def load_run_config(path: str | os.PathLike | None, overrides: dict | None = Non
     def refuse(name: str, why: str):
         raise ConfigError(f"{sources.get(name, 'default')}: option {name!r} is {getattr(config, name)!r}; {why}")
 
-    for name, allowed in (("precision", PRECISIONS), ("guard", GUARDS), ("scope", tuple(lora.SCOPES)),
+    for name, allowed in (("precision", precision.NAMES), ("guard", GUARDS), ("scope", tuple(lora.SCOPES)),
                           ("feature_cache", step_options.FEATURE_CACHE_MODES)):
         if getattr(config, name) not in allowed:
             refuse(name, f"expected one of {allowed}")

@@ -1,0 +1,102 @@
+"""One CLI vocabulary: walk every subcommand's parser and fail on a disagreement.
+
+An option that appears in two subcommands must have the same flag, the same value style
+(choices, number of values, a value rather than a bare switch) and the same default. Train's
+flags default to None so a TOML run config can supply values; their effective default is the
+run config's. Two options differ by purpose, named below with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import pytest
+
+from qformer_lora import cli
+from qformer_lora.training.run_config import TrainConfig
+
+# dest -> why its default may differ between subcommands
+DIFFERENT_DEFAULTS = {
+    "preset": "verify and bench default to the full-size model their figures are about; train and doctor to the "
+              "tiny model the embedded default run trains",
+    "out": "each subcommand writes its own kind of report (reproduce: reports/, bench: reports/gpu)",
+}
+SWITCHES = {"json"}  # output switches; every option that sets a value takes one (true/false)
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = cli.build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def options() -> dict[str, dict[str, argparse.Action]]:
+    return {name: {a.dest: a for a in p._actions if a.option_strings and a.dest != "help"}
+            for name, p in subcommands().items()}
+
+
+def effective_default(command: str, action: argparse.Action):
+    if command == "train" and action.dest in TrainConfig.__dataclass_fields__:
+        return getattr(TrainConfig, action.dest)  # the class default: lora_alpha None means 2 x rank
+    return action.default
+
+
+def shared() -> dict[str, dict[str, argparse.Action]]:
+    by_dest = defaultdict(dict)
+    for command, actions in options().items():
+        for dest, action in actions.items():
+            by_dest[dest][command] = action
+    return {dest: found for dest, found in by_dest.items() if len(found) > 1}
+
+
+def test_the_walk_sees_the_shared_vocabulary():
+    # rank, alpha, targets, scope, precision, device, checkpointing: each in more than one subcommand
+    assert {"lora_r", "lora_alpha", "targets", "scope", "precision", "device", "lm_checkpointing"} <= set(shared())
+    assert set(subcommands()) == {"verify", "doctor", "train", "generate", "export", "bench", "reproduce"}
+
+
+@pytest.mark.parametrize("dest", sorted(shared()))
+def test_a_shared_option_is_spelled_and_valued_alike(dest):
+    found = shared()[dest]
+    seen = {command: (tuple(a.option_strings), tuple(a.choices or ()), a.nargs, type(a).__name__)
+            for command, a in found.items()}
+    assert len(set(seen.values())) == 1, f"{dest}: flag, choices, nargs or kind differ: {seen}"
+    if dest not in DIFFERENT_DEFAULTS:
+        defaults = {command: effective_default(command, a) for command, a in found.items()}
+        assert len({repr(v) for v in defaults.values()}) == 1, f"{dest}: defaults differ: {defaults}"
+
+
+def test_a_flag_names_one_option_everywhere():
+    dests = defaultdict(set)
+    for actions in options().values():
+        for dest, action in actions.items():
+            for flag in action.option_strings:
+                dests[flag].add(dest)
+    assert {flag: d for flag, d in dests.items() if len(d) > 1} == {}
+
+
+def test_options_that_set_a_value_take_one():
+    # bench's --lm-checkpointing was a bare switch while train's took true/false
+    bare = [f"{command} {a.option_strings[0]}" for command, actions in options().items() for a in actions.values()
+            if a.nargs == 0 and a.dest not in SWITCHES]
+    assert bare == []
+
+
+def test_flags_parse_to_the_same_values_in_every_subcommand():
+    # the parse itself, not only the declarations: rank, alpha, targets, scope and booleans
+    verify = cli.build_parser().parse_args(["verify", "--lora-r", "4", "--targets", "query,value", "--scope",
+                                            "qformer+llm"])
+    train = cli.build_parser().parse_args(["train", "--lora-r", "4", "--targets", "query,value", "--scope",
+                                           "qformer+llm", "--lm-checkpointing", "false"])
+    bench = cli.build_parser().parse_args(["bench", "--lm-checkpointing", "false"])
+    assert (verify.lora_r, verify.targets, verify.scope) == (train.lora_r, train.targets, train.scope) == (
+        4, ("query", "value"), "qformer+llm")
+    assert train.lm_checkpointing is bench.lm_checkpointing is False
+    assert cli.lora_spec(verify).alpha == TrainConfig(lora_r=4).lora_alpha == 8  # alpha defaults to 2r everywhere
+
+
+def test_a_bad_value_names_its_flag(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench", "--lm-checkpointing", "maybe"])
+    assert "--lm-checkpointing" in capsys.readouterr().err
