@@ -35,9 +35,11 @@ nox.options.reuse_existing_virtualenvs = True
 # every later install so no dependency can move it.
 CPU_TORCH = "torch==2.13.0"
 PYTEST_ARGS = ("--strict-markers", "--strict-config", "-ra")
-PRINT_VERSIONS = ("import sys, torch, transformers, peft; print('python', sys.version.split()[0], '| torch', "
-                  "torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, "
-                  "'| cuda', torch.cuda.is_available())")
+PRINT_VERSIONS = (
+    "import sys, torch, transformers, peft; print('python', sys.version.split()[0], '| torch', "
+    "torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, "
+    "'| cuda', torch.cuda.is_available())"
+)
 
 # The version matrix's interpreter: any Python 3.11 on PATH (every pair installs there).
 PY311 = "3.11"
@@ -117,8 +119,18 @@ def gpu_tests(session: nox.Session) -> None:
     report_dir.mkdir(parents=True, exist_ok=True)
     session.env["PYTHONPATH"] = os.pathsep.join(filter(None, ["src", os.environ.get("PYTHONPATH")]))
     session.run(sys.executable, "-c", PRINT_VERSIONS)
-    session.run(sys.executable, "-m", "pytest", *PYTEST_ARGS, "-m", "gpu", "-p", "no:cacheprovider",
-                f"--benchmark-json={report_dir / 'benchmark.json'}", *session.posargs)
+    session.run(
+        sys.executable,
+        "-m",
+        "pytest",
+        *PYTEST_ARGS,
+        "-m",
+        "gpu",
+        "-p",
+        "no:cacheprovider",
+        f"--benchmark-json={report_dir / 'benchmark.json'}",
+        *session.posargs,
+    )
 
 
 # ----------------------------------------------------------------------------- version matrix
@@ -131,8 +143,9 @@ def _pip_install(session: nox.Session, log: Path, *args: str) -> str | None:
     """pip install ``args`` quietly into the session; None on success, else the tail of pip's output."""
     with log.open("w", encoding="utf-8") as out:
         try:
-            session.run("python", "-m", "pip", "install", "--progress-bar", "off", *args,
-                        stdout=out, stderr=subprocess.STDOUT)
+            session.run(
+                "python", "-m", "pip", "install", "--progress-bar", "off", *args, stdout=out, stderr=subprocess.STDOUT
+            )
             return None
         except nox.command.CommandFailed:
             pass
@@ -154,8 +167,13 @@ def _junit_summary(path: Path, exit_code: int | None) -> dict:
             node = case.find(kind)
             if node is not None:
                 message = (node.get("message") or "").strip().splitlines()
-                failed.append({"test": f"{case.get('classname')}::{case.get('name')}", "kind": kind,
-                               "message": message[0][:400] if message else ""})
+                failed.append(
+                    {
+                        "test": f"{case.get('classname')}::{case.get('name')}",
+                        "kind": kind,
+                        "message": message[0][:400] if message else "",
+                    }
+                )
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     return {"exit_code": exit_code, **counts, "failed": failed}
 
@@ -163,16 +181,25 @@ def _junit_summary(path: Path, exit_code: int | None) -> dict:
 def _pytest_exit_code(session: nox.Session, code_file: Path, *args: str) -> int:
     """Run pytest and return its exit code (0 ok, 1 failures, 5 nothing collected, ...) instead of
     stopping the session, so the pair's report can record the outcome before the session fails."""
-    session.run("python", "-c", "import pathlib, subprocess, sys; pathlib.Path(sys.argv[1]).write_text("
-                "str(subprocess.call([sys.executable, '-m', 'pytest', *sys.argv[2:]])))", str(code_file), *args)
+    session.run(
+        "python",
+        "-c",
+        "import pathlib, subprocess, sys; pathlib.Path(sys.argv[1]).write_text("
+        "str(subprocess.call([sys.executable, '-m', 'pytest', *sys.argv[2:]])))",
+        str(code_file),
+        *args,
+    )
     return int(code_file.read_text())
 
 
 @nox.session(python=PY311, tags=["compat"])
 @nox.parametrize(
     "transformers_version, peft_version, neighbours",
-    [nox.param(t, p, n, id=f"{t}-{p}", tags=["compat-edges"] if f"{t}-{p}" in EDGES else [])
-     for t, p, n in COMPAT_PAIRS])
+    [
+        nox.param(t, p, n, id=f"{t}-{p}", tags=["compat-edges"] if f"{t}-{p}" in EDGES else [])
+        for t, p, n in COMPAT_PAIRS
+    ],
+)
 def compat(session: nox.Session, transformers_version: str, peft_version: str, neighbours: tuple) -> None:
     """One transformers x peft pair: install it with its neighbours, probe it into
     reports/compat/<transformers>-<peft>.json, run the regression / stability / scope /
@@ -183,37 +210,69 @@ def compat(session: nox.Session, transformers_version: str, peft_version: str, n
     tmp = Path(session.create_tmp())
     # tiny CPU models: extra OpenMP threads only spin-wait against other jobs on small machines
     session.env["OMP_NUM_THREADS"] = "1"
-    requested = {"transformers": transformers_version, "peft": peft_version, "torch": CPU_TORCH,
-                 "neighbours": list(neighbours), "python": PY311}
+    requested = {
+        "transformers": transformers_version,
+        "peft": peft_version,
+        "torch": CPU_TORCH,
+        "neighbours": list(neighbours),
+        "python": PY311,
+    }
     steps = (
         ("torch", (CPU_TORCH,)),
-        ("pair", (CPU_TORCH, f"transformers=={transformers_version}", f"peft=={peft_version}", *neighbours,
-                  *PROJECT_DEPS, *TEST_DEPS)),
+        (
+            "pair",
+            (
+                CPU_TORCH,
+                f"transformers=={transformers_version}",
+                f"peft=={peft_version}",
+                *neighbours,
+                *PROJECT_DEPS,
+                *TEST_DEPS,
+            ),
+        ),
         ("project", ("--no-deps", "-e", ".")),
     )
     for step, args in steps:
         failure = _pip_install(session, tmp / f"pip-{step}.log", *args)
         if failure is not None:
-            _write_json(report, {"schema": 1, "requested": requested,
-                                 "install": {"status": "error", "step": step, "pip_output_tail": failure}})
-            session.error(f"compat {pair}: pip could not install the {step} step on Python {PY311} "
-                          f"(recorded in {report})")
+            _write_json(
+                report,
+                {
+                    "schema": 1,
+                    "requested": requested,
+                    "install": {"status": "error", "step": step, "pip_output_tail": failure},
+                },
+            )
+            session.error(
+                f"compat {pair}: pip could not install the {step} step on Python {PY311} (recorded in {report})"
+            )
     session.run("python", "-m", "pip", "freeze", "--exclude-editable", stdout=(tmp / "freeze.txt").open("w"))
     session.run("python", "-c", PRINT_VERSIONS)
     try:
         session.run("python", "-m", "qformer_lora.repro.compat_probe", "--out", str(report))
     except nox.command.CommandFailed:
-        _write_json(report, {"schema": 1, "requested": requested, "install": {"status": "ok"},
-                             "import": {"status": "error", "exception": "ProbeCrashed",
-                                        "message": "python -m qformer_lora.repro.compat_probe failed; see the session log"}})
+        _write_json(
+            report,
+            {
+                "schema": 1,
+                "requested": requested,
+                "install": {"status": "ok"},
+                "import": {
+                    "status": "error",
+                    "exception": "ProbeCrashed",
+                    "message": "python -m qformer_lora.repro.compat_probe failed; see the session log",
+                },
+            },
+        )
         session.error(f"compat {pair}: the probe could not run (recorded in {report})")
 
     tests = {}
     for name, args in COMPAT_RUNS.items():
         junit = tmp / f"junit-{name}.xml"
         junit.unlink(missing_ok=True)
-        code = _pytest_exit_code(session, tmp / f"exit-{name}", *PYTEST_ARGS, f"--junitxml={junit}", *args,
-                                 *session.posargs)
+        code = _pytest_exit_code(
+            session, tmp / f"exit-{name}", *PYTEST_ARGS, f"--junitxml={junit}", *args, *session.posargs
+        )
         tests[name] = _junit_summary(junit, code)
     data = json.loads(report.read_text(encoding="utf-8"))
     data["requested"] = requested
@@ -221,8 +280,9 @@ def compat(session: nox.Session, transformers_version: str, peft_version: str, n
     data["tests"] = tests
     data["session_seconds"] = round(time.monotonic() - started)  # install check + probe + tests
     # with QFORMER_LORA_RECORD=1 the expectation checks record instead of asserting
-    data["tests_mode"] = "record" if session.env.get("QFORMER_LORA_RECORD", os.environ.get(
-        "QFORMER_LORA_RECORD")) == "1" else "assert"
+    data["tests_mode"] = (
+        "record" if session.env.get("QFORMER_LORA_RECORD", os.environ.get("QFORMER_LORA_RECORD")) == "1" else "assert"
+    )
     _write_json(report, data)
 
     problems = []
@@ -231,15 +291,19 @@ def compat(session: nox.Session, transformers_version: str, peft_version: str, n
             problems.append(f"{name}: no tests collected")
         elif summary.get("exit_code") != 0 or summary.get("failures") or summary.get("errors"):
             shown = "; ".join(f["test"] for f in summary.get("failed", [])[:5]) or summary.get("error", "")
-            problems.append(f"{name}: exit {summary.get('exit_code')}, {summary.get('failures', '?')} failed, "
-                            f"{summary.get('errors', '?')} errors ({shown})")
+            problems.append(
+                f"{name}: exit {summary.get('exit_code')}, {summary.get('failures', '?')} failed, "
+                f"{summary.get('errors', '?')} errors ({shown})"
+            )
     if problems:
-        session.error(f"compat {pair} (transformers {transformers_version} / peft {peft_version}): "
-                      + " | ".join(problems))
+        session.error(
+            f"compat {pair} (transformers {transformers_version} / peft {peft_version}): " + " | ".join(problems)
+        )
 
 
 @nox.session(venv_backend="none")
 def compat_report(session: nox.Session) -> None:
     """reports/compat/*.json -> reports/COMPAT.md (stdlib only; no venv, no installs)."""
-    session.run(sys.executable, "scripts/compat_report.py", "--in", str(COMPAT_DIR), "--out", "reports/COMPAT.md",
-                external=True)
+    session.run(
+        sys.executable, "scripts/compat_report.py", "--in", str(COMPAT_DIR), "--out", "reports/COMPAT.md", external=True
+    )

@@ -19,8 +19,12 @@ import sys
 from pathlib import Path
 
 TASK_TYPES = ("SEQ_2_SEQ_LM", "CAUSAL_LM", "FEATURE_EXTRACTION", "None")
-PRESET_LABELS = {"tiny-instructblip-flan-t5": "IB-T5", "tiny-instructblip-vicuna": "IB-LLaMA",
-                 "tiny-blip2-flan-t5": "B2-T5", "tiny-blip2-opt": "B2-OPT"}
+PRESET_LABELS = {
+    "tiny-instructblip-flan-t5": "IB-T5",
+    "tiny-instructblip-vicuna": "IB-LLaMA",
+    "tiny-blip2-flan-t5": "B2-T5",
+    "tiny-blip2-opt": "B2-OPT",
+}
 FULL_PRESET = "instructblip-flan-t5-xl"
 
 
@@ -104,18 +108,22 @@ def boundaries(rows: list[dict], signature, describe) -> list[str]:
             continue
         sig = signature(row)
         if previous is not None and sig != previous[1]:
-            out.append(f"between {release(previous[0])} and **{release(row)}**: {describe(previous[1])} → "
-                       f"{describe(sig)}")
+            out.append(
+                f"between {release(previous[0])} and **{release(row)}**: {describe(previous[1])} → {describe(sig)}"
+            )
         previous = (row, sig)
     return out or ["no change across the releases run"]
 
 
 # ----------------------------------------------------------------------------- sections
 def section_pairs(rows: list[dict]) -> list[str]:
-    lines = ["## Pairs run", "",
-             "| transformers | peft | python | torch | accelerate | huggingface_hub | tokenizers | numpy | install | "
-             "tests passed / failed | probe / whole session |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Pairs run",
+        "",
+        "| transformers | peft | python | torch | accelerate | huggingface_hub | tokenizers | numpy | install | "
+        "tests passed / failed | probe / whole session |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for d in rows:
         v = d.get("versions") or {}
         install = d.get("install") or {}
@@ -129,28 +137,44 @@ def section_pairs(rows: list[dict]) -> list[str]:
         passed = sum(t.get("passed", 0) for t in tests.values())
         failed = sum(t.get("failures", 0) + t.get("errors", 0) for t in tests.values())
         empty = [n for n, t in tests.items() if not t.get("tests")]
-        test_text = f"{passed} / {failed}" + (f" (nothing collected: {', '.join(empty)})" if empty else "") \
-            if tests else "not run"
+        test_text = (
+            f"{passed} / {failed}" + (f" (nothing collected: {', '.join(empty)})" if empty else "")
+            if tests
+            else "not run"
+        )
         probe = f"{d['probe_seconds']} s" if "probe_seconds" in d else "—"
         if "session_seconds" in d:
             probe += f" / {d['session_seconds']} s"
-        lines.append(f"| {d['_t']} | {d['_p']} | {v.get('python', '—')} | {v.get('torch', '—')} | "
-                     f"{v.get('accelerate', '—')} | {v.get('huggingface-hub', '—')} | {v.get('tokenizers', '—')} | "
-                     f"{v.get('numpy', '—')} | {cell(status)} | {test_text} | {probe} |")
+        lines.append(
+            f"| {d['_t']} | {d['_p']} | {v.get('python', '—')} | {v.get('torch', '—')} | "
+            f"{v.get('accelerate', '—')} | {v.get('huggingface-hub', '—')} | {v.get('tokenizers', '—')} | "
+            f"{v.get('numpy', '—')} | {cell(status)} | {test_text} | {probe} |"
+        )
     failures = [d for d in rows if (d.get("install") or {}).get("status") != "ok"]
     for d in failures:
-        lines += ["", f"Install failure, transformers {release(d)} (pip's last lines):", "", "```",
-                  (d.get("install") or {}).get("pip_output_tail", "").strip(), "```"]
+        lines += [
+            "",
+            f"Install failure, transformers {release(d)} (pip's last lines):",
+            "",
+            "```",
+            (d.get("install") or {}).get("pip_output_tail", "").strip(),
+            "```",
+        ]
     return lines
 
 
 def section_kwarg_conflict(rows: list[dict]) -> list[str]:
     messages = Messages()
-    lines = ["## 1. The library's own forward through PEFT wrappers (the seed's kwarg conflict)", "",
-             "`get_peft_model(model, LoraConfig(target_modules=[query, key, value, dense], task_type=T))`, then "
-             "`peft_model(**native inputs)` on the tiny presets (IB = InstructBLIP, B2 = BLIP-2). The custom "
-             "forward ran through the same wrapper in every cell; where it did not succeed the cell says so.", "",
-             "| transformers / peft | " + " | ".join(TASK_TYPES) + " |", "|---|" + "---|" * len(TASK_TYPES)]
+    lines = [
+        "## 1. The library's own forward through PEFT wrappers (the seed's kwarg conflict)",
+        "",
+        "`get_peft_model(model, LoraConfig(target_modules=[query, key, value, dense], task_type=T))`, then "
+        "`peft_model(**native inputs)` on the tiny presets (IB = InstructBLIP, B2 = BLIP-2). The custom "
+        "forward ran through the same wrapper in every cell; where it did not succeed the cell says so.",
+        "",
+        "| transformers / peft | " + " | ".join(TASK_TYPES) + " |",
+        "|---|" + "---|" * len(TASK_TYPES),
+    ]
     for d in rows:
         if not usable(d):
             lines.append(f"| {release(d)} | " + " | ".join(["not run"] * len(TASK_TYPES)) + " |")
@@ -176,12 +200,16 @@ def _native(d: dict, key: str) -> dict:
 
 def section_convention(rows: list[dict]) -> list[str]:
     messages = Messages()
-    lines = ["## 2. Input convention of the library's own forward, and the custom forward beside it", "",
-             "`compat.native_convention`: *prepend* = the model prepends the query embeddings itself; "
-             "*placeholders* = `input_ids` must carry `num_query_tokens` image tokens. The native forward is "
-             "the unwrapped model called with `compat.native_inputs`; the difference is |custom − native| loss.",
-             "", "| transformers / peft | convention | native forward | custom forward | max loss difference |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "## 2. Input convention of the library's own forward, and the custom forward beside it",
+        "",
+        "`compat.native_convention`: *prepend* = the model prepends the query embeddings itself; "
+        "*placeholders* = `input_ids` must carry `num_query_tokens` image tokens. The native forward is "
+        "the unwrapped model called with `compat.native_inputs`; the difference is |custom − native| loss.",
+        "",
+        "| transformers / peft | convention | native forward | custom forward | max loss difference |",
+        "|---|---|---|---|---|",
+    ]
     for d in rows:
         if not usable(d):
             lines.append(f"| {release(d)} | not run | | | |")
@@ -190,20 +218,26 @@ def section_convention(rows: list[dict]) -> list[str]:
         native = grouped({k: messages.code(outcome_text(v)) for k, v in _native(d, "native_forward").items()})
         custom = grouped({k: messages.code(outcome_text(v)) for k, v in _native(d, "custom_forward").items()})
         diffs = [v for v in _native(d, "loss_difference").values() if v is not None]
-        lines.append(f"| {release(d)} | {conv} | {cell(native)} | {cell(custom)} | "
-                     f"{max(diffs):.2e} |" if diffs else f"| {release(d)} | {conv} | {cell(native)} | "
-                     f"{cell(custom)} | — |")
+        lines.append(
+            f"| {release(d)} | {conv} | {cell(native)} | {cell(custom)} | {max(diffs):.2e} |"
+            if diffs
+            else f"| {release(d)} | {conv} | {cell(native)} | {cell(custom)} | — |"
+        )
     if messages.codes:
         lines += ["", *messages.render()]
     return lines
 
 
 def section_counts(rows: list[dict]) -> list[str]:
-    lines = ["## 3. LoRA counts (r = 8, targets query/key/value/dense, Q-Former only)", "",
-             f"Full size: `{FULL_PRESET}` built on the meta device. Tiny: LoRA tensors / trainable / total.", "",
-             "| transformers / peft | full: LoRA tensors | full: trainable | full: total | full: base model | "
-             "share | count regime (T5) | " + " | ".join(PRESET_LABELS.values()) + " |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(PRESET_LABELS)]
+    lines = [
+        "## 3. LoRA counts (r = 8, targets query/key/value/dense, Q-Former only)",
+        "",
+        f"Full size: `{FULL_PRESET}` built on the meta device. Tiny: LoRA tensors / trainable / total.",
+        "",
+        "| transformers / peft | full: LoRA tensors | full: trainable | full: total | full: base model | "
+        "share | count regime (T5) | " + " | ".join(PRESET_LABELS.values()) + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(PRESET_LABELS),
+    ]
     for d in rows:
         counts = d.get("lora_counts") or {}
         if not usable(d) or "status" in counts:
@@ -213,23 +247,33 @@ def section_counts(rows: list[dict]) -> list[str]:
         tiny = []
         for preset in PRESET_LABELS:
             c = counts.get(preset) or {}
-            tiny.append(f"{c['lora_tensors']} / {c['trainable_parameters']:,} / {c['total_parameters']:,}"
-                        if "lora_tensors" in c else cell(outcome_text(c)))
+            tiny.append(
+                f"{c['lora_tensors']} / {c['trainable_parameters']:,} / {c['total_parameters']:,}"
+                if "lora_tensors" in c
+                else cell(outcome_text(c))
+            )
         if "lora_tensors" in full:
-            lines.append(f"| {release(d)} | {full['lora_tensors']} | {full['trainable_parameters']:,} | "
-                         f"{full['total_parameters']:,} | {full['base_parameters']:,} | {full['trainable_percent']} % | "
-                         f"{(counts.get('parameter_count_regime') or {}).get('t5', '—')} | " + " | ".join(tiny) + " |")
+            lines.append(
+                f"| {release(d)} | {full['lora_tensors']} | {full['trainable_parameters']:,} | "
+                f"{full['total_parameters']:,} | {full['base_parameters']:,} | {full['trainable_percent']} % | "
+                f"{(counts.get('parameter_count_regime') or {}).get('t5', '—')} | " + " | ".join(tiny) + " |"
+            )
         else:
             lines.append(f"| {release(d)} | {cell(outcome_text(full))} | | | | | | " + " | ".join(tiny) + " |")
     return lines
 
 
 def section_dtype_and_nan(rows: list[dict]) -> list[str]:
-    lines = ["## 4. Adapter dtype on an fp16 base, and the seed's NaN under default settings", "",
-             "`get_peft_model` with defaults on `presets.build_model(tiny-instructblip-flan-t5, dtype=float16)`; "
-             "then AdamW(lr=1e-4, eps=1e-8) over the adapter parameters, 3 steps of the custom forward on "
-             "`synthetic.random_batch` (per-step loss finite?).", "",
-             "| transformers / peft | adapter dtype | loss finite per step | losses |", "|---|---|---|---|"]
+    lines = [
+        "## 4. Adapter dtype on an fp16 base, and the seed's NaN under default settings",
+        "",
+        "`get_peft_model` with defaults on `presets.build_model(tiny-instructblip-flan-t5, dtype=float16)`; "
+        "then AdamW(lr=1e-4, eps=1e-8) over the adapter parameters, 3 steps of the custom forward on "
+        "`synthetic.random_batch` (per-step loss finite?).",
+        "",
+        "| transformers / peft | adapter dtype | loss finite per step | losses |",
+        "|---|---|---|---|",
+    ]
     for d in rows:
         if not usable(d):
             lines.append(f"| {release(d)} | not run | | |")
@@ -247,11 +291,15 @@ def section_dtype_and_nan(rows: list[dict]) -> list[str]:
 
 
 def section_tests(rows: list[dict]) -> list[str]:
-    lines = ["## 5. Test results per pair", "",
-             "`pytest -m \"regression or stability\"` and `pytest tests/unit/test_lora_scope.py "
-             "tests/unit/test_forward_equivalence.py` against the pair's rows in `fixtures/expectations/`, "
-             "and `pytest tests/unit/test_step_options.py -k \"not inductor\"` (step options; pairs "
-             "recorded before it was added lack that run).", ""]
+    lines = [
+        "## 5. Test results per pair",
+        "",
+        '`pytest -m "regression or stability"` and `pytest tests/unit/test_lora_scope.py '
+        "tests/unit/test_forward_equivalence.py` against the pair's rows in `fixtures/expectations/`, "
+        'and `pytest tests/unit/test_step_options.py -k "not inductor"` (step options; pairs '
+        "recorded before it was added lack that run).",
+        "",
+    ]
     for d in rows:
         tests = d.get("tests")
         if not tests:
@@ -261,8 +309,10 @@ def section_tests(rows: list[dict]) -> list[str]:
             if "tests" not in t:
                 parts.append(f"{name}: {t.get('error')} (exit {t.get('exit_code')})")
             else:
-                parts.append(f"{name}: {t['passed']} passed, {t['failures']} failed, {t['errors']} errors, "
-                             f"{t['skipped']} skipped (exit {t['exit_code']})")
+                parts.append(
+                    f"{name}: {t['passed']} passed, {t['failures']} failed, {t['errors']} errors, "
+                    f"{t['skipped']} skipped (exit {t['exit_code']})"
+                )
         mode = " (recording run: expectation checks recorded, not asserted)" if d.get("tests_mode") == "record" else ""
         lines.append(f"* **{release(d)}**{mode} — " + "; ".join(parts))
         for t in tests.values():
@@ -279,7 +329,8 @@ def section_boundaries(rows: list[dict]) -> list[str]:
                 o = o or {}
                 message = re.sub(r"\b\w+(ForConditionalGeneration|ForCausalLM)\b", "<Model>", o.get("message", ""))
                 out[(task, PRESET_LABELS.get(preset, preset))] = (
-                    "ok" if o.get("status") == "ok" else f"{o.get('exception')}: {message}")
+                    "ok" if o.get("status") == "ok" else f"{o.get('exception')}: {message}"
+                )
         return tuple(sorted(out.items()))
 
     def kwarg_describe(sig):
@@ -289,9 +340,11 @@ def section_boundaries(rows: list[dict]) -> list[str]:
         parts = []
         for value, tasks in by_outcome.items():
             order = sorted(tasks, key=lambda t: TASK_TYPES.index(t) if t in TASK_TYPES else len(TASK_TYPES))
-            where = ", ".join(("task_type=None" if t == "None" else t)
-                              + ("" if len(tasks[t]) == len(PRESET_LABELS) else f" ({', '.join(tasks[t])})")
-                              for t in order)
+            where = ", ".join(
+                ("task_type=None" if t == "None" else t)
+                + ("" if len(tasks[t]) == len(PRESET_LABELS) else f" ({', '.join(tasks[t])})")
+                for t in order
+            )
             parts.append(f"{where}: " + ("ok" if value == "ok" else f"`{value}`"))
         return "; ".join(parts) if parts else "not observed"
 
@@ -306,16 +359,21 @@ def section_boundaries(rows: list[dict]) -> list[str]:
 
     def count_sig(d):
         c = d.get("lora_counts") or {}
-        return ((c.get(FULL_PRESET) or {}).get("total_parameters"),
-                (c.get(FULL_PRESET) or {}).get("lora_tensors"),
-                (c.get(FULL_PRESET) or {}).get("trainable_parameters"),
-                tuple((c.get(p) or {}).get("total_parameters") for p in PRESET_LABELS))
+        return (
+            (c.get(FULL_PRESET) or {}).get("total_parameters"),
+            (c.get(FULL_PRESET) or {}).get("lora_tensors"),
+            (c.get(FULL_PRESET) or {}).get("trainable_parameters"),
+            tuple((c.get(p) or {}).get("total_parameters") for p in PRESET_LABELS),
+        )
 
     def count_describe(sig):
         total, tensors, trainable, tiny = sig
-        return (f"{FULL_PRESET} total {total:,} ({tensors} LoRA tensors, {trainable:,} trainable); tiny totals "
-                f"({', '.join(PRESET_LABELS.values())}) {', '.join(f'{t:,}' if t else '?' for t in tiny)}"
-                if total else "not counted")
+        return (
+            f"{FULL_PRESET} total {total:,} ({tensors} LoRA tensors, {trainable:,} trainable); tiny totals "
+            f"({', '.join(PRESET_LABELS.values())}) {', '.join(f'{t:,}' if t else '?' for t in tiny)}"
+            if total
+            else "not counted"
+        )
 
     def meta_sig(d):
         full = (d.get("lora_counts") or {}).get(FULL_PRESET) or {}
@@ -323,9 +381,11 @@ def section_boundaries(rows: list[dict]) -> list[str]:
         if constructed is None or "base_parameters" not in full:
             return "not observed"
         extra = constructed - full["base_parameters"]
-        return ("construction on meta ties embeddings as on a real device" if extra == 0 else
-                f"construction on meta leaves {extra:,} tied parameters untied (fixed by "
-                f"compat.finish_meta_model)")
+        return (
+            "construction on meta ties embeddings as on a real device"
+            if extra == 0
+            else f"construction on meta leaves {extra:,} tied parameters untied (fixed by compat.finish_meta_model)"
+        )
 
     def custom_sig(d):
         ok = all((p or {}).get("custom_forward", {}).get("status") == "ok" for p in (d.get("presets") or {}).values())
@@ -336,8 +396,11 @@ def section_boundaries(rows: list[dict]) -> list[str]:
         ("Kwarg conflict (library forward through PEFT task wrappers)", kwarg_sig, kwarg_describe),
         ("Native input convention", conv_sig, lambda s: " / ".join(s)),
         ("Adapter dtype on an fp16 base (default get_peft_model)", dtype_sig, lambda s: ", ".join(s)),
-        ("NaN under default settings (per-step loss finite)", nan_sig,
-         lambda s: " ".join("finite" if f else "NaN" for f in s) or "not observed"),
+        (
+            "NaN under default settings (per-step loss finite)",
+            nan_sig,
+            lambda s: " ".join("finite" if f else "NaN" for f in s) or "not observed",
+        ),
         ("LoRA / parameter counts", count_sig, count_describe),
         (f"{FULL_PRESET} built on the meta device", meta_sig, str),
         ("Custom forward", custom_sig, str),
@@ -352,14 +415,25 @@ def section_boundaries(rows: list[dict]) -> list[str]:
 
 
 def render(rows: list[dict]) -> str:
-    header = ["# Compatibility across transformers × peft releases", "",
-              "Generated by `nox -s compat_report` from `reports/compat/*.json`; each file is written by "
-              "`nox -s \"compat(<transformers>-<peft>)\"` (probe: `python -m qformer_lora.repro.compat_probe`). "
-              "Do not edit by hand. torch 2.13.0 (CPU) throughout; Python and the neighbours of each pair "
-              "are in the first table.", ""]
+    header = [
+        "# Compatibility across transformers × peft releases",
+        "",
+        "Generated by `nox -s compat_report` from `reports/compat/*.json`; each file is written by "
+        '`nox -s "compat(<transformers>-<peft>)"` (probe: `python -m qformer_lora.repro.compat_probe`). '
+        "Do not edit by hand. torch 2.13.0 (CPU) throughout; Python and the neighbours of each pair "
+        "are in the first table.",
+        "",
+    ]
     body = []
-    for section in (section_pairs, section_boundaries, section_kwarg_conflict, section_convention, section_counts,
-                    section_dtype_and_nan, section_tests):
+    for section in (
+        section_pairs,
+        section_boundaries,
+        section_kwarg_conflict,
+        section_convention,
+        section_counts,
+        section_dtype_and_nan,
+        section_tests,
+    ):
         body += section(rows) + [""]
     return "\n".join(header + body).rstrip() + "\n"
 

@@ -178,7 +178,12 @@ def generate(out: Path) -> None:
             image_rel = f"images/{split}_{i:03d}.png"
             (out / image_rel).write_bytes(encode_png(render(shapes)))
             for q, (instruction, answer) in enumerate(questions_for(rng, shapes)):
-                record = {"id": f"{split}-{i:03d}-{q}", "image": image_rel, "instruction": instruction, "answer": answer}
+                record = {
+                    "id": f"{split}-{i:03d}-{q}",
+                    "image": image_rel,
+                    "instruction": instruction,
+                    "answer": answer,
+                }
                 lines.append(json.dumps(record, ensure_ascii=True))
         (out / f"{split}.jsonl").write_bytes(("\n".join(lines) + "\n").encode("ascii"))
 

@@ -53,6 +53,7 @@ sys.path.insert(0, str(REPO_ROOT / "src"))
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 import make_shapes  # noqa: E402
+
 from qformer_lora import data, forward, presets  # noqa: E402
 from qformer_lora.training import train, validation  # noqa: E402
 from qformer_lora.training.step import linear_warmup_decay  # noqa: E402
@@ -83,15 +84,25 @@ def pretraining_manifest(out_dir: Path, n_images: int, seed: int) -> tuple[Path,
     Images are drawn like make_shapes.generate draws the fixture, from another seed; an
     image pixel-identical to a fixture train/val image is skipped and another drawn.
     """
-    fixture = {data.load_image(s.image_path).tobytes()
-               for split in ("train", "val") for s in data.read_manifest(data.SHAPES_DIR / f"{split}.jsonl")}
+    fixture = {
+        data.load_image(s.image_path).tobytes()
+        for split in ("train", "val")
+        for s in data.read_manifest(data.SHAPES_DIR / f"{split}.jsonl")
+    }
     rng = random.Random(PRETRAIN_SEED + seed)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     lines, skipped, i = [], 0, 0
     while i < n_images:
         cells = rng.sample(make_shapes.CELL_CENTRES, rng.choice((1, 2, 3)))
-        shapes = [(rng.choice(sorted(make_shapes.COLOURS)), rng.choice(make_shapes.SHAPES),
-                   cx + rng.randint(-1, 1), cy + rng.randint(-1, 1)) for cx, cy in cells]
+        shapes = [
+            (
+                rng.choice(sorted(make_shapes.COLOURS)),
+                rng.choice(make_shapes.SHAPES),
+                cx + rng.randint(-1, 1),
+                cy + rng.randint(-1, 1),
+            )
+            for cx, cy in cells
+        ]
         rows = make_shapes.render(shapes)
         if b"".join(bytes(row) for row in rows) in fixture:
             skipped += 1
@@ -99,8 +110,11 @@ def pretraining_manifest(out_dir: Path, n_images: int, seed: int) -> tuple[Path,
         image_rel = f"images/pretrain_{i:04d}.png"
         (out_dir / image_rel).write_bytes(make_shapes.encode_png(rows))
         for q, (instruction, answer) in enumerate(make_shapes.questions_for(rng, shapes)):
-            lines.append(json.dumps({"id": f"pretrain-{i:04d}-{q}", "image": image_rel,
-                                     "instruction": instruction, "answer": answer}))
+            lines.append(
+                json.dumps(
+                    {"id": f"pretrain-{i:04d}-{q}", "image": image_rel, "instruction": instruction, "answer": answer}
+                )
+            )
         i += 1
     manifest = out_dir / "pretrain.jsonl"
     manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -121,8 +135,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as corpus_dir:
         manifest, skipped = pretraining_manifest(Path(corpus_dir), args.images, args.seed)
         corpus = data.ManifestDataset(data.read_manifest(manifest))
-        print(f"pretraining corpus: {args.images} images, {len(corpus)} questions "
-              f"({skipped} draws skipped as identical to a fixture image)")
+        print(
+            f"pretraining corpus: {args.images} images, {len(corpus)} questions "
+            f"({skipped} draws skipped as identical to a fixture image)"
+        )
 
         torch.manual_seed(args.seed)
         torch.use_deterministic_algorithms(True)
@@ -135,8 +151,9 @@ def main(argv=None) -> int:
         model.requires_grad_(True)
         model.eval()  # no dropout, as in the LoRA runs
         processor = data.build_processor("instructblip", image_size=model.config.vision_config.image_size)
-        collator = data.Collator(processor, "instructblip", decoder_only=False, max_prompt_tokens=32,
-                                 max_answer_tokens=8)
+        collator = data.Collator(
+            processor, "instructblip", decoder_only=False, max_prompt_tokens=32, max_answer_tokens=8
+        )
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
         steps_per_epoch = -(-len(corpus) // args.batch_size)
         scheduler = linear_warmup_decay(optimizer, WARMUP_STEPS, steps_per_epoch * args.epochs)

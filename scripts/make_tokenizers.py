@@ -215,7 +215,13 @@ def generate(out: Path, shapes_dir: Path) -> None:
     save(
         qf,
         out / "qformer",
-        {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"},
+        {
+            "pad_token": "[PAD]",
+            "unk_token": "[UNK]",
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "mask_token": "[MASK]",
+        },
     )
     (out / "README.md").write_text(readme(lm, qf), encoding="utf-8")
 
@@ -223,12 +229,15 @@ def generate(out: Path, shapes_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)")
-    parser.add_argument("--shapes", type=Path, default=DEFAULT_SHAPES, help="shapes fixture whose manifests form the corpus")
+    parser.add_argument(
+        "--shapes", type=Path, default=DEFAULT_SHAPES, help="shapes fixture whose manifests form the corpus"
+    )
     parser.add_argument("--check", action="store_true", help="regenerate to a temp dir and compare with --out")
     args = parser.parse_args(argv)
 
-    return write_or_check("make_tokenizers", lambda out: generate(out, args.shapes), args.out, args.check,
-                          what="tokenizers")
+    return write_or_check(
+        "make_tokenizers", lambda out: generate(out, args.shapes), args.out, args.check, what="tokenizers"
+    )
 
 
 if __name__ == "__main__":

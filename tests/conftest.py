@@ -15,15 +15,14 @@ from qformer_lora import presets
 torch.set_num_threads(1)
 
 # Tiny CPU models are fast but not microsecond-fast; a deadline would only add flakes.
-settings.register_profile("default", deadline=None, print_blob=True,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("default", deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("default")
 
 TINY_PRESETS = ("tiny-instructblip-flan-t5", "tiny-instructblip-vicuna", "tiny-blip2-flan-t5", "tiny-blip2-opt")
 FULL_PRESETS = ("instructblip-flan-t5-xl", "instructblip-vicuna-7b", "blip2-flan-t5-xl", "blip2-opt-2.7b")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_model(name: str, seed: int = 0):
     """A tiny fp32 CPU model; shared read-only across tests (do not train or wrap it)."""
     return presets.build_model(name, seed=seed)
@@ -51,10 +50,13 @@ def check_against_release(table: str, key: str, observed, rel_tol: float | None 
         import math
 
         assert len(observed) == len(row[key]) and all(
-            math.isclose(o, p, rel_tol=rel_tol) for o, p in zip(observed, row[key])), (
+            math.isclose(o, p, rel_tol=rel_tol) for o, p in zip(observed, row[key])
+        ), (
             f"{table}[{key!r}] moved beyond rel_tol={rel_tol} for {expectations.release_key()}:\n"
-            f"  pinned:   {row[key]!r}\n  observed: {observed!r}")
+            f"  pinned:   {row[key]!r}\n  observed: {observed!r}"
+        )
         return
     assert observed == row[key], (
         f"{table}[{key!r}] changed for {expectations.release_key()}:\n"
-        f"  pinned:   {row[key]!r}\n  observed: {observed!r}")
+        f"  pinned:   {row[key]!r}\n  observed: {observed!r}"
+    )

@@ -96,8 +96,19 @@ def _tupled(value):
     return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
 
 
-def save(run_dir, epoch: int, *, model, optimizer, scheduler, scaler, global_step: int,
-         config: dict, keep_last: int | None = None, metrics: dict | None = None) -> Path:
+def save(
+    run_dir,
+    epoch: int,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    global_step: int,
+    config: dict,
+    keep_last: int | None = None,
+    metrics: dict | None = None,
+) -> Path:
     """Write checkpoint ``epoch`` atomically; then prune to the ``keep_last`` newest."""
     final = checkpoint_dir(run_dir, epoch)
     final.parent.mkdir(parents=True, exist_ok=True)

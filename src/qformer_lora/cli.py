@@ -53,13 +53,21 @@ def resolve_device(value: str) -> str:
 
 
 def add_device_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", type=device_name, default=AUTO,
-                        help="auto (cuda when available, else cpu), cpu or cuda[:N] (default: auto)")
+    parser.add_argument(
+        "--device",
+        type=device_name,
+        default=AUTO,
+        help="auto (cuda when available, else cpu), cpu or cuda[:N] (default: auto)",
+    )
 
 
 # Fixed choices of run-config options, shown in --help and checked by the parser.
-CHOICES = {"precision": precision.NAMES, "scope": tuple(lora.SCOPES), "guard": run_config.GUARDS,
-           "feature_cache": step_options.FEATURE_CACHE_MODES}
+CHOICES = {
+    "precision": precision.NAMES,
+    "scope": tuple(lora.SCOPES),
+    "guard": run_config.GUARDS,
+    "feature_cache": step_options.FEATURE_CACHE_MODES,
+}
 
 
 def _coercer(name: str, flag: str):
@@ -68,6 +76,7 @@ def _coercer(name: str, flag: str):
             return run_config.coerce(name, value, flag)
         except run_config.ConfigError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
+
     parse.__name__ = name  # argparse names the type in some messages
     return parse
 
@@ -78,17 +87,32 @@ def config_option(parser: argparse.ArgumentParser, name: str, *, overrides: bool
     field's default either way."""
     flag = f"--{name.replace('_', '-')}"
     default = getattr(run_config.TrainConfig, name)
-    shown = ",".join(default) if isinstance(default, tuple) else str(default).lower() if isinstance(default, bool) \
+    shown = (
+        ",".join(default)
+        if isinstance(default, tuple)
+        else str(default).lower()
+        if isinstance(default, bool)
         else default
+    )
     text = run_config.HELP[name]  # some say their default in words already
-    parser.add_argument(flag, dest=name, type=_coercer(name, flag), choices=CHOICES.get(name),
-                        default=None if overrides else default, metavar=None if name in CHOICES else "VALUE",
-                        help=text if "(default:" in text else f"{text} (default: {shown})")
+    parser.add_argument(
+        flag,
+        dest=name,
+        type=_coercer(name, flag),
+        choices=CHOICES.get(name),
+        default=None if overrides else default,
+        metavar=None if name in CHOICES else "VALUE",
+        help=text if "(default:" in text else f"{text} (default: {shown})",
+    )
 
 
 def lora_spec(args) -> lora.LoraSpec:
-    return lora.LoraSpec(r=args.lora_r, alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
-                         targets=tuple(args.targets), scope=args.scope)
+    return lora.LoraSpec(
+        r=args.lora_r,
+        alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
+        targets=tuple(args.targets),
+        scope=args.scope,
+    )
 
 
 # ----------------------------------------------------------------------------- verify
@@ -101,7 +125,8 @@ def cmd_verify(args) -> int:
     preset = presets.load_preset(args.preset)
     model = presets.build_model(preset, device="meta")
     report = {"preset": preset.name, "versions": compat.versions()} | lora.scope_report(
-        lora.apply_lora(model, spec), spec)
+        lora.apply_lora(model, spec), spec
+    )
     print(json.dumps(report, indent=2) if args.json else format_scope_report(report))
     return 0
 
@@ -123,18 +148,26 @@ def format_scope_report(report: dict) -> str:
         lines.append(f"{name:<22}{c['parameters']:>16,}{c['trainable']:>14,}{c['lora_tensors']:>14,}")
     leaks = report["bare_name_matches_outside_qformer"]
     lines.append("")
-    lines.append(f"bare target names would also match outside the Q-Former: {len(leaks)} layer(s)"
-                 + (f", e.g. {', '.join(leaks[:3])}" if leaks else ""))
+    lines.append(
+        f"bare target names would also match outside the Q-Former: {len(leaks)} layer(s)"
+        + (f", e.g. {', '.join(leaks[:3])}" if leaks else "")
+    )
     return "\n".join(lines)
 
 
 def add_verify_parser(sub) -> None:
-    p = sub.add_parser("verify", help="build a preset on the meta device, apply LoRA, print the scope report",
-                       description="Build the preset without allocating memory (meta device), apply LoRA "
-                                   "within the chosen scope and print where the adapter went.")
-    p.add_argument("--preset", default=presets.DEFAULT_PRESET,
-                   help=f"architecture preset name or JSON path (default: {presets.DEFAULT_PRESET}, the model "
-                        f"the seed's counts are for; shipped: {', '.join(presets.list_presets())})")
+    p = sub.add_parser(
+        "verify",
+        help="build a preset on the meta device, apply LoRA, print the scope report",
+        description="Build the preset without allocating memory (meta device), apply LoRA "
+        "within the chosen scope and print where the adapter went.",
+    )
+    p.add_argument(
+        "--preset",
+        default=presets.DEFAULT_PRESET,
+        help=f"architecture preset name or JSON path (default: {presets.DEFAULT_PRESET}, the model "
+        f"the seed's counts are for; shipped: {', '.join(presets.list_presets())})",
+    )
     for name in ("lora_r", "lora_alpha", "targets", "scope"):
         config_option(p, name)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -148,20 +181,39 @@ def cmd_doctor(args) -> int:
     """Print the precision doctor's findings; exit status 1 if any finding is fatal."""
     from .diagnostics import doctor
 
-    config = run_config.TrainConfig(preset=args.preset, base_checkpoint=args.base_checkpoint,
-                                    precision=args.precision, lr=args.lr, adam_eps=args.adam_eps,
-                                    weight_decay=args.weight_decay)
+    config = run_config.TrainConfig(
+        preset=args.preset,
+        base_checkpoint=args.base_checkpoint,
+        precision=args.precision,
+        lr=args.lr,
+        adam_eps=args.adam_eps,
+        weight_decay=args.weight_decay,
+    )
     device = resolve_device(args.device)
     findings = doctor.examine(config, device=device)
     fatal = sum(f.severity == doctor.FATAL for f in findings)
     if args.json:
-        print(json.dumps({"preset": config.preset, "base_checkpoint": config.base_checkpoint,
-                          "precision": config.precision, "lr": config.lr,
-                          "adam_eps": config.adam_eps, "weight_decay": config.weight_decay, "device": device,
-                          "fatal": fatal, "findings": doctor.as_json(findings)}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "preset": config.preset,
+                    "base_checkpoint": config.base_checkpoint,
+                    "precision": config.precision,
+                    "lr": config.lr,
+                    "adam_eps": config.adam_eps,
+                    "weight_decay": config.weight_decay,
+                    "device": device,
+                    "fatal": fatal,
+                    "findings": doctor.as_json(findings),
+                },
+                indent=2,
+            )
+        )
     else:
-        print(f"precision doctor: preset {config.preset}, precision {config.precision}, lr {config.lr:g}, "
-              f"eps {config.adam_eps:g}, weight decay {config.weight_decay:g}, device {device}")
+        print(
+            f"precision doctor: preset {config.preset}, precision {config.precision}, lr {config.lr:g}, "
+            f"eps {config.adam_eps:g}, weight decay {config.weight_decay:g}, device {device}"
+        )
         for finding in findings:
             print(finding)
         print(f"{fatal} fatal, {len(findings) - fatal} warning(s)" if findings else "no findings")
@@ -169,10 +221,13 @@ def cmd_doctor(args) -> int:
 
 
 def add_doctor_parser(sub) -> None:
-    p = sub.add_parser("doctor", help="check a precision setting for known numerical failures",
-                       description="Flag dtype/optimizer combinations known to produce NaN/inf (fp16 "
-                                   "adapters, eps that rounds to 0, T5 in fp16, bf16 without hardware "
-                                   "support). Exit status 1 if any finding is fatal. The defaults are train's.")
+    p = sub.add_parser(
+        "doctor",
+        help="check a precision setting for known numerical failures",
+        description="Flag dtype/optimizer combinations known to produce NaN/inf (fp16 "
+        "adapters, eps that rounds to 0, T5 in fp16, bf16 without hardware "
+        "support). Exit status 1 if any finding is fatal. The defaults are train's.",
+    )
     for name in ("preset", "base_checkpoint", "precision", "lr", "adam_eps", "weight_decay"):
         config_option(p, name)
     add_device_option(p)
@@ -186,8 +241,11 @@ def add_doctor_parser(sub) -> None:
 def cmd_train(args) -> int:
     from .training import distributed, train
 
-    overrides = {name: getattr(args, name) for name in run_config.TrainConfig.__dataclass_fields__
-                 if getattr(args, name, None) is not None}
+    overrides = {
+        name: getattr(args, name)
+        for name in run_config.TrainConfig.__dataclass_fields__
+        if getattr(args, name, None) is not None
+    }
     config = run_config.load_run_config(args.config, overrides)
     metrics = train.train(config, resume=args.resume, device=None if args.device == AUTO else args.device)
     if distributed.is_main():  # under torchrun every process returns the same metrics: print them once
@@ -196,14 +254,23 @@ def cmd_train(args) -> int:
 
 
 def add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a Q-Former LoRA adapter (default: tiny InstructBLIP-T5 on the shapes data)",
-                       description="Train LoRA on the Q-Former. Options come from a TOML run config (flat keys, "
-                                   "the same names as the flags below with underscores) and are overridden by flags. "
-                                   "Without any, the embedded default runs: the tiny InstructBLIP-T5 base in "
-                                   "fixtures/checkpoints on the shapes data, on CPU in about a minute.")
+    p = sub.add_parser(
+        "train",
+        help="train a Q-Former LoRA adapter (default: tiny InstructBLIP-T5 on the shapes data)",
+        description="Train LoRA on the Q-Former. Options come from a TOML run config (flat keys, "
+        "the same names as the flags below with underscores) and are overridden by flags. "
+        "Without any, the embedded default runs: the tiny InstructBLIP-T5 base in "
+        "fixtures/checkpoints on the shapes data, on CPU in about a minute.",
+    )
     p.add_argument("--config", help="TOML run config")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="continue from a checkpoint directory, or the run's latest when no path is given")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from a checkpoint directory, or the run's latest when no path is given",
+    )
     add_device_option(p)
     for name in run_config.TrainConfig.__dataclass_fields__:
         config_option(p, name, overrides=True)
@@ -268,11 +335,19 @@ def bench_points(args, measurement) -> list:
         return measurement.options_grid(args.preset or measurement.FULL_INSTRUCTBLIP, args.options_batch)
     if args.preset is None:
         return measurement.default_points()
-    return measurement.grid(args.preset, scopes=args.scopes, precisions=args.precisions, forwards=args.forwards,
-                            lm_activation_checkpointing=args.lm_checkpointing, family=args.family,
-                            validate_budget_gib=args.validate_budget_gib, feature_cache=args.feature_cache == "memory",
-                            fused_optimizer=bool(args.fused_optimizer), compile_qformer=args.compile_qformer,
-                            compile_frozen=args.compile_frozen)
+    return measurement.grid(
+        args.preset,
+        scopes=args.scopes,
+        precisions=args.precisions,
+        forwards=args.forwards,
+        lm_activation_checkpointing=args.lm_checkpointing,
+        family=args.family,
+        validate_budget_gib=args.validate_budget_gib,
+        feature_cache=args.feature_cache == "memory",
+        fused_optimizer=bool(args.fused_optimizer),
+        compile_qformer=args.compile_qformer,
+        compile_frozen=args.compile_frozen,
+    )
 
 
 def cmd_bench(args) -> int:
@@ -280,32 +355,54 @@ def cmd_bench(args) -> int:
 
     device = resolve_device(args.device)
     if args.preset is None and torch.device(device).type == "cpu":
-        raise ValueError(f"--device {args.device}: the built-in grid builds full-size models (about 4B parameters "
-                         f"each) for a GPU; on a CPU pass --preset with a tiny preset (tiny-instructblip-flan-t5)")
+        raise ValueError(
+            f"--device {args.device}: the built-in grid builds full-size models (about 4B parameters "
+            f"each) for a GPU; on a CPU pass --preset with a tiny preset (tiny-instructblip-flan-t5)"
+        )
     points = bench_points(args, measurement)
     shape = measurement.SequenceShape(args.prompt_len, args.answer_len, args.instruction_len)
-    report, paths = sweep.run_benchmark(points, tuple(args.batch_sizes), device=device, shape=shape,
-                                        report_dir=args.out, steps=args.steps)
+    report, paths = sweep.run_benchmark(
+        points, tuple(args.batch_sizes), device=device, shape=shape, report_dir=args.out, steps=args.steps
+    )
     print(report["paragraph"])
     reporting.print_paths(paths)
     return 0
 
 
 def add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="peak memory and step time against batch size; writes JSON/Markdown/PNG reports",
-                       description="Train a few LoRA steps (the trainer's own step) on a randomly initialised preset "
-                                   "per configuration and batch size, fit peak memory = a + b x batch, predict the "
-                                   "max batch for 24/40/80 GiB and write reports. Without --preset: the built-in GPU "
-                                   "grid (full-size InstructBLIP-FlanT5-XL and BLIP-2-FlanT5-XL, the seed's table).")
+    p = sub.add_parser(
+        "bench",
+        help="peak memory and step time against batch size; writes JSON/Markdown/PNG reports",
+        description="Train a few LoRA steps (the trainer's own step) on a randomly initialised preset "
+        "per configuration and batch size, fit peak memory = a + b x batch, predict the "
+        "max batch for 24/40/80 GiB and write reports. Without --preset: the built-in GPU "
+        "grid (full-size InstructBLIP-FlanT5-XL and BLIP-2-FlanT5-XL, the seed's table).",
+    )
     p.add_argument("--preset", default=None, help="sweep one preset (default: the built-in grid)")
-    p.add_argument("--family", choices=sorted(presets.FAMILIES), default=None,
-                   help="build the preset's config as this family")
-    p.add_argument("--scopes", nargs="+", choices=sorted(lora.SCOPES), default=["qformer"],
-                   help="LoRA scopes to sweep (default: qformer)")
-    p.add_argument("--precisions", nargs="+", choices=precision.SAFE_NAMES, default=["bf16"],
-                   help="precisions to sweep (default: bf16)")
-    p.add_argument("--forwards", nargs="+", choices=("custom", "native"), default=["custom"],
-                   help="custom forward or the library's own (through a plain PeftModel) (default: custom)")
+    p.add_argument(
+        "--family", choices=sorted(presets.FAMILIES), default=None, help="build the preset's config as this family"
+    )
+    p.add_argument(
+        "--scopes",
+        nargs="+",
+        choices=sorted(lora.SCOPES),
+        default=["qformer"],
+        help="LoRA scopes to sweep (default: qformer)",
+    )
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=precision.SAFE_NAMES,
+        default=["bf16"],
+        help="precisions to sweep (default: bf16)",
+    )
+    p.add_argument(
+        "--forwards",
+        nargs="+",
+        choices=("custom", "native"),
+        default=["custom"],
+        help="custom forward or the library's own (through a plain PeftModel) (default: custom)",
+    )
     for name in ("lm_checkpointing", "feature_cache", "fused_optimizer", "compile_qformer", "compile_frozen"):
         config_option(p, name)
     _add_bench_sizes(p)
@@ -315,21 +412,37 @@ def add_bench_parser(sub) -> None:
 
 
 def _add_bench_sizes(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--options-batch", type=positive_int, default=None, metavar="N",
-                   help="only the step-option table at batch N (the GPU grid's is 64): the native forward and "
-                        "each option of the grid on --preset (default: full-size InstructBLIP-FlanT5-XL); the "
-                        "scope, precision and option flags above are ignored")
-    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 4, 8, 16], metavar="N",
-                   help="batch sizes per configuration, run ascending until one runs out of memory "
-                        "(default: 1 4 8 16)")
+    p.add_argument(
+        "--options-batch",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="only the step-option table at batch N (the GPU grid's is 64): the native forward and "
+        "each option of the grid on --preset (default: full-size InstructBLIP-FlanT5-XL); the "
+        "scope, precision and option flags above are ignored",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        type=positive_int,
+        nargs="+",
+        default=[1, 4, 8, 16],
+        metavar="N",
+        help="batch sizes per configuration, run ascending until one runs out of memory (default: 1 4 8 16)",
+    )
     p.add_argument("--prompt-len", type=positive_int, default=32, help="prompt tokens per sample (default 32)")
     p.add_argument("--answer-len", type=positive_int, default=16, help="answer tokens per sample (default 16)")
-    p.add_argument("--instruction-len", type=positive_int, default=32,
-                   help="InstructBLIP Q-Former instruction tokens (default 32)")
-    p.add_argument("--steps", type=positive_int, default=3,
-                   help="measured steps per point after one warm-up (default 3)")
-    p.add_argument("--validate-budget-gib", type=float, default=None,
-                   help="check the predicted max batch under this memory cap (CUDA only)")
+    p.add_argument(
+        "--instruction-len", type=positive_int, default=32, help="InstructBLIP Q-Former instruction tokens (default 32)"
+    )
+    p.add_argument(
+        "--steps", type=positive_int, default=3, help="measured steps per point after one warm-up (default 3)"
+    )
+    p.add_argument(
+        "--validate-budget-gib",
+        type=float,
+        default=None,
+        help="check the predicted max batch under this memory cap (CUDA only)",
+    )
 
 
 # ----------------------------------------------------------------------------- reproduce
@@ -345,8 +458,10 @@ def cmd_reproduce(args) -> int:
         print(json.dumps(report, indent=2, default=str))
     else:
         for name, item in report["items"].items():
-            print(f"{name:<15} {item['status']:<17} fix holds: {'yes' if item['fix_holds'] else 'NO'}\n"
-                  f"{'':<15} {item['why']}")
+            print(
+                f"{name:<15} {item['status']:<17} fix holds: {'yes' if item['fix_holds'] else 'NO'}\n"
+                f"{'':<15} {item['why']}"
+            )
         if not args.only:
             print(f"\nreport: {md} (and {js.name})")
     return 0 if report["all_fixes_hold"] else 1
@@ -355,12 +470,20 @@ def cmd_reproduce(args) -> int:
 def add_reproduce_parser(sub) -> None:
     from .repro import reproduce
 
-    p = sub.add_parser("reproduce", help="replay every failure the seed documents and its fix; write the report",
-                       description="Run each documented failure and its fix on the embedded tiny presets (CPU, "
-                                   "a few minutes at most) and write reports/REPRODUCTION.md and .json. Exit "
-                                   "status 1 when a fix does not hold.")
-    p.add_argument("--only", nargs="+", choices=list(reproduce.ITEMS), metavar="NAME",
-                   help=f"run only these items ({', '.join(reproduce.ITEMS)})")
+    p = sub.add_parser(
+        "reproduce",
+        help="replay every failure the seed documents and its fix; write the report",
+        description="Run each documented failure and its fix on the embedded tiny presets (CPU, "
+        "a few minutes at most) and write reports/REPRODUCTION.md and .json. Exit "
+        "status 1 when a fix does not hold.",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(reproduce.ITEMS),
+        metavar="NAME",
+        help=f"run only these items ({', '.join(reproduce.ITEMS)})",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--out", default=str(reproduce.REPORTS_DIR), help="report folder (default: %(default)s)")
     p.set_defaults(func=cmd_reproduce)
@@ -370,13 +493,24 @@ def add_reproduce_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qformer-lora", description=(
-        "LoRA on the Q-Former of InstructBLIP / BLIP-2, with the documented failures reproduced and guarded: "
-        "train, generate, export, check a setting (doctor, verify), measure memory and speed (bench), "
-        "replay every documented failure (reproduce)."))
+    parser = argparse.ArgumentParser(
+        prog="qformer-lora",
+        description=(
+            "LoRA on the Q-Former of InstructBLIP / BLIP-2, with the documented failures reproduced and guarded: "
+            "train, generate, export, check a setting (doctor, verify), measure memory and speed (bench), "
+            "replay every documented failure (reproduce)."
+        ),
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_verify_parser, add_doctor_parser, add_train_parser, add_generate_parser, add_export_parser,
-                add_bench_parser, add_reproduce_parser):
+    for add in (
+        add_verify_parser,
+        add_doctor_parser,
+        add_train_parser,
+        add_generate_parser,
+        add_export_parser,
+        add_bench_parser,
+        add_reproduce_parser,
+    ):
         add(sub)
     return parser
 
@@ -388,8 +522,16 @@ def main(argv: list[str] | None = None) -> int:
     # user mistakes and their diagnoses, without a traceback; OSError: a path that exists, is
     # missing, is a file where a directory was named, cannot be written, or an image that
     # cannot be decoded (data.ImageLoadError is an OSError)
-    except (presets.PresetError, lora.ScopeError, run_config.ConfigError, data.ManifestError,
-            checkpoint.CheckpointError, NonFiniteError, OSError, ValueError) as err:
+    except (
+        presets.PresetError,
+        lora.ScopeError,
+        run_config.ConfigError,
+        data.ManifestError,
+        checkpoint.CheckpointError,
+        NonFiniteError,
+        OSError,
+        ValueError,
+    ) as err:
         print(f"qformer-lora: error: {err}", file=sys.stderr)
         return 2
 

@@ -23,9 +23,9 @@ PEFT = Version(peft.__version__)
 TORCH = Version(torch.__version__.split("+")[0])
 
 # Input conventions of the library's own InstructBLIP / BLIP-2 forward.
-PREPEND = "prepend"            # the model prepends the query embeddings to the text embeddings itself
+PREPEND = "prepend"  # the model prepends the query embeddings to the text embeddings itself
 PLACEHOLDERS = "placeholders"  # input_ids must already hold num_query_tokens image tokens, which the
-                               # model overwrites with the query embeddings (masked_scatter)
+# model overwrites with the query embeddings (masked_scatter)
 
 # transformers 4.45 taught the models to scatter query embeddings into image placeholder
 # tokens when config.image_token_index is set (and the processors to insert them); models
@@ -82,14 +82,17 @@ def native_inputs(model, batch: dict) -> dict:
         ids = kwargs["input_ids"].new_full((batch_size, num_queries), image_token_index(config))
         kwargs["input_ids"] = torch.cat([ids, kwargs["input_ids"]], dim=1)
         kwargs["attention_mask"] = torch.cat(
-            [kwargs["attention_mask"].new_ones((batch_size, num_queries)), kwargs["attention_mask"]], dim=1)
+            [kwargs["attention_mask"].new_ones((batch_size, num_queries)), kwargs["attention_mask"]], dim=1
+        )
     # Decoder-only labels: the old forward slices the logits to the last labels.size(1)
     # positions, so text-length labels are right; otherwise they must span query + text.
-    full_length = placeholders or (config.model_type == "instructblip"
-                                   and TRANSFORMERS >= INSTRUCTBLIP_FULL_LENGTH_LABELS)
+    full_length = placeholders or (
+        config.model_type == "instructblip" and TRANSFORMERS >= INSTRUCTBLIP_FULL_LENGTH_LABELS
+    )
     if config.use_decoder_only_language_model and "labels" in kwargs and full_length:
         kwargs["labels"] = torch.cat(
-            [kwargs["labels"].new_full((batch_size, num_queries), -100), kwargs["labels"]], dim=1)
+            [kwargs["labels"].new_full((batch_size, num_queries), -100), kwargs["labels"]], dim=1
+        )
     return kwargs
 
 
@@ -130,8 +133,12 @@ def get_peft_model(model, lora_config):
     We keep the library default here so the scope report shows what users get.
     """
     targets = getattr(lora_config, "target_modules", None)
-    if (PEFT < PEFT_FAST_TARGET_MATCHING and targets and not isinstance(targets, str)
-            and getattr(lora_config, "layers_to_transform", None) is None):
+    if (
+        PEFT < PEFT_FAST_TARGET_MATCHING
+        and targets
+        and not isinstance(targets, str)
+        and getattr(lora_config, "layers_to_transform", None) is None
+    ):
         lora_config = dataclasses.replace(lora_config, target_modules=_target_modules_as_regex(targets))
     with _creation_device(model):
         return peft.get_peft_model(model, lora_config)
@@ -155,7 +162,6 @@ def unload(peft_model):
 def unwrap(model):
     """The transformers model under a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if isinstance(model, peft.PeftModel) else model
-
 
 
 # transformers 5.0 made T5Config force tie_word_embeddings=True, so FlanT5's lm_head
@@ -236,11 +242,14 @@ def load_processor(processor_cls, directory):
 
     image_config = json.loads((directory / "processor_config.json").read_text(encoding="utf-8"))["image_processor"]
     image_config = {k: v for k, v in image_config.items() if k not in ("image_processor_type", "processor_class")}
-    parts = {"image_processor": BlipImageProcessor(**image_config),
-             "tokenizer": PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)}
+    parts = {
+        "image_processor": BlipImageProcessor(**image_config),
+        "tokenizer": PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True),
+    }
     if (directory / "qformer_tokenizer").is_dir():
         parts["qformer_tokenizer"] = PreTrainedTokenizerFast.from_pretrained(
-            str(directory / "qformer_tokenizer"), local_files_only=True)
+            str(directory / "qformer_tokenizer"), local_files_only=True
+        )
     return processor_cls(**parts)
 
 
@@ -263,6 +272,7 @@ def finish_meta_model(model):
 
 
 # ----------------------------------------------------------------------------- torch features (step options)
+
 
 def fused_adamw_unavailable_reason(params) -> str | None:
     """Why ``AdamW(fused=True)`` cannot take ``params`` here, or None.
@@ -337,8 +347,12 @@ def checkpointing_switches(model) -> list[torch.nn.Module]:
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:
-        return [m for m in model.modules() if hasattr(m, "gradient_checkpointing")
-                and any(isinstance(child, torch.nn.ModuleList) for child in m.children())]
+        return [
+            m
+            for m in model.modules()
+            if hasattr(m, "gradient_checkpointing")
+            and any(isinstance(child, torch.nn.ModuleList) for child in m.children())
+        ]
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
@@ -364,7 +378,7 @@ AUTOCAST_BY_DEVICE_TYPE = Version("2.4.0")
 
 
 def autocast_state(device_type: str) -> str:
-    """"no-autocast" or e.g. "autocast-torch.float16": the autocast mode ``device_type`` runs in now."""
+    """ "no-autocast" or e.g. "autocast-torch.float16": the autocast mode ``device_type`` runs in now."""
     if TORCH >= AUTOCAST_BY_DEVICE_TYPE:
         enabled, dtype = torch.is_autocast_enabled(device_type), lambda: torch.get_autocast_dtype(device_type)
     elif device_type == "cuda":

@@ -142,10 +142,14 @@ def _resolve_inside(root: Path, root_resolved: Path, rel: str, where: str) -> Pa
     """
     candidate = Path(rel)
     if candidate.is_absolute() or candidate.anchor:
-        raise ManifestError(f"{where}: field 'image': absolute path {rel!r} not allowed (use a path relative to {root})")
+        raise ManifestError(
+            f"{where}: field 'image': absolute path {rel!r} not allowed (use a path relative to {root})"
+        )
     resolved = (root / candidate).resolve()
     if not resolved.is_relative_to(root_resolved):
-        raise ManifestError(f"{where}: field 'image': path {rel!r} escapes the image root {root_resolved} (-> {resolved})")
+        raise ManifestError(
+            f"{where}: field 'image': path {rel!r} escapes the image root {root_resolved} (-> {resolved})"
+        )
     if not resolved.is_file():
         raise ManifestError(f"{where}: field 'image': image file {resolved} does not exist or is not a file")
     return resolved
@@ -345,14 +349,20 @@ class Collator:
         }
 
         # None: pad to the longest row of this batch
-        prompt_width, answer_width = ((self.max_prompt_tokens, self.max_answer_tokens) if self.static_shapes
-                                      else (None, None))
+        prompt_width, answer_width = (
+            (self.max_prompt_tokens, self.max_answer_tokens) if self.static_shapes else (None, None)
+        )
         if self.qformer_tokenizer is not None:
             # Special tokens are added by hand (not by the tokenizer) so that
             # truncation keeps the closing [SEP].
             qf = [
                 [self.qformer_cls_id]
-                + self._truncate(self._content_ids(self.qformer_tokenizer, ex.instruction), self.max_prompt_tokens - 2, ex.id, "Q-Former instruction")
+                + self._truncate(
+                    self._content_ids(self.qformer_tokenizer, ex.instruction),
+                    self.max_prompt_tokens - 2,
+                    ex.id,
+                    "Q-Former instruction",
+                )
                 + [self.qformer_sep_id]
                 for ex in examples
             ]
@@ -365,7 +375,9 @@ class Collator:
             budget = self.max_prompt_tokens if self.decoder_only else self.max_prompt_tokens - 1
             prompt = self._truncate(self._content_ids(self.tokenizer, ex.instruction), budget, ex.id, "instruction")
             prompts.append(prompt if self.decoder_only else prompt + [self.eos_id])
-            answer = self._truncate(self._content_ids(self.tokenizer, ex.answer), self.max_answer_tokens - 1, ex.id, "answer")
+            answer = self._truncate(
+                self._content_ids(self.tokenizer, ex.answer), self.max_answer_tokens - 1, ex.id, "answer"
+            )
             answers.append(answer + [self.eos_id])
 
         if self.decoder_only:
@@ -401,7 +413,9 @@ class Collator:
 def _required_id(tokenizer: Any, attr: str) -> int:
     value = getattr(tokenizer, attr, None)
     if value is None:
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no {attr}; the collator needs it for padding/targets")
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} has no {attr}; the collator needs it for padding/targets"
+        )
     return int(value)
 
 

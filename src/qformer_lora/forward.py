@@ -29,7 +29,7 @@ IGNORE_INDEX = -100
 class ForwardOutput:
     loss: torch.Tensor | None
     logits: torch.Tensor
-    query_output: torch.Tensor          # Q-Former output at the query positions
+    query_output: torch.Tensor  # Q-Former output at the query positions
     language_model_inputs: torch.Tensor  # projected query output, fed to the LM
 
 
@@ -61,13 +61,17 @@ def precomputed_image_embeds(model, image_embeds: torch.Tensor, trainable: bool)
     would reach it. The dtype is left as computed (casting would break exactness).
     """
     if trainable:
-        raise ValueError("the batch carries precomputed image_embeds but the vision encoder has trainable "
-                         "parameters: the features would be stale and get no gradient; drop image_embeds "
-                         "(turn the feature cache off) or freeze the vision encoder")
+        raise ValueError(
+            "the batch carries precomputed image_embeds but the vision encoder has trainable "
+            "parameters: the features would be stale and get no gradient; drop image_embeds "
+            "(turn the feature cache off) or freeze the vision encoder"
+        )
     hidden = model.config.vision_config.hidden_size
     if image_embeds.dim() != 3 or image_embeds.shape[-1] != hidden:
-        raise ValueError(f"image_embeds of shape {tuple(image_embeds.shape)} do not fit this vision encoder: "
-                         f"expected (batch, tokens, {hidden})")
+        raise ValueError(
+            f"image_embeds of shape {tuple(image_embeds.shape)} do not fit this vision encoder: "
+            f"expected (batch, tokens, {hidden})"
+        )
     return image_embeds.to(next(model.vision_model.parameters()).device)
 
 
@@ -76,8 +80,12 @@ def query_features(model, image_embeds: torch.Tensor, batch: dict) -> torch.Tens
     batch_size = image_embeds.shape[0]
     query_tokens = model.query_tokens.expand(batch_size, -1, -1)
     image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    kwargs = dict(query_embeds=query_tokens, encoder_hidden_states=image_embeds,
-                  encoder_attention_mask=image_mask, return_dict=True)
+    kwargs = dict(
+        query_embeds=query_tokens,
+        encoder_hidden_states=image_embeds,
+        encoder_attention_mask=image_mask,
+        return_dict=True,
+    )
     if "qformer_input_ids" in batch:
         query_mask = torch.ones(query_tokens.shape[:-1], dtype=torch.long, device=image_embeds.device)
         kwargs["input_ids"] = batch["qformer_input_ids"]
@@ -114,8 +122,9 @@ def custom_forward(model, batch: dict, reduction: str = "mean") -> ForwardOutput
     inputs_embeds, attention_mask, query_output, language_model_inputs = embed_inputs(model, batch)
     labels = batch.get("labels")
     if model.config.use_decoder_only_language_model:
-        logits = model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                      use_cache=False, return_dict=True).logits
+        logits = model.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False, return_dict=True
+        ).logits
         if labels is not None:
             num_queries = language_model_inputs.shape[1]
             labels = torch.cat([labels.new_full((labels.shape[0], num_queries), IGNORE_INDEX), labels], dim=1)
@@ -123,18 +132,24 @@ def custom_forward(model, batch: dict, reduction: str = "mean") -> ForwardOutput
             logits_for_loss = logits[:, :-1, :]
     else:
         # labels make the LM build decoder_input_ids (labels shifted right); its own loss is unused
-        logits = model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                      labels=labels, use_cache=False, return_dict=True).logits
+        logits = model.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False, return_dict=True
+        ).logits
         logits_for_loss = logits
     loss = token_cross_entropy(logits_for_loss, labels, reduction) if labels is not None else None
-    return ForwardOutput(loss=loss, logits=logits, query_output=query_output,
-                         language_model_inputs=language_model_inputs)
+    return ForwardOutput(
+        loss=loss, logits=logits, query_output=query_output, language_model_inputs=language_model_inputs
+    )
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy over non-ignored targets, computed in fp32 (as the libraries do)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.to(logits.device).reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction=reduction)
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.to(logits.device).reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )
 
 
 def target_count(batch: dict) -> int:
@@ -152,5 +167,10 @@ def generate(model, batch: dict, max_new_tokens: int = 8) -> torch.Tensor:
     """
     model = compat.unwrap(model)
     inputs_embeds, attention_mask, _, _ = embed_inputs(model, batch)
-    return model.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    return model.language_model.generate(
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+    )

@@ -26,8 +26,12 @@ DEFAULT_TARGETS = ("query", "key", "value", "dense")
 LANGUAGE_MODEL_TARGETS = {
     "t5": {"query": ("q",), "key": ("k",), "value": ("v",), "dense": ("o", "wi", "wi_0", "wi_1", "wo")},
     "opt": {"query": ("q_proj",), "key": ("k_proj",), "value": ("v_proj",), "dense": ("out_proj", "fc1", "fc2")},
-    "llama": {"query": ("q_proj",), "key": ("k_proj",), "value": ("v_proj",),
-              "dense": ("o_proj", "gate_proj", "up_proj", "down_proj")},
+    "llama": {
+        "query": ("q_proj",),
+        "key": ("k_proj",),
+        "value": ("v_proj",),
+        "dense": ("o_proj", "gate_proj", "up_proj", "down_proj"),
+    },
 }
 _PEFT_PREFIX = "base_model.model."
 
@@ -76,8 +80,10 @@ def resolve_target_modules(model, spec: LoraSpec) -> list[str]:
     lm_names: set[str] = set()
     if spec.scope == "qformer+llm":
         if lm_type not in LANGUAGE_MODEL_TARGETS:
-            raise ScopeError(f"scope 'qformer+llm' does not know the layer names of language model "
-                             f"type {lm_type!r}; known: {sorted(LANGUAGE_MODEL_TARGETS)}")
+            raise ScopeError(
+                f"scope 'qformer+llm' does not know the layer names of language model "
+                f"type {lm_type!r}; known: {sorted(LANGUAGE_MODEL_TARGETS)}"
+            )
         for target in spec.targets:
             lm_names.update(LANGUAGE_MODEL_TARGETS[lm_type].get(target, ()))
 
@@ -92,8 +98,10 @@ def resolve_target_modules(model, spec: LoraSpec) -> list[str]:
             selected.append(name)
     unmatched = [t for t in spec.targets if t not in matched]
     if unmatched:
-        raise ScopeError(f"LoRA target(s) {unmatched} match no linear layer in the Q-Former; "
-                         f"its linear layers are named {sorted(qformer_leaves)}")
+        raise ScopeError(
+            f"LoRA target(s) {unmatched} match no linear layer in the Q-Former; "
+            f"its linear layers are named {sorted(qformer_leaves)}"
+        )
     return selected
 
 
@@ -106,8 +114,14 @@ def apply_lora(model, spec: LoraSpec = LoraSpec()):
     """Wrap ``model`` with LoRA on the resolved modules only, then verify the scope."""
     import peft
 
-    config = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                             target_modules=resolve_target_modules(model, spec), bias="none", **spec.extra)
+    config = peft.LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=resolve_target_modules(model, spec),
+        bias="none",
+        **spec.extra,
+    )
     peft_model = compat.get_peft_model(model, config)
     check_trainable_scope(peft_model, spec.scope)
     return peft_model
@@ -119,8 +133,9 @@ def check_trainable_scope(model, scope: str = "qformer") -> None:
     leaks = [name for name, p in model.named_parameters() if p.requires_grad and component_of(name) not in allowed]
     if leaks:
         shown = ", ".join(leaks[:10]) + (f" (and {len(leaks) - 10} more)" if len(leaks) > 10 else "")
-        raise ScopeError(f"{len(leaks)} trainable parameter(s) outside scope {scope!r} "
-                         f"(allowed: {', '.join(allowed)}): {shown}")
+        raise ScopeError(
+            f"{len(leaks)} trainable parameter(s) outside scope {scope!r} (allowed: {', '.join(allowed)}): {shown}"
+        )
 
 
 def adapter_parameters(model) -> list[torch.nn.Parameter]:

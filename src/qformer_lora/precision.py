@@ -26,10 +26,10 @@ import torch
 @dataclass(frozen=True)
 class Precision:
     name: str
-    weights: torch.dtype          # frozen base weights
-    adapters: torch.dtype         # LoRA adapters and AdamW state
+    weights: torch.dtype  # frozen base weights
+    adapters: torch.dtype  # LoRA adapters and AdamW state
     autocast: torch.dtype | None  # torch.autocast dtype; None: no autocast
-    safe: bool = True             # False: known to fail (fp16-pure, the seed's NaN)
+    safe: bool = True  # False: known to fail (fp16-pure, the seed's NaN)
 
     @property
     def grad_scaler(self) -> bool:
@@ -37,12 +37,15 @@ class Precision:
         return self.autocast == torch.float16
 
 
-PRECISIONS = {p.name: p for p in (
-    Precision("fp32", torch.float32, torch.float32, None),
-    Precision("bf16", torch.bfloat16, torch.float32, None),
-    Precision("fp16-amp", torch.float32, torch.float32, torch.float16),
-    Precision("fp16-pure", torch.float16, torch.float16, None, safe=False),
-)}
+PRECISIONS = {
+    p.name: p
+    for p in (
+        Precision("fp32", torch.float32, torch.float32, None),
+        Precision("bf16", torch.bfloat16, torch.float32, None),
+        Precision("fp16-amp", torch.float32, torch.float32, torch.float16),
+        Precision("fp16-pure", torch.float16, torch.float16, None, safe=False),
+    )
+}
 NAMES = tuple(PRECISIONS)
 SAFE_NAMES = tuple(name for name, p in PRECISIONS.items() if p.safe)
 

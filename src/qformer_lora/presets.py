@@ -38,8 +38,14 @@ FAMILIES = {
 # config.json "model_type" of a saved checkpoint -> family
 MODEL_TYPES = {"instructblip": "instructblip", "blip-2": "blip2"}
 REQUIRED_KEYS = ("name", "family", "source", "config")
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 class PresetError(ValueError):
@@ -69,8 +75,9 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
     if path.suffix != ".json":
         path = CONFIGS_DIR / f"{name_or_path}.json"
     if not path.is_file():
-        raise PresetError(f"no preset {str(name_or_path)!r}: {path} does not exist; "
-                          f"shipped presets: {', '.join(list_presets())}")
+        raise PresetError(
+            f"no preset {str(name_or_path)!r}: {path} does not exist; shipped presets: {', '.join(list_presets())}"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -83,8 +90,7 @@ def load_preset(name_or_path: str | os.PathLike) -> Preset:
     text_config = data["config"].get("text_config", {})
     if "model_type" not in text_config:
         raise PresetError(f"{path}: field 'config.text_config.model_type' is required (t5, opt, llama, ...)")
-    return Preset(name=data["name"], family=data["family"], source=data["source"],
-                  config=data["config"], path=path)
+    return Preset(name=data["name"], family=data["family"], source=data["source"], config=data["config"], path=path)
 
 
 def build_config(preset: Preset):
@@ -116,8 +122,13 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}") from None
 
 
-def build_model(preset: Preset | str, *, device: str | torch.device = "cpu",
-                dtype: str | torch.dtype = torch.float32, seed: int | None = 0):
+def build_model(
+    preset: Preset | str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    seed: int | None = 0,
+):
     """A randomly initialised model for ``preset`` on ``device`` in ``dtype``, no network.
 
     ``device="meta"`` allocates nothing, which is how full-size parameter counts are
@@ -137,20 +148,22 @@ def build_model(preset: Preset | str, *, device: str | torch.device = "cpu",
 def family_of_checkpoint(checkpoint_dir: str | os.PathLike) -> str:
     config_path = Path(checkpoint_dir) / "config.json"
     if not config_path.is_file():
-        raise PresetError(f"{checkpoint_dir}: no config.json; expected a saved "
-                          f"InstructBLIP or BLIP-2 checkpoint directory")
+        raise PresetError(
+            f"{checkpoint_dir}: no config.json; expected a saved InstructBLIP or BLIP-2 checkpoint directory"
+        )
     model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
     if model_type not in MODEL_TYPES:
-        raise PresetError(f"{config_path}: field 'model_type' is {model_type!r}; "
-                          f"expected one of {sorted(MODEL_TYPES)}")
+        raise PresetError(f"{config_path}: field 'model_type' is {model_type!r}; expected one of {sorted(MODEL_TYPES)}")
     return MODEL_TYPES[model_type]
 
 
-def load_model(checkpoint_dir: str | os.PathLike, *, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype = torch.float32):
+def load_model(
+    checkpoint_dir: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = torch.float32
+):
     """Load a real checkpoint from a local directory (never from a hub)."""
     family = family_of_checkpoint(checkpoint_dir)
     _, model_cls = FAMILIES[family]
     model = model_cls.from_pretrained(
-        str(checkpoint_dir), local_files_only=True, **compat.from_pretrained_dtype_kwarg(resolve_dtype(dtype)))
+        str(checkpoint_dir), local_files_only=True, **compat.from_pretrained_dtype_kwarg(resolve_dtype(dtype))
+    )
     return model.to(device).eval()

@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import torch
 
-from .forward import IGNORE_INDEX, is_instructblip
 from . import compat
+from .forward import IGNORE_INDEX, is_instructblip
 
 FIRST_ORDINARY_TOKEN = 5  # ids below are special (pad/eos/unk/bos/<image>) in the fixture tokenizer
 
 
-def random_batch(model, *, batch_size: int = 2, prompt_len: int = 5, answer_len: int = 3,
-                 instruction_len: int = 6, pad_rows: int = 0, seed: int = 0,
-                 device: str | torch.device = "cpu") -> dict:
+def random_batch(
+    model,
+    *,
+    batch_size: int = 2,
+    prompt_len: int = 5,
+    answer_len: int = 3,
+    instruction_len: int = 6,
+    pad_rows: int = 0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> dict:
     """A batch of ``batch_size`` samples; the first ``pad_rows`` rows are shorter (right-padded)."""
     model = compat.unwrap(model)
     config = model.config
@@ -59,8 +67,9 @@ def random_batch(model, *, batch_size: int = 2, prompt_len: int = 5, answer_len:
             label = torch.cat([torch.full_like(p, IGNORE_INDEX), a])
             labels.append(torch.cat([label, label.new_full((width - len(label),), IGNORE_INDEX)]))
         batch["input_ids"] = torch.stack(rows)
-        batch["attention_mask"] = (torch.arange(width).unsqueeze(0)
-                                   < (prompt_lengths + answer_lengths).unsqueeze(1)).long()
+        batch["attention_mask"] = (
+            torch.arange(width).unsqueeze(0) < (prompt_lengths + answer_lengths).unsqueeze(1)
+        ).long()
         batch["labels"] = torch.stack(labels)
     else:
         batch["input_ids"], batch["attention_mask"] = right_pad(prompt, prompt_lengths, pad_id)
@@ -68,5 +77,6 @@ def random_batch(model, *, batch_size: int = 2, prompt_len: int = 5, answer_len:
     if is_instructblip(model):
         qformer_high = config.qformer_config.vocab_size
         batch["qformer_input_ids"], batch["qformer_attention_mask"] = right_pad(
-            tokens(instruction_len, qformer_high), torch.full((batch_size,), instruction_len), 0)
+            tokens(instruction_len, qformer_high), torch.full((batch_size,), instruction_len), 0
+        )
     return {k: v.to(device) for k, v in batch.items()}

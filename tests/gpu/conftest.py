@@ -32,8 +32,10 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: Path(str(item.fspath)).name != "test_gpu_nan.py")
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason=f"needs a CUDA device: torch.cuda.is_available() is False (torch {torch.__version__}); "
-                                   f"run scripts/gpu_sweep.sh or `nox -s gpu_tests` on a GPU machine")
+    skip = pytest.mark.skip(
+        reason=f"needs a CUDA device: torch.cuda.is_available() is False (torch {torch.__version__}); "
+        f"run scripts/gpu_sweep.sh or `nox -s gpu_tests` on a GPU machine"
+    )
     for item in items:
         if HERE in Path(str(item.fspath)).resolve().parents:
             item.add_marker(skip)
@@ -53,12 +55,19 @@ def gpu_report():
     """bench.default_points() on the full-size presets, reports written to $QFORMER_LORA_REPORT_DIR or reports/gpu."""
     start = time.perf_counter()
     report, paths = sweep.run_benchmark(
-        measurement.default_points(), device="cuda", report_dir=reporting.default_report_dir(),
-        out_of_time=lambda: time.perf_counter() - RUN["loaded"] > RUN_LIMIT_S - RESERVE_S)
+        measurement.default_points(),
+        device="cuda",
+        report_dir=reporting.default_report_dir(),
+        out_of_time=lambda: time.perf_counter() - RUN["loaded"] > RUN_LIMIT_S - RESERVE_S,
+    )
     RUN.update(sweep_s=time.perf_counter() - start, paths=paths)
-    skipped = [e["label"] for e in report["points"] if any("time budget" in (r.get("error") or "") for r in e["results"])]
-    print(f"\ngpu sweep: {RUN['sweep_s']:.0f} s; reports: {', '.join(str(p) for p in paths.values() if p)}"
-          + (f"\nnot run (time budget of {RUN_LIMIT_S:.0f} s): {skipped}" if skipped else ""))
+    skipped = [
+        e["label"] for e in report["points"] if any("time budget" in (r.get("error") or "") for r in e["results"])
+    ]
+    print(
+        f"\ngpu sweep: {RUN['sweep_s']:.0f} s; reports: {', '.join(str(p) for p in paths.values() if p)}"
+        + (f"\nnot run (time budget of {RUN_LIMIT_S:.0f} s): {skipped}" if skipped else "")
+    )
     return report, paths
 
 
@@ -66,7 +75,8 @@ def pytest_terminal_summary(terminalreporter):
     if "sweep_s" not in RUN:
         return
     terminalreporter.write_sep("-", "gpu benchmark")
-    terminalreporter.write_line(f"sweep {RUN['sweep_s']:.0f} s; gpu tests {time.perf_counter() - RUN['loaded']:.0f} s "
-                                f"since collection")
+    terminalreporter.write_line(
+        f"sweep {RUN['sweep_s']:.0f} s; gpu tests {time.perf_counter() - RUN['loaded']:.0f} s since collection"
+    )
     for kind, path in RUN["paths"].items():
         terminalreporter.write_line(f"{kind}: {path or 'not written (matplotlib missing)'}")

@@ -78,7 +78,9 @@ def test_step_options_measured_against_native(gpu_report):
     assert len(rows) == len(measurement.option_points(measurement.FULL_INSTRUCTBLIP)) + 1, [r["label"] for r in rows]
     assert rows[0]["forward"] == "native", [r["label"] for r in rows]
     assert {tuple(r["options"]) for r in rows[2:]} == {
-        tuple(f for f in measurement.STEP_OPTIONS if getattr(p, f)) for p in measurement.option_points(measurement.FULL_INSTRUCTBLIP)[1:]}
+        tuple(f for f in measurement.STEP_OPTIONS if getattr(p, f))
+        for p in measurement.option_points(measurement.FULL_INSTRUCTBLIP)[1:]
+    }
     for row in rows:
         assert row["error"] is None, row
         assert not row["not_used"], f"{row['label']} measured a fallback, not its options: {row['not_used']}"
@@ -124,4 +126,5 @@ def test_predicted_max_batch_within_5_percent(gpu_report):
     assert check["measured_exact"], f"limit not bracketed within the probe budget: {check['probes']}"
     assert check["relative_error"] <= 0.05, (
         f"{check['label']} under {check['budget_gib']:g} GiB: predicted {check['predicted']}, "
-        f"measured {check['measured']} ({check['relative_error']:.1%} off; probes {check['probes']})")
+        f"measured {check['measured']} ({check['relative_error']:.1%} off; probes {check['probes']})"
+    )

@@ -32,9 +32,14 @@ RUNS = {"fp16-pure": 3, "fp16-amp": 20, "bf16": 20}  # precision -> optimizer st
 
 @pytest.fixture(scope="module")
 def nan_report():
-    report = {"preset": PRESET, "versions": compat.versions(), "device": torch.cuda.get_device_name(),
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "settings": SEED_SETTINGS,
-              "runs": {}}
+    report = {
+        "preset": PRESET,
+        "versions": compat.versions(),
+        "device": torch.cuda.get_device_name(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": SEED_SETTINGS,
+        "runs": {},
+    }
     for precision, steps in RUNS.items():
         started = time.perf_counter()
         trace = trials.reproduce(PRESET, precision, steps=steps, device="cuda", batch_size=2, **SEED_SETTINGS)
@@ -62,6 +67,7 @@ def test_fp16_pure_reproduces_the_seed(nan_report):
 @pytest.mark.parametrize("precision", ["fp16-amp", "bf16"])
 def test_fp32_adapters_stay_finite(nan_report, precision):
     run = nan_report["runs"][precision]
-    assert len(run["losses"]) == RUNS[precision] and all(map(math.isfinite, run["losses"])), \
+    assert len(run["losses"]) == RUNS[precision] and all(map(math.isfinite, run["losses"])), (
         f"{precision} losses: {run['losses']}"
+    )
     assert run["diagnosis"] is None and run["adapter_dtypes"] == ["float32"], run

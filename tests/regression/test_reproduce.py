@@ -30,15 +30,20 @@ def test_every_item_matches_the_installed_release(report):
     assert items["kwarg-conflict"]["status"] == ("reproduced" if pinned_failures else "not applicable")
     scope = items["lora-scope"]["evidence"]["qformer"]
     assert (items["lora-scope"]["status"], scope["lora_tensors"], scope["trainable_parameters"]) == (
-        "fixed", 240, 2_420_736)
+        "fixed",
+        240,
+        2_420_736,
+    )
     assert items["lora-scope"]["evidence"]["leak_refused"] is True
     nan = items["nan"]["evidence"]
     assert items["nan"]["status"] == "reproduced"
     assert nan["fp16_pure_finite_per_step"] == [True, False, False, False]
     assert nan["adam_eps_in_fp16"] == 0.0
     assert all(all(steps) for steps in nan["recommended_finite_per_step"].values())
-    assert items["checkpoints"]["evidence"] == {"checkpoints": ["epoch-0002", "epoch-0004"],
-                                                "resume_bitwise_identical": True}
+    assert items["checkpoints"]["evidence"] == {
+        "checkpoints": ["epoch-0002", "epoch-0004"],
+        "resume_bitwise_identical": True,
+    }
     assert items["memory"]["status"] in ("not measured", "not measured now")  # no CUDA in this suite
 
 
@@ -60,6 +65,7 @@ def test_memory_item_quotes_the_newest_sweep_with_a_seed_table(tmp_path, monkeyp
 
     def write(name, created, seed_table):
         (gpu / name).write_text(json.dumps({"created": created, "device": {"name": name}, "seed_table": seed_table}))
+
     write("amd-mi300x-2026-12-01.json", "2026-12-01T10:00:00+00:00", [{"row": "r", "fp32": 20, "bf16": 50}])
     write("nvidia-h200-2026-11-28.json", "2026-11-28T10:00:00+00:00", [{"row": "r", "fp32": 19, "bf16": 49}])
     write("tiny-cpu-2026-12-02.json", "2026-12-02T10:00:00+00:00", [{"row": "r", "fp32": None, "bf16": None}])

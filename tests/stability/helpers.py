@@ -12,12 +12,13 @@ from qformer_lora.training import train
 SEED_PRESET = "tiny-instructblip-flan-t5"  # the seed's family: InstructBLIP + FlanT5
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _adapter_model(preset: str, precision: str, r: int, seed: int):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' deprecation chatter while building
-        config = train.TrainConfig(preset=preset, base_checkpoint=None, precision=precision, lora_r=r,
-                                   lora_alpha=2 * r, seed=seed)
+        config = train.TrainConfig(
+            preset=preset, base_checkpoint=None, precision=precision, lora_r=r, lora_alpha=2 * r, seed=seed
+        )
         model, _ = train.build_adapter_model(config)
     return model
 

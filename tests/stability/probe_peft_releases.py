@@ -51,16 +51,30 @@ def half_after_wrapping():
 def run(label: str, make) -> dict:
     model = make()
     batches = [synthetic.random_batch(model, batch_size=2, prompt_len=8, answer_len=4, seed=i) for i in range(2)]
-    trace = trials.run_steps(model, batches, precision="fp16-pure", steps=3, lr=5e-6, max_grad_norm=0.1,
-                             warmup_steps=50)
-    return {"setup": label, "adapter_dtypes": trace["adapter_dtypes"], "losses": trace["losses"],
-            "first_parameter": (trace["diagnosis"] or {}).get("first_parameter")}
+    trace = trials.run_steps(
+        model, batches, precision="fp16-pure", steps=3, lr=5e-6, max_grad_norm=0.1, warmup_steps=50
+    )
+    return {
+        "setup": label,
+        "adapter_dtypes": trace["adapter_dtypes"],
+        "losses": trace["losses"],
+        "first_parameter": (trace["diagnosis"] or {}).get("first_parameter"),
+    }
 
 
 if __name__ == "__main__":
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    print(json.dumps({"versions": compat.versions(),
-                      "compat.peft_default_adapter_dtype(fp16)": str(compat.peft_default_adapter_dtype(torch.float16)),
-                      "runs": [run("fp16 base, default get_peft_model", default_wrap),
-                               run("get_peft_model, then model.half()", half_after_wrapping)]}, indent=1))
+    print(
+        json.dumps(
+            {
+                "versions": compat.versions(),
+                "compat.peft_default_adapter_dtype(fp16)": str(compat.peft_default_adapter_dtype(torch.float16)),
+                "runs": [
+                    run("fp16 base, default get_peft_model", default_wrap),
+                    run("get_peft_model, then model.half()", half_after_wrapping),
+                ],
+            },
+            indent=1,
+        )
+    )

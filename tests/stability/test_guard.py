@@ -60,8 +60,9 @@ def test_skip_aborts_when_the_parameters_are_non_finite():
     with pytest.raises(numerics.NonFiniteError, match="guard=skip cannot continue") as caught:
         trials.run_steps(model, batches(model), precision="fp16-pure", steps=4, lr=5e-6, guard="skip")
     diagnosis = caught.value.diagnosis
-    assert (diagnosis.step, diagnosis.kind) == (1, "parameter") and "lora_A" in diagnosis.first_parameter, \
+    assert (diagnosis.step, diagnosis.kind) == (1, "parameter") and "lora_A" in diagnosis.first_parameter, (
         diagnosis.message
+    )
 
 
 def test_rollback_restores_the_last_finite_state_and_lowers_lr():
@@ -93,8 +94,16 @@ def test_rollback_gives_up_after_max_rollbacks():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(numerics.Guard, "_record", spy)
         with pytest.raises(numerics.NonFiniteError, match=r"gave up after 2 rollback\(s\)") as caught:
-            trials.run_steps(model, batches(model), precision="fp16-pure", steps=10, lr=1e-4, guard="rollback",
-                             max_rollbacks=2, optimizer=optimizer)
+            trials.run_steps(
+                model,
+                batches(model),
+                precision="fp16-pure",
+                steps=10,
+                lr=1e-4,
+                guard="rollback",
+                max_rollbacks=2,
+                optimizer=optimizer,
+            )
     assert [e["action"] for e in seen] == ["rollback", "rollback"], seen
     assert [e["step"] for e in seen] == [1, 3] and caught.value.diagnosis.step == 5, (seen, caught.value.diagnosis)
     base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
@@ -142,23 +151,39 @@ def test_non_finite_weights_are_refused_before_the_first_step():
 @pytest.fixture
 def tiny_run(tmp_path):
     """A TrainConfig for a ~1 s run: random tiny preset, 8 training and 4 validation samples."""
-    lines = {split: (data.SHAPES_DIR / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
-             for split in ("train", "val")}
+    lines = {
+        split: (data.SHAPES_DIR / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+        for split in ("train", "val")
+    }
     (tmp_path / "train.jsonl").write_text("\n".join(lines["train"][:8]) + "\n", encoding="utf-8")
     (tmp_path / "val.jsonl").write_text("\n".join(lines["val"][:4]) + "\n", encoding="utf-8")
 
     def make(**overrides):
-        values = dict(preset=SEED_PRESET, base_checkpoint=None, train_manifest=str(tmp_path / "train.jsonl"),
-                      val_manifest=str(tmp_path / "val.jsonl"), image_root=str(data.SHAPES_DIR),
-                      output_dir=str(tmp_path / "run"), epochs=3, batch_size=4, save_every=1, keep_last=0,
-                      warmup_steps=0, progress=False)
+        values = dict(
+            preset=SEED_PRESET,
+            base_checkpoint=None,
+            train_manifest=str(tmp_path / "train.jsonl"),
+            val_manifest=str(tmp_path / "val.jsonl"),
+            image_root=str(data.SHAPES_DIR),
+            output_dir=str(tmp_path / "run"),
+            epochs=3,
+            batch_size=4,
+            save_every=1,
+            keep_last=0,
+            warmup_steps=0,
+            progress=False,
+        )
         return train.TrainConfig(**(values | overrides))
+
     return make
 
 
 def digest(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_raise_leaves_the_last_checkpoint_intact(tiny_run, monkeypatch):
@@ -198,16 +223,20 @@ def test_train_refuses_fp16_pure_unless_allowed(tiny_run):
     with pytest.raises(numerics.NonFiniteError) as caught:
         train.train(tiny_run(precision="fp16-pure", allow_unsafe=True, lr=5e-6, max_grad_norm=0.1), device="cpu")
     diagnosis = caught.value.diagnosis
-    assert (diagnosis.step, diagnosis.kind) == (1, "parameter") and "lora_A" in diagnosis.first_parameter, \
+    assert (diagnosis.step, diagnosis.kind) == (1, "parameter") and "lora_A" in diagnosis.first_parameter, (
         diagnosis.message
+    )
 
 
 def test_train_rollback_logs_and_gives_up(tiny_run):
     config = tiny_run(precision="fp16-pure", allow_unsafe=True, guard="rollback", max_rollbacks=2, batch_size=2)
     with pytest.raises(numerics.NonFiniteError, match="gave up after 2"):
         train.train(config, device="cpu")
-    records = [line for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()
-               if '"type": "guard"' in line]
+    records = [
+        line
+        for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()
+        if '"type": "guard"' in line
+    ]
     assert len(records) == 2, records
     # every rollback restored a finite adapter, so epoch 1 ended finite and was checkpointed
     assert checkpoint.latest_checkpoint(config.output_dir) is not None

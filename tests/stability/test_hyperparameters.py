@@ -25,17 +25,33 @@ hyperparameters = dict(
 @given(**hyperparameters)
 def test_fp16_pure_fails_whatever_the_hyperparameters(lr, r, max_grad_norm, warmup_steps):
     model = adapter_model("fp16-pure", r=r)
-    trace = trials.run_steps(model, batches(model), precision="fp16-pure", steps=2, lr=lr,
-                             max_grad_norm=max_grad_norm, warmup_steps=warmup_steps)
-    assert trace["finite"] == [True, False], \
+    trace = trials.run_steps(
+        model,
+        batches(model),
+        precision="fp16-pure",
+        steps=2,
+        lr=lr,
+        max_grad_norm=max_grad_norm,
+        warmup_steps=warmup_steps,
+    )
+    assert trace["finite"] == [True, False], (
         f"lr={lr:g} r={r} clip={max_grad_norm} warmup={warmup_steps}: losses {trace['losses']}"
+    )
 
 
 @settings(max_examples=15)
 @given(precision=st.sampled_from(["fp16-amp", "bf16", "fp32"]), **hyperparameters)
 def test_recommended_precisions_never_fail(precision, lr, r, max_grad_norm, warmup_steps):
     model = adapter_model(precision, r=r)
-    trace = trials.run_steps(model, batches(model), precision=precision, steps=3, lr=lr,
-                             max_grad_norm=max_grad_norm, warmup_steps=warmup_steps)
-    assert all(trace["finite"]) and trace["diagnosis"] is None, \
+    trace = trials.run_steps(
+        model,
+        batches(model),
+        precision=precision,
+        steps=3,
+        lr=lr,
+        max_grad_norm=max_grad_norm,
+        warmup_steps=warmup_steps,
+    )
+    assert all(trace["finite"]) and trace["diagnosis"] is None, (
         f"{precision} lr={lr:g} r={r} clip={max_grad_norm} warmup={warmup_steps}: losses {trace['losses']}"
+    )

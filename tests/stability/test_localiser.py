@@ -34,7 +34,7 @@ VALUES = st.sampled_from([math.nan, math.inf, -math.inf])
 POLICIES = st.sampled_from(["raise", "skip", "rollback"])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def setup():
     """(model, batch, modules whose output reaches the loss, {parameter: its elements that do})."""
     model = shared_adapter_model("fp32")
@@ -58,16 +58,21 @@ def setup():
                 probe = torch.zeros_like(output, requires_grad=True)
                 probes.setdefault(name, []).append(probe)
                 return output + probe
+
         return hook
 
     handles = [m.register_forward_hook(add_probe(n)) for n, m in probe_model.named_modules() if n]
     forward.custom_forward(probe_model, batch).loss.backward()
     for handle in handles:
         handle.remove()
-    modules = [name for name, calls in probes.items()
-               if any(p.grad is not None and bool((p.grad != 0).any()) for p in calls)]
-    elements = {name: (p.grad.flatten() != 0).nonzero().flatten() for name, p in probe_model.named_parameters()
-                if p.grad is not None and bool((p.grad != 0).any())}
+    modules = [
+        name for name, calls in probes.items() if any(p.grad is not None and bool((p.grad != 0).any()) for p in calls)
+    ]
+    elements = {
+        name: (p.grad.flatten() != 0).nonzero().flatten()
+        for name, p in probe_model.named_parameters()
+        if p.grad is not None and bool((p.grad != 0).any())
+    }
     assert len(modules) > 100 and len(elements) > 100, (len(modules), len(elements))
     return model, batch, modules, elements
 
@@ -120,8 +125,13 @@ def assert_no_step(optimizer):
 
 
 @settings(max_examples=60)
-@given(rows=st.sets(st.integers(0, 1), min_size=1), value=VALUES, where=st.integers(0, 10**6),
-       with_ids=st.booleans(), policy=POLICIES)
+@given(
+    rows=st.sets(st.integers(0, 1), min_size=1),
+    value=VALUES,
+    where=st.integers(0, 10**6),
+    with_ids=st.booleans(),
+    policy=POLICIES,
+)
 def test_input_pixels(rows, value, where, with_ids, policy):
     model, batch, _, _ = setup()
     batch = dict(batch, pixel_values=batch["pixel_values"].clone())
@@ -135,8 +145,9 @@ def test_input_pixels(rows, value, where, with_ids, policy):
         policy = "skip"
     diagnosis = caught(policy, error, trace)
     expected_ids = [batch["ids"][r] if with_ids else f"row {r}" for r in sorted(rows)]
-    assert (diagnosis.kind, diagnosis.first_module, diagnosis.sample_ids) == ("input", "pixel_values", expected_ids), \
+    assert (diagnosis.kind, diagnosis.first_module, diagnosis.sample_ids) == ("input", "pixel_values", expected_ids), (
         diagnosis.message
+    )
     assert_no_step(optimizer)
 
 
@@ -155,8 +166,9 @@ def test_module_output(index, value, policy):
     if not detected(value, error, trace):
         return
     diagnosis = caught(policy, error, trace)
-    assert diagnosis.kind == "loss" and diagnosis.first_module == name, \
+    assert diagnosis.kind == "loss" and diagnosis.first_module == name, (
         f"injected {value} into {name}: {diagnosis.message}"
+    )
     assert diagnosis.sample_ids == batch["ids"] and diagnosis.first_parameter is None, diagnosis.message
     assert_no_step(optimizer)
 
@@ -179,8 +191,9 @@ def test_gradient(index, where, value, policy):
     finally:
         handle.remove()
     diagnosis = caught(policy, error, trace)
-    assert (diagnosis.kind, diagnosis.first_gradient, diagnosis.first_module) == ("gradient", name, None), \
+    assert (diagnosis.kind, diagnosis.first_gradient, diagnosis.first_module) == ("gradient", name, None), (
         f"injected {value} into the gradient of {name}: {diagnosis.message}"
+    )
     assert_no_step(optimizer)
 
 
@@ -216,8 +229,9 @@ def test_parameter(index, where, value, policy):
     else:  # skip cannot repair weights, nor rollback a frozen one
         assert error is not None, f"guard={policy} went on with non-finite {name}: {trace}"
         diagnosis = error.diagnosis
-    assert (diagnosis.kind, diagnosis.first_parameter) == ("parameter", name), \
+    assert (diagnosis.kind, diagnosis.first_parameter) == ("parameter", name), (
         f"injected {value} into {name}: {diagnosis.message}"
+    )
     assert diagnosis.first_module is not None, diagnosis.message
     assert_no_step(optimizer)
 
@@ -249,8 +263,9 @@ def test_inputs_embeds_caught_by_the_rerun():
         error, _, optimizer, _ = run_guarded(model, batch, "raise")
     finally:
         handle.remove()
-    assert error is not None and error.diagnosis.first_module.startswith("language_model input inputs_embeds"), \
+    assert error is not None and error.diagnosis.first_module.startswith("language_model input inputs_embeds"), (
         error and error.diagnosis.message
+    )
     assert_no_step(optimizer)
 
 
@@ -258,5 +273,6 @@ def test_model_left_untouched():
     """The shared model is what the properties above assume: finite and never stepped on."""
     model, _, _, _ = setup()
     assert numerics.first_non_finite_parameter(model) is None
-    assert all(float(p.detach().abs().sum()) == 0 for n, p in model.named_parameters() if "lora_B" in n), \
+    assert all(float(p.detach().abs().sum()) == 0 for n, p in model.named_parameters() if "lora_B" in n), (
         "lora_B moved away from its zero init: some optimizer step was taken"
+    )

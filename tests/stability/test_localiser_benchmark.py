@@ -64,8 +64,11 @@ def test_guard_overhead_is_small():
     steps = {variant: make_step(variant) for variant in VARIANTS}
     medians = interleaved_medians(steps, rounds=ROUNDS, warmup=3)
     ratios = {variant: medians[variant] / medians["none"] for variant in ("raise", "rollback")}
-    print(f"\nguard overhead on a healthy step (interleaved medians, {ROUNDS} rounds): "
-          + ", ".join(f"{v} {r:.3f}x" for v, r in ratios.items()) + f"; no guard {medians['none'] * 1e3:.1f} ms")
+    print(
+        f"\nguard overhead on a healthy step (interleaved medians, {ROUNDS} rounds): "
+        + ", ".join(f"{v} {r:.3f}x" for v, r in ratios.items())
+        + f"; no guard {medians['none'] * 1e3:.1f} ms"
+    )
     # generous bounds for a noisy shared machine; measured: about 1.00x and 1.02x
     assert ratios["raise"] < 1.15, f"guard=raise costs {ratios['raise']:.2f}x a healthy step"
     assert ratios["rollback"] < 1.3, f"guard=rollback costs {ratios['rollback']:.2f}x a healthy step"

@@ -35,8 +35,9 @@ def test_seed_failure_reproduced_fp16_pure():
     assert diagnosis["step"] == 1 and diagnosis["kind"] == "parameter", diagnosis["message"]
     assert "lora_A" in diagnosis["first_parameter"], diagnosis["message"]
     # the first module in execution order to output NaN is the first lora_A of the Q-Former
-    assert diagnosis["first_module"].startswith("base_model.model.qformer.") \
-        and diagnosis["first_module"].endswith("lora_A.default"), diagnosis["message"]
+    assert diagnosis["first_module"].startswith("base_model.model.qformer.") and diagnosis["first_module"].endswith(
+        "lora_A.default"
+    ), diagnosis["message"]
     assert diagnosis["sample_ids"] == ["sample-1-0", "sample-1-1"], diagnosis
 
 
@@ -56,7 +57,7 @@ def test_mechanism_link_by_link():
 
     # eps is below fp16's smallest subnormal (2**-24): it is stored as exactly 0
     assert torch.tensor(1e-8, dtype=torch.float16) == 0
-    assert float(torch.tensor(2.0 ** -24, dtype=torch.float16)) == 2.0 ** -24
+    assert float(torch.tensor(2.0**-24, dtype=torch.float16)) == 2.0**-24
 
     out = forward.custom_forward(model, batch, reduction="sum")
     (out.loss / forward.target_count(batch)).backward()
@@ -68,7 +69,7 @@ def test_mechanism_link_by_link():
     b_grads = torch.cat([p.grad.flatten().float() for _, p in lora_named(model, "B")])
     assert bool((b_grads != 0).any()), "lora_B must get a gradient, else nothing would be learnt"
     # 4. lora_B entries whose (1 - beta2) * g**2 underflows fp16 while g does not
-    small = (b_grads != 0) & ((1e-3 * b_grads.double() ** 2) < 2.0 ** -25)
+    small = (b_grads != 0) & ((1e-3 * b_grads.double() ** 2) < 2.0**-25)
 
     optimizer.step()
     a_states = [optimizer.state[p] for _, p in lora_named(model, "A")]
@@ -82,11 +83,14 @@ def test_mechanism_link_by_link():
     assert bool(small.any()), "no lora_B gradient small enough to underflow exp_avg_sq in this batch"
     # m / 0 = inf, or 0 / 0 = NaN where 0.1 * g underflows too; the other entries stay finite
     finite = torch.isfinite(b_after)
-    assert not bool(finite[small].any()), \
+    assert not bool(finite[small].any()), (
         f"{int(finite[small].sum())} of {int(small.sum())} lora_B entries with underflowed exp_avg_sq are finite"
+    )
     healthy = (b_grads != 0) & ~small
-    assert bool(finite[healthy].all()), \
-        f"{int((~finite[healthy]).sum())} of {int(healthy.sum())} lora_B entries with representable moments went non-finite"
+    assert bool(finite[healthy].all()), (
+        f"{int((~finite[healthy]).sum())} of {int(healthy.sum())} lora_B entries with representable moments "
+        "went non-finite"
+    )
     # every later forward is NaN
     assert not math.isfinite(float(forward.custom_forward(model, batch).loss))
 
@@ -100,16 +104,20 @@ def test_representable_eps_with_fp32_adapters_is_finite():
     assert all(trace["finite"]), f"fp16 base + fp32 adapters: losses {trace['losses']}"
 
 
-@pytest.mark.parametrize("optimizer_kwargs, nan_expected", [
-    (dict(foreach=False), True),   # torch's for-loop AdamW (CPU default): computes in fp16
-    (dict(foreach=True), True),    # foreach (CUDA default): computes in fp16
-    (dict(fused=True), False),     # fused: fp32 opmath, eps survives
-])
+@pytest.mark.parametrize(
+    "optimizer_kwargs, nan_expected",
+    [
+        (dict(foreach=False), True),  # torch's for-loop AdamW (CPU default): computes in fp16
+        (dict(foreach=True), True),  # foreach (CUDA default): computes in fp16
+        (dict(fused=True), False),  # fused: fp32 opmath, eps survives
+    ],
+)
 def test_adamw_implementation(optimizer_kwargs, nan_expected):
     model = adapter_model("fp16-pure", r=4)
     optimizer = torch.optim.AdamW(lora.adapter_parameters(model), lr=5e-6, eps=1e-8, **optimizer_kwargs)
-    trace = trials.run_steps(model, batches(model), precision="fp16-pure", steps=3, optimizer=optimizer,
-                             **SEED_SETTINGS)
+    trace = trials.run_steps(
+        model, batches(model), precision="fp16-pure", steps=3, optimizer=optimizer, **SEED_SETTINGS
+    )
     assert (not all(trace["finite"])) == nan_expected, f"AdamW({optimizer_kwargs}): losses {trace['losses']}"
 
 
@@ -126,9 +134,13 @@ def _wrap_fp16_base(how: str):
         if how == "default":
             return lora.apply_lora(base, spec)  # whatever the installed peft does by default
         import peft
+
         return compat.get_peft_model_in_base_dtype(  # peft 0.7-0.11 behaviour
-            base, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                  target_modules=lora.resolve_target_modules(base, spec)))
+            base,
+            peft.LoraConfig(
+                r=4, lora_alpha=8, lora_dropout=0.0, target_modules=lora.resolve_target_modules(base, spec)
+            ),
+        )
 
 
 @pytest.mark.parametrize("how", ["default", "base-dtype", "half-after-wrapping"])
@@ -136,14 +148,15 @@ def test_peft_adapter_dtype_decides(how):
     """Appears iff the adapters end up fp16: peft 0.7-0.11 by default, any peft after model.half()."""
     model = _wrap_fp16_base(how)
     dtypes = {p.dtype for p in lora.adapter_parameters(model)}
-    expected = {"default": compat.peft_default_adapter_dtype(torch.float16),
-                "base-dtype": torch.float16,
-                "half-after-wrapping": torch.float16}[how]
+    expected = {
+        "default": compat.peft_default_adapter_dtype(torch.float16),
+        "base-dtype": torch.float16,
+        "half-after-wrapping": torch.float16,
+    }[how]
     assert dtypes == {expected}, f"{how} with peft {compat.PEFT}: adapter dtypes {dtypes}, expected {expected}"
     trace = trials.run_steps(model, batches(model), precision="fp16-pure", steps=3, **SEED_SETTINGS)
     assert trace["finite"][0], f"{how}: step-0 loss {trace['losses'][0]}"
-    assert all(trace["finite"]) == (expected == torch.float32), \
-        f"{how} ({expected} adapters): losses {trace['losses']}"
+    assert all(trace["finite"]) == (expected == torch.float32), f"{how} ({expected} adapters): losses {trace['losses']}"
 
 
 def test_same_code_path_as_gpu_test():

@@ -1,4 +1,5 @@
-"""bench/measurement.py and bench/sweep.py on CPU with tiny presets: the same sweep, memory model and report code the GPU run uses.
+"""bench/measurement.py and bench/sweep.py on CPU with tiny presets: the same sweep, memory model and report
+code the GPU run uses.
 
 Memory is only measured on CUDA, so the memory-model summaries are checked on fabricated
 numbers with the shape of a GPU report in test_bench_report.py; everything here runs for real.
@@ -39,12 +40,15 @@ def cpu_report(tmp_path_factory):
     tiny preset, 2 batch sizes, a validation request; counts model builds."""
     builds, out_dir = [], tmp_path_factory.mktemp("reports")
     real_build = measurement.build
-    points = [measurement.SweepPoint(TINY_IB, precision="fp32", validate_budget_gib=24),
-              measurement.SweepPoint(TINY_IB, precision="fp32", forward="native")]
+    points = [
+        measurement.SweepPoint(TINY_IB, precision="fp32", validate_budget_gib=24),
+        measurement.SweepPoint(TINY_IB, precision="fp32", forward="native"),
+    ]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(measurement, "build", lambda point, device: builds.append(point) or real_build(point, device))
-        report, paths = sweep.run_benchmark(points, (2, 1), device="cpu", shape=SHAPE, steps=3,
-                                            report_dir=out_dir, progress=False)
+        report, paths = sweep.run_benchmark(
+            points, (2, 1), device="cpu", shape=SHAPE, steps=3, report_dir=out_dir, progress=False
+        )
     assert paths["json"].parent == out_dir and json.loads(paths["json"].read_text()) == json.loads(json.dumps(report))
     return report, builds
 
@@ -65,13 +69,17 @@ def oom_from(batch_size: int, monkeypatch):
 
 # ----------------------------------------------------------------------------- the sweep on CPU
 
+
 def test_sweep_report_is_well_formed(cpu_report):
     report, builds = cpu_report
     assert len(builds) == 1, f"custom and native share one configuration, so one model; built {len(builds)}"
     assert report["device"] == {"type": "cpu", "name": "cpu", "total_memory_bytes": None, "driver_version": None}
     assert report["versions"] == compat.versions()
     assert report["sequence"] == {"prompt_len": 6, "answer_len": 3, "instruction_len": 4}
-    assert [e["label"] for e in report["points"]] == [f"{TINY_IB} qformer fp32 custom", f"{TINY_IB} qformer fp32 native"]
+    assert [e["label"] for e in report["points"]] == [
+        f"{TINY_IB} qformer fp32 custom",
+        f"{TINY_IB} qformer fp32 native",
+    ]
     assert report["settings"]["measured_steps"] == 3
     for entry in report["points"]:
         assert entry["image_size"] == 30  # from the tiny preset
@@ -85,8 +93,9 @@ def test_sweep_report_is_well_formed(cpu_report):
     assert all(c["time_ratio"] > 0 for c in report["comparisons"])
     assert all(r["fp32"] is None and r["bf16"] is None for r in report["seed_table"])
     assert "needs a CUDA run" in report["paragraph"]
-    assert report["validation"] == [{"label": f"{TINY_IB} qformer fp32 custom", "status": "skipped",
-                                     "reason": "no memory measurements on cpu"}]
+    assert report["validation"] == [
+        {"label": f"{TINY_IB} qformer fp32 custom", "status": "skipped", "reason": "no memory measurements on cpu"}
+    ]
 
 
 def test_report_writers(cpu_report, tmp_path):
@@ -123,8 +132,11 @@ def test_oom_is_recorded_and_the_sweep_goes_on(monkeypatch):
         return real_build(point, device)
 
     monkeypatch.setattr(measurement, "build", build)
-    points = [measurement.SweepPoint(TINY_IB, precision="fp32"), measurement.SweepPoint(TINY_IB, family="blip2"),
-              measurement.SweepPoint(TINY_IB, precision="fp32", forward="native")]
+    points = [
+        measurement.SweepPoint(TINY_IB, precision="fp32"),
+        measurement.SweepPoint(TINY_IB, family="blip2"),
+        measurement.SweepPoint(TINY_IB, precision="fp32", forward="native"),
+    ]
     report = sweep.sweep(points, (1, 2, 3), device="cpu", shape=SHAPE, warmup=0, steps=1, progress=False)
     custom, too_big, native = ([(r["batch_size"], r["oom"]) for r in e["results"]] for e in report["points"])
     assert custom == native == [(1, False), (2, True), (3, True)]
@@ -153,8 +165,10 @@ def test_a_failing_configuration_is_recorded_and_the_sweep_goes_on(monkeypatch):
         return real_step(state)
 
     monkeypatch.setattr(measurement, "timed_step", step)
-    points = [measurement.SweepPoint(TINY_IB, precision="fp32", fused_optimizer=True),
-              measurement.SweepPoint(TINY_IB, precision="fp32")]
+    points = [
+        measurement.SweepPoint(TINY_IB, precision="fp32", fused_optimizer=True),
+        measurement.SweepPoint(TINY_IB, precision="fp32"),
+    ]
     report = sweep.sweep(points, (1, 2, 3), device="cpu", shape=SHAPE, warmup=0, steps=1, progress=False)
     failed, plain = ([(r["batch_size"], measurement.ran(r)) for r in e["results"]] for e in report["points"])
     assert failed == [(1, True), (2, False), (3, False)] and plain == [(1, True), (2, True), (3, True)]
@@ -166,18 +180,25 @@ def test_a_failing_configuration_is_recorded_and_the_sweep_goes_on(monkeypatch):
 def test_a_compile_that_falls_back_to_eager_says_so_in_its_row(monkeypatch, tmp_path):
     # where compile is unavailable the option runs eager: its row must not pass for compiled
     monkeypatch.setattr(compat, "torch_compile_unavailable_reason", lambda device_type: "no triton here")
-    native, compiled = (measurement.SweepPoint(TINY_IB, precision="fp32", forward="native", batch_sizes=(2,)),
-                        measurement.SweepPoint(TINY_IB, precision="fp32", compile_qformer=True, compile_frozen=True,
-                                         batch_sizes=(2,)))
+    native, compiled = (
+        measurement.SweepPoint(TINY_IB, precision="fp32", forward="native", batch_sizes=(2,)),
+        measurement.SweepPoint(TINY_IB, precision="fp32", compile_qformer=True, compile_frozen=True, batch_sizes=(2,)),
+    )
     with pytest.warns(UserWarning, match="no triton here"):
-        report, paths = sweep.run_benchmark([native, compiled], device="cpu", shape=SHAPE, steps=1,
-                                                  report_dir=tmp_path, progress=False)
+        report, paths = sweep.run_benchmark(
+            [native, compiled], device="cpu", shape=SHAPE, steps=1, report_dir=tmp_path, progress=False
+        )
     [result] = report["points"][1]["results"]
     assert [(c["option"], c["used"]) for c in result["step_options"] if c["option"].startswith("compile")] == [
-        ("compile", "eager"), ("compile_frozen", "eager")]
+        ("compile", "eager"),
+        ("compile_frozen", "eager"),
+    ]
     rows = {row["label"]: row for row in report["options"]}
     assert rows[native.label]["not_used"] == []
-    assert rows[compiled.label]["not_used"] == ["compile: eager (no triton here)", "compile_frozen: eager (no triton here)"]
+    assert rows[compiled.label]["not_used"] == [
+        "compile: eager (no triton here)",
+        "compile_frozen: eager (no triton here)",
+    ]
     assert f"{compiled.label} (not used: compile: eager (no triton here); " in paths["md"].read_text()
 
 
@@ -186,8 +207,10 @@ def test_a_failed_flop_count_is_recorded_and_the_sweep_goes_on(monkeypatch):
         raise RuntimeError("FlopCounterMode fell over")
 
     monkeypatch.setattr(flops, "step_flops_per_sample", broken)
-    points = [measurement.SweepPoint(TINY_IB, precision="fp32", batch_sizes=(1,)),
-              measurement.SweepPoint(TINY_IB, precision="fp32", forward="native", batch_sizes=(1,))]
+    points = [
+        measurement.SweepPoint(TINY_IB, precision="fp32", batch_sizes=(1,)),
+        measurement.SweepPoint(TINY_IB, precision="fp32", forward="native", batch_sizes=(1,)),
+    ]
     report = sweep.sweep(points, device="cpu", shape=SHAPE, warmup=0, steps=1, progress=False)
     plain, native = report["points"]
     assert plain["flops_error"] == "RuntimeError: FlopCounterMode fell over" and "flops_per_sample" not in plain
@@ -207,8 +230,15 @@ def test_bf16_with_lm_checkpointing_trains_fp32_adapters():
     assert step_options.lm_checkpointing_active(model)
     changed = sum(not torch.equal(b, p) for b, p in zip(before, adapters))
     assert changed > 0, "no adapter moved: gradients did not reach the Q-Former through the checkpointed LM"
-    measurement.measure(dataclasses.replace(point, lm_activation_checkpointing=False), 1, "cpu", model=model,
-                  shape=SHAPE, warmup=0, steps=1)
+    measurement.measure(
+        dataclasses.replace(point, lm_activation_checkpointing=False),
+        1,
+        "cpu",
+        model=model,
+        shape=SHAPE,
+        warmup=0,
+        steps=1,
+    )
     assert not step_options.lm_checkpointing_active(model), "checkpointing is switched per configuration"
 
 
@@ -222,7 +252,10 @@ def test_fp16_amp_scales_the_loss_and_counts_skipped_steps():
     losses = [measurement.timed_step(state) for _ in range(3)]
     assert all(math.isfinite(x) for x in losses), losses
     # GradScaler halves its scale (initially 2**16) on every step it skips for inf/NaN gradients
-    assert state.parts.scaler.get_scale() == 2.0 ** (16 - state.skipped_steps), (state.parts.scaler.get_scale(), state.skipped_steps)
+    assert state.parts.scaler.get_scale() == 2.0 ** (16 - state.skipped_steps), (
+        state.parts.scaler.get_scale(),
+        state.skipped_steps,
+    )
     moved = any(not torch.equal(b, p) for b, p in zip(before, adapters))
     assert moved == (state.skipped_steps < 3), "adapters move exactly when a step was not skipped"
 
@@ -245,8 +278,12 @@ def test_default_grid_covers_the_seed_table_and_shares_builds():
     points = measurement.default_points()
     for _, preset, scope, _ in measurement.SEED_ROWS:
         for precision in ("fp32", "bf16"):
-            matches = [p for p in points if dataclasses.replace(p, batch_sizes=None, validate_budget_gib=None)
-                       == measurement.SweepPoint(preset, scope, precision)]
+            matches = [
+                p
+                for p in points
+                if dataclasses.replace(p, batch_sizes=None, validate_budget_gib=None)
+                == measurement.SweepPoint(preset, scope, precision)
+            ]
             assert len(matches) == 1 and len(matches[0].batch_sizes) >= 2, (preset, scope, precision)
     assert sum(p.validate_budget_gib is not None for p in points) == 1
     keys = [p.build_key for p in points]
@@ -258,8 +295,7 @@ def test_default_grid_covers_the_seed_table_and_shares_builds():
 def test_the_gpu_grid_runs_end_to_end_on_tiny_presets(tmp_path):
     # the same call the GPU session fixture makes, on the tiny variants, one step per point
     points = measurement.default_points(TINY_IB, TINY_B2, options_batch=4)  # batch 64 adds nothing on CPU but time
-    report, paths = sweep.run_benchmark(points, device="cpu", shape=SHAPE, steps=1, report_dir=tmp_path,
-                                        progress=False)
+    report, paths = sweep.run_benchmark(points, device="cpu", shape=SHAPE, steps=1, report_dir=tmp_path, progress=False)
     assert [e["label"] for e in report["points"]] == [p.label for p in points]
     for entry, point in zip(report["points"], points):
         assert [(r["batch_size"], r["oom"]) for r in entry["results"]] == [(n, False) for n in point.batch_sizes]
@@ -267,12 +303,19 @@ def test_the_gpu_grid_runs_end_to_end_on_tiny_presets(tmp_path):
         assert all((r["skipped_steps"] is None) == (point.precision != "fp16-amp") for r in entry["results"])
     assert [c["batch_size"] for c in report["comparisons"]] == [4]
     assert [(o["forward"], o["options"], o["error"]) for o in report["options"]] == [
-        ("native", [], None), ("custom", [], None), ("custom", ["lm_activation_checkpointing"], None),
-        ("custom", ["feature_cache"], None), ("custom", ["fused_optimizer"], None),
+        ("native", [], None),
+        ("custom", [], None),
+        ("custom", ["lm_activation_checkpointing"], None),
+        ("custom", ["feature_cache"], None),
+        ("custom", ["fused_optimizer"], None),
         ("custom", ["feature_cache", "fused_optimizer", "compile_frozen"], None),
         ("custom", ["feature_cache", "fused_optimizer", "compile_qformer", "compile_frozen"], None),
-        ("custom", ["lm_activation_checkpointing", "feature_cache", "fused_optimizer", "compile_qformer",
-                    "compile_frozen"], None)]
+        (
+            "custom",
+            ["lm_activation_checkpointing", "feature_cache", "fused_optimizer", "compile_qformer", "compile_frozen"],
+            None,
+        ),
+    ]
     # no memory and no 16-bit peak on a CPU: the ratios of time only
     assert all(o["memory_ratio"] is None and o["mfu"] is None and o["speedup"] > 0 for o in report["options"])
     assert all(o["flops_per_sample"] > 0 for o in report["options"])
@@ -281,21 +324,32 @@ def test_the_gpu_grid_runs_end_to_end_on_tiny_presets(tmp_path):
 
 
 def test_sweep_out_of_time_records_the_rest_as_not_run(tmp_path):
-    points = [measurement.SweepPoint(TINY_IB, batch_sizes=(1,)), measurement.SweepPoint(TINY_IB, "qformer+llm", batch_sizes=(1, 2))]
+    points = [
+        measurement.SweepPoint(TINY_IB, batch_sizes=(1,)),
+        measurement.SweepPoint(TINY_IB, "qformer+llm", batch_sizes=(1, 2)),
+    ]
     asked = iter([False, True])
-    report, paths = sweep.run_benchmark(points, device="cpu", shape=SHAPE, steps=1, report_dir=tmp_path,
-                                        progress=False, out_of_time=lambda: next(asked))
+    report, paths = sweep.run_benchmark(
+        points, device="cpu", shape=SHAPE, steps=1, report_dir=tmp_path, progress=False, out_of_time=lambda: next(asked)
+    )
     first, second = report["points"]
     assert [r["oom"] for r in first["results"]] == [False] and measurement.ran(first["results"][0])
     assert second["label"] == points[1].label and second["memory_model"] is None
     assert [(r["batch_size"], r["error"]) for r in second["results"]] == [
-        (1, "not run: the sweep's time budget was spent"), (2, "not run: the sweep's time budget was spent")]
+        (1, "not run: the sweep's time budget was spent"),
+        (2, "not run: the sweep's time budget was spent"),
+    ]
     assert paths["md"].is_file()
 
 
 def test_grid_orders_points_to_share_models():
-    points = measurement.grid(TINY_IB, scopes=("qformer", "qformer+llm"), precisions=("fp32", "bf16", "fp16-amp"),
-                        forwards=("custom", "native"), validate_budget_gib=24)
+    points = measurement.grid(
+        TINY_IB,
+        scopes=("qformer", "qformer+llm"),
+        precisions=("fp32", "bf16", "fp16-amp"),
+        forwards=("custom", "native"),
+        validate_budget_gib=24,
+    )
     assert len(points) == 12 and points[0].validate_budget_gib == 24
     assert all(p.validate_budget_gib is None for p in points[1:])
     keys = [p.build_key for p in points]
@@ -305,6 +359,7 @@ def test_grid_orders_points_to_share_models():
 
 
 # ----------------------------------------------------------------------------- memory model (measured)
+
 
 @pytest.mark.parametrize("predicted", [3, 4, 9])
 def test_validate_prediction_finds_the_real_limit(predicted, monkeypatch):
@@ -349,9 +404,13 @@ def test_bench_report_rerenders_a_saved_report(cpu_report, tmp_path, capsys):
 def test_memory_cap_names_the_device_index(monkeypatch):
     # torch.cuda.set_per_process_memory_fraction refuses a bare "cuda" device (seen on the H200 run)
     calls = []
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 80 * capacity.GIB}))
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 80 * capacity.GIB})
+    )
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: calls.append((fraction, device)))
+    monkeypatch.setattr(
+        torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: calls.append((fraction, device))
+    )
     monkeypatch.setattr(device, "free_memory", lambda collect=True: None)
     with device.memory_cap(24 * capacity.GIB, torch.device("cuda")) as fraction:
         assert fraction == 24 / 80

@@ -25,12 +25,12 @@ from ..timing import interleaved_medians
 
 PRESET = "tiny-instructblip-flan-t5"
 BATCH = 8
-ROUNDS = 10           # per variant in the pytest-benchmark table
-RATIO_ROUNDS = 15     # per variant in the interleaved ratio
+ROUNDS = 10  # per variant in the pytest-benchmark table
+RATIO_ROUNDS = 15  # per variant in the interleaved ratio
 VARIANTS = ("no-cache", "memory-cache", "disk-cache")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _adapter_model():
     torch.manual_seed(0)
     return lora.apply_lora(presets.build_model(PRESET), lora.LoraSpec(r=8, alpha=16, dropout=0.0)).eval()
@@ -79,9 +79,12 @@ def test_cache_speedup(tmp_path):
     steps = {variant: make_step(variant, tmp_path / variant)[0] for variant in VARIANTS}
     medians = interleaved_medians(steps, rounds=RATIO_ROUNDS, warmup=2)
     speedup = {variant: medians["no-cache"] / medians[variant] for variant in VARIANTS[1:]}
-    print(f"\nfeature cache, {PRESET} batch {BATCH}, interleaved medians of {RATIO_ROUNDS} steps: "
-          f"no cache {medians['no-cache'] * 1e3:.1f} ms, "
-          + ", ".join(f"{v} {medians[v] * 1e3:.1f} ms ({speedup[v]:.2f}x)" for v in VARIANTS[1:]))
+    print(
+        f"\nfeature cache, {PRESET} batch {BATCH}, interleaved medians of {RATIO_ROUNDS} steps: "
+        f"no cache {medians['no-cache'] * 1e3:.1f} ms, "
+        + ", ".join(f"{v} {medians[v] * 1e3:.1f} ms ({speedup[v]:.2f}x)" for v in VARIANTS[1:])
+    )
     # generous bound for a noisy shared machine (see the printed figures for the measurement)
-    assert speedup["memory-cache"] > 1.0, (f"a warm memory cache made the step slower: "
-                                           f"{speedup['memory-cache']:.2f}x ({medians})")
+    assert speedup["memory-cache"] > 1.0, (
+        f"a warm memory cache made the step slower: {speedup['memory-cache']:.2f}x ({medians})"
+    )

@@ -9,7 +9,8 @@ from __future__ import annotations
 from fractions import Fraction
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qformer_lora.bench import capacity
 
@@ -22,7 +23,7 @@ def test_fit_linear_recovers_exact_coefficients():
         capacity.fit_linear([4, 4], [1, 2])
 
 
-@given(a=st.floats(0, 2e11), b=st.floats(1, 2e10), budget=st.integers(0, 2 ** 38))
+@given(a=st.floats(0, 2e11), b=st.floats(1, 2e10), budget=st.integers(0, 2**38))
 def test_predict_max_batch_is_the_largest_batch_within_budget(a, b, budget):
     n = capacity.predict_max_batch(a, b, budget)
     a, b = Fraction(a), Fraction(b)
@@ -31,8 +32,12 @@ def test_predict_max_batch_is_the_largest_batch_within_budget(a, b, budget):
     assert a + b * (n + 1) > budget, f"batch {n + 1} would also fit"
 
 
-@given(a=st.integers(0, 2 ** 36), b=st.integers(1, 2 ** 32), sizes=st.sets(st.integers(1, 512), min_size=2, max_size=6),
-       budget=st.integers(0, 2 ** 38))
+@given(
+    a=st.integers(0, 2**36),
+    b=st.integers(1, 2**32),
+    sizes=st.sets(st.integers(1, 512), min_size=2, max_size=6),
+    budget=st.integers(0, 2**38),
+)
 def test_fit_then_predict_matches_the_true_line(a, b, sizes, budget):
     sizes = sorted(sizes)
     fitted = capacity.fit_linear(sizes, [a + b * n for n in sizes])

@@ -11,8 +11,13 @@ from qformer_lora import cli
 
 def test_verify_json_on_the_default_preset_reports_the_seed_counts():
     # the installed console script, as a user runs it (timeout only guards against a hang)
-    result = subprocess.run([sys.executable, "-m", "qformer_lora.cli", "verify", "--json"],
-                            capture_output=True, text=True, timeout=300, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "qformer_lora.cli", "verify", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     report = json.loads(result.stdout)
     assert report["preset"] == "instructblip-flan-t5-xl"
     assert report["lora_tensors"] == 240
@@ -40,14 +45,23 @@ from qformer_lora.diagnostics import doctor  # noqa: E402
 from qformer_lora.inference import generate  # noqa: E402
 
 
-@pytest.mark.parametrize("argv, message", [
-    # a batch of 0 ran, recorded a reshape error and wrote reports with exit 0
-    (["bench", "--device", "cpu", "--batch-sizes", "0"], "argument --batch-sizes: 0 is not a positive integer"),
-    (["bench", "--device", "cpu", "--batch-sizes", "1", "--steps", "0"], "argument --steps: 0 is not a positive integer"),
-    # --limit -1 silently dropped the last sample, 0 ended in an IndexError traceback
-    (["generate", "run", "--manifest", "m.jsonl", "--limit", "-1"], "argument --limit: -1 is not a positive integer"),
-    (["doctor", "--device", "banana"], "argument --device: 'banana' is not a device"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # a batch of 0 ran, recorded a reshape error and wrote reports with exit 0
+        (["bench", "--device", "cpu", "--batch-sizes", "0"], "argument --batch-sizes: 0 is not a positive integer"),
+        (
+            ["bench", "--device", "cpu", "--batch-sizes", "1", "--steps", "0"],
+            "argument --steps: 0 is not a positive integer",
+        ),
+        # --limit -1 silently dropped the last sample, 0 ended in an IndexError traceback
+        (
+            ["generate", "run", "--manifest", "m.jsonl", "--limit", "-1"],
+            "argument --limit: -1 is not a positive integer",
+        ),
+        (["doctor", "--device", "banana"], "argument --device: 'banana' is not a device"),
+    ],
+)
 def test_bad_numbers_and_devices_are_refused_by_the_parser(argv, message, capsys, tmp_path):
     if argv[0] == "bench":  # were the check gone: a tiny sweep into tmp_path, not the full-size grid
         argv = argv + ["--preset", "tiny-instructblip-flan-t5", "--out", str(tmp_path)]
@@ -71,9 +85,25 @@ def test_a_non_finite_stop_is_a_diagnosis_not_a_traceback(tmp_path, capsys):
     # eps=0 (forced past the doctor) gives NaN at the first optimizer step; guard=raise stops there
     few = tmp_path / "few.jsonl"
     few.write_text("".join(line + "\n" for line in (data.SHAPES_DIR / "train.jsonl").read_text().splitlines()[:4]))
-    code = cli.main(["train", "--train-manifest", str(few), "--image-root", str(data.SHAPES_DIR), "--epochs", "1",
-                     "--adam-eps", "0", "--allow-unsafe", "true", "--output-dir", str(tmp_path / "run"),
-                     "--progress", "false"])
+    code = cli.main(
+        [
+            "train",
+            "--train-manifest",
+            str(few),
+            "--image-root",
+            str(data.SHAPES_DIR),
+            "--epochs",
+            "1",
+            "--adam-eps",
+            "0",
+            "--allow-unsafe",
+            "true",
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--progress",
+            "false",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "\nqformer-lora: error: non-finite parameter at optimizer step 1" in "\n" + err, err
     assert "Traceback" not in err, err
@@ -110,10 +140,26 @@ def test_generate_and_export_check_their_own_arguments_before_loading_a_model(tm
 def test_bench_options_batch_runs_only_the_step_option_table(monkeypatch, tmp_path, capsys):
     # the GPU's option rows repeated with more steps; the sweep itself is tested in test_bench.py
     calls = []
-    monkeypatch.setattr(sweep, "run_benchmark",
-                        lambda points, *args, **kwargs: calls.append((points, kwargs)) or ({"paragraph": "p"}, {}))
-    cli.main(["bench", "--device", "cpu", "--preset", "tiny-instructblip-flan-t5", "--options-batch", "4",
-              "--steps", "7", "--out", str(tmp_path)])
+    monkeypatch.setattr(
+        sweep,
+        "run_benchmark",
+        lambda points, *args, **kwargs: calls.append((points, kwargs)) or ({"paragraph": "p"}, {}),
+    )
+    cli.main(
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--preset",
+            "tiny-instructblip-flan-t5",
+            "--options-batch",
+            "4",
+            "--steps",
+            "7",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     [(points, kwargs)] = calls
     assert points == measurement.options_grid("tiny-instructblip-flan-t5", 4) and kwargs["steps"] == 7
     assert [p.forward for p in points[:2]] == ["custom", "native"] and measurement.is_plain(points[0])

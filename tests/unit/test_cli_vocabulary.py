@@ -19,7 +19,7 @@ from qformer_lora.training.run_config import TrainConfig
 # dest -> why its default may differ between subcommands
 DIFFERENT_DEFAULTS = {
     "preset": "verify and bench default to the full-size model their figures are about; train and doctor to the "
-              "tiny model the embedded default run trains",
+    "tiny model the embedded default run trains",
     "out": "each subcommand writes its own kind of report (reproduce: reports/, bench: reports/gpu)",
 }
 SWITCHES = {"json"}  # output switches; every option that sets a value takes one (true/false)
@@ -32,8 +32,10 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 
 
 def options() -> dict[str, dict[str, argparse.Action]]:
-    return {name: {a.dest: a for a in p._actions if a.option_strings and a.dest != "help"}
-            for name, p in subcommands().items()}
+    return {
+        name: {a.dest: a for a in p._actions if a.option_strings and a.dest != "help"}
+        for name, p in subcommands().items()
+    }
 
 
 def effective_default(command: str, action: argparse.Action):
@@ -59,8 +61,10 @@ def test_the_walk_sees_the_shared_vocabulary():
 @pytest.mark.parametrize("dest", sorted(shared()))
 def test_a_shared_option_is_spelled_and_valued_alike(dest):
     found = shared()[dest]
-    seen = {command: (tuple(a.option_strings), tuple(a.choices or ()), a.nargs, type(a).__name__)
-            for command, a in found.items()}
+    seen = {
+        command: (tuple(a.option_strings), tuple(a.choices or ()), a.nargs, type(a).__name__)
+        for command, a in found.items()
+    }
     assert len(set(seen.values())) == 1, f"{dest}: flag, choices, nargs or kind differ: {seen}"
     if dest not in DIFFERENT_DEFAULTS:
         defaults = {command: effective_default(command, a) for command, a in found.items()}
@@ -78,20 +82,29 @@ def test_a_flag_names_one_option_everywhere():
 
 def test_options_that_set_a_value_take_one():
     # bench's --lm-checkpointing was a bare switch while train's took true/false
-    bare = [f"{command} {a.option_strings[0]}" for command, actions in options().items() for a in actions.values()
-            if a.nargs == 0 and a.dest not in SWITCHES]
+    bare = [
+        f"{command} {a.option_strings[0]}"
+        for command, actions in options().items()
+        for a in actions.values()
+        if a.nargs == 0 and a.dest not in SWITCHES
+    ]
     assert bare == []
 
 
 def test_flags_parse_to_the_same_values_in_every_subcommand():
     # the parse itself, not only the declarations: rank, alpha, targets, scope and booleans
-    verify = cli.build_parser().parse_args(["verify", "--lora-r", "4", "--targets", "query,value", "--scope",
-                                            "qformer+llm"])
-    train = cli.build_parser().parse_args(["train", "--lora-r", "4", "--targets", "query,value", "--scope",
-                                           "qformer+llm", "--lm-checkpointing", "false"])
+    verify = cli.build_parser().parse_args(
+        ["verify", "--lora-r", "4", "--targets", "query,value", "--scope", "qformer+llm"]
+    )
+    train = cli.build_parser().parse_args(
+        ["train", "--lora-r", "4", "--targets", "query,value", "--scope", "qformer+llm", "--lm-checkpointing", "false"]
+    )
     bench = cli.build_parser().parse_args(["bench", "--lm-checkpointing", "false"])
-    assert (verify.lora_r, verify.targets, verify.scope) == (train.lora_r, train.targets, train.scope) == (
-        4, ("query", "value"), "qformer+llm")
+    assert (
+        (verify.lora_r, verify.targets, verify.scope)
+        == (train.lora_r, train.targets, train.scope)
+        == (4, ("query", "value"), "qformer+llm")
+    )
     assert train.lm_checkpointing is bench.lm_checkpointing is False
     assert cli.lora_spec(verify).alpha == TrainConfig(lora_r=4).lora_alpha == 8  # alpha defaults to 2r everywhere
 

@@ -15,7 +15,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from qformer_lora.data import FIXTURES_DIR, IGNORE_INDEX, SHAPES_DIR, Collator, Example, ShapesDataset, build_processor, read_manifest
+from qformer_lora.data import (
+    FIXTURES_DIR,
+    IGNORE_INDEX,
+    SHAPES_DIR,
+    Collator,
+    Example,
+    ShapesDataset,
+    build_processor,
+    read_manifest,
+)
 
 # Tiny presets use image_token_index 511 (see fixtures/tokenizers/README.md).
 IMAGE_TOKEN_INDEX = 511
@@ -57,7 +66,9 @@ def test_processor_construction_does_not_grow_vocab():
     for family in ("instructblip", "blip2"):
         tok = processor(family).tokenizer
         assert len(tok) < IMAGE_TOKEN_INDEX, f"{family}: LM vocab {len(tok)} reaches image_token_index"
-        assert len(tok) == len(json.loads((FIXTURES_DIR / "tokenizers/lm/tokenizer.json").read_text())["model"]["vocab"])
+        assert len(tok) == len(
+            json.loads((FIXTURES_DIR / "tokenizers/lm/tokenizer.json").read_text())["model"]["vocab"]
+        )
 
 
 def test_processor_types_and_image_size():
@@ -152,7 +163,9 @@ def test_decoder_only_label_alignment():
         n = len(prompt) + len(answer)
         row_ids, row_labels = batch["input_ids"][i], batch["labels"][i]
         assert row_ids[:n].tolist() == prompt + answer, f"row {i}: input_ids {row_ids.tolist()} != prompt+answer+eos"
-        assert (row_labels[: len(prompt)] == IGNORE_INDEX).all(), f"row {i}: prompt positions not -100: {row_labels.tolist()}"
+        assert (row_labels[: len(prompt)] == IGNORE_INDEX).all(), (
+            f"row {i}: prompt positions not -100: {row_labels.tolist()}"
+        )
         assert row_labels[len(prompt) : n].tolist() == row_ids[len(prompt) : n].tolist() == answer
         assert (row_labels[n:] == IGNORE_INDEX).all() and (row_ids[n:] == tok.pad_token_id).all()
 
@@ -190,7 +203,10 @@ def test_overlong_text_truncated_with_warning(family: str, decoder_only: bool):
         assert batch["input_ids"][0, n_prompt - 1] == processor(family).tokenizer.eos_token_id, "eos lost in truncation"
     if family == "instructblip":
         q = batch["qformer_input_ids"][0]
-        assert int(batch["qformer_attention_mask"][0].sum()) == 10 and q[9] == processor(family).qformer_tokenizer.sep_token_id
+        assert (
+            int(batch["qformer_attention_mask"][0].sum()) == 10
+            and q[9] == processor(family).qformer_tokenizer.sep_token_id
+        )
 
 
 def test_dataloader_integration():

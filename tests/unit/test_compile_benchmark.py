@@ -27,8 +27,8 @@ from qformer_lora.training import step_options
 from ..timing import interleaved_medians
 
 BATCH = 2
-ROUNDS = 10          # per variant in the pytest-benchmark table
-RATIO_ROUNDS = 15    # per variant in the interleaved ratio
+ROUNDS = 10  # per variant in the pytest-benchmark table
+RATIO_ROUNDS = 15  # per variant in the interleaved ratio
 VARIANTS = ("eager", "compiled-frozen", "compiled-all", "eager+lm-ckpt", "compiled-all+lm-ckpt")
 
 pytestmark = pytest.mark.slow
@@ -38,13 +38,14 @@ def narrow_deep_preset() -> presets.Preset:
     full = presets.load_preset("instructblip-flan-t5-xl")
     config = copy.deepcopy(full.config)
     config["vision_config"].update(hidden_size=64, intermediate_size=128, num_attention_heads=4, image_size=56)
-    config["qformer_config"].update(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                    encoder_hidden_size=64, vocab_size=1000)
+    config["qformer_config"].update(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, encoder_hidden_size=64, vocab_size=1000
+    )
     config["text_config"].update(d_model=64, d_ff=128, num_heads=4, d_kv=16)
     return dataclasses.replace(full, name="instructblip-flan-t5-xl depth, width 64", config=config)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _adapter_model():
     return lora.apply_lora(presets.build_model(narrow_deep_preset()), lora.LoraSpec(r=8, alpha=16)).eval()
 
@@ -95,11 +96,14 @@ def test_compile_speedup(steps):
     """Interleaved, so load changes on a shared machine hit every variant alike."""
     medians = interleaved_medians(steps, rounds=RATIO_ROUNDS, warmup=2)
     speedup = {variant: medians["eager"] / medians[variant] for variant in VARIANTS[1:]}
-    print(f"\ncompile, overhead-bound CPU step, interleaved medians of {RATIO_ROUNDS}: eager "
-          f"{medians['eager'] * 1e3:.1f} ms, "
-          + ", ".join(f"{v} {medians[v] * 1e3:.1f} ms ({speedup[v]:.2f}x)" for v in VARIANTS[1:])
-          + f"; with LM checkpointing, compiling all: {medians['eager+lm-ckpt'] / medians['compiled-all+lm-ckpt']:.2f}x")
+    print(
+        f"\ncompile, overhead-bound CPU step, interleaved medians of {RATIO_ROUNDS}: eager "
+        f"{medians['eager'] * 1e3:.1f} ms, "
+        + ", ".join(f"{v} {medians[v] * 1e3:.1f} ms ({speedup[v]:.2f}x)" for v in VARIANTS[1:])
+        + f"; with LM checkpointing, compiling all: {medians['eager+lm-ckpt'] / medians['compiled-all+lm-ckpt']:.2f}x"
+    )
     # generous bounds for a noisy shared machine (the printed figures are the measurement)
     assert speedup["compiled-all"] > 1.0, f"compiling made the step slower: {speedup} ({medians})"
-    assert medians["compiled-all+lm-ckpt"] < medians["eager+lm-ckpt"], f"compiling made the checkpointed step " \
-                                                                       f"slower: {medians}"
+    assert medians["compiled-all+lm-ckpt"] < medians["eager+lm-ckpt"], (
+        f"compiling made the checkpointed step slower: {medians}"
+    )

@@ -17,7 +17,18 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from qformer_lora.data import FIXTURES_DIR, QFORMER_TOKENIZER_DIR, SHAPES_DIR, Example, ImageLoadError, ManifestDataset, ManifestError, ShapesDataset, load_image, read_manifest
+from qformer_lora.data import (
+    FIXTURES_DIR,
+    QFORMER_TOKENIZER_DIR,
+    SHAPES_DIR,
+    Example,
+    ImageLoadError,
+    ManifestDataset,
+    ManifestError,
+    ShapesDataset,
+    load_image,
+    read_manifest,
+)
 
 REPO_ROOT = FIXTURES_DIR.parent
 SCRIPTS = REPO_ROOT / "scripts"
@@ -111,15 +122,15 @@ def test_unknown_key(root: Path):
     assert_manifest_error(manifest, root, f"{manifest}:1", "'answers'", "unknown")
 
 
-@pytest.mark.parametrize(
-    "field,value", [("answer", 3), ("instruction", ["what"]), ("image", None), ("id", 7)]
-)
+@pytest.mark.parametrize("field,value", [("answer", 3), ("instruction", ["what"]), ("image", None), ("id", 7)])
 def test_wrong_type(root: Path, field: str, value):
     manifest = write_manifest(root / "m.jsonl", [good(**{field: value})])
     assert_manifest_error(manifest, root, f"{manifest}:1", f"'{field}'", "expected a string")
 
 
-@pytest.mark.parametrize("field,value", [("instruction", ""), ("instruction", "  \t"), ("answer", ""), ("answer", "\n ")])
+@pytest.mark.parametrize(
+    "field,value", [("instruction", ""), ("instruction", "  \t"), ("answer", ""), ("answer", "\n ")]
+)
 def test_empty_text(root: Path, field: str, value: str):
     manifest = write_manifest(root / "m.jsonl", [good(), good(**{field: value})])
     assert_manifest_error(manifest, root, f"{manifest}:2", f"'{field}'", "empty")
@@ -186,8 +197,9 @@ def test_truncated_image_names_file(tmp_path: Path):
 
 def test_corrupt_image_through_dataset(root: Path):
     (root / "images" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
-    ds = ManifestDataset.from_manifest(write_manifest(root / "m.jsonl", [good(id="a"), good(id="b", image="images/bad.png")]),
-                                       root)
+    ds = ManifestDataset.from_manifest(
+        write_manifest(root / "m.jsonl", [good(id="a"), good(id="b", image="images/bad.png")]), root
+    )
     # decoded lazily, during training: the error names the manifest line as well as the file
     with pytest.raises(ImageLoadError, match=r"m\.jsonl:2: field 'image': .*bad\.png"):
         ds[1]

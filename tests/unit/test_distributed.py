@@ -43,9 +43,14 @@ def _head(manifest: Path, n: int, out: Path) -> Path:
 
 
 def _options(tmp: Path) -> dict:
-    return dict(train_manifest=str(_head(data.SHAPES_DIR / "train.jsonl", TRAIN_SAMPLES, tmp / "train.jsonl")),
-                val_manifest=str(_head(data.SHAPES_DIR / "val.jsonl", VAL_SAMPLES, tmp / "val.jsonl")),
-                image_root=str(data.SHAPES_DIR), epochs=1, grad_accum=GRAD_ACCUM, progress=False)
+    return dict(
+        train_manifest=str(_head(data.SHAPES_DIR / "train.jsonl", TRAIN_SAMPLES, tmp / "train.jsonl")),
+        val_manifest=str(_head(data.SHAPES_DIR / "val.jsonl", VAL_SAMPLES, tmp / "val.jsonl")),
+        image_root=str(data.SHAPES_DIR),
+        epochs=1,
+        grad_accum=GRAD_ACCUM,
+        progress=False,
+    )
 
 
 def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -59,9 +64,21 @@ def runs(tmp_path_factory):
     reports, two = tmp / "reports", tmp / "two"
     reports.mkdir()
     flags = [f"--{k.replace('_', '-')}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items()]
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={RANKS}", "--nnodes=1",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", __file__, str(reports),
-               "train", f"--output-dir={two}", f"--batch-size={PER_RANK_BATCH}", *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={RANKS}",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        __file__,
+        str(reports),
+        "train",
+        f"--output-dir={two}",
+        f"--batch-size={PER_RANK_BATCH}",
+        *flags,
+    ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -86,8 +103,10 @@ def test_two_ranks_train_the_single_process_adapter(runs):
     # other CPUs and BLAS builds, while a wrong shard moves entries by 2.9e-3 and a missing
     # x world-size factor (half the gradient; AdamW's scale invariance hides most of it, the
     # grad_norm check below does not) by 2.2e-4: more than 100x the tolerance.
-    print(f"2 ranks vs 1 process: max abs adapter difference {worst:.2e} (largest lora_B entry {moved:.2e}); "
-          f"torchrun took {runs['distributed_s']:.1f} s")
+    print(
+        f"2 ranks vs 1 process: max abs adapter difference {worst:.2e} (largest lora_B entry {moved:.2e}); "
+        f"torchrun took {runs['distributed_s']:.1f} s"
+    )
     assert worst <= 1e-6, f"2-rank adapter departs from the single-process one by {worst:.2e}"
     assert moved > 1e-4, "the adapter did not train: the comparison would prove nothing"
     steps = [r for r in _log(runs["two"]) if r["type"] == "step"]
@@ -125,8 +144,8 @@ def test_shards_rebuild_the_single_process_batches(size, world, batch):
     shards = [list(distributed.ShardSampler(order, r, world)) for r in range(world)]
     assert len({len(s) for s in shards}) == 1, "ranks would run different step counts and hang"
     for k in range(0, len(shards[0]), batch):  # k-th micro-batch of every rank = k-th global one
-        together = sorted(i for s in shards for i, real in s[k:k + batch] if real)
-        assert together == sorted(order[k * world:(k + batch) * world])
+        together = sorted(i for s in shards for i, real in s[k : k + batch] if real)
+        assert together == sorted(order[k * world : (k + batch) * world])
 
 
 # ----------------------------------------------------------------------------- the torchrun worker

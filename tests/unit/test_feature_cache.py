@@ -17,7 +17,7 @@ from qformer_lora.training.feature_cache import FeatureCache, FeatureCacheError,
 T5, OPT = "tiny-instructblip-flan-t5", "tiny-blip2-opt"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _adapter_model(preset: str):
     torch.manual_seed(0)
     model = lora.apply_lora(presets.build_model(preset), lora.LoraSpec(r=2, alpha=4, dropout=0.0))
@@ -53,13 +53,14 @@ def assert_identical(reference, observed, what: str):
 
 # ----------------------------------------------------------------------------- exactness
 
+
 @pytest.mark.parametrize("preset", [T5, OPT])
 def test_loss_and_gradients_identical_with_memory_cache(preset):
     model = adapter_model(preset)
     batch = synthetic.random_batch(model, batch_size=3, pad_rows=1, seed=1)
     reference = loss_and_grads(model, batch)
     cache = FeatureCache(model)
-    first = loss_and_grads(model, attach_cached_features(model, batch, cache))   # computes and stores
+    first = loss_and_grads(model, attach_cached_features(model, batch, cache))  # computes and stores
     second = loss_and_grads(model, attach_cached_features(model, batch, cache))  # served from memory
     assert cache.stats.misses == 3 and cache.stats.memory_hits == 3, cache.stats
     assert_identical(reference, first, f"{preset}, first pass (misses)")
@@ -118,6 +119,7 @@ def test_dropping_pixels_still_runs_and_matches():
 
 # ----------------------------------------------------------------------------- invalidation
 
+
 def test_a_changed_image_misses():
     model = adapter_model()
     cache = FeatureCache(model)
@@ -126,8 +128,9 @@ def test_a_changed_image_misses():
     changed = pixels.clone()
     changed[1, 0, 0, 0] += 1e-3  # one pixel of the second image
     cache.features(model, changed)
-    assert cache.stats.memory_hits == 1 and cache.stats.misses == 3, \
+    assert cache.stats.memory_hits == 1 and cache.stats.misses == 3, (
         f"expected the unchanged image to hit and the changed one to miss: {cache.stats}"
+    )
 
 
 def shapes_image():
@@ -145,8 +148,9 @@ def test_changed_preprocessing_misses():
     cache.features(model, standard(image, return_tensors="pt")["pixel_values"])
     cache.features(model, renormalised(image, return_tensors="pt")["pixel_values"])
     cache.features(model, standard(image, return_tensors="pt")["pixel_values"])
-    assert (cache.stats.misses, cache.stats.memory_hits) == (2, 1), \
+    assert (cache.stats.misses, cache.stats.memory_hits) == (2, 1), (
         f"other normalisation must miss, the same settings hit: {cache.stats}"
+    )
 
 
 def test_file_key_covers_bytes_size_and_normalisation(tmp_path):
@@ -160,9 +164,11 @@ def test_file_key_covers_bytes_size_and_normalisation(tmp_path):
     renormalised.image_std = [0.25, 0.25, 0.25]
     edited = tmp_path / "edited.png"
     edited.write_bytes(path.read_bytes() + b"\0")
-    others = {"image size": feature_cache.image_file_key(path, resized),
-              "normalisation": feature_cache.image_file_key(path, renormalised),
-              "file bytes": feature_cache.image_file_key(edited, processor)}
+    others = {
+        "image size": feature_cache.image_file_key(path, resized),
+        "normalisation": feature_cache.image_file_key(path, renormalised),
+        "file bytes": feature_cache.image_file_key(edited, processor),
+    }
     same = [what for what, other in others.items() if other == key]
     assert not same, f"the file key ignores a change of: {same}"
 
@@ -191,8 +197,9 @@ def test_changed_vision_weights_miss_in_memory_and_on_disk(tmp_path):
         compat.unwrap(edited).vision_model.post_layernorm.bias.add_(0.25)
     fresh = FeatureCache(edited, directory=tmp_path)
     fresh.features(edited, pixels)
-    assert (fresh.stats.disk_hits, fresh.stats.misses) == (0, 2), \
+    assert (fresh.stats.disk_hits, fresh.stats.misses) == (0, 2), (
         f"features of other vision weights were read from disk: {fresh.stats}"
+    )
 
 
 def test_replaced_weight_tensor_is_noticed():
@@ -217,13 +224,15 @@ def test_features_computed_without_autocast_are_not_served_under_autocast():
         reference = loss_and_grads(model, batch)
         first = loss_and_grads(model, attach_cached_features(model, batch, cache))
         second = loss_and_grads(model, attach_cached_features(model, batch, cache))
-    assert (cache.stats.misses, cache.stats.memory_hits) == (4, 2), \
+    assert (cache.stats.misses, cache.stats.memory_hits) == (4, 2), (
         f"features from outside autocast were served under autocast: {cache.stats}"
+    )
     assert_identical(reference, first, "under autocast, misses")
     assert_identical(reference, second, "under autocast, hits")
 
 
 # ----------------------------------------------------------------------------- refusals
+
 
 def test_refused_with_augmentation():
     with pytest.raises(FeatureCacheError, match="augmentation is on"):
@@ -269,6 +278,7 @@ def test_image_embeds_of_the_wrong_width_are_refused():
 
 
 # ----------------------------------------------------------------------------- files
+
 
 def test_files_are_safetensors_with_metadata_and_no_temporaries(tmp_path):
     model = adapter_model()

@@ -17,13 +17,24 @@ ATOL = 1e-5
 
 
 @settings(max_examples=10)
-@given(batch_size=st.integers(1, 4), prompt_len=st.integers(1, 8), answer_len=st.integers(1, 5),
-       pad_rows=st.integers(0, 4), seed=st.integers(0, 2**16))
+@given(
+    batch_size=st.integers(1, 4),
+    prompt_len=st.integers(1, 8),
+    answer_len=st.integers(1, 5),
+    pad_rows=st.integers(0, 4),
+    seed=st.integers(0, 2**16),
+)
 @pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_custom_forward_matches_native(preset, batch_size, prompt_len, answer_len, pad_rows, seed):
     model = tiny_model(preset)
-    batch = synthetic.random_batch(model, batch_size=batch_size, prompt_len=prompt_len, answer_len=answer_len,
-                                   pad_rows=min(pad_rows, batch_size), seed=seed)
+    batch = synthetic.random_batch(
+        model,
+        batch_size=batch_size,
+        prompt_len=prompt_len,
+        answer_len=answer_len,
+        pad_rows=min(pad_rows, batch_size),
+        seed=seed,
+    )
     with torch.no_grad():
         ours = forward.custom_forward(model, batch)
         native = model(**compat.native_inputs(model, batch))

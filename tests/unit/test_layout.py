@@ -104,12 +104,12 @@ def test_no_import_cycles():
     for name in sorted(GRAPH):
         if name not in state:
             cycle = visit(name, [])
-            assert cycle is None, "import cycle: " + " -> ".join(cycle[cycle.index(cycle[-1]):])
+            assert cycle is None, "import cycle: " + " -> ".join(cycle[cycle.index(cycle[-1]) :])
 
 
 def test_no_function_is_longer_than_60_lines():
     long = []
-    for name, path in modules().items():
+    for path in modules().values():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
@@ -118,21 +118,32 @@ def test_no_function_is_longer_than_60_lines():
     assert not long, "split these functions: " + "; ".join(long)
 
 
-@pytest.mark.parametrize("definition", [
-    "def training_step(",          # the one training step
-    "PRECISIONS = {",              # the one precision table
-    "def linear_warmup_decay(",    # the one schedule
-    "def build_adapter_model(",    # the one model set-up
-])
+@pytest.mark.parametrize(
+    "definition",
+    [
+        "def training_step(",  # the one training step
+        "PRECISIONS = {",  # the one precision table
+        "def linear_warmup_decay(",  # the one schedule
+        "def build_adapter_model(",  # the one model set-up
+    ],
+)
 def test_one_definition_of_each(definition):
-    where = [str(path.relative_to(PACKAGE.parent)) for path in modules().values()
-             if definition in path.read_text(encoding="utf-8")]
+    where = [
+        str(path.relative_to(PACKAGE.parent))
+        for path in modules().values()
+        if definition in path.read_text(encoding="utf-8")
+    ]
     assert len(where) == 1, f"{definition!r} is defined in {where or 'no module'}"
 
 
 def test_release_checks_live_in_compat_only():
     # version knowledge in one place: other modules ask compat, never compare releases themselves
     needles = ("packaging.version", "Version(", "transformers.__version__", "peft.__version__")
-    offenders = [f"{path.relative_to(PACKAGE.parent)}: {needle}" for name, path in modules().items()
-                 if not name.endswith(".compat") for needle in needles if needle in path.read_text(encoding="utf-8")]
+    offenders = [
+        f"{path.relative_to(PACKAGE.parent)}: {needle}"
+        for name, path in modules().items()
+        if not name.endswith(".compat")
+        for needle in needles
+        if needle in path.read_text(encoding="utf-8")
+    ]
     assert not offenders, offenders

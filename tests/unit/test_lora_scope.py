@@ -17,7 +17,7 @@ from ..conftest import FULL_PRESETS, check_against_release, tiny_model
 COUNTS = expectations.load("lora_counts")["presets"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def full_size_base(name: str):
     """A full-size model on the meta device (no memory), reused: LoRA is unloaded after each use."""
     return presets.build_model(name, device="meta")
@@ -43,10 +43,16 @@ def test_full_size_counts_match_pinned_values(name):
     assert report["total_parameters"] == base + report["trainable_parameters"], (
         f"{name}: total {report['total_parameters']:,} vs pinned base {base:,} ({regime}) "
         f"+ adapter {report['trainable_parameters']:,}: off by "
-        f"{report['total_parameters'] - base - report['trainable_parameters']:,}")
+        f"{report['total_parameters'] - base - report['trainable_parameters']:,}"
+    )
     trainable_by_component = {c: v["trainable"] for c, v in report["components"].items()}
-    assert trainable_by_component == {"vision_model": 0, "qformer": report["trainable_parameters"],
-                                      "query_tokens": 0, "language_projection": 0, "language_model": 0}
+    assert trainable_by_component == {
+        "vision_model": 0,
+        "qformer": report["trainable_parameters"],
+        "query_tokens": 0,
+        "language_projection": 0,
+        "language_model": 0,
+    }
     assert report["bare_name_matches_outside_qformer"] == []
 
 
@@ -106,8 +112,11 @@ def test_trainable_parameter_outside_scope_is_refused_by_name():
     lora.check_trainable_scope(peft_model, "qformer")  # clean: no error
     leaked = "base_model.model.language_projection.weight"
     dict(peft_model.named_parameters())[leaked].requires_grad_(True)
-    with pytest.raises(lora.ScopeError, match=r"1 trainable parameter\(s\) outside scope 'qformer'.*"
-                                              r"language_projection\.weight"):
+    with pytest.raises(
+        lora.ScopeError,
+        match=r"1 trainable parameter\(s\) outside scope 'qformer'.*"
+        r"language_projection\.weight",
+    ):
         lora.check_trainable_scope(peft_model, "qformer")
     # the broad scope does not allow the projection either
     with pytest.raises(lora.ScopeError, match="language_projection"):

@@ -13,13 +13,12 @@ from qformer_lora import cli, compat, lora, precision
 from qformer_lora.diagnostics import doctor, numerics
 from qformer_lora.training import train
 
-
 # ----------------------------------------------------------------------------- fp16 facts
 
 
 def test_rounds_to_zero():
     assert numerics.rounds_to_zero(1e-8, torch.float16)  # AdamW's default eps
-    assert not numerics.rounds_to_zero(2.0 ** -24, torch.float16)  # smallest fp16 subnormal
+    assert not numerics.rounds_to_zero(2.0**-24, torch.float16)  # smallest fp16 subnormal
     assert not numerics.rounds_to_zero(1e-8, torch.float32) and not numerics.rounds_to_zero(1e-8, torch.bfloat16)
     assert not numerics.rounds_to_zero(0.0, torch.float16)
 
@@ -28,8 +27,16 @@ def test_rounds_to_zero():
 
 
 def test_diagnosis_message_names_everything():
-    d = numerics.Diagnosis(3, "parameter", first_module="m", first_parameter="p.weight", first_gradient="g",
-                           sample_ids=["a", "b"], loss=math.nan, grad_norm=math.inf)
+    d = numerics.Diagnosis(
+        3,
+        "parameter",
+        first_module="m",
+        first_parameter="p.weight",
+        first_gradient="g",
+        sample_ids=["a", "b"],
+        loss=math.nan,
+        grad_norm=math.inf,
+    )
     for part in ("step 3", "parameter", "module output: m", "parameter: p.weight", "gradient: g", "samples: a, b"):
         assert part in d.message, (part, d.message)
     with pytest.raises(ValueError, match="unknown diagnosis kind"):
@@ -139,7 +146,9 @@ def test_doctor_optimizer_settings_in_fp16():
 
 
 def test_doctor_fp16_amp_t5_is_a_warning_only():
-    assert codes(doctor.check_config("fp16-amp", lr=1e-4, adam_eps=1e-8, text_model_type="t5")) == {"t5-fp16": "warning"}
+    assert codes(doctor.check_config("fp16-amp", lr=1e-4, adam_eps=1e-8, text_model_type="t5")) == {
+        "t5-fp16": "warning"
+    }
     assert doctor.check_config("fp16-amp", lr=1e-4, adam_eps=1e-8, text_model_type="opt") == []
 
 
@@ -178,8 +187,9 @@ def test_enforce_refuses_fatal_unless_allowed():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         doctor.enforce(findings, allow_unsafe=True)  # allowed: every finding still announced
-    assert {f.code for f in findings} == {code for f in findings for w in caught if f.code in str(w.message)
-                                          for code in [f.code]}, [str(w.message) for w in caught]
+    assert {f.code for f in findings} == {
+        code for f in findings for w in caught if f.code in str(w.message) for code in [f.code]
+    }, [str(w.message) for w in caught]
 
 
 def test_cli_doctor(capsys):

@@ -78,7 +78,8 @@ def test_load_model_reads_a_local_checkpoint(tmp_path):
     loaded = presets.load_model(tmp_path / "ckpt")
     batch = synthetic.random_batch(model)
     with torch.no_grad():
-        assert torch.allclose(forward.custom_forward(model, batch).logits,
-                              forward.custom_forward(loaded, batch).logits, atol=1e-6)
+        assert torch.allclose(
+            forward.custom_forward(model, batch).logits, forward.custom_forward(loaded, batch).logits, atol=1e-6
+        )
     with pytest.raises(presets.PresetError, match="no config.json"):
         presets.load_model(tmp_path)

@@ -19,11 +19,11 @@ T5, OPT = "tiny-instructblip-flan-t5", "tiny-blip2-opt"
 # (Until compat.checkpointing_switches, T5's attention also marked a zero position bias as
 # requiring grad, and SDPA then took another CPU kernel: up to 5e-7 relative on 5.24.)
 CHECKPOINT_RTOL = 0.0 if compat.TRANSFORMERS >= compat.CHECKPOINTING_KWARGS else 1e-6
-FUSED_RTOL = 1e-5     # fused vs foreach AdamW: same formula, different association order
-COMPILE_RTOL = 1e-4   # inductor fuses and reorders reductions
+FUSED_RTOL = 1e-5  # fused vs foreach AdamW: same formula, different association order
+COMPILE_RTOL = 1e-4  # inductor fuses and reorders reductions
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _adapter_model(preset: str):
     torch.manual_seed(0)
     model = lora.apply_lora(presets.build_model(preset), lora.LoraSpec(r=2, alpha=4, dropout=0.0))
@@ -49,6 +49,7 @@ def loss_and_grads(model, batch):
 
 # ----------------------------------------------------------------------------- checkpointing
 
+
 @pytest.mark.parametrize("preset", [T5, OPT])
 def test_lm_checkpointing_keeps_loss_and_adapter_gradients(preset):
     """The tiny presets keep the libraries' default dropout (0.1) in the language model, so
@@ -62,8 +63,10 @@ def test_lm_checkpointing_keeps_loss_and_adapter_gradients(preset):
     loss_gap = abs(ckpt_loss.item() - plain_loss.item()) / abs(plain_loss.item())
     grad_gap = ((ckpt_grads - plain_grads).abs().max() / plain_grads.abs().max()).item()
     assert loss_gap <= CHECKPOINT_RTOL, f"{preset}: loss moved by {loss_gap:.2e} relative with checkpointing"
-    assert grad_gap <= CHECKPOINT_RTOL, (f"{preset}: adapter gradients moved by {grad_gap:.2e} of their largest "
-                                         f"entry with checkpointing (tolerance {CHECKPOINT_RTOL})")
+    assert grad_gap <= CHECKPOINT_RTOL, (
+        f"{preset}: adapter gradients moved by {grad_gap:.2e} of their largest "
+        f"entry with checkpointing (tolerance {CHECKPOINT_RTOL})"
+    )
 
 
 def saved_tensor_count(model, batch) -> int:
@@ -91,18 +94,23 @@ def test_lm_checkpointing_acts_in_an_eval_mode_model_and_switches_off_cleanly(pr
     plain = saved_tensor_count(model, batch)
     step_options.set_lm_checkpointing(model, True)
     checkpointed = saved_tensor_count(model, batch)
-    assert checkpointed < plain, (f"{preset}: {checkpointed} saved tensors with checkpointing vs {plain} without: "
-                                  f"it does not act in eval mode")
+    assert checkpointed < plain, (
+        f"{preset}: {checkpointed} saved tensors with checkpointing vs {plain} without: it does not act in eval mode"
+    )
     choice = step_options.set_lm_checkpointing(model, False)
     assert choice.used == "off" and not any(m.training for m in lm.modules()), "modules left in training mode"
-    changed = [n for n, m in lm.named_modules()
-               if {k: v for k, v in vars(m).items() if isinstance(v, float)}
-               != {k: v for k, v in rates_before[n].items() if isinstance(v, float)}]
+    changed = [
+        n
+        for n, m in lm.named_modules()
+        if {k: v for k, v in vars(m).items() if isinstance(v, float)}
+        != {k: v for k, v in rates_before[n].items() if isinstance(v, float)}
+    ]
     assert not changed, f"dropout rates not restored in {changed}"
     assert saved_tensor_count(model, batch) == plain
 
 
 # ----------------------------------------------------------------------------- the optimizer
+
 
 def loss_curve(model, batches, optimizer, steps: int = 5) -> list[float]:
     params = lora.adapter_parameters(model)
@@ -119,8 +127,10 @@ def loss_curve(model, batches, optimizer, steps: int = 5) -> list[float]:
 
 def assert_curves_close(observed, reference, rtol: float, what: str):
     worst = max(abs(o - r) / abs(r) for o, r in zip(observed, reference))
-    assert worst <= rtol, f"{what}: loss curve off by {worst:.2e} relative (tolerance {rtol})\n" \
-                          f"  reference: {reference}\n  observed:  {observed}"
+    assert worst <= rtol, (
+        f"{what}: loss curve off by {worst:.2e} relative (tolerance {rtol})\n"
+        f"  reference: {reference}\n  observed:  {observed}"
+    )
     assert reference[-1] < reference[0], f"the reference curve does not go down, a vacuous comparison: {reference}"
 
 
@@ -134,8 +144,11 @@ def test_fused_adamw_matches_foreach_over_five_steps():
     for fused in (True, False):
         m = copy.deepcopy(model)
         hyper = dict(lr=1e-2, eps=1e-8, weight_decay=0.01)
-        opt, choice = (step_options.make_optimizer(lora.adapter_parameters(m), fused=True, **hyper) if fused else
-                       (torch.optim.AdamW(lora.adapter_parameters(m), foreach=True, **hyper), None))
+        opt, choice = (
+            step_options.make_optimizer(lora.adapter_parameters(m), fused=True, **hyper)
+            if fused
+            else (torch.optim.AdamW(lora.adapter_parameters(m), foreach=True, **hyper), None)
+        )
         if fused:
             assert choice.used == "fused", f"fused AdamW available but not used: {choice}"
         curves[fused] = loss_curve(m, batches, opt)
@@ -175,11 +188,14 @@ class _RecordingLM:
         self.calls.append(("gradient_disable", {}))
 
 
-@pytest.mark.parametrize("version, renamed, expected", [
-    ("4.34.1", False, ("gradient_enable", {})),  # no kwargs before 4.35: the call would raise TypeError
-    ("4.35.0", False, ("gradient_enable", {"gradient_checkpointing_kwargs": {"use_reentrant": False}})),
-    ("5.24.0", True, ("activation_enable", {"activation_checkpointing_kwargs": {"use_reentrant": False}})),
-])
+@pytest.mark.parametrize(
+    "version, renamed, expected",
+    [
+        ("4.34.1", False, ("gradient_enable", {})),  # no kwargs before 4.35: the call would raise TypeError
+        ("4.35.0", False, ("gradient_enable", {"gradient_checkpointing_kwargs": {"use_reentrant": False}})),
+        ("5.24.0", True, ("activation_enable", {"activation_checkpointing_kwargs": {"use_reentrant": False}})),
+    ],
+)
 def test_activation_checkpointing_uses_each_releases_call(monkeypatch, version, renamed, expected):
     from packaging.version import Version
 
@@ -191,6 +207,7 @@ def test_activation_checkpointing_uses_each_releases_call(monkeypatch, version, 
 
 
 # ----------------------------------------------------------------------------- compile
+
 
 def test_compile_failure_is_recorded_and_undone(monkeypatch):
     model = adapter_model()
@@ -268,18 +285,30 @@ def test_static_shapes_change_the_shape_not_the_loss(family, preset):
     examples = [dataset[i] for i in range(4)]
 
     def collate(static: bool) -> dict:
-        return data.Collator(processor, family, decoder_only=decoder_only, max_prompt_tokens=config.max_prompt_tokens,
-                             max_answer_tokens=config.max_answer_tokens, static_shapes=static)(examples)
+        return data.Collator(
+            processor,
+            family,
+            decoder_only=decoder_only,
+            max_prompt_tokens=config.max_prompt_tokens,
+            max_answer_tokens=config.max_answer_tokens,
+            static_shapes=static,
+        )(examples)
 
     dynamic, static = collate(False), collate(True)
     prompt, answer = config.max_prompt_tokens, config.max_answer_tokens
-    widths = ({"input_ids": prompt + answer, "labels": prompt + answer} if decoder_only else
-              {"input_ids": prompt, "labels": answer})
+    widths = (
+        {"input_ids": prompt + answer, "labels": prompt + answer}
+        if decoder_only
+        else {"input_ids": prompt, "labels": answer}
+    )
     masks = {"input_ids": "attention_mask"}
     if family == "instructblip":
         widths["qformer_input_ids"], masks["qformer_input_ids"] = prompt, "qformer_attention_mask"
-    pads = {"input_ids": processor.tokenizer.pad_token_id, "labels": -100,
-            "qformer_input_ids": getattr(processor, "qformer_tokenizer", processor.tokenizer).pad_token_id}
+    pads = {
+        "input_ids": processor.tokenizer.pad_token_id,
+        "labels": -100,
+        "qformer_input_ids": getattr(processor, "qformer_tokenizer", processor.tokenizer).pad_token_id,
+    }
     for key, width in widths.items():
         n = dynamic[key].shape[1]
         assert static[key].shape[1] == width > n, (key, static[key].shape, n)
@@ -316,27 +345,39 @@ def test_training_compiles_with_static_shapes(monkeypatch, tmp_path, option):
 
 # ----------------------------------------------------------------------------- compiled frozen blocks
 
+
 @pytest.mark.parametrize("preset", [T5, OPT])
 def test_frozen_blocks_are_the_towers_repeated_layers(preset):
     model = adapter_model(preset)
     base = compat.unwrap(model)
     config = base.config
     blocks = step_options.frozen_blocks(model)
-    lm_layers = ((config.text_config.num_layers + config.text_config.num_decoder_layers)
-                 if preset == T5 else config.text_config.num_hidden_layers)
+    lm_layers = (
+        (config.text_config.num_layers + config.text_config.num_decoder_layers)
+        if preset == T5
+        else config.text_config.num_hidden_layers
+    )
     assert len(blocks) == config.vision_config.num_hidden_layers + lm_layers
     assert len({id(b) for b in blocks}) == len(blocks)
     assert {type(b).__name__ for b in blocks} == (
-        {"InstructBlipEncoderLayer", "T5Block"} if preset == T5 else {"Blip2EncoderLayer", "OPTDecoderLayer"})
+        {"InstructBlipEncoderLayer", "T5Block"} if preset == T5 else {"Blip2EncoderLayer", "OPTDecoderLayer"}
+    )
     inside = {id(m) for b in blocks for m in b.modules() if m is not b}
     assert not inside & {id(b) for b in blocks}, "a block inside another block"
     assert not any(p.requires_grad for b in blocks for p in b.parameters()), "a trainable block is not frozen"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset, backend, lm_checkpointing", [
-    (T5, "aot_eager", False), (OPT, "aot_eager", False), (T5, "inductor", False),
-    (T5, "aot_eager", True), (OPT, "aot_eager", True)])
+@pytest.mark.parametrize(
+    "preset, backend, lm_checkpointing",
+    [
+        (T5, "aot_eager", False),
+        (OPT, "aot_eager", False),
+        (T5, "inductor", False),
+        (T5, "aot_eager", True),
+        (OPT, "aot_eager", True),
+    ],
+)
 def test_compiled_frozen_blocks_match_eager_over_five_steps(preset, backend, lm_checkpointing):
     """Every frozen vision and LM block compiled in place, five training steps, against eager
     without checkpointing; with LM checkpointing too (every step option at once on the GPU).
@@ -395,8 +436,7 @@ def test_compile_frozen_failure_is_recorded_and_undone(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken)
     batch = synthetic.random_batch(model, batch_size=2, seed=0)
     with pytest.warns(UserWarning, match="inductor fell over"):
-        choice = step_options.compile_frozen_blocks(
-            model, True, probe=lambda _: forward.custom_forward(model, batch))
+        choice = step_options.compile_frozen_blocks(model, True, probe=lambda _: forward.custom_forward(model, batch))
     assert choice.used == "eager" and "inductor fell over" in choice.reason
     assert not any("forward" in vars(b) for b in blocks), "the failed compile left a block's forward replaced"
     assert step_options.compile_frozen_blocks(model, False) == step_options.Choice("compile_frozen", False, "eager")

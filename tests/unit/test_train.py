@@ -25,18 +25,23 @@ def quiet(**overrides) -> train.TrainConfig:
 
 
 def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if r["type"] == "step"]
+    return [
+        r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["type"] == "step"
+    ]
 
 
 def epochs(run_dir: Path) -> list[dict]:
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if r["type"] == "epoch" and "val_loss" in r]
+    return [
+        r
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if r["type"] == "epoch" and "val_loss" in r
+    ]
 
 
 def adapter_state(run_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
-    return load_file(str(checkpoint.checkpoint_dir(run_dir, epoch) / checkpoint.ADAPTER_DIR /
-                         "adapter_model.safetensors"))
+    return load_file(
+        str(checkpoint.checkpoint_dir(run_dir, epoch) / checkpoint.ADAPTER_DIR / "adapter_model.safetensors")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +69,11 @@ def test_default_run_learns(default_run):
 
 def test_default_run_checkpoints_the_language_model(default_run):
     # on by default since the H200 measurements (issue 8): exact, and under half the memory
-    [record] = [r for r in map(json.loads, (default_run / "metrics.jsonl").read_text().splitlines())
-                if r["type"] == "step_options"]
+    [record] = [
+        r
+        for r in map(json.loads, (default_run / "metrics.jsonl").read_text().splitlines())
+        if r["type"] == "step_options"
+    ]
     assert {c["option"]: c["used"] for c in record["choices"]}["lm_checkpointing"] == "on", record
 
 
@@ -87,8 +95,17 @@ def test_golden_curve_is_shared_by_batch_and_accumulation_variants(tmp_path):
 def test_checkpoint_cadence_and_keep_last(tmp_path):
     assert [e for e in range(1, 8) if checkpoint.should_save(e, 7, 2)] == [2, 4, 6, 7]
     run = tmp_path / "run"
-    train.train(quiet(output_dir=str(run), epochs=5, save_every=2, keep_last=2, base_checkpoint=None,
-                      preset="tiny-blip2-opt", batch_size=64))
+    train.train(
+        quiet(
+            output_dir=str(run),
+            epochs=5,
+            save_every=2,
+            keep_last=2,
+            base_checkpoint=None,
+            preset="tiny-blip2-opt",
+            batch_size=64,
+        )
+    )
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["epoch-0004", "epoch-0005"]
     assert not list((run / "checkpoints").glob(".tmp-*")), "a staging directory was left behind"
 
@@ -128,8 +145,9 @@ def test_crash_mid_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch)
 def test_adapter_loads_in_plain_peft_with_the_same_outputs(default_run):
     path = checkpoint.latest_checkpoint(default_run)
     model, processor, family, config = generate.load_trained(path)
-    plain = PeftModel.from_pretrained(presets.load_model(config["base_checkpoint"]),
-                                      str(path / checkpoint.ADAPTER_DIR)).eval()
+    plain = PeftModel.from_pretrained(
+        presets.load_model(config["base_checkpoint"]), str(path / checkpoint.ADAPTER_DIR)
+    ).eval()
     collator = data.Collator(processor, family, decoder_only=False)
     batch = collator([data.ShapesDataset("val")[i] for i in range(4)])
     with torch.no_grad():
@@ -165,20 +183,23 @@ def test_export_merges_the_adapter(default_run, tmp_path):
     assert cli.main(["export", str(default_run), str(out)]) == 2  # refuses to overwrite
 
 
-@pytest.mark.parametrize("toml, message", [
-    ("epochz = 3\n", "unknown option 'epochz'"),
-    ("epochs = 'three'\n", "option 'epochs' expects int, got 'three'"),
-    ("lr = true\n", "option 'lr' expects float"),
-    ("precision = 'fp8'\n", "run.toml: option 'precision' is 'fp8'"),
-    ("epochs = \n", "invalid TOML"),
-    # a negative keep_last pruned every checkpoint; zero counts divided by zero or trained nothing
-    ("keep_last = -1\n", "run.toml: option 'keep_last' is -1; it must be at least 0"),
-    ("batch_size = 0\n", "run.toml: option 'batch_size' is 0; it must be at least 1"),
-    ("save_every = 0\n", "option 'save_every' is 0; it must be at least 1"),
-    ("grad_accum = 0\n", "option 'grad_accum' is 0"),
-    ("epochs = 0\n", "option 'epochs' is 0"),
-    ("stop_after_epochs = 0\n", "option 'stop_after_epochs' is 0"),
-])
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ("epochz = 3\n", "unknown option 'epochz'"),
+        ("epochs = 'three'\n", "option 'epochs' expects int, got 'three'"),
+        ("lr = true\n", "option 'lr' expects float"),
+        ("precision = 'fp8'\n", "run.toml: option 'precision' is 'fp8'"),
+        ("epochs = \n", "invalid TOML"),
+        # a negative keep_last pruned every checkpoint; zero counts divided by zero or trained nothing
+        ("keep_last = -1\n", "run.toml: option 'keep_last' is -1; it must be at least 0"),
+        ("batch_size = 0\n", "run.toml: option 'batch_size' is 0; it must be at least 1"),
+        ("save_every = 0\n", "option 'save_every' is 0; it must be at least 1"),
+        ("grad_accum = 0\n", "option 'grad_accum' is 0"),
+        ("epochs = 0\n", "option 'epochs' is 0"),
+        ("stop_after_epochs = 0\n", "option 'stop_after_epochs' is 0"),
+    ],
+)
 def test_bad_run_config_is_named(tmp_path, toml, message):
     path = tmp_path / "run.toml"
     path.write_text(toml)
@@ -208,7 +229,9 @@ def test_an_earlier_run_is_refused_untouched_unless_overwritten(tmp_path, capsys
     code = cli.main(["train", "--output-dir", str(run), "--epochs", "1", "--progress", "false"])
     err = capsys.readouterr().err
     assert code == 2 and "holds an earlier run (metrics.jsonl, checkpoints/epoch-0002)" in err and "--overwrite" in err
-    assert (run / "metrics.jsonl").read_text() == log and [p.name for p in checkpoint.list_checkpoints(run)] == checkpoints
+    assert (run / "metrics.jsonl").read_text() == log and [
+        p.name for p in checkpoint.list_checkpoints(run)
+    ] == checkpoints
     # before the fix the new run kept epoch-0002 and pruned its own epoch-0001 (keep_last=1)
     train.train(quiet(**common | {"epochs": 1, "overwrite": True}))
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["epoch-0001"]
@@ -239,8 +262,11 @@ def test_resume_refuses_options_its_checkpoint_overrides(tmp_path):
     common = dict(output_dir=str(run), epochs=2, save_every=1, **_few(tmp_path))
     train.train(quiet(**common, stop_after_epochs=1))
     # lora_r: a size-mismatch traceback; lr: silently replaced by the restored optimizer's
-    for option, message in (({"lora_r": 4}, "lora_r=8 (this run: 4)"), ({"lr": 1e-9}, "lr=0.006 (this run: 1e-09)"),
-                            ({"targets": ("query",)}, "targets=['query', 'key', 'value', 'dense']")):
+    for option, message in (
+        ({"lora_r": 4}, "lora_r=8 (this run: 4)"),
+        ({"lr": 1e-9}, "lr=0.006 (this run: 1e-09)"),
+        ({"targets": ("query",)}, "targets=['query', 'key', 'value', 'dense']"),
+    ):
         with pytest.raises(checkpoint.CheckpointError, match=re.escape(message)):
             train.train(quiet(**common | option), resume="latest")
     train.train(quiet(**common | {"epochs": 3}), resume="latest")  # the schedule's length may change
@@ -266,7 +292,18 @@ def test_flags_override_the_run_config_and_bad_manifest_writes_nothing(tmp_path,
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "images/train_000.png", "instruction": "q?", "answer": "red"}\n{oops\n')
     run = tmp_path / "never"
-    code = cli.main(["train", "--train-manifest", str(bad), "--image-root", str(data.SHAPES_DIR),
-                     "--output-dir", str(run), "--progress", "false"])
+    code = cli.main(
+        [
+            "train",
+            "--train-manifest",
+            str(bad),
+            "--image-root",
+            str(data.SHAPES_DIR),
+            "--output-dir",
+            str(run),
+            "--progress",
+            "false",
+        ]
+    )
     assert code == 2 and "bad.jsonl:2" in capsys.readouterr().err
     assert not run.exists(), "a failed start left files behind"

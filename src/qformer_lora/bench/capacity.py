@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
-GIB = 1024 ** 3
+GIB = 1024**3
 BUDGETS_GIB = (24, 40, 80)
 
 
@@ -45,11 +45,14 @@ def memory_model(results: list[dict], total_memory_bytes: int | None = None) -> 
     if len({r["batch_size"] for r in ok}) < 2:
         return None
     sizes = [r["batch_size"] for r in ok]
-    fits = {kind: dict(zip("ab", fit_linear(sizes, [r[f"peak_{kind}_bytes"] for r in ok])))
-            for kind in ("allocated", "reserved")}
+    fits = {
+        kind: dict(zip("ab", fit_linear(sizes, [r[f"peak_{kind}_bytes"] for r in ok])))
+        for kind in ("allocated", "reserved")
+    }
     a, b = fits["allocated"]["a"], fits["allocated"]["b"]
-    return fits | {"max_batch": {name: predict_max_batch(a, b, budget) for name, budget in
-                                 budgets(total_memory_bytes).items()}}
+    return fits | {
+        "max_batch": {name: predict_max_batch(a, b, budget) for name, budget in budgets(total_memory_bytes).items()}
+    }
 
 
 def find_limit(fits, start: int, max_probes: int = 8) -> tuple[int, bool, dict[int, bool]]:

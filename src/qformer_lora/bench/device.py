@@ -22,8 +22,9 @@ from .capacity import GIB
 def is_oom(err: BaseException) -> bool:
     # cuBLAS / cuDNN report a failed workspace allocation as their own status, not as an OOM
     message = str(err)
-    return isinstance(err, torch.cuda.OutOfMemoryError) or (isinstance(err, RuntimeError) and (
-        "out of memory" in message.lower() or "_STATUS_ALLOC_FAILED" in message))
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and ("out of memory" in message.lower() or "_STATUS_ALLOC_FAILED" in message)
+    )
 
 
 def free_memory(collect: bool = True) -> None:
@@ -41,11 +42,19 @@ def free_memory(collect: bool = True) -> None:
 
 def memory_stats(device: torch.device) -> dict:
     if device.type != "cuda":
-        return {"peak_allocated_bytes": None, "peak_reserved_bytes": None,
-                "peak_allocated_gib": None, "peak_reserved_gib": None}
+        return {
+            "peak_allocated_bytes": None,
+            "peak_reserved_bytes": None,
+            "peak_allocated_gib": None,
+            "peak_reserved_gib": None,
+        }
     allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
-    return {"peak_allocated_bytes": allocated, "peak_reserved_bytes": reserved,
-            "peak_allocated_gib": allocated / GIB, "peak_reserved_gib": reserved / GIB}
+    return {
+        "peak_allocated_bytes": allocated,
+        "peak_reserved_bytes": reserved,
+        "peak_allocated_gib": allocated / GIB,
+        "peak_reserved_gib": reserved / GIB,
+    }
 
 
 def device_info(device: torch.device) -> dict:
@@ -53,19 +62,29 @@ def device_info(device: torch.device) -> dict:
         return {"type": device.type, "name": device.type, "total_memory_bytes": None, "driver_version": None}
     props = torch.cuda.get_device_properties(device)
     free, total = torch.cuda.mem_get_info(device)
-    return {"type": "cuda", "name": props.name, "total_memory_bytes": props.total_memory,
-            "capability": f"{props.major}.{props.minor}", "cuda_runtime": torch.version.cuda,
-            "driver_version": _driver_version(),
-            # CUDA context and libraries: used on a real card but outside any allocator budget
-            "outside_allocator_bytes": (total - free) - torch.cuda.memory_reserved(device)}
+    return {
+        "type": "cuda",
+        "name": props.name,
+        "total_memory_bytes": props.total_memory,
+        "capability": f"{props.major}.{props.minor}",
+        "cuda_runtime": torch.version.cuda,
+        "driver_version": _driver_version(),
+        # CUDA context and libraries: used on a real card but outside any allocator budget
+        "outside_allocator_bytes": (total - free) - torch.cuda.memory_reserved(device),
+    }
 
 
 def _driver_version() -> str | None:
     if shutil.which("nvidia-smi") is None:
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return out.strip().splitlines()[0] if out.strip() else None

@@ -25,8 +25,14 @@ from ..forward import custom_forward
 
 # Dense (no sparsity) 16-bit tensor-core peaks from NVIDIA's datasheets, TFLOP/s. Matched
 # as substrings of torch.cuda.get_device_name(), first match wins (NVL/PCIe before SXM).
-PEAK_16BIT_TFLOPS = (("H200 NVL", 835.5), ("H200", 989.5), ("H100 NVL", 835.5), ("H100 PCIe", 756.0),
-                     ("H100", 989.5), ("A100", 312.0))
+PEAK_16BIT_TFLOPS = (
+    ("H200 NVL", 835.5),
+    ("H200", 989.5),
+    ("H100 NVL", 835.5),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.5),
+    ("A100", 312.0),
+)
 # MFU against the 16-bit peak only means something where the matmuls run in 16 bit.
 SIXTEEN_BIT_PRECISIONS = ("bf16", "fp16-amp")
 
@@ -37,8 +43,14 @@ def step_flops_per_sample(model, shape, device, batch_size: int = 2) -> float:
     Gradients left on the adapters are cleared; the optimizer is not stepped (its
     element-wise update is not counted).
     """
-    batch = synthetic.random_batch(model, batch_size=batch_size, prompt_len=shape.prompt_len,
-                                   answer_len=shape.answer_len, instruction_len=shape.instruction_len, device=device)
+    batch = synthetic.random_batch(
+        model,
+        batch_size=batch_size,
+        prompt_len=shape.prompt_len,
+        answer_len=shape.answer_len,
+        instruction_len=shape.instruction_len,
+        device=device,
+    )
     with FlopCounterMode(display=False) as counter:
         custom_forward(model, batch).loss.backward()
     for param in lora.adapter_parameters(model):

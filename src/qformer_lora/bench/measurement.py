@@ -32,36 +32,47 @@ PRECISIONS = precision.SAFE_NAMES
 FORWARDS = ("custom", "native")
 FULL_INSTRUCTBLIP, FULL_BLIP2 = "instructblip-flan-t5-xl", "blip2-flan-t5-xl"
 # (row, preset, scope, what the seed reported on its card)
-SEED_ROWS = (("BLIP-2 Q-Former LoRA", FULL_BLIP2, "qformer", "24"),
-             ("InstructBLIP Q-Former+LLM LoRA", FULL_INSTRUCTBLIP, "qformer+llm", "10"),
-             ("InstructBLIP Q-Former-only LoRA", FULL_INSTRUCTBLIP, "qformer", "16-20 (expected)"))
+SEED_ROWS = (
+    ("BLIP-2 Q-Former LoRA", FULL_BLIP2, "qformer", "24"),
+    ("InstructBLIP Q-Former+LLM LoRA", FULL_INSTRUCTBLIP, "qformer+llm", "10"),
+    ("InstructBLIP Q-Former-only LoRA", FULL_INSTRUCTBLIP, "qformer", "16-20 (expected)"),
+)
 
 
 # The step options a SweepPoint can turn on (its boolean fields), with their label words, in order.
-STEP_OPTIONS = {"lm_activation_checkpointing": "lm-ckpt", "feature_cache": "feature-cache",
-                "fused_optimizer": "fused", "compile_qformer": "compiled", "compile_frozen": "compiled-frozen"}
+STEP_OPTIONS = {
+    "lm_activation_checkpointing": "lm-ckpt",
+    "feature_cache": "feature-cache",
+    "fused_optimizer": "fused",
+    "compile_qformer": "compiled",
+    "compile_frozen": "compiled-frozen",
+}
 
 
 @dataclass(frozen=True)
 class SweepPoint:
     """One configuration; ``batch_sizes=None`` takes the sweep's list."""
+
     preset: str
     scope: str = "qformer"
     precision: str = "bf16"
     forward: str = "custom"
     lm_activation_checkpointing: bool = False
-    family: str | None = None            # build the preset's config as another family
+    family: str | None = None  # build the preset's config as another family
     batch_sizes: tuple[int, ...] | None = None
     r: int = 8
     validate_budget_gib: float | None = None  # check the fitted prediction under this cap (CUDA)
-    feature_cache: bool = False          # vision features from a warm in-memory cache (hashing included)
-    fused_optimizer: bool = False        # AdamW(fused=True) where available; False = torch's default
-    compile_qformer: bool = False        # torch.compile the Q-Former in place
-    compile_frozen: bool = False         # torch.compile each frozen vision / LM block in place
+    feature_cache: bool = False  # vision features from a warm in-memory cache (hashing included)
+    fused_optimizer: bool = False  # AdamW(fused=True) where available; False = torch's default
+    compile_qformer: bool = False  # torch.compile the Q-Former in place
+    compile_frozen: bool = False  # torch.compile each frozen vision / LM block in place
 
     def __post_init__(self):
-        for name, value, allowed in (("scope", self.scope, lora.SCOPES), ("precision", self.precision, PRECISIONS),
-                                     ("forward", self.forward, FORWARDS)):
+        for name, value, allowed in (
+            ("scope", self.scope, lora.SCOPES),
+            ("precision", self.precision, PRECISIONS),
+            ("forward", self.forward, FORWARDS),
+        ):
             if value not in allowed:
                 raise ValueError(f"SweepPoint.{name} is {value!r}; expected one of {sorted(allowed)}")
         if self.family is not None and self.family not in presets.FAMILIES:
@@ -69,21 +80,30 @@ class SweepPoint:
         if self.batch_sizes is not None and (not self.batch_sizes or min(self.batch_sizes) < 1):
             raise ValueError(f"SweepPoint.batch_sizes must be positive integers, got {self.batch_sizes}")
         if self.forward == "native" and (self.feature_cache or self.compile_qformer or self.compile_frozen):
-            raise ValueError("SweepPoint: feature_cache, compile_qformer and compile_frozen apply to the custom "
-                             "forward only")
+            raise ValueError(
+                "SweepPoint: feature_cache, compile_qformer and compile_frozen apply to the custom forward only"
+            )
 
     @property
     def label(self) -> str:
-        extras = [f"as {self.family}"] * bool(self.family) + [word for field, word in STEP_OPTIONS.items()
-                                                               if getattr(self, field)]
+        extras = [f"as {self.family}"] * bool(self.family) + [
+            word for field, word in STEP_OPTIONS.items() if getattr(self, field)
+        ]
         return " ".join([self.preset, self.scope, self.precision, self.forward, *extras])
 
     @property
     def build_key(self) -> tuple:
         # fp32 and fp16-amp share fp32 weights; forward, checkpointing, cache and optimizer are
         # switched per step, so all of these reuse one built model. Compiling changes the model.
-        return (self.preset, self.family, precision.get(self.precision).weights, self.scope, self.r, self.compile_qformer,
-                self.compile_frozen)
+        return (
+            self.preset,
+            self.family,
+            precision.get(self.precision).weights,
+            self.scope,
+            self.r,
+            self.compile_qformer,
+            self.compile_frozen,
+        )
 
 
 @dataclass(frozen=True)
@@ -93,8 +113,9 @@ class SequenceShape:
     instruction_len: int = 32  # InstructBLIP's Q-Former reads the instruction, as long as the prompt
 
 
-def default_points(instructblip: str = FULL_INSTRUCTBLIP, blip2: str = FULL_BLIP2,
-                   options_batch: int | None = None) -> list[SweepPoint]:
+def default_points(
+    instructblip: str = FULL_INSTRUCTBLIP, blip2: str = FULL_BLIP2, options_batch: int | None = None
+) -> list[SweepPoint]:
     """The GPU grid: every seed-table row in fp32 and bf16, plus fp16-amp, checkpointing, native,
     and each step option at OPTIONS_BATCH against the native forward (option_points).
 
@@ -106,16 +127,19 @@ def default_points(instructblip: str = FULL_INSTRUCTBLIP, blip2: str = FULL_BLIP
     small, large, options_batch = (1, 4, 8), (1, 4, 8, 16), options_batch or OPTIONS_BATCH
     options = option_points(instructblip, options_batch)
     compiled = [p for p in options if p.compile_qformer or p.compile_frozen]
-    return [SweepPoint(instructblip, "qformer", "bf16", batch_sizes=tuple(sorted({*large, options_batch})),
-                       validate_budget_gib=24),
-            *[p for p in options if p not in compiled],
-            SweepPoint(instructblip, "qformer", "fp32", batch_sizes=small),
-            SweepPoint(instructblip, "qformer", "fp16-amp", batch_sizes=small),
-            SweepPoint(instructblip, "qformer+llm", "fp32", batch_sizes=small),
-            SweepPoint(instructblip, "qformer+llm", "bf16", batch_sizes=large),
-            SweepPoint(blip2, "qformer", "bf16", batch_sizes=large),
-            SweepPoint(blip2, "qformer", "fp32", batch_sizes=small),
-            *compiled]
+    return [
+        SweepPoint(
+            instructblip, "qformer", "bf16", batch_sizes=tuple(sorted({*large, options_batch})), validate_budget_gib=24
+        ),
+        *[p for p in options if p not in compiled],
+        SweepPoint(instructblip, "qformer", "fp32", batch_sizes=small),
+        SweepPoint(instructblip, "qformer", "fp16-amp", batch_sizes=small),
+        SweepPoint(instructblip, "qformer+llm", "fp32", batch_sizes=small),
+        SweepPoint(instructblip, "qformer+llm", "bf16", batch_sizes=large),
+        SweepPoint(blip2, "qformer", "bf16", batch_sizes=large),
+        SweepPoint(blip2, "qformer", "fp32", batch_sizes=small),
+        *compiled,
+    ]
 
 
 OPTIONS_BATCH = 64
@@ -132,14 +156,22 @@ def option_points(preset: str, batch_size: int = OPTIONS_BATCH) -> list[SweepPoi
     # the native forward also at batch 8, the custom/native comparison's batch since the first sweeps
     base = SweepPoint(preset, "qformer", "bf16", batch_sizes=tuple(sorted({min(8, batch_size), batch_size})))
     one = dataclasses.replace(base, batch_sizes=(batch_size,))
-    return [dataclasses.replace(base, forward="native"),
-            dataclasses.replace(base, lm_activation_checkpointing=True, batch_sizes=tuple(sorted({4, 16, batch_size}))),
-            dataclasses.replace(one, feature_cache=True),
-            dataclasses.replace(one, fused_optimizer=True),
-            dataclasses.replace(one, feature_cache=True, fused_optimizer=True, compile_frozen=True),
-            dataclasses.replace(one, feature_cache=True, fused_optimizer=True, compile_frozen=True, compile_qformer=True),
-            dataclasses.replace(one, feature_cache=True, fused_optimizer=True, compile_frozen=True, compile_qformer=True,
-                                lm_activation_checkpointing=True)]
+    return [
+        dataclasses.replace(base, forward="native"),
+        dataclasses.replace(base, lm_activation_checkpointing=True, batch_sizes=tuple(sorted({4, 16, batch_size}))),
+        dataclasses.replace(one, feature_cache=True),
+        dataclasses.replace(one, fused_optimizer=True),
+        dataclasses.replace(one, feature_cache=True, fused_optimizer=True, compile_frozen=True),
+        dataclasses.replace(one, feature_cache=True, fused_optimizer=True, compile_frozen=True, compile_qformer=True),
+        dataclasses.replace(
+            one,
+            feature_cache=True,
+            fused_optimizer=True,
+            compile_frozen=True,
+            compile_qformer=True,
+            lm_activation_checkpointing=True,
+        ),
+    ]
 
 
 def options_grid(preset: str, batch_size: int = OPTIONS_BATCH) -> list[SweepPoint]:
@@ -158,19 +190,32 @@ def ran(result: dict) -> bool:
     return "error" not in result
 
 
-def grid(preset: str, *, scopes=("qformer",), precisions=("bf16",), forwards=("custom",),
-         lm_activation_checkpointing: bool = False, family: str | None = None,
-         validate_budget_gib: float | None = None, **step_options_on) -> list[SweepPoint]:
+def grid(
+    preset: str,
+    *,
+    scopes=("qformer",),
+    precisions=("bf16",),
+    forwards=("custom",),
+    lm_activation_checkpointing: bool = False,
+    family: str | None = None,
+    validate_budget_gib: float | None = None,
+    **step_options_on,
+) -> list[SweepPoint]:
     """Every combination for one preset, ordered so that points sharing a model are consecutive;
     the first point carries the validation request. ``step_options_on``: feature_cache,
     fused_optimizer, compile_qformer (custom forward only)."""
     by_weights = sorted(precisions, key=lambda p: str(precision.get(p).weights) if p in PRECISIONS else p)
-    points = [SweepPoint(preset, scope, name, how, lm_activation_checkpointing, family, **step_options_on)
-              for scope in scopes for name in by_weights for how in forwards]
+    points = [
+        SweepPoint(preset, scope, name, how, lm_activation_checkpointing, family, **step_options_on)
+        for scope in scopes
+        for name in by_weights
+        for how in forwards
+    ]
     return [dataclasses.replace(points[0], validate_budget_gib=validate_budget_gib)] + points[1:]
 
 
 # ----------------------------------------------------------------------------- one step
+
 
 def build(point: SweepPoint, device: str | torch.device):
     """The preset on ``device`` in the point's weight dtype, with LoRA, as training builds it (eval mode)."""
@@ -178,8 +223,9 @@ def build(point: SweepPoint, device: str | torch.device):
     if point.family:
         preset = dataclasses.replace(preset, family=point.family)
     model = presets.build_model(preset, device=device, dtype=precision.get(point.precision).weights)
-    peft_model = train.adapter_model(model, lora.LoraSpec(r=point.r, alpha=2 * point.r, scope=point.scope),
-                                     point.precision)
+    peft_model = train.adapter_model(
+        model, lora.LoraSpec(r=point.r, alpha=2 * point.r, scope=point.scope), point.precision
+    )
     choices = []
     if point.compile_qformer:
         # Compiled lazily, at the warm-up step of each batch size, with static shapes: on the
@@ -198,10 +244,11 @@ def build(point: SweepPoint, device: str | torch.device):
 @dataclass
 class StepState:
     """One configuration at one batch size, ready to step: the training step's pieces and its batch."""
+
     point: SweepPoint
     batch: dict
     parts: StepParts
-    choices: tuple = ()     # step_options.Choice records: what was used, and why not what was asked
+    choices: tuple = ()  # step_options.Choice records: what was used, and why not what was asked
     skipped_steps: int = 0  # fp16-amp: optimizer steps GradScaler skipped for inf/NaN gradients
 
     @property
@@ -217,8 +264,10 @@ def _native_forward(model, batch: dict, precision_name: str, device: torch.devic
     def run_forward(_batch):
         with precision.autocast(precision_name, device):
             out = model(**kwargs)
-        return forward.ForwardOutput(loss=out.loss * tokens, logits=out.logits, query_output=None,
-                                     language_model_inputs=None)
+        return forward.ForwardOutput(
+            loss=out.loss * tokens, logits=out.logits, query_output=None, language_model_inputs=None
+        )
+
     return run_forward
 
 
@@ -228,16 +277,29 @@ def prepare_step(model, point: SweepPoint, batch_size: int, device, shape: Seque
     device = torch.device(device)
     # step_options' wrapper also removes the input-embedding hook transformers leaves after disabling
     checkpointing = step_options.set_lm_checkpointing(model, point.lm_activation_checkpointing)
-    batch = synthetic.random_batch(model, batch_size=batch_size, prompt_len=shape.prompt_len,
-                                   answer_len=shape.answer_len, instruction_len=shape.instruction_len, device=device)
+    batch = synthetic.random_batch(
+        model,
+        batch_size=batch_size,
+        prompt_len=shape.prompt_len,
+        answer_len=shape.answer_len,
+        instruction_len=shape.instruction_len,
+        device=device,
+    )
     params = lora.adapter_parameters(model)
     for param in params:  # a step cut short by OOM leaves gradients behind
         param.grad = None
     optimizer, choice = step_options.make_optimizer(params, lr=1e-4, weight_decay=0.01, fused=point.fused_optimizer)
     native = _native_forward(model, batch, point.precision, device) if point.forward == "native" else None
-    parts = make_step(model, optimizer, linear_warmup_decay(optimizer, 0, 1 << 30), precision_name=point.precision,
-                      device=device, max_grad_norm=TrainConfig.max_grad_norm, run_forward=native,
-                      cache=_feature_cache(model) if point.feature_cache else None)  # filled by the warm-up step
+    parts = make_step(
+        model,
+        optimizer,
+        linear_warmup_decay(optimizer, 0, 1 << 30),
+        precision_name=point.precision,
+        device=device,
+        max_grad_norm=TrainConfig.max_grad_norm,
+        run_forward=native,
+        cache=_feature_cache(model) if point.feature_cache else None,
+    )  # filled by the warm-up step
     return StepState(point, batch, parts, (checkpointing, choice, *getattr(model, "_bench_build_choices", ())))
 
 
@@ -263,8 +325,16 @@ def timed_step(state: StepState) -> float:
     return result.loss
 
 
-def measure(point: SweepPoint, batch_size: int, device="cuda", *, model=None, shape: SequenceShape = SequenceShape(),
-            warmup: int = 1, steps: int = 3) -> dict:
+def measure(
+    point: SweepPoint,
+    batch_size: int,
+    device="cuda",
+    *,
+    model=None,
+    shape: SequenceShape = SequenceShape(),
+    warmup: int = 1,
+    steps: int = 3,
+) -> dict:
     """Peak memory and median step time of ``steps`` synchronised steps after ``warmup`` steps.
 
     Out of memory is a result (``{"oom": True, ...}``), not an error. ``model`` is
@@ -302,6 +372,14 @@ def measure(point: SweepPoint, batch_size: int, device="cuda", *, model=None, sh
     if oom_message is not None:
         return {"batch_size": batch_size, "oom": True, "error": oom_message}
     median = statistics.median(times)
-    return {"batch_size": batch_size, "oom": False, **memory, "step_time_s": median, "step_times_s": times,
-            "samples_per_s": batch_size / median, "loss": loss, "skipped_steps": skipped,
-            "step_options": [c.as_dict() for c in choices]}
+    return {
+        "batch_size": batch_size,
+        "oom": False,
+        **memory,
+        "step_time_s": median,
+        "step_times_s": times,
+        "samples_per_s": batch_size / median,
+        "loss": loss,
+        "skipped_steps": skipped,
+        "step_options": [c.as_dict() for c in choices],
+    }

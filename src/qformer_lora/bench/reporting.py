@@ -17,13 +17,12 @@ import re
 import tempfile
 from pathlib import Path
 
-
 from . import flops
-from .measurement import OPTIONS_BATCH, SEED_ROWS, STEP_OPTIONS, SweepPoint, is_plain, ran
 from .capacity import BUDGETS_GIB, GIB, budgets, fit_linear, predict_max_batch
-
+from .measurement import OPTIONS_BATCH, SEED_ROWS, STEP_OPTIONS, SweepPoint, is_plain, ran
 
 # ----------------------------------------------------------------------------- summaries
+
 
 def _same_config(config: dict) -> tuple:
     return tuple(v for k, v in sorted(config.items()) if k not in ("batch_sizes", "validate_budget_gib", "forward"))
@@ -40,13 +39,22 @@ def compare_forwards(entries: list[dict]) -> list[dict]:
     """custom / native ratios of peak allocated memory and step time, same configuration and batch."""
     out = []
     for native in (e for e in entries if e["config"]["forward"] == "native"):
-        for custom in (e for e in entries if e["config"]["forward"] == "custom"
-                       and _same_config(e["config"]) == _same_config(native["config"])):
+        for custom in (
+            e
+            for e in entries
+            if e["config"]["forward"] == "custom" and _same_config(e["config"]) == _same_config(native["config"])
+        ):
             ok = {r["batch_size"]: r for r in custom["results"] if ran(r)}
             for n in (r for r in native["results"] if ran(r) and r["batch_size"] in ok):
                 c = ok[n["batch_size"]]
-                out.append({"label": custom["label"], "batch_size": n["batch_size"], "memory_ratio": _memory_ratio(c, n),
-                            "time_ratio": c["step_time_s"] / n["step_time_s"]})
+                out.append(
+                    {
+                        "label": custom["label"],
+                        "batch_size": n["batch_size"],
+                        "memory_ratio": _memory_ratio(c, n),
+                        "time_ratio": c["step_time_s"] / n["step_time_s"],
+                    }
+                )
             break
     return out
 
@@ -70,8 +78,11 @@ def option_table(entries: list[dict], device_name: str, batch_size: int | None =
         base = next((r for r in native["results"] if r["batch_size"] == size and ran(r)), None)
         if base is None:
             continue
-        same = [native] + [e for e in entries if e["config"]["forward"] == "custom"
-                           and _workload(e["config"]) == _workload(native["config"])]
+        same = [native] + [
+            e
+            for e in entries
+            if e["config"]["forward"] == "custom" and _workload(e["config"]) == _workload(native["config"])
+        ]
         flops_per_sample = next((e.get("flops_per_sample") for e in same if is_plain(SweepPoint(**e["config"]))), None)
         peak = flops.peak_flops(device_name, native["config"]["precision"])
         for entry in same:
@@ -79,17 +90,28 @@ def option_table(entries: list[dict], device_name: str, batch_size: int | None =
             if result is None:
                 continue
             options = [field for field in STEP_OPTIONS if entry["config"].get(field)]  # reports predate some
-            row = {"label": entry["label"], "forward": entry["config"]["forward"], "options": options,
-                   "batch_size": size, "error": result.get("error") if not ran(result) else None,
-                   "not_used": not_used(result)}
+            row = {
+                "label": entry["label"],
+                "forward": entry["config"]["forward"],
+                "options": options,
+                "batch_size": size,
+                "error": result.get("error") if not ran(result) else None,
+                "not_used": not_used(result),
+            }
             if ran(result):
                 memory = _memory_ratio(result, base)
-                row.update(samples_per_s=result["samples_per_s"], peak_allocated_gib=result["peak_allocated_gib"],
-                           speedup=result["samples_per_s"] / base["samples_per_s"], memory_ratio=memory,
-                           flops_per_sample=flops_per_sample, peak_flops=peak,
-                           mfu=flops.mfu(result["samples_per_s"], flops_per_sample, peak))
-                row["meets_targets"] = (row["speedup"] >= TARGETS["speedup"] and memory is not None
-                                        and memory <= TARGETS["memory_ratio"])
+                row.update(
+                    samples_per_s=result["samples_per_s"],
+                    peak_allocated_gib=result["peak_allocated_gib"],
+                    speedup=result["samples_per_s"] / base["samples_per_s"],
+                    memory_ratio=memory,
+                    flops_per_sample=flops_per_sample,
+                    peak_flops=peak,
+                    mfu=flops.mfu(result["samples_per_s"], flops_per_sample, peak),
+                )
+                row["meets_targets"] = (
+                    row["speedup"] >= TARGETS["speedup"] and memory is not None and memory <= TARGETS["memory_ratio"]
+                )
             rows.append(row)
     return rows
 
@@ -97,8 +119,11 @@ def option_table(entries: list[dict], device_name: str, batch_size: int | None =
 def not_used(result: dict) -> list[str]:
     """The options a result asked for but ran without, with the reason (e.g. compile
     unavailable: eager), from its step_options records; such a row measures the fallback."""
-    return [f"{c['option']}: {c['used']} ({c['reason']})" for c in result.get("step_options", [])
-            if c["requested"] and c["reason"] is not None]
+    return [
+        f"{c['option']}: {c['used']} ({c['reason']})"
+        for c in result.get("step_options", [])
+        if c["requested"] and c["reason"] is not None
+    ]
 
 
 def holdout_checks(entries: list[dict]) -> list[dict]:
@@ -106,16 +131,24 @@ def holdout_checks(entries: list[dict]) -> list[dict]:
     predict the largest one's peak, compare with its measured peak (>= 3 measured batches)."""
     out = []
     for entry in entries:
-        ok = sorted((r for r in entry["results"] if ran(r) and r.get("peak_allocated_bytes")),
-                    key=lambda r: r["batch_size"])
+        ok = sorted(
+            (r for r in entry["results"] if ran(r) and r.get("peak_allocated_bytes")), key=lambda r: r["batch_size"]
+        )
         if len(ok) < 3:
             continue
         *fitted, held = ok
         a, b = fit_linear([r["batch_size"] for r in fitted], [r["peak_allocated_bytes"] for r in fitted])
         predicted, measured = a + b * held["batch_size"], held["peak_allocated_bytes"]
-        out.append({"label": entry["label"], "fitted_on": [r["batch_size"] for r in fitted],
-                    "batch_size": held["batch_size"], "predicted_gib": predicted / GIB, "measured_gib": measured / GIB,
-                    "relative_error": (predicted - measured) / measured})
+        out.append(
+            {
+                "label": entry["label"],
+                "fitted_on": [r["batch_size"] for r in fitted],
+                "batch_size": held["batch_size"],
+                "predicted_gib": predicted / GIB,
+                "measured_gib": measured / GIB,
+                "relative_error": (predicted - measured) / measured,
+            }
+        )
     return out
 
 
@@ -126,9 +159,19 @@ def seed_table(entries: list[dict], budget_bytes: int = 24 * GIB, rows=SEED_ROWS
         line = {"row": row, "preset": preset, "scope": scope, "seed": seed}
         for precision in ("fp32", "bf16"):
             # compared as SweepPoints: fields added since a report was written take their defaults
-            fit = next((e["memory_model"] for e in entries if e["memory_model"] and SweepPoint(**e["config"] | {
-                "batch_sizes": None, "validate_budget_gib": None}) == SweepPoint(preset, scope, precision)), None)
-            line[precision] = predict_max_batch(fit["allocated"]["a"], fit["allocated"]["b"], budget_bytes) if fit else None
+            fit = next(
+                (
+                    e["memory_model"]
+                    for e in entries
+                    if e["memory_model"]
+                    and SweepPoint(**e["config"] | {"batch_sizes": None, "validate_budget_gib": None})
+                    == SweepPoint(preset, scope, precision)
+                ),
+                None,
+            )
+            line[precision] = (
+                predict_max_batch(fit["allocated"]["a"], fit["allocated"]["b"], budget_bytes) if fit else None
+            )
         table.append(line)
     return table
 
@@ -140,30 +183,45 @@ def paragraph(report: dict) -> str:
     if not any(r.get("peak_allocated_bytes") for e in report["points"] for r in e["results"]):
         return f"No memory measurements on {dev['name']}: the 24 GiB table needs a CUDA run."
     image = report["points"][0]["image_size"]
-    text = (f"Measured on {dev['name']} (torch {versions['torch']}, transformers {versions['transformers']}, peft "
-            f"{versions['peft']}) with {seq['prompt_len']} prompt and {seq['answer_len']} answer tokens, {image}px "
-            f"images, LoRA r=8 and AdamW.")
+    text = (
+        f"Measured on {dev['name']} (torch {versions['torch']}, transformers {versions['transformers']}, peft "
+        f"{versions['peft']}) with {seq['prompt_len']} prompt and {seq['answer_len']} answer tokens, {image}px "
+        f"images, LoRA r=8 and AdamW."
+    )
     if rows:
-        text += (" A linear fit of peak allocated memory against batch size predicts, on a 24 GiB budget: "
-                 + "; ".join(f"{r['row']} batch {r['fp32']} with fp32 weights and {r['bf16']} with bf16 weights "
-                             f"(seed: {r['seed']})" for r in rows) + ".")
+        text += (
+            " A linear fit of peak allocated memory against batch size predicts, on a 24 GiB budget: "
+            + "; ".join(
+                f"{r['row']} batch {r['fp32']} with fp32 weights and {r['bf16']} with bf16 weights (seed: {r['seed']})"
+                for r in rows
+            )
+            + "."
+        )
     else:  # a run of other configurations (bench --preset, --options-batch)
         text += " None of the seed table's configurations was measured in this run."
     if dev.get("outside_allocator_bytes"):
-        text += (f" Budgets are the allocator's; the CUDA context ({dev['outside_allocator_bytes'] / GIB:.2f} GiB "
-                 f"here) comes on top on a real card.")
+        text += (
+            f" Budgets are the allocator's; the CUDA context ({dev['outside_allocator_bytes'] / GIB:.2f} GiB "
+            f"here) comes on top on a real card."
+        )
     for v in (v for v in report["validation"] if v["status"] == "done"):
         error = f"{v['relative_error']:.1%} off" if v["relative_error"] is not None else "no batch fitted"
-        text += (f" Under a {v['budget_gib']:g} GiB cap the prediction for {v['label']} was {v['predicted']}, "
-                 f"the measured limit {v['measured']} ({error}; target 5 %).")
+        text += (
+            f" Under a {v['budget_gib']:g} GiB cap the prediction for {v['label']} was {v['predicted']}, "
+            f"the measured limit {v['measured']} ({error}; target 5 %)."
+        )
     if report.get("holdout"):
         worst = max(report["holdout"], key=lambda h: abs(h["relative_error"]))
-        text += (f" Fitted without its largest batch, the model predicts that batch's peak within "
-                 f"{abs(worst['relative_error']):.1%} in every configuration (worst: {worst['label']}, batch "
-                 f"{worst['batch_size']} from {worst['fitted_on']}).")
+        text += (
+            f" Fitted without its largest batch, the model predicts that batch's peak within "
+            f"{abs(worst['relative_error']):.1%} in every configuration (worst: {worst['label']}, batch "
+            f"{worst['batch_size']} from {worst['fitted_on']})."
+        )
     for c in (c for c in report["comparisons"] if c["memory_ratio"]):
-        text += (f" The custom forward took {c['memory_ratio']:.2f}x the memory and {c['time_ratio']:.2f}x the "
-                 f"step time of the library's own forward ({c['label']}, batch {c['batch_size']}).")
+        text += (
+            f" The custom forward took {c['memory_ratio']:.2f}x the memory and {c['time_ratio']:.2f}x the "
+            f"step time of the library's own forward ({c['label']}, batch {c['batch_size']})."
+        )
     return text
 
 
@@ -178,6 +236,7 @@ def summarise(report: dict, rows=SEED_ROWS) -> dict:
 
 # ----------------------------------------------------------------------------- report files
 
+
 def report_stem(report: dict) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", report["device"]["name"].lower()).strip("-") or "device"
     return f"{slug}-{report['created'][:10]}"
@@ -187,7 +246,9 @@ def default_report_dir() -> Path:
     return Path(os.environ.get("QFORMER_LORA_REPORT_DIR") or Path("reports") / "gpu")
 
 
-def write_reports(report: dict, out_dir: str | os.PathLike | None = None, *, plot: bool = True) -> dict[str, Path | None]:
+def write_reports(
+    report: dict, out_dir: str | os.PathLike | None = None, *, plot: bool = True
+) -> dict[str, Path | None]:
     """<gpu-slug>-<date>.json / .md / .png under ``out_dir``; the PNG only when matplotlib is installed."""
     out_dir = Path(out_dir) if out_dir is not None else default_report_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -226,60 +287,107 @@ def _num(value, spec: str = ".2f") -> str:
 
 def markdown(report: dict) -> str:
     dev, seq, v, s = report["device"], report["sequence"], report["versions"], report["settings"]
-    lines = [f"# Memory and speed against batch size: {dev['name']}", "",
-             f"{report['created']}; torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}; "
-             f"driver {dev.get('driver_version') or '-'}, CUDA {dev.get('cuda_runtime') or '-'}.",
-             f"Prompt {seq['prompt_len']}, answer {seq['answer_len']}, instruction {seq['instruction_len']} tokens; "
-             f"{s['measured_steps']} measured steps after {s['warmup_steps']} warm-up; {s['optimizer']}.", "",
-             "| configuration | image px | batch | peak allocated GiB | peak reserved GiB | step ms | samples/s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Memory and speed against batch size: {dev['name']}",
+        "",
+        f"{report['created']}; torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}; "
+        f"driver {dev.get('driver_version') or '-'}, CUDA {dev.get('cuda_runtime') or '-'}.",
+        f"Prompt {seq['prompt_len']}, answer {seq['answer_len']}, instruction {seq['instruction_len']} tokens; "
+        f"{s['measured_steps']} measured steps after {s['warmup_steps']} warm-up; {s['optimizer']}.",
+        "",
+        "| configuration | image px | batch | peak allocated GiB | peak reserved GiB | step ms | samples/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for e in report["points"]:
         for r in e["results"]:
             if ran(r):
-                cells = [_num(r["peak_allocated_gib"]), _num(r["peak_reserved_gib"]), _num(1000 * r["step_time_s"], ".1f"),
-                         _num(r["samples_per_s"])]
+                cells = [
+                    _num(r["peak_allocated_gib"]),
+                    _num(r["peak_reserved_gib"]),
+                    _num(1000 * r["step_time_s"], ".1f"),
+                    _num(r["samples_per_s"]),
+                ]
             else:
                 cells = ["OOM" if r["oom"] else f"failed: {r['error']}"] + [""] * 3
             lines.append(f"| {e['label']} | {e['image_size']} | {r['batch_size']} | " + " | ".join(cells) + " |")
     names = list(budgets(dev.get("total_memory_bytes")))
-    lines += ["", "## Memory model: peak allocated = a + b x batch", "",
-              "| configuration | a GiB | b GiB/sample | " + " | ".join(f"max batch {n}" for n in names) + " |",
-              "|---|---:|---:|" + "---:|" * len(names)]
+    lines += [
+        "",
+        "## Memory model: peak allocated = a + b x batch",
+        "",
+        "| configuration | a GiB | b GiB/sample | " + " | ".join(f"max batch {n}" for n in names) + " |",
+        "|---|---:|---:|" + "---:|" * len(names),
+    ]
     for e in (e for e in report["points"] if e["memory_model"]):
         m = e["memory_model"]
-        lines.append(f"| {e['label']} | {m['allocated']['a'] / GIB:.2f} | {m['allocated']['b'] / GIB:.3f} | "
-                     + " | ".join(_num(m["max_batch"].get(n), "d") for n in names) + " |")
-    lines += ["", "## The seed's table: max batch on 24 GiB", "", "| configuration | seed | fp32 weights | bf16 weights |",
-              "|---|---|---:|---:|"]
-    lines += [f"| {r['row']} | {r['seed']} | {_num(r['fp32'], 'd')} | {_num(r['bf16'], 'd')} |" for r in report["seed_table"]]
-    lines += ["", "## Custom vs native forward (custom / native)", "", "| configuration | batch | memory | step time |",
-              "|---|---:|---:|---:|"]
-    lines += [f"| {c['label']} | {c['batch_size']} | {_num(c['memory_ratio'])} | {_num(c['time_ratio'])} |"
-              for c in report["comparisons"]]
+        lines.append(
+            f"| {e['label']} | {m['allocated']['a'] / GIB:.2f} | {m['allocated']['b'] / GIB:.3f} | "
+            + " | ".join(_num(m["max_batch"].get(n), "d") for n in names)
+            + " |"
+        )
+    lines += [
+        "",
+        "## The seed's table: max batch on 24 GiB",
+        "",
+        "| configuration | seed | fp32 weights | bf16 weights |",
+        "|---|---|---:|---:|",
+    ]
+    lines += [
+        f"| {r['row']} | {r['seed']} | {_num(r['fp32'], 'd')} | {_num(r['bf16'], 'd')} |" for r in report["seed_table"]
+    ]
+    lines += [
+        "",
+        "## Custom vs native forward (custom / native)",
+        "",
+        "| configuration | batch | memory | step time |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {c['label']} | {c['batch_size']} | {_num(c['memory_ratio'])} | {_num(c['time_ratio'])} |"
+        for c in report["comparisons"]
+    ]
     option_batches = sorted({o["batch_size"] for o in report.get("options", [])}) or [OPTIONS_BATCH]
-    lines += ["", f"## Step options at batch {', '.join(map(str, option_batches))} against the native forward", "",
-              f"Targets: samples/s >= {TARGETS['speedup']:g}x native, peak memory <= {TARGETS['memory_ratio']:g}x "
-              f"native. MFU = samples/s x the plain custom step's counted FLOPs per sample / the card's dense "
-              f"16-bit peak.", "",
-              "| configuration | samples/s | peak allocated GiB | speed-up | memory ratio | GFLOP/sample | MFU |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        f"## Step options at batch {', '.join(map(str, option_batches))} against the native forward",
+        "",
+        f"Targets: samples/s >= {TARGETS['speedup']:g}x native, peak memory <= {TARGETS['memory_ratio']:g}x "
+        f"native. MFU = samples/s x the plain custom step's counted FLOPs per sample / the card's dense "
+        f"16-bit peak.",
+        "",
+        "| configuration | samples/s | peak allocated GiB | speed-up | memory ratio | GFLOP/sample | MFU |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for o in report.get("options", []):
         if o["error"]:
             lines.append(f"| {o['label']} | failed: {o['error']} | | | | | |")
             continue
         label = o["label"] + (f" (not used: {'; '.join(o['not_used'])})" if o.get("not_used") else "")
-        lines.append(f"| {label} | {_num(o['samples_per_s'], '.1f')} | {_num(o['peak_allocated_gib'])} | "
-                     f"{_num(o['speedup'])} | {_num(o['memory_ratio'])} | "
-                     f"{_num(o['flops_per_sample'] and o['flops_per_sample'] / 1e9, '.1f')} | {_num(o['mfu'], '.1%')} |")
-    lines += ["", "## Memory model on a held-out batch (fitted without the largest batch)", "",
-              "| configuration | fitted on | held-out batch | predicted GiB | measured GiB | error |",
-              "|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {h['label']} | {', '.join(map(str, h['fitted_on']))} | {h['batch_size']} | {h['predicted_gib']:.2f} | "
-              f"{h['measured_gib']:.2f} | {h['relative_error']:+.1%} |" for h in report.get("holdout", [])]
+        lines.append(
+            f"| {label} | {_num(o['samples_per_s'], '.1f')} | {_num(o['peak_allocated_gib'])} | "
+            f"{_num(o['speedup'])} | {_num(o['memory_ratio'])} | "
+            f"{_num(o['flops_per_sample'] and o['flops_per_sample'] / 1e9, '.1f')} | {_num(o['mfu'], '.1%')} |"
+        )
+    lines += [
+        "",
+        "## Memory model on a held-out batch (fitted without the largest batch)",
+        "",
+        "| configuration | fitted on | held-out batch | predicted GiB | measured GiB | error |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {h['label']} | {', '.join(map(str, h['fitted_on']))} | {h['batch_size']} | {h['predicted_gib']:.2f} | "
+        f"{h['measured_gib']:.2f} | {h['relative_error']:+.1%} |"
+        for h in report.get("holdout", [])
+    ]
     lines += ["", "## Prediction check (under a memory cap)", ""]
-    lines += [f"- {x['label']}: {x['reason']}" if x["status"] != "done" else
-              f"- {x['label']}, {x['budget_gib']:g} GiB cap: predicted {x['predicted']}, measured {x['measured']}"
-              f" (error {_num(x['relative_error'], '.1%')}; probes {x['probes']})" for x in report["validation"]]
+    lines += [
+        f"- {x['label']}: {x['reason']}"
+        if x["status"] != "done"
+        else f"- {x['label']}, {x['budget_gib']:g} GiB cap: predicted {x['predicted']}, measured {x['measured']}"
+        f" (error {_num(x['relative_error'], '.1%')}; probes {x['probes']})"
+        for x in report["validation"]
+    ]
     return "\n".join(lines + ["", "## Summary", "", report["paragraph"], ""])
 
 
@@ -294,14 +402,20 @@ def plot_png(report: dict) -> bytes | None:
     for e in report["points"]:
         ok = [r for r in e["results"] if ran(r)]
         if any(r["peak_allocated_gib"] is not None for r in ok):
-            memory_ax.plot([r["batch_size"] for r in ok], [r["peak_allocated_gib"] for r in ok], marker="o",
-                           label=e["label"])
+            memory_ax.plot(
+                [r["batch_size"] for r in ok], [r["peak_allocated_gib"] for r in ok], marker="o", label=e["label"]
+            )
         speed_ax.plot([r["batch_size"] for r in ok], [r["samples_per_s"] for r in ok], marker="o", label=e["label"])
     if memory_ax.lines:
         memory_ax.axhline(BUDGETS_GIB[0], color="grey", linestyle="--", linewidth=1, label=f"{BUDGETS_GIB[0]} GiB")
     else:
-        memory_ax.text(0.5, 0.5, f"no memory measurements on {report['device']['name']}", ha="center",
-                       transform=memory_ax.transAxes)
+        memory_ax.text(
+            0.5,
+            0.5,
+            f"no memory measurements on {report['device']['name']}",
+            ha="center",
+            transform=memory_ax.transAxes,
+        )
     (memory_ax if memory_ax.lines else speed_ax).legend(fontsize=6)
     memory_ax.set(xlabel="batch size", ylabel="peak allocated (GiB)", title=report["device"]["name"])
     speed_ax.set(xlabel="batch size", ylabel="samples / s", title="training throughput")
@@ -314,8 +428,10 @@ def plot_png(report: dict) -> bytes | None:
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m qformer_lora.bench.reporting",
-                                     description="Re-summarise a saved bench report and rewrite its Markdown and PNG.")
+    parser = argparse.ArgumentParser(
+        prog="python -m qformer_lora.bench.reporting",
+        description="Re-summarise a saved bench report and rewrite its Markdown and PNG.",
+    )
     parser.add_argument("report", type=Path, help="a <gpu>-<date>.json written by `qformer-lora bench`")
     parser.add_argument("--out", type=Path, default=None, help="folder for the files (default: beside the report)")
     args = parser.parse_args(argv)

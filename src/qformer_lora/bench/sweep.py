@@ -16,16 +16,26 @@ from tqdm.auto import tqdm
 
 from .. import compat
 from . import flops, measurement
-from .measurement import SequenceShape, SweepPoint, is_plain, measure, ran
-from .reporting import summarise, write_reports
 from .capacity import GIB, find_limit, memory_model, predict_max_batch
 from .device import device_info, free_memory, is_oom, memory_cap
+from .measurement import SequenceShape, SweepPoint, is_plain, measure, ran
+from .reporting import summarise, write_reports
 
 # ----------------------------------------------------------------------------- the sweep
 
-def sweep(points: list[SweepPoint], batch_sizes=(1, 4, 8, 16), *, device="cuda",
-          shape: SequenceShape = SequenceShape(), warmup: int = 1, steps: int = 3, progress: bool = True,
-          on_point=None, out_of_time=None) -> dict:
+
+def sweep(
+    points: list[SweepPoint],
+    batch_sizes=(1, 4, 8, 16),
+    *,
+    device="cuda",
+    shape: SequenceShape = SequenceShape(),
+    warmup: int = 1,
+    steps: int = 3,
+    progress: bool = True,
+    on_point=None,
+    out_of_time=None,
+) -> dict:
     """Measure every point at its batch sizes (ascending); after an OOM, larger batches are not run.
 
     ``on_point(report)`` is called after each configuration (to save partial results).
@@ -34,11 +44,21 @@ def sweep(points: list[SweepPoint], batch_sizes=(1, 4, 8, 16), *, device="cuda",
     would lose the results of every test still to come).
     """
     device = torch.device(device)
-    report = {"schema": 1, "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-              "device": device_info(device), "versions": compat.versions(), "sequence": asdict(shape),
-              "settings": {"warmup_steps": warmup, "measured_steps": steps, "optimizer": "AdamW lr=1e-4",
-                           "float32_matmul_precision": torch.get_float32_matmul_precision()},
-              "points": [], "validation": []}
+    report = {
+        "schema": 1,
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": device_info(device),
+        "versions": compat.versions(),
+        "sequence": asdict(shape),
+        "settings": {
+            "warmup_steps": warmup,
+            "measured_steps": steps,
+            "optimizer": "AdamW lr=1e-4",
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        },
+        "points": [],
+        "validation": [],
+    }
     plan = [(p, sorted(set(p.batch_sizes or batch_sizes))) for p in points]
     model, model_key = None, None
     with tqdm(total=sum(len(sizes) for _, sizes in plan), desc="bench", disable=not progress) as bar:
@@ -51,15 +71,21 @@ def sweep(points: list[SweepPoint], batch_sizes=(1, 4, 8, 16), *, device="cuda",
                 model, model_key = None, None
                 free_memory()
                 model, model_key = _build_or_oom(point, device), point.build_key
-            entry = {"label": point.label, "config": asdict(point), "results": [],
-                     "image_size": compat.unwrap(model).config.vision_config.image_size if model else None}
+            entry = {
+                "label": point.label,
+                "config": asdict(point),
+                "results": [],
+                "image_size": compat.unwrap(model).config.vision_config.image_size if model else None,
+            }
             started = time.perf_counter()  # the point's wall time, compiles included: for planning GPU runs
             for size in sizes:
                 bar.set_postfix_str(f"{point.label} b={size}")
                 skip = _not_run(model, entry["results"])
                 entry["results"].append(
-                    {"batch_size": size, **skip} if skip else
-                    _measure_or_error(point, size, device, model=model, shape=shape, warmup=warmup, steps=steps))
+                    {"batch_size": size, **skip}
+                    if skip
+                    else _measure_or_error(point, size, device, model=model, shape=shape, warmup=warmup, steps=steps)
+                )
                 bar.update()
             entry["wall_s"] = time.perf_counter() - started
             entry["memory_model"] = memory_model(entry["results"], report["device"].get("total_memory_bytes"))
@@ -76,9 +102,16 @@ def sweep(points: list[SweepPoint], batch_sizes=(1, 4, 8, 16), *, device="cuda",
 
 
 def _not_started(point: SweepPoint, sizes) -> dict:
-    return {"label": point.label, "config": asdict(point), "image_size": None, "wall_s": 0.0, "memory_model": None,
-            "results": [{"batch_size": n, "oom": False, "error": "not run: the sweep's time budget was spent"}
-                        for n in sizes]}
+    return {
+        "label": point.label,
+        "config": asdict(point),
+        "image_size": None,
+        "wall_s": 0.0,
+        "memory_model": None,
+        "results": [
+            {"batch_size": n, "oom": False, "error": "not run: the sweep's time budget was spent"} for n in sizes
+        ],
+    }
 
 
 def _not_run(model, results: list[dict]) -> dict | None:
@@ -127,18 +160,36 @@ def _build_or_oom(point: SweepPoint, device: torch.device):
 
 # ----------------------------------------------------------------------------- checking a prediction
 
-def validate_prediction(point: SweepPoint, predicted: int, budget_bytes: int, *, device="cuda", model=None,
-                        shape: SequenceShape = SequenceShape(), max_probes: int = 10) -> dict:
+
+def validate_prediction(
+    point: SweepPoint,
+    predicted: int,
+    budget_bytes: int,
+    *,
+    device="cuda",
+    model=None,
+    shape: SequenceShape = SequenceShape(),
+    max_probes: int = 10,
+) -> dict:
     """Run at the predicted batch under a cap of ``budget_bytes`` and search for the real limit."""
     device = torch.device(device)
     with memory_cap(budget_bytes, device) as fraction:
+
         def fits(n: int) -> bool:
             return not measure(point, n, device, model=model, shape=shape, warmup=0, steps=1)["oom"]
+
         measured, exact, probes = find_limit(fits, predicted, max_probes)
-    return {"label": point.label, "budget_bytes": budget_bytes, "budget_gib": budget_bytes / GIB,
-            "memory_fraction": fraction, "predicted": predicted, "measured": measured, "measured_exact": exact,
-            "probes": {str(k): v for k, v in sorted(probes.items())},
-            "relative_error": abs(predicted - measured) / measured if measured else None}
+    return {
+        "label": point.label,
+        "budget_bytes": budget_bytes,
+        "budget_gib": budget_bytes / GIB,
+        "memory_fraction": fraction,
+        "predicted": predicted,
+        "measured": measured,
+        "measured_exact": exact,
+        "probes": {str(k): v for k, v in sorted(probes.items())},
+        "relative_error": abs(predicted - measured) / measured if measured else None,
+    }
 
 
 def validate_point(point: SweepPoint, entry: dict, device: torch.device, model, shape: SequenceShape) -> dict:
@@ -149,8 +200,11 @@ def validate_point(point: SweepPoint, entry: dict, device: torch.device, model, 
     predicted = predict_max_batch(fit["allocated"]["a"], fit["allocated"]["b"], budget)
     total = torch.cuda.get_device_properties(device).total_memory
     if not predicted or budget > total:
-        return {"label": point.label, "status": "skipped",
-                "reason": f"predicted batch {predicted} for {budget / GIB:g} GiB on a {total / GIB:.0f} GiB card"}
+        return {
+            "label": point.label,
+            "status": "skipped",
+            "reason": f"predicted batch {predicted} for {budget / GIB:g} GiB on a {total / GIB:.0f} GiB card",
+        }
     try:
         result = validate_prediction(point, predicted, budget, device=device, model=model, shape=shape)
     except Exception as err:  # noqa: BLE001 - a failed check is recorded; the sweep's measurements still count
@@ -159,11 +213,27 @@ def validate_point(point: SweepPoint, entry: dict, device: torch.device, model, 
     return {"status": "done", **result, "predicted_from_reserved": reserved}
 
 
-def run_benchmark(points: list[SweepPoint], batch_sizes=(1, 4, 8, 16), *, device="cuda",
-                  shape: SequenceShape = SequenceShape(), report_dir=None, steps: int = 3,
-                  progress: bool = True, out_of_time=None) -> tuple[dict, dict]:
+def run_benchmark(
+    points: list[SweepPoint],
+    batch_sizes=(1, 4, 8, 16),
+    *,
+    device="cuda",
+    shape: SequenceShape = SequenceShape(),
+    report_dir=None,
+    steps: int = 3,
+    progress: bool = True,
+    out_of_time=None,
+) -> tuple[dict, dict]:
     """sweep() then write_reports(): what the CLI and the GPU tests call."""
     # reports are rewritten after every configuration, so a run cut short still leaves its numbers
-    report = sweep(points, batch_sizes, device=device, shape=shape, steps=steps, progress=progress,
-                   on_point=lambda partial: write_reports(partial, report_dir, plot=False), out_of_time=out_of_time)
+    report = sweep(
+        points,
+        batch_sizes,
+        device=device,
+        shape=shape,
+        steps=steps,
+        progress=progress,
+        on_point=lambda partial: write_reports(partial, report_dir, plot=False),
+        out_of_time=out_of_time,
+    )
     return report, write_reports(report, report_dir)

@@ -47,7 +47,7 @@ import torch
 
 from .. import compat
 
-FP16_SMALLEST_SUBNORMAL = 2.0 ** -24  # every positive value below half of this rounds to 0 in fp16
+FP16_SMALLEST_SUBNORMAL = 2.0**-24  # every positive value below half of this rounds to 0 in fp16
 KINDS = ("input", "parameter", "loss", "gradient")
 POLICIES = ("raise", "skip", "rollback")
 
@@ -65,10 +65,10 @@ class Diagnosis:
     """The first non-finite value of a failing step, in the order a reader would look for it."""
 
     step: int
-    kind: str                            # input | parameter | loss | gradient (see KINDS)
-    first_module: str | None = None      # first module, in execution order, with a non-finite output
-    first_parameter: str | None = None   # first non-finite parameter in named_parameters order
-    first_gradient: str | None = None    # first non-finite gradient in named_parameters order
+    kind: str  # input | parameter | loss | gradient (see KINDS)
+    first_module: str | None = None  # first module, in execution order, with a non-finite output
+    first_parameter: str | None = None  # first non-finite parameter in named_parameters order
+    first_gradient: str | None = None  # first non-finite gradient in named_parameters order
     sample_ids: list[str] = field(default_factory=list)
     loss: float | None = None
     grad_norm: float | None = None
@@ -85,9 +85,11 @@ class Diagnosis:
         for label, value in (("loss", self.loss), ("gradient norm", self.grad_norm)):
             if value is not None:
                 parts.append(f"{label} {value}")
-        for label, value in (("first non-finite module output", self.first_module),
-                             ("first non-finite parameter", self.first_parameter),
-                             ("first non-finite gradient", self.first_gradient)):
+        for label, value in (
+            ("first non-finite module output", self.first_module),
+            ("first non-finite parameter", self.first_parameter),
+            ("first non-finite gradient", self.first_gradient),
+        ):
             if value is not None:
                 parts.append(f"{label}: {value}")
         if self.sample_ids:
@@ -165,8 +167,7 @@ def clip_gradients(params, max_norm: float | None) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"), error_if_nonfinite=True)
     except RuntimeError:
         grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).to(grads[0].device)
-                                                     for g in grads]))
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).to(grads[0].device) for g in grads]))
         if bool(torch.isfinite(norm)):
             raise  # not the non-finite-norm error
         return norm
@@ -186,6 +187,7 @@ def watch_outputs(model):
         def hook(module, args, output):
             if not found and not all_finite(output):
                 found["module"] = name
+
         return hook
 
     def embeds_hook(module, args, kwargs):
@@ -232,8 +234,7 @@ def localise(model, batches: list[dict], step: int, run_forward, *, losses=None,
     norm = None if grad_norm is None else float(grad_norm)
     diagnosis = Diagnosis(step, kind, first_module, first_parameter, first_gradient, ids, loss, norm)
     if kind == "gradient" and first_gradient is None:
-        diagnosis.message += ("; every gradient is finite: their norm overflowed the gradient dtype "
-                              "(use fp32 adapters)")
+        diagnosis.message += "; every gradient is finite: their norm overflowed the gradient dtype (use fp32 adapters)"
     return diagnosis
 
 
@@ -251,8 +252,18 @@ class Guard:
     and lower its scale, as it was built to). Everything else ends in NonFiniteError.
     """
 
-    def __init__(self, policy: str, model, optimizer, scheduler=None, *, run_forward=None,
-                 max_rollbacks: int = 3, rollback_lr_factor: float = 0.5, on_event=None):
+    def __init__(
+        self,
+        policy: str,
+        model,
+        optimizer,
+        scheduler=None,
+        *,
+        run_forward=None,
+        max_rollbacks: int = 3,
+        rollback_lr_factor: float = 0.5,
+        on_event=None,
+    ):
         if policy not in POLICIES:
             raise ValueError(f"unknown guard policy {policy!r}; expected one of {POLICIES}")
         self.policy, self.model, self.optimizer, self.scheduler = policy, model, optimizer, scheduler
@@ -267,8 +278,10 @@ class Guard:
         # built or loaded with non-finite weights, and the loop's cheap checks assume it is finite
         parameter = first_non_finite_parameter(model)
         if parameter is not None:
-            raise NonFiniteError(Diagnosis(0, "parameter", first_parameter=parameter),
-                                 "before the first step: the model was built or loaded with non-finite weights")
+            raise NonFiniteError(
+                Diagnosis(0, "parameter", first_parameter=parameter),
+                "before the first step: the model was built or loaded with non-finite weights",
+            )
         if policy == "rollback":
             self.healthy()  # the initial adapter is a state to return to
 
@@ -319,13 +332,18 @@ class Guard:
         if self.policy == "raise":
             raise NonFiniteError(diagnosis)
         if diagnosis.kind == "parameter" and diagnosis.first_parameter not in self._trainable_names():
-            raise NonFiniteError(diagnosis, f"guard={self.policy} cannot continue: a frozen base-model "
-                                            f"parameter is non-finite, no policy can repair it")
+            raise NonFiniteError(
+                diagnosis,
+                f"guard={self.policy} cannot continue: a frozen base-model "
+                f"parameter is non-finite, no policy can repair it",
+            )
         if self.policy == "skip":
             if diagnosis.kind == "parameter":
                 # skipping cannot repair the weights: every later batch would be skipped too
-                raise NonFiniteError(diagnosis, "guard=skip cannot continue: the parameters themselves "
-                                                "are non-finite, every later step would fail")
+                raise NonFiniteError(
+                    diagnosis,
+                    "guard=skip cannot continue: the parameters themselves are non-finite, every later step would fail",
+                )
             self._record("skip", diagnosis)
             return "skip"
         if diagnosis.kind == "input":
@@ -334,8 +352,10 @@ class Guard:
         if self._snapshot is None:
             raise NonFiniteError(diagnosis, "guard=rollback has no finite state to return to")
         if self.rollbacks >= self.max_rollbacks:
-            raise NonFiniteError(diagnosis, f"guard=rollback gave up after {self.rollbacks} rollback(s) "
-                                            f"(max_rollbacks={self.max_rollbacks})")
+            raise NonFiniteError(
+                diagnosis,
+                f"guard=rollback gave up after {self.rollbacks} rollback(s) (max_rollbacks={self.max_rollbacks})",
+            )
         self.restore()
         self.rollbacks += 1
         self._scale_lr(self.rollback_lr_factor)
@@ -372,11 +392,21 @@ class Guard:
     def _record(self, action: str, diagnosis: Diagnosis) -> None:
         self.skipped += action == "skip"
         lr = self.optimizer.param_groups[0]["lr"]
-        self.events.append({"type": "guard", "action": action, "step": diagnosis.step, "lr": lr,
-                            "rollbacks": self.rollbacks, "diagnosis": asdict(diagnosis)})
+        self.events.append(
+            {
+                "type": "guard",
+                "action": action,
+                "step": diagnosis.step,
+                "lr": lr,
+                "rollbacks": self.rollbacks,
+                "diagnosis": asdict(diagnosis),
+            }
+        )
         if self.on_event is not None:
             self.on_event(self.events[-1])
-        warnings.warn(f"{diagnosis.message}; guard={self.policy}: {action}"
-                      + (f" (lr now {lr:.3g}, rollback {self.rollbacks}/{self.max_rollbacks})"
-                         if action == "rollback" else ""), RuntimeWarning, stacklevel=3)
-
+        warnings.warn(
+            f"{diagnosis.message}; guard={self.policy}: {action}"
+            + (f" (lr now {lr:.3g}, rollback {self.rollbacks}/{self.max_rollbacks})" if action == "rollback" else ""),
+            RuntimeWarning,
+            stacklevel=3,
+        )

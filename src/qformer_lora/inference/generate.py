@@ -38,7 +38,9 @@ def load_trained(checkpoint_path: str | os.PathLike):
     base = load_base(config)
     model = PeftModel.from_pretrained(base, str(Path(checkpoint_path) / checkpoint.ADAPTER_DIR)).eval()
     family = "instructblip" if base.config.model_type == "instructblip" else "blip2"
-    processor = data.build_processor(family, config.get("base_checkpoint"), image_size=base.config.vision_config.image_size)
+    processor = data.build_processor(
+        family, config.get("base_checkpoint"), image_size=base.config.vision_config.image_size
+    )
     return model, processor, family, config
 
 
@@ -49,14 +51,16 @@ def prompt_batch(processor, family: str, images, instructions, max_prompt_tokens
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(torch.float32)
     previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        text = tokenizer(list(instructions), padding=True, truncation=True, max_length=max_prompt_tokens,
-                         return_tensors="pt")
+        text = tokenizer(
+            list(instructions), padding=True, truncation=True, max_length=max_prompt_tokens, return_tensors="pt"
+        )
     finally:
         tokenizer.padding_side = previous_side
     batch = {"pixel_values": pixel_values, "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
     if family == "instructblip":
-        qformer = processor.qformer_tokenizer(list(instructions), padding=True, truncation=True,
-                                              max_length=max_prompt_tokens, return_tensors="pt")
+        qformer = processor.qformer_tokenizer(
+            list(instructions), padding=True, truncation=True, max_length=max_prompt_tokens, return_tensors="pt"
+        )
         batch["qformer_input_ids"], batch["qformer_attention_mask"] = qformer["input_ids"], qformer["attention_mask"]
     return batch
 

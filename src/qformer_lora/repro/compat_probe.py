@@ -36,8 +36,18 @@ SCHEMA = 1
 TINY_PRESETS = ("tiny-instructblip-flan-t5", "tiny-instructblip-vicuna", "tiny-blip2-flan-t5", "tiny-blip2-opt")
 FULL_PRESET = "instructblip-flan-t5-xl"
 NAN_PRESET = "tiny-instructblip-flan-t5"  # the seed's family
-NEIGHBOURS = ("torch", "transformers", "peft", "accelerate", "huggingface-hub", "tokenizers", "safetensors",
-              "numpy", "pytest", "hypothesis")
+NEIGHBOURS = (
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "huggingface-hub",
+    "tokenizers",
+    "safetensors",
+    "numpy",
+    "pytest",
+    "hypothesis",
+)
 
 
 def _error(err: BaseException) -> dict:
@@ -89,16 +99,20 @@ def probe_preset(name: str) -> dict:
         "native_convention": compat.native_convention(model.config),
         "custom_forward": custom,
         "native_forward": native,
-        "loss_difference": (abs(custom_loss - native_loss)
-                            if custom_loss is not None and native_loss is not None else None),
+        "loss_difference": (
+            abs(custom_loss - native_loss) if custom_loss is not None and native_loss is not None else None
+        ),
         "peft_task_types": {},
     }
     for task_type in probes.TASK_TYPES:
         observed = _section(probes.kwarg_conflict, name, task_type)
         if "native" in observed:
-            observed = {"wrapper": observed["wrapper"], **observed["native"],
-                        "custom_ok": observed["custom"] == {"status": "ok", "loss_finite": True},
-                        "loss_difference": observed.get("loss_difference")}
+            observed = {
+                "wrapper": observed["wrapper"],
+                **observed["native"],
+                "custom_ok": observed["custom"] == {"status": "ok", "loss_finite": True},
+                "loss_difference": observed.get("loss_difference"),
+            }
         result["peft_task_types"][str(task_type)] = observed
     return result
 
@@ -110,12 +124,14 @@ def _lora_report(model, r: int = 8) -> dict:
     peft_model = lora.apply_lora(model, spec)
     report = lora.scope_report(peft_model, spec)
     compat.unload(peft_model)
-    return {"lora_tensors": report["lora_tensors"], "trainable_parameters": report["trainable_parameters"],
-            "total_parameters": report["total_parameters"],
-            "base_parameters": report["total_parameters"] - report["trainable_parameters"],
-            "trainable_percent": round(report["trainable_percent"], 4),
-            "trainable_outside_qformer": sum(v["trainable"] for c, v in report["components"].items()
-                                             if c != "qformer")}
+    return {
+        "lora_tensors": report["lora_tensors"],
+        "trainable_parameters": report["trainable_parameters"],
+        "total_parameters": report["total_parameters"],
+        "base_parameters": report["total_parameters"] - report["trainable_parameters"],
+        "trainable_percent": round(report["trainable_percent"], 4),
+        "trainable_outside_qformer": sum(v["trainable"] for c, v in report["components"].items() if c != "qformer"),
+    }
 
 
 def probe_lora_counts() -> dict:
@@ -131,9 +147,11 @@ def probe_lora_counts() -> dict:
         return _lora_report(model) | {"base_parameters_as_constructed_on_meta": constructed}
 
     out[FULL_PRESET] = _section(full_size)
-    out["parameter_count_regime"] = {"t5": compat.parameter_count_regime("t5"),
-                                     "opt": compat.parameter_count_regime("opt"),
-                                     "llama": compat.parameter_count_regime("llama")}
+    out["parameter_count_regime"] = {
+        "t5": compat.parameter_count_regime("t5"),
+        "opt": compat.parameter_count_regime("opt"),
+        "llama": compat.parameter_count_regime("llama"),
+    }
     return out
 
 
@@ -171,10 +189,14 @@ def probe_nan_default(steps: int = 3, lr: float = 1e-4) -> dict:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return {"preset": NAN_PRESET, "recipe": f"fp16 base, default get_peft_model (r=8), AdamW(lr={lr}, eps=1e-8), "
-                                           f"{steps} steps of custom_forward on synthetic.random_batch",
-            "adapter_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params}),
-            "finite_per_step": finite, "losses": losses}
+    return {
+        "preset": NAN_PRESET,
+        "recipe": f"fp16 base, default get_peft_model (r=8), AdamW(lr={lr}, eps=1e-8), "
+        f"{steps} steps of custom_forward on synthetic.random_batch",
+        "adapter_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params}),
+        "finite_per_step": finite,
+        "losses": losses,
+    }
 
 
 def probe() -> dict:
@@ -199,7 +221,9 @@ def probe() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qformer_lora.repro.compat_probe", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m qformer_lora.repro.compat_probe", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--out", type=Path, help="JSON file to write (replaced); default: stdout")
     args = parser.parse_args(argv)
     result = probe()

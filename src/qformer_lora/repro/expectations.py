@@ -44,7 +44,8 @@ def for_release(table: str) -> dict:
         raise UnknownRelease(
             f"{_path(table)} has no row for {release_key()}: this release's behaviour has not been "
             f"observed yet. Known: {sorted(releases)}. Run the tests with QFORMER_LORA_RECORD=1 to "
-            f"record it, then review the diff before committing.")
+            f"record it, then review the diff before committing."
+        )
     return releases[release_key()]
 
 

@@ -46,8 +46,7 @@ def _run(call) -> tuple[dict, float | None]:
 
 def wrap_like_the_seed(model, task_type: str | None, r: int = 8):
     """get_peft_model with the seed's bare target names and a task type, as users do."""
-    config = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=SEED_TARGETS,
-                             task_type=task_type)
+    config = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=SEED_TARGETS, task_type=task_type)
     return compat.get_peft_model(model, config)
 
 

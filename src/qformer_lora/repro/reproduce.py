@@ -46,15 +46,26 @@ def item_kwarg_conflict() -> dict:
     failures = {k: v["native"] for k, v in cases.items() if v["native"]["status"] != "ok"}
     seed_like = sorted(k for k, v in failures.items() if SEED_TYPEERROR in v.get("message", ""))
     fix_holds = all(v["custom"] == {"status": "ok", "loss_finite": True} for v in cases.values())
-    why = (f"the library's own forward fails in {len(failures)} of {len(cases)} wrapper cases "
-           f"({len(seed_like)} with the seed's TypeError); the custom forward works in all"
-           if failures else
-           f"this transformers release accepts the wrappers' keywords: the native forward works in all {len(cases)} "
-           f"cases (the wrappers' inputs_embeds conflict ends with transformers 4.54); the custom forward works too")
-    return {"status": _status(bool(failures), fix_holds), "fix_holds": fix_holds, "why": why,
-            "evidence": {"cases": len(cases), "native_failures": failures, "seed_typeerror_cases": seed_like,
-                         "max_loss_difference_custom_vs_native": max(
-                             (v.get("loss_difference", 0.0) for v in cases.values()), default=0.0)}}
+    why = (
+        f"the library's own forward fails in {len(failures)} of {len(cases)} wrapper cases "
+        f"({len(seed_like)} with the seed's TypeError); the custom forward works in all"
+        if failures
+        else f"this transformers release accepts the wrappers' keywords: the native forward works in all {len(cases)} "
+        f"cases (the wrappers' inputs_embeds conflict ends with transformers 4.54); the custom forward works too"
+    )
+    return {
+        "status": _status(bool(failures), fix_holds),
+        "fix_holds": fix_holds,
+        "why": why,
+        "evidence": {
+            "cases": len(cases),
+            "native_failures": failures,
+            "seed_typeerror_cases": seed_like,
+            "max_loss_difference_custom_vs_native": max(
+                (v.get("loss_difference", 0.0) for v in cases.values()), default=0.0
+            ),
+        },
+    }
 
 
 def item_lora_scope() -> dict:
@@ -67,7 +78,8 @@ def item_lora_scope() -> dict:
         report = lora.scope_report(peft_model, spec)
         figures[scope] = {k: report[k] for k in ("lora_tensors", "trainable_parameters", "total_parameters")} | {
             "trainable_percent": round(report["trainable_percent"], 4),
-            "language_model_trainable": report["components"]["language_model"]["trainable"]}
+            "language_model_trainable": report["components"]["language_model"]["trainable"],
+        }
         model = compat.unload(peft_model)
     tiny = lora.apply_lora(presets.build_model("tiny-instructblip-flan-t5"), lora.LoraSpec(r=2, alpha=4))
     dict(tiny.named_parameters())["base_model.model.language_projection.weight"].requires_grad_(True)
@@ -78,14 +90,21 @@ def item_lora_scope() -> dict:
         leak_refused = True
     counts = expectations.load("lora_counts")["presets"]["instructblip-flan-t5-xl"]
     q = figures["qformer"]
-    fix_holds = (q["lora_tensors"] == counts["lora_tensors"] == 240 and q["trainable_parameters"] == 2_420_736
-                 and q["language_model_trainable"] == 0 and leak_refused)
-    return {"status": "fixed" if fix_holds else "fix broken", "fix_holds": fix_holds,
-            "why": "LoRA names resolve to Q-Former modules only: 240 tensors, 2,420,736 trainable at r=8 as the "
-                   "seed reports; the broad scope adds the language model's layers; a trainable parameter "
-                   "outside the scope stops training, named",
-            "evidence": figures | {"leak_refused": leak_refused,
-                                   "parameter_count_regime": compat.parameter_count_regime("t5")}}
+    fix_holds = (
+        q["lora_tensors"] == counts["lora_tensors"] == 240
+        and q["trainable_parameters"] == 2_420_736
+        and q["language_model_trainable"] == 0
+        and leak_refused
+    )
+    return {
+        "status": "fixed" if fix_holds else "fix broken",
+        "fix_holds": fix_holds,
+        "why": "LoRA names resolve to Q-Former modules only: 240 tensors, 2,420,736 trainable at r=8 as the "
+        "seed reports; the broad scope adds the language model's layers; a trainable parameter "
+        "outside the scope stops training, named",
+        "evidence": figures
+        | {"leak_refused": leak_refused, "parameter_count_regime": compat.parameter_count_regime("t5")},
+    }
 
 
 def item_nan() -> dict:
@@ -95,14 +114,21 @@ def item_nan() -> dict:
     seed_pattern = failing["finite"][0] and not any(failing["finite"][1:])
     fix_holds = all(all(t["finite"]) for t in fixed.values())
     eps_in_fp16 = float(torch.tensor(1e-8, dtype=torch.float16))
-    return {"status": _status(seed_pattern, fix_holds), "fix_holds": fix_holds,
-            "why": "fp16 adapters with AdamW: lora_B starts at zero, so every lora_A gradient is exactly zero at "
-                   "step 0; AdamW then divides 0 by sqrt(0) + eps, and eps=1e-8 is 0 in fp16, so lora_A becomes "
-                   "NaN after the first update and every later forward is NaN. No learning rate, rank, clipping "
-                   "or warm-up changes 0/0. Adapters and optimizer state in fp32 (bf16 or fp16-amp) fix it.",
-            "evidence": {"fp16_pure_finite_per_step": failing["finite"], "fp16_pure_losses": failing["losses"],
-                         "diagnosis": failing["diagnosis"], "adam_eps_in_fp16": eps_in_fp16,
-                         "recommended_finite_per_step": {p: t["finite"] for p, t in fixed.items()}}}
+    return {
+        "status": _status(seed_pattern, fix_holds),
+        "fix_holds": fix_holds,
+        "why": "fp16 adapters with AdamW: lora_B starts at zero, so every lora_A gradient is exactly zero at "
+        "step 0; AdamW then divides 0 by sqrt(0) + eps, and eps=1e-8 is 0 in fp16, so lora_A becomes "
+        "NaN after the first update and every later forward is NaN. No learning rate, rank, clipping "
+        "or warm-up changes 0/0. Adapters and optimizer state in fp32 (bf16 or fp16-amp) fix it.",
+        "evidence": {
+            "fp16_pure_finite_per_step": failing["finite"],
+            "fp16_pure_losses": failing["losses"],
+            "diagnosis": failing["diagnosis"],
+            "adam_eps_in_fp16": eps_in_fp16,
+            "recommended_finite_per_step": {p: t["finite"] for p, t in fixed.items()},
+        },
+    }
 
 
 def item_checkpoints() -> dict:
@@ -110,8 +136,16 @@ def item_checkpoints() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         # the random-init tiny preset, not the shipped base: cadence and resume do not need a
         # pretrained model, and a preset builds on every transformers release
-        common = dict(epochs=4, save_every=2, keep_last=0, progress=False, train_manifest=str(_subset(tmp)),
-                      image_root=str(data.SHAPES_DIR), base_checkpoint=None, preset="tiny-instructblip-flan-t5")
+        common = dict(
+            epochs=4,
+            save_every=2,
+            keep_last=0,
+            progress=False,
+            train_manifest=str(_subset(tmp)),
+            image_root=str(data.SHAPES_DIR),
+            base_checkpoint=None,
+            preset="tiny-instructblip-flan-t5",
+        )
         straight, resumed = Path(tmp) / "straight", Path(tmp) / "resumed"
         train.train(TrainConfig(output_dir=str(straight), **common))
         train.train(TrainConfig(output_dir=str(resumed), stop_after_epochs=2, **common))
@@ -119,14 +153,20 @@ def item_checkpoints() -> dict:
         saved = [p.name for p in checkpoint.list_checkpoints(straight)]
 
         def adapter(run):
-            return load_file(str(checkpoint.latest_checkpoint(run) / checkpoint.ADAPTER_DIR / "adapter_model.safetensors"))
+            return load_file(
+                str(checkpoint.latest_checkpoint(run) / checkpoint.ADAPTER_DIR / "adapter_model.safetensors")
+            )
+
         a, b = adapter(straight), adapter(resumed)
         identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     fix_holds = saved == ["epoch-0002", "epoch-0004"] and identical
-    return {"status": "fixed" if fix_holds else "fix broken", "fix_holds": fix_holds,
-            "why": "checkpoints every 2 epochs and at the last, written atomically; 2 epochs + resume gives "
-                   "bitwise the same adapter as 4 epochs straight",
-            "evidence": {"checkpoints": saved, "resume_bitwise_identical": identical}}
+    return {
+        "status": "fixed" if fix_holds else "fix broken",
+        "fix_holds": fix_holds,
+        "why": "checkpoints every 2 epochs and at the last, written atomically; 2 epochs + resume gives "
+        "bitwise the same adapter as 4 epochs straight",
+        "evidence": {"checkpoints": saved, "resume_bitwise_identical": identical},
+    }
 
 
 def _subset(tmp: str, n: int = 48) -> Path:
@@ -142,31 +182,51 @@ def item_memory() -> dict:
     """Seed issue 6: memory against batch size. Measured only on a GPU; otherwise the latest committed report."""
     if torch.cuda.is_available():
         report, paths = sweep.run_benchmark(measurement.default_points(), device="cuda", progress=False)
-        return {"status": "reproduced", "fix_holds": True, "why": "measured now on this GPU",
-                "evidence": {"seed_table": report.get("seed_table"), "report": str(paths.get("json"))}}
+        return {
+            "status": "reproduced",
+            "fix_holds": True,
+            "why": "measured now on this GPU",
+            "evidence": {"seed_table": report.get("seed_table"), "report": str(paths.get("json"))},
+        }
     # the newest sweep that filled the seed's table: reports/gpu also holds NaN and pytest-benchmark
     # JSON, and a file name sorts by device before date
-    sweeps = [(report["created"], path.name, report) for path in (REPORTS_DIR / "gpu").glob("*.json")
-              for report in [json.loads(path.read_text(encoding="utf-8"))]
-              if any(row.get("fp32") or row.get("bf16") for row in report.get("seed_table") or [])]
+    sweeps = [
+        (report["created"], path.name, report)
+        for path in (REPORTS_DIR / "gpu").glob("*.json")
+        for report in [json.loads(path.read_text(encoding="utf-8"))]
+        if any(row.get("fp32") or row.get("bf16") for row in report.get("seed_table") or [])
+    ]
     if not sweeps:
-        return {"status": "not measured", "fix_holds": True,
-                "why": "no CUDA device here and no committed GPU report yet: run `nox -s gpu_tests` on a GPU",
-                "evidence": {}}
+        return {
+            "status": "not measured",
+            "fix_holds": True,
+            "why": "no CUDA device here and no committed GPU report yet: run `nox -s gpu_tests` on a GPU",
+            "evidence": {},
+        }
     _, name, latest = max(sweeps, key=lambda found: found[0])
-    return {"status": "not measured now", "fix_holds": True,
-            "why": f"no CUDA device here; figures from the committed report {name}, "
-                   f"measured on {latest.get('device', {}).get('name')}",
-            "evidence": {"seed_table": latest.get("seed_table"), "report": name}}
+    return {
+        "status": "not measured now",
+        "fix_holds": True,
+        "why": f"no CUDA device here; figures from the committed report {name}, "
+        f"measured on {latest.get('device', {}).get('name')}",
+        "evidence": {"seed_table": latest.get("seed_table"), "report": name},
+    }
 
 
-ITEMS = {"kwarg-conflict": item_kwarg_conflict, "lora-scope": item_lora_scope, "nan": item_nan,
-         "checkpoints": item_checkpoints, "memory": item_memory}
+ITEMS = {
+    "kwarg-conflict": item_kwarg_conflict,
+    "lora-scope": item_lora_scope,
+    "nan": item_nan,
+    "checkpoints": item_checkpoints,
+    "memory": item_memory,
+}
 
 
 def environment() -> dict:
-    return compat.versions() | {"python": platform.python_version(),
-                                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    return compat.versions() | {
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
 
 
 def run(only: list[str] | None = None) -> dict:
@@ -179,16 +239,25 @@ def run(only: list[str] | None = None) -> dict:
         for name in bar:
             bar.set_postfix_str(name)
             results[name] = ITEMS[name]()
-    return {"date": datetime.date.today().isoformat(), "environment": environment(), "items": results,
-            "all_fixes_hold": all(r["fix_holds"] for r in results.values())}
+    return {
+        "date": datetime.date.today().isoformat(),
+        "environment": environment(),
+        "items": results,
+        "all_fixes_hold": all(r["fix_holds"] for r in results.values()),
+    }
 
 
 def markdown(report: dict) -> str:
     env = report["environment"]
-    lines = ["# Reproduction report", "",
-             f"{report['date']} — Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
-             f"peft {env['peft']}, device {env['device']}", "",
-             "| item | status | fix holds | why |", "|---|---|---|---|"]
+    lines = [
+        "# Reproduction report",
+        "",
+        f"{report['date']} — Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
+        f"peft {env['peft']}, device {env['device']}",
+        "",
+        "| item | status | fix holds | why |",
+        "|---|---|---|---|",
+    ]
     for name, item in report["items"].items():
         lines.append(f"| {name} | {item['status']} | {'yes' if item['fix_holds'] else 'NO'} | {item['why']} |")
     for name, item in report["items"].items():

@@ -45,15 +45,30 @@ class SeedLoop:
         if scaler_enabled and loss_finite:
             return "scaler"  # a gradient overflow: GradScaler skips the step and lowers its scale
         if self.diagnosis is None:
-            self.diagnosis = asdict(localise(self.model, batches, step, self.run_forward, losses=losses,
-                                             grad_norm=grad_norm))
+            self.diagnosis = asdict(
+                localise(self.model, batches, step, self.run_forward, losses=losses, grad_norm=grad_norm)
+            )
         return "step" if loss_finite else "skip"
 
 
-def run_steps(model, batches: list[dict], *, precision: str, steps: int, lr: float = 1e-4, eps: float = 1e-8,
-              weight_decay: float = 0.0, max_grad_norm: float | None = None, warmup_steps: int = 0,
-              total_steps: int = 100, fused: bool | None = None, optimizer=None, guard: str | None = None,
-              max_rollbacks: int = 3, rollback_lr_factor: float = 0.5) -> dict:
+def run_steps(
+    model,
+    batches: list[dict],
+    *,
+    precision: str,
+    steps: int,
+    lr: float = 1e-4,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = None,
+    warmup_steps: int = 0,
+    total_steps: int = 100,
+    fused: bool | None = None,
+    optimizer=None,
+    guard: str | None = None,
+    max_rollbacks: int = 3,
+    rollback_lr_factor: float = 0.5,
+) -> dict:
     """``steps`` optimizer steps of ``training_step``, cycling through ``batches`` (one per step).
 
     ``guard`` is a policy name (numerics.POLICIES) or None for the seed's loop (:class:`SeedLoop`).
@@ -66,15 +81,33 @@ def run_steps(model, batches: list[dict], *, precision: str, steps: int, lr: flo
     optimizer = optimizer or torch.optim.AdamW(params, lr=lr, eps=eps, weight_decay=weight_decay, fused=fused)
     scheduler = linear_warmup_decay(optimizer, warmup_steps, total_steps)
     seed_loop = SeedLoop(model) if guard is None else None
-    parts = make_step(model, optimizer, scheduler, precision_name=precision, device=device,
-                      guard=seed_loop or guard, max_grad_norm=max_grad_norm, max_rollbacks=max_rollbacks,
-                      rollback_lr_factor=rollback_lr_factor)
+    parts = make_step(
+        model,
+        optimizer,
+        scheduler,
+        precision_name=precision,
+        device=device,
+        guard=seed_loop or guard,
+        max_grad_norm=max_grad_norm,
+        max_rollbacks=max_rollbacks,
+        rollback_lr_factor=rollback_lr_factor,
+    )
     if seed_loop is not None:
         seed_loop.run_forward = parts.run_forward  # it localises with the step's own forward
-    trace = {"precision": precision, "lr": lr, "eps": eps, "max_grad_norm": max_grad_norm,
-             "warmup_steps": warmup_steps, "fused": fused, "losses": [], "grad_norms": [],
-             "optimizer_steps": 0, "scaler_skipped": 0, "diagnosis": None,
-             "adapter_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params})}
+    trace = {
+        "precision": precision,
+        "lr": lr,
+        "eps": eps,
+        "max_grad_norm": max_grad_norm,
+        "warmup_steps": warmup_steps,
+        "fused": fused,
+        "losses": [],
+        "grad_norms": [],
+        "optimizer_steps": 0,
+        "scaler_skipped": 0,
+        "diagnosis": None,
+        "adapter_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params}),
+    }
     for step in range(steps):
         result = training_step(parts, [batches[step % len(batches)]], step)
         if result.action == "inputs":
@@ -90,15 +123,34 @@ def run_steps(model, batches: list[dict], *, precision: str, steps: int, lr: flo
     return trace
 
 
-def reproduce(preset: str, precision: str, *, steps: int = 4, device: str = "cpu", batch_size: int = 2,
-              r: int = 4, seed: int = 0, **kwargs) -> dict:
+def reproduce(
+    preset: str,
+    precision: str,
+    *,
+    steps: int = 4,
+    device: str = "cpu",
+    batch_size: int = 2,
+    r: int = 4,
+    seed: int = 0,
+    **kwargs,
+) -> dict:
     """Build ``preset`` (random init) with ``train.build_adapter_model`` for ``precision`` directly
     on ``device``, and run :func:`run_steps` on synthetic batches: the CPU tests on tiny presets
     and tests/gpu/test_gpu_nan.py on full-size ones. Defaults: the seed's r=4, alpha=8."""
-    config = run_config.TrainConfig(preset=preset, base_checkpoint=None, precision=precision, lora_r=r,
-                                    lora_alpha=2 * r, lora_dropout=0.0, seed=seed)
+    config = run_config.TrainConfig(
+        preset=preset,
+        base_checkpoint=None,
+        precision=precision,
+        lora_r=r,
+        lora_alpha=2 * r,
+        lora_dropout=0.0,
+        seed=seed,
+    )
     model, _ = train.build_adapter_model(config, device=device)
-    batches = [synthetic.random_batch(model, batch_size=batch_size, prompt_len=8, answer_len=4,
-                                      seed=seed + i, device=device) for i in range(2)]
+    batches = [
+        synthetic.random_batch(model, batch_size=batch_size, prompt_len=8, answer_len=4, seed=seed + i, device=device)
+        for i in range(2)
+    ]
     return {"preset": preset, "device": str(device), "batch_size": batch_size, "r": r} | run_steps(
-        model, batches, precision=precision, steps=steps, **kwargs)
+        model, batches, precision=precision, steps=steps, **kwargs
+    )

@@ -115,8 +115,11 @@ def synced_parameters(trainer: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters whose gradients DDP all-reduces (empty for the single-process wrapper)."""
     if not isinstance(trainer, DistributedDataParallel):
         return []
-    return [p for name, p in trainer.module.named_parameters()
-            if p.requires_grad and name not in trainer.parameters_to_ignore]
+    return [
+        p
+        for name, p in trainer.module.named_parameters()
+        if p.requires_grad and name not in trainer.parameters_to_ignore
+    ]
 
 
 def accumulating(trainer: torch.nn.Module, last: bool):
@@ -141,7 +144,7 @@ class ShardSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         order = list(self.order)  # a RandomSampler draws its permutation here, as in one process
-        shard = order[self.rank::self.world_size]
+        shard = order[self.rank :: self.world_size]
         yield from ((index, True) for index in shard)
         yield from ((order[0], False) for _ in range(len(self) - len(shard)))
 
@@ -176,8 +179,9 @@ class _PaddingCollator:
 def shard_loader(dataset, collator, batch_size: int, order) -> torch.utils.data.DataLoader:
     """This rank's micro-batches of ``batch_size`` from its shard of ``order`` (a sampler or index list)."""
     sampler = ShardSampler(order, rank(), world_size())
-    return torch.utils.data.DataLoader(_Marked(dataset), batch_size=batch_size, sampler=sampler,
-                                       collate_fn=_PaddingCollator(collator))
+    return torch.utils.data.DataLoader(
+        _Marked(dataset), batch_size=batch_size, sampler=sampler, collate_fn=_PaddingCollator(collator)
+    )
 
 
 def sample_count(batch: dict) -> int:

@@ -50,6 +50,7 @@ class FeatureCacheError(ValueError):
 
 # ----------------------------------------------------------------------------- 1. keys
 
+
 def _tensor_bytes(tensor: torch.Tensor):
     """The raw bytes of ``tensor`` (CPU, contiguous) as a buffer for hashlib, any dtype."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
@@ -100,8 +101,13 @@ def model_fingerprint(model) -> str:
     """
     vision = compat.unwrap(model).vision_model
     config = vision.config.to_dict() if hasattr(vision.config, "to_dict") else {}
-    described = {"format": FORMAT_VERSION, "config": config, "device": next(vision.parameters()).device.type,
-                 "attention": getattr(vision.config, "_attn_implementation", None), "versions": compat.versions()}
+    described = {
+        "format": FORMAT_VERSION,
+        "config": config,
+        "device": next(vision.parameters()).device.type,
+        "attention": getattr(vision.config, "_attn_implementation", None),
+        "versions": compat.versions(),
+    }
     h = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode())
     for name, tensor in sorted(vision.state_dict().items()):
         h.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
@@ -118,26 +124,36 @@ def _weights_state(vision) -> tuple:
 def refusal_reason(model, augment: bool) -> str | None:
     """Why features of this model/data are not a function of the image alone, or None."""
     if augment:
-        return ("image augmentation is on: the same image gives different pixels, hence different features, "
-                "every epoch, so a cached feature would be stale; turn augmentation or the feature cache off")
+        return (
+            "image augmentation is on: the same image gives different pixels, hence different features, "
+            "every epoch, so a cached feature would be stale; turn augmentation or the feature cache off"
+        )
     vision = compat.unwrap(model).vision_model
     trainable = [n for n, p in vision.named_parameters() if p.requires_grad]
     if trainable:
-        return (f"the vision encoder has {len(trainable)} trainable parameter(s) (first: {trainable[0]}): its "
-                f"features change every step, so cached ones would be stale; freeze it or turn the cache off")
+        return (
+            f"the vision encoder has {len(trainable)} trainable parameter(s) (first: {trainable[0]}): its "
+            f"features change every step, so cached ones would be stale; freeze it or turn the cache off"
+        )
     for name, module in vision.named_modules():
         if not module.training:
             continue
-        rates = {"p": module.p} if isinstance(module, torch.nn.Dropout) else {
-            k: v for k, v in vars(module).items() if "dropout" in k and isinstance(v, float)}
+        rates = (
+            {"p": module.p}
+            if isinstance(module, torch.nn.Dropout)
+            else {k: v for k, v in vars(module).items() if "dropout" in k and isinstance(v, float)}
+        )
         active = {k: v for k, v in rates.items() if v > 0}
         if active:
-            return (f"dropout is active in the vision encoder ({name or 'vision_model'}: {active}, training "
-                    f"mode): its features are random; put the vision encoder in eval mode or turn the cache off")
+            return (
+                f"dropout is active in the vision encoder ({name or 'vision_model'}: {active}, training "
+                f"mode): its features are random; put the vision encoder in eval mode or turn the cache off"
+            )
     return None
 
 
 # ----------------------------------------------------------------------------- 2. the cache
+
 
 @dataclass
 class CacheStats:
@@ -162,8 +178,15 @@ class FeatureCache:
     keeps them where they were computed).
     """
 
-    def __init__(self, model, *, directory: str | os.PathLike | None = None, augment: bool = False,
-                 memory: bool = True, memory_device: str | torch.device | None = "cpu"):
+    def __init__(
+        self,
+        model,
+        *,
+        directory: str | os.PathLike | None = None,
+        augment: bool = False,
+        memory: bool = True,
+        memory_device: str | torch.device | None = "cpu",
+    ):
         reason = refusal_reason(model, augment)
         if reason is not None:
             raise FeatureCacheError(f"feature cache refused: {reason}")
@@ -253,8 +276,11 @@ class FeatureCache:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}-", suffix=".tmp")
         os.close(fd)
         try:
-            save_file({FEATURE_NAME: feature.detach().to("cpu").contiguous()}, tmp,
-                      metadata={"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "key": key})
+            save_file(
+                {FEATURE_NAME: feature.detach().to("cpu").contiguous()},
+                tmp,
+                metadata={"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "key": key},
+            )
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -279,6 +305,7 @@ class FeatureCache:
 
 
 # ----------------------------------------------------------------------------- 3. the loop's helper
+
 
 def attach_cached_features(model, batch: dict, cache: FeatureCache | None, *, drop_pixels: bool = False) -> dict:
     """A copy of ``batch`` with ``image_embeds`` from ``cache`` (the batch itself when cache is None).

@@ -77,13 +77,13 @@ class TrainConfig:
 HELP = {
     "preset": "architecture preset (fixtures/configs) used to build a randomly initialised base model",
     "base_checkpoint": "local directory of an InstructBLIP/BLIP-2 checkpoint to start from (default: the tiny "
-                       "pretrained shapes base in fixtures/checkpoints); 'none' builds --preset with random weights",
+    "pretrained shapes base in fixtures/checkpoints); 'none' builds --preset with random weights",
     "train_manifest": "JSONL manifest of training samples (image, instruction, answer, optional id)",
     "val_manifest": "JSONL manifest of validation samples",
     "image_root": "directory image paths are resolved in (default: the manifest's directory)",
     "output_dir": "run directory: metrics.jsonl and checkpoints/",
     "overwrite": "start afresh in an output directory that already holds a run, deleting its log and "
-                 "checkpoints (without it such a directory is refused; --resume continues it instead)",
+    "checkpoints (without it such a directory is refused; --resume continues it instead)",
     "epochs": "number of epochs",
     "batch_size": "samples per micro-batch (per process under torchrun)",
     "grad_accum": "micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)",
@@ -93,8 +93,9 @@ HELP = {
     "warmup_steps": "optimizer steps of linear warm-up, then linear decay to 0",
     "max_grad_norm": "clip the adapter gradient norm to this value (none to disable)",
     "precision": "fp32 | bf16 | fp16-amp (autocast + GradScaler) | fp16-pure (everything fp16; "
-                 "reproduces the seed's NaN, refused unless --allow-unsafe)",
-    "lora_r": "LoRA rank r", "lora_alpha": "LoRA alpha (default: 2 x rank, as in Kim et al. 2024's Q-Former LoRA)",
+    "reproduces the seed's NaN, refused unless --allow-unsafe)",
+    "lora_r": "LoRA rank r",
+    "lora_alpha": "LoRA alpha (default: 2 x rank, as in Kim et al. 2024's Q-Former LoRA)",
     "lora_dropout": "LoRA dropout",
     "targets": "comma-separated layer names matched inside the Q-Former",
     "scope": "qformer (default) or qformer+llm",
@@ -103,8 +104,8 @@ HELP = {
     "save_every": "save a checkpoint every N epochs (and always after the last)",
     "keep_last": "keep only the newest K checkpoints (0 keeps all)",
     "guard": "on a non-finite input, loss, gradient or parameter: raise (stop with a diagnosis) | skip (drop "
-             "the batch; abort if the parameters are non-finite) | rollback (restore the last finite adapter "
-             "and optimizer state, lower lr)",
+    "the batch; abort if the parameters are non-finite) | rollback (restore the last finite adapter "
+    "and optimizer state, lower lr)",
     "max_rollbacks": "guard=rollback: give up (raise) after this many rollbacks",
     "rollback_lr_factor": "guard=rollback: multiply the learning rate by this after each rollback",
     "max_prompt_tokens": "truncate prompts to this many tokens (with a warning naming the sample)",
@@ -113,16 +114,16 @@ HELP = {
     "progress": "show a progress bar",
     "allow_unsafe": "train even with a precision setting known to fail",
     "lm_checkpointing": "activation checkpointing of the frozen language model (default: true; under half the "
-                        "peak memory at batch 64 on InstructBLIP-FlanT5-XL, for one more LM forward per step; "
-                        "same loss and gradients); false trades that memory for 1.2-1.5x the speed",
+    "peak memory at batch 64 on InstructBLIP-FlanT5-XL, for one more LM forward per step; "
+    "same loss and gradients); false trades that memory for 1.2-1.5x the speed",
     "fused_optimizer": "AdamW implementation: true = fused (foreach with a warning where torch has no fused kernel "
-                       "for the device), none = fused where available, false = torch's default",
+    "for the device), none = fused where available, false = torch's default",
     "compile_qformer": "torch.compile the Q-Former with static shapes (every text is padded to its token budget); "
-                       "falls back to eager, with the reason logged, if compiling fails",
+    "falls back to eager, with the reason logged, if compiling fails",
     "compile_frozen": "torch.compile each block of the frozen vision encoder and language model (static shapes "
-                      "as for compile_qformer; falls back to eager, with the reason logged)",
+    "as for compile_qformer; falls back to eager, with the reason logged)",
     "feature_cache": "off | memory | disk: compute the frozen vision encoder's features once per image and reuse "
-                     "them (exact; refused with image augmentation or a trainable vision encoder)",
+    "them (exact; refused with image augmentation or a trainable vision encoder)",
     "feature_cache_dir": "directory of the disk feature cache (default: <output_dir>/feature_cache)",
 }
 
@@ -133,8 +134,16 @@ class ConfigError(ValueError):
 
 # The smallest value each count accepts: below it a run divided by zero, trained nothing, or
 # (keep_last < 0) pruned every checkpoint it wrote.
-MINIMUMS = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "save_every": 1, "keep_last": 0, "warmup_steps": 0,
-            "max_rollbacks": 0, "stop_after_epochs": 1}
+MINIMUMS = {
+    "epochs": 1,
+    "batch_size": 1,
+    "grad_accum": 1,
+    "save_every": 1,
+    "keep_last": 0,
+    "warmup_steps": 0,
+    "max_rollbacks": 0,
+    "stop_after_epochs": 1,
+}
 
 
 def coerce(name: str, value, where: str):
@@ -169,8 +178,9 @@ def coerce(name: str, value, where: str):
             raise TypeError
         return kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: option {name!r} expects {annotation}, got {value!r} "
-                          f"(default {default!r})") from None
+        raise ConfigError(
+            f"{where}: option {name!r} expects {annotation}, got {value!r} (default {default!r})"
+        ) from None
 
 
 def load_run_config(path: str | os.PathLike | None, overrides: dict | None = None) -> TrainConfig:
@@ -200,8 +210,12 @@ def load_run_config(path: str | os.PathLike | None, overrides: dict | None = Non
     def refuse(name: str, why: str):
         raise ConfigError(f"{sources.get(name, 'default')}: option {name!r} is {getattr(config, name)!r}; {why}")
 
-    for name, allowed in (("precision", precision.NAMES), ("guard", GUARDS), ("scope", tuple(lora.SCOPES)),
-                          ("feature_cache", step_options.FEATURE_CACHE_MODES)):
+    for name, allowed in (
+        ("precision", precision.NAMES),
+        ("guard", GUARDS),
+        ("scope", tuple(lora.SCOPES)),
+        ("feature_cache", step_options.FEATURE_CACHE_MODES),
+    ):
         if getattr(config, name) not in allowed:
             refuse(name, f"expected one of {allowed}")
     for name, minimum in MINIMUMS.items():

@@ -43,7 +43,9 @@ def truncate_log(path: Path, last_step: int) -> None:
         except (json.JSONDecodeError, AttributeError) as err:
             if number == len(lines) and isinstance(err, json.JSONDecodeError):
                 break  # torn by the interruption this resume recovers from
-            raise checkpoint.CheckpointError(f"{path}:{number}: not a log record ({err}); fix or delete the line")
+            raise checkpoint.CheckpointError(
+                f"{path}:{number}: not a log record ({err}); fix or delete the line"
+            ) from None
         if not isinstance(step, int):
             raise checkpoint.CheckpointError(f"{path}:{number}: field 'step' is {step!r}, not an integer")
         if step <= last_step:
@@ -65,8 +67,17 @@ def resume_point(run_dir: Path, resume) -> Path:
 
 # What a resumed run takes from its checkpoint: the adapter's shape (another one cannot load)
 # and the optimizer settings its restored state carries (another --lr was silently overridden).
-RESUME_KEEPS = ("preset", "base_checkpoint", "scope", "targets", "lora_r", "lora_alpha", "lr", "weight_decay",
-                "adam_eps")
+RESUME_KEEPS = (
+    "preset",
+    "base_checkpoint",
+    "scope",
+    "targets",
+    "lora_r",
+    "lora_alpha",
+    "lr",
+    "weight_decay",
+    "adam_eps",
+)
 
 
 def check_resume_options(path: Path, config: TrainConfig) -> None:
@@ -83,17 +94,23 @@ def check_resume_options(path: Path, config: TrainConfig) -> None:
             return old == new or Path(old).resolve() == Path(new).resolve()
         return old == new
 
-    differ = [f"{name}={saved[name]!r} (this run: {getattr(config, name)!r})" for name in RESUME_KEEPS
-              if name in saved and not same(name)]
+    differ = [
+        f"{name}={saved[name]!r} (this run: {getattr(config, name)!r})"
+        for name in RESUME_KEEPS
+        if name in saved and not same(name)
+    ]
     if differ:
-        raise checkpoint.CheckpointError(f"{path} was trained with {', '.join(differ)}; a resumed run keeps the "
-                                         f"checkpoint's values: leave these options out, or start a new run")
+        raise checkpoint.CheckpointError(
+            f"{path} was trained with {', '.join(differ)}; a resumed run keeps the "
+            f"checkpoint's values: leave these options out, or start a new run"
+        )
 
 
 def earlier_run(run_dir: Path) -> list[str]:
     """What in ``run_dir`` an earlier run left: its log and its checkpoints."""
     return ([LOG_FILE] if (run_dir / LOG_FILE).exists() else []) + [
-        f"checkpoints/{p.name}" for p in checkpoint.list_checkpoints(run_dir)]
+        f"checkpoints/{p.name}" for p in checkpoint.list_checkpoints(run_dir)
+    ]
 
 
 def refuse_earlier_run(run_dir: Path) -> None:
@@ -101,8 +118,10 @@ def refuse_earlier_run(run_dir: Path) -> None:
     # (keep_last) would then delete the new run's own checkpoints before the old ones
     earlier = earlier_run(run_dir)
     if earlier:
-        raise ConfigError(f"{run_dir}: holds an earlier run ({', '.join(earlier)}); continue it with --resume, "
-                          f"start afresh with --overwrite true, or choose another --output-dir")
+        raise ConfigError(
+            f"{run_dir}: holds an earlier run ({', '.join(earlier)}); continue it with --resume, "
+            f"start afresh with --overwrite true, or choose another --output-dir"
+        )
 
 
 def clear_earlier_run(run_dir: Path) -> None:

@@ -33,22 +33,25 @@ from . import distributed, feature_cache
 
 def linear_warmup_decay(optimizer, warmup_steps: int, total_steps: int):
     """LambdaLR: linear warm-up over ``warmup_steps`` optimizer steps, then linear decay to 0 at ``total_steps``."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @dataclass
 class StepParts:
     """Everything one step uses, built once (:func:`make_step`)."""
-    model: torch.nn.Module            # the PeftModel: its adapter parameters are stepped
+
+    model: torch.nn.Module  # the PeftModel: its adapter parameters are stepped
     run_forward: Callable[[dict], object]  # batch -> output whose .loss is summed over answer tokens
     optimizer: torch.optim.Optimizer
-    scheduler: object                 # an LRScheduler, stepped after every optimizer step
-    scaler: torch.amp.GradScaler      # enabled for fp16-amp only (precision.py)
-    guard: object                     # numerics.Guard, or any object with inputs_ok / healthy / non_finite
+    scheduler: object  # an LRScheduler, stepped after every optimizer step
+    scaler: torch.amp.GradScaler  # enabled for fp16-amp only (precision.py)
+    guard: object  # numerics.Guard, or any object with inputs_ok / healthy / non_finite
     device: torch.device
     max_grad_norm: float | None = None
     trainer: torch.nn.Module | None = None  # DDP wrapper: all-reduce after the group's last micro-batch
@@ -64,13 +67,14 @@ class StepResult:
     """What one call did. ``action``: "step" (the optimizer stepped), "scaler" (GradScaler handled an
     fp16 overflow; it skipped or took the step), "skip" (the group's gradients were dropped) or
     "inputs" (non-finite inputs: nothing ran). Losses are summed over answer tokens and processes."""
+
     action: str
     tokens: int
     samples: int
     loss_sum: float = math.nan
     batch_losses: list[float] = field(default_factory=list)
     grad_norm: torch.Tensor | None = None
-    scaler_skipped: bool = False      # GradScaler skipped the optimizer step (and halved its scale)
+    scaler_skipped: bool = False  # GradScaler skipped the optimizer step (and halved its scale)
 
     @property
     def stepped(self) -> bool:
@@ -83,9 +87,22 @@ class StepResult:
         return self.loss_sum / self.tokens if self.tokens else math.nan
 
 
-def make_step(model, optimizer, scheduler, *, precision_name: str, device, guard="raise",
-              max_grad_norm: float | None = None, cache=None, scaler=None, run_forward=None, on_event=None,
-              max_rollbacks: int = 3, rollback_lr_factor: float = 0.5) -> StepParts:
+def make_step(
+    model,
+    optimizer,
+    scheduler,
+    *,
+    precision_name: str,
+    device,
+    guard="raise",
+    max_grad_norm: float | None = None,
+    cache=None,
+    scaler=None,
+    run_forward=None,
+    on_event=None,
+    max_rollbacks: int = 3,
+    rollback_lr_factor: float = 0.5,
+) -> StepParts:
     """The step's pieces. The forward is the custom forward (in DDP under torchrun) inside the
     precision's autocast, with cached vision features when ``cache`` is given; ``run_forward``
     replaces it (the benchmark's native baseline). ``guard``: a policy name (numerics.POLICIES)
@@ -99,10 +116,18 @@ def make_step(model, optimizer, scheduler, *, precision_name: str, device, guard
             with precision.autocast(precision_name, device):  # cached features: same autocast as the forward
                 batch = feature_cache.attach_cached_features(model, batch, cache)
                 return trainer(batch, reduction="sum")
+
     if isinstance(guard, str):
-        guard = numerics.Guard(guard, model, optimizer, scheduler, run_forward=run_forward,
-                               max_rollbacks=max_rollbacks, rollback_lr_factor=rollback_lr_factor,
-                               on_event=on_event)
+        guard = numerics.Guard(
+            guard,
+            model,
+            optimizer,
+            scheduler,
+            run_forward=run_forward,
+            max_rollbacks=max_rollbacks,
+            rollback_lr_factor=rollback_lr_factor,
+            on_event=on_event,
+        )
     scaler = scaler if scaler is not None else precision.grad_scaler(precision_name, device)
     return StepParts(model, run_forward, optimizer, scheduler, scaler, guard, device, max_grad_norm, trainer)
 
@@ -114,8 +139,13 @@ def training_step(parts: StepParts, group: list[dict], index: int) -> StepResult
     # totals over all processes under torchrun (one all-reduce): every rank skips the same
     # groups, and the loss is normalised by the global target count
     bad_inputs, tokens, samples = distributed.all_sum(
-        [int(not inputs_ok), sum(forward.target_count(b) for b in group),
-         sum(distributed.sample_count(b) for b in group)], parts.device)
+        [
+            int(not inputs_ok),
+            sum(forward.target_count(b) for b in group),
+            sum(distributed.sample_count(b) for b in group),
+        ],
+        parts.device,
+    )
     result = StepResult("inputs", tokens, samples)
     if bad_inputs:
         return result
@@ -126,14 +156,15 @@ def training_step(parts: StepParts, group: list[dict], index: int) -> StepResult
             loss = out.loss / tokens * distributed.world_size()
             parts.scaler.scale(loss).backward()
         result.batch_losses.append(float(out.loss.detach()))
-    result.loss_sum, = distributed.all_sum([sum(result.batch_losses)], parts.device)
+    (result.loss_sum,) = distributed.all_sum([sum(result.batch_losses)], parts.device)
     parts.scaler.unscale_(parts.optimizer)
     # leaves non-finite gradients as they are, so the localiser can name the first one
     result.grad_norm = numerics.clip_gradients(parts.params, parts.max_grad_norm)
     result.action = "step"
     if not (math.isfinite(result.loss_sum) and bool(torch.isfinite(result.grad_norm))):
-        result.action = parts.guard.non_finite(index, group, result.batch_losses, result.grad_norm,
-                                               parts.scaler.is_enabled())
+        result.action = parts.guard.non_finite(
+            index, group, result.batch_losses, result.grad_norm, parts.scaler.is_enabled()
+        )
         if result.action == "skip":
             parts.optimizer.zero_grad(set_to_none=True)
             return result

@@ -34,6 +34,7 @@ FEATURE_CACHE_MODES = ("off", "memory", "disk")
 @dataclass(frozen=True)
 class Choice:
     """What an option asked for, what is used, and why they differ (None when as asked)."""
+
     option: str
     requested: object
     used: str
@@ -107,8 +108,10 @@ def lm_checkpointing_active(model) -> bool:
 
 # ----------------------------------------------------------------------------- 2. the optimizer
 
-def make_optimizer(params, lr: float, eps: float = 1e-8, weight_decay: float = 0.0,
-                   fused: bool | None = None) -> tuple[torch.optim.AdamW, Choice]:
+
+def make_optimizer(
+    params, lr: float, eps: float = 1e-8, weight_decay: float = 0.0, fused: bool | None = None
+) -> tuple[torch.optim.AdamW, Choice]:
     """AdamW and the implementation used.
 
     ``fused=True``: fused, or foreach with a warning when unavailable. ``None``: fused
@@ -132,6 +135,7 @@ def make_optimizer(params, lr: float, eps: float = 1e-8, weight_decay: float = 0
 
 # ----------------------------------------------------------------------------- 3. compile
 
+
 def _uncompile(target) -> None:
     if isinstance(target, torch.nn.Module) and "forward" in vars(target):
         del target.forward  # back to the class's forward
@@ -149,8 +153,9 @@ def maybe_compile(target, enabled: bool, *, probe=None, device_type: str | None 
     if not enabled:
         return target, Choice("compile", False, "eager")
     if not isinstance(target, torch.nn.Module):
-        compiled, choice = _compile_or_fall_back("compile", device_type or "cpu",
-                                                 lambda: torch.compile(target, **compile_kwargs), lambda: None, probe)
+        compiled, choice = _compile_or_fall_back(
+            "compile", device_type or "cpu", lambda: torch.compile(target, **compile_kwargs), lambda: None, probe
+        )
         return compiled or target, choice
     probe_target = (lambda _modules: probe(target)) if probe is not None else None
     return target, _compile_modules_or_fall_back("compile", [target], probe_target, device_type, compile_kwargs)
@@ -230,6 +235,7 @@ def _compile_or_fall_back(option: str, device_type: str, compile_, undo, probe) 
 
 
 # ----------------------------------------------------------------------------- 4. the feature cache
+
 
 def build_feature_cache(model, mode: str, directory: str | os.PathLike | None = None, *, augment: bool = False):
     """None for "off", else a FeatureCache ("disk" needs ``directory``); refusals raise FeatureCacheError."""

@@ -57,8 +57,13 @@ def build_adapter_model(config: TrainConfig, device: str | torch.device = "cpu")
     else:
         base = presets.build_model(config.preset, device=device, dtype=weights, seed=config.seed)
     torch.manual_seed(config.seed)  # LoRA's random A init
-    spec = lora.LoraSpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                         targets=tuple(config.targets), scope=config.scope)
+    spec = lora.LoraSpec(
+        r=config.lora_r,
+        alpha=config.lora_alpha,
+        dropout=config.lora_dropout,
+        targets=tuple(config.targets),
+        scope=config.scope,
+    )
     return adapter_model(base, spec, config.precision), spec
 
 
@@ -84,6 +89,7 @@ def groups_of(iterable, size: int):
 @dataclass
 class Run:
     """What :func:`setup` built and the loop uses; ``global_step`` advances as it trains."""
+
     config: TrainConfig
     device: torch.device
     log_path: Path
@@ -91,9 +97,9 @@ class Run:
     collator: data.Collator
     train_set: data.ManifestDataset
     val_set: data.ManifestDataset
-    baseline: float               # majority-answer accuracy of the validation set
+    baseline: float  # majority-answer accuracy of the validation set
     parts: StepParts
-    cache: object                 # feature_cache.FeatureCache or None
+    cache: object  # feature_cache.FeatureCache or None
     steps_per_epoch: int
     start_epoch: int = 1
     global_step: int = 0
@@ -116,9 +122,14 @@ def _datasets(config: TrainConfig, model):
     base_config = model.get_base_model().config
     family = "instructblip" if base_config.model_type == "instructblip" else "blip2"
     processor = data.build_processor(family, config.base_checkpoint, image_size=base_config.vision_config.image_size)
-    collator = data.Collator(processor, family=family, decoder_only=base_config.use_decoder_only_language_model,
-                             max_prompt_tokens=config.max_prompt_tokens, max_answer_tokens=config.max_answer_tokens,
-                             static_shapes=config.compile_qformer or config.compile_frozen)
+    collator = data.Collator(
+        processor,
+        family=family,
+        decoder_only=base_config.use_decoder_only_language_model,
+        max_prompt_tokens=config.max_prompt_tokens,
+        max_answer_tokens=config.max_answer_tokens,
+        static_shapes=config.compile_qformer or config.compile_frozen,
+    )
     train_samples = data.read_manifest(config.train_manifest, config.image_root)
     val_samples = data.read_manifest(config.val_manifest, config.image_root)
     return collator, data.ManifestDataset(train_samples), data.ManifestDataset(val_samples)
@@ -126,6 +137,7 @@ def _datasets(config: TrainConfig, model):
 
 def _compile(config: TrainConfig, model, optimizer, probe_batch: dict, device: torch.device) -> list:
     """The compile step options; the probe compiles forward and backward on one batch (gradients dropped)."""
+
     def probe(_compiled):
         with precision.autocast(config.precision, device):
             forward.custom_forward(model, probe_batch, reduction="sum").loss.backward()
@@ -135,8 +147,7 @@ def _compile(config: TrainConfig, model, optimizer, probe_batch: dict, device: t
     # compiles once more. Dynamic-shape recompiles failed in inductor (torch 2.11, H200).
     choices = []
     if config.compile_qformer:
-        choices.append(step_options.maybe_compile(model.get_base_model().qformer, True, probe=probe,
-                                                  dynamic=False)[1])
+        choices.append(step_options.maybe_compile(model.get_base_model().qformer, True, probe=probe, dynamic=False)[1])
     if config.compile_frozen:
         choices.append(step_options.compile_frozen_blocks(model, True, probe=probe, dynamic=False))
     return choices
@@ -155,9 +166,13 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
     choices = [step_options.set_lm_checkpointing(model, config.lm_checkpointing)]
     collator, train_set, val_set = _datasets(config, model)
 
-    optimizer, choice = step_options.make_optimizer(lora.adapter_parameters(model), lr=config.lr,
-                                                    eps=config.adam_eps, weight_decay=config.weight_decay,
-                                                    fused=config.fused_optimizer)
+    optimizer, choice = step_options.make_optimizer(
+        lora.adapter_parameters(model),
+        lr=config.lr,
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+        fused=config.fused_optimizer,
+    )
     choices.append(choice)
     global_batch = config.batch_size * distributed.world_size()
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / global_batch) / config.grad_accum)
@@ -167,11 +182,13 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / run_dir.LOG_FILE
-    cache = step_options.build_feature_cache(model, config.feature_cache,
-                                             config.feature_cache_dir or out_dir / "feature_cache")
+    cache = step_options.build_feature_cache(
+        model, config.feature_cache, config.feature_cache_dir or out_dir / "feature_cache"
+    )
     if config.compile_qformer or config.compile_frozen:
-        probe_batch = to_device(next(iter(make_loader(train_set, collator, config.batch_size, config.seed, 0,
-                                                      shuffle=False))), device)
+        probe_batch = to_device(
+            next(iter(make_loader(train_set, collator, config.batch_size, config.seed, 0, shuffle=False))), device
+        )
         choices += _compile(config, model, optimizer, probe_batch, device)
     start_epoch, global_step = 1, 0
     if resume_from is not None:
@@ -183,14 +200,38 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
 
     reported = {f.code for f in findings}
     doctor.enforce([f for f in doctor.check_model(model, optimizer) if f.code not in reported], config.allow_unsafe)
-    parts = make_step(model, optimizer, scheduler, precision_name=config.precision, device=device,
-                      guard=config.guard, max_grad_norm=config.max_grad_norm, cache=cache, scaler=scaler,
-                      max_rollbacks=config.max_rollbacks, rollback_lr_factor=config.rollback_lr_factor,
-                      on_event=lambda record: run_dir.append_jsonl(log_path, record))
-    run_dir.append_jsonl(log_path, {"type": "step_options", "step": global_step,
-                                    "choices": [c.as_dict() for c in choices]})
-    return Run(config, device, log_path, model, collator, train_set, val_set,
-               validation.majority_baseline(val_set.samples), parts, cache, steps_per_epoch, start_epoch, global_step)
+    parts = make_step(
+        model,
+        optimizer,
+        scheduler,
+        precision_name=config.precision,
+        device=device,
+        guard=config.guard,
+        max_grad_norm=config.max_grad_norm,
+        cache=cache,
+        scaler=scaler,
+        max_rollbacks=config.max_rollbacks,
+        rollback_lr_factor=config.rollback_lr_factor,
+        on_event=lambda record: run_dir.append_jsonl(log_path, record),
+    )
+    run_dir.append_jsonl(
+        log_path, {"type": "step_options", "step": global_step, "choices": [c.as_dict() for c in choices]}
+    )
+    return Run(
+        config,
+        device,
+        log_path,
+        model,
+        collator,
+        train_set,
+        val_set,
+        validation.majority_baseline(val_set.samples),
+        parts,
+        cache,
+        steps_per_epoch,
+        start_epoch,
+        global_step,
+    )
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -226,9 +267,13 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, int]:
     """One epoch of optimizer steps; returns the summed answer-token loss and the token count."""
     config = run.config
     loader = make_loader(run.train_set, run.collator, config.batch_size, config.seed, epoch, shuffle=True)
-    bar = tqdm(groups_of(loader, config.grad_accum), total=run.steps_per_epoch,
-               disable=not (config.progress and distributed.is_main()), desc=f"epoch {epoch}/{config.epochs}",
-               leave=False)
+    bar = tqdm(
+        groups_of(loader, config.grad_accum),
+        total=run.steps_per_epoch,
+        disable=not (config.progress and distributed.is_main()),
+        desc=f"epoch {epoch}/{config.epochs}",
+        leave=False,
+    )
     loss_sum, tokens = 0.0, 0
     for group in bar:
         started = time.perf_counter()
@@ -239,9 +284,15 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, int]:
         if not result.stepped:
             continue
         run.global_step += 1
-        record = {"type": "step", "epoch": epoch, "step": run.global_step, "loss": result.loss,
-                  "lr": run.parts.scheduler.get_last_lr()[0], "grad_norm": float(result.grad_norm),
-                  "samples_per_s": result.samples / (time.perf_counter() - started)}
+        record = {
+            "type": "step",
+            "epoch": epoch,
+            "step": run.global_step,
+            "loss": result.loss,
+            "lr": run.parts.scheduler.get_last_lr()[0],
+            "grad_norm": float(result.grad_norm),
+            "samples_per_s": result.samples / (time.perf_counter() - started),
+        }
         run_dir.append_jsonl(run.log_path, record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
         loss_sum += result.loss_sum
@@ -251,25 +302,43 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, int]:
 
 def _validate(run: Run, epoch: int) -> dict:
     loader = make_loader(run.val_set, run.collator, run.config.batch_size, run.config.seed, epoch, shuffle=False)
-    return {**validation.evaluate(run.model, loader, run.config.precision, run.device, run.cache),
-            "majority_baseline": run.baseline}
+    return {
+        **validation.evaluate(run.model, loader, run.config.precision, run.device, run.cache),
+        "majority_baseline": run.baseline,
+    }
 
 
 def end_epoch(run: Run, epoch: int, loss_sum: float, tokens: int) -> dict:
     """Validation, the epoch's log record and, on the cadence, a checkpoint; returns the record."""
     config = run.config
     run.parts.guard.check_parameters(run.global_step)  # never evaluate or checkpoint a non-finite adapter
-    metrics = {"type": "epoch", "epoch": epoch, "step": run.global_step, "train_loss": loss_sum / max(tokens, 1),
-               **_validate(run, epoch)}
+    metrics = {
+        "type": "epoch",
+        "epoch": epoch,
+        "step": run.global_step,
+        "train_loss": loss_sum / max(tokens, 1),
+        **_validate(run, epoch),
+    }
     if run.cache is not None:
         metrics["feature_cache_hit_rate"] = run.cache.stats.hit_rate
     run_dir.append_jsonl(run.log_path, metrics)
     main = distributed.is_main()
     if config.progress and main:
-        tqdm.write(f"epoch {epoch}: train loss {metrics['train_loss']:.4f}  val loss {metrics['val_loss']:.4f}  "
-                   f"val accuracy {metrics['val_accuracy']:.3f} (majority answer {run.baseline:.3f})")
+        tqdm.write(
+            f"epoch {epoch}: train loss {metrics['train_loss']:.4f}  val loss {metrics['val_loss']:.4f}  "
+            f"val accuracy {metrics['val_accuracy']:.3f} (majority answer {run.baseline:.3f})"
+        )
     if main and checkpoint.should_save(epoch, config.epochs, config.save_every):
-        checkpoint.save(Path(config.output_dir), epoch, model=run.model, optimizer=run.parts.optimizer,
-                        scheduler=run.parts.scheduler, scaler=run.parts.scaler, global_step=run.global_step,
-                        config=asdict(config), keep_last=config.keep_last or None, metrics=metrics)
+        checkpoint.save(
+            Path(config.output_dir),
+            epoch,
+            model=run.model,
+            optimizer=run.parts.optimizer,
+            scheduler=run.parts.scheduler,
+            scaler=run.parts.scaler,
+            global_step=run.global_step,
+            config=asdict(config),
+            keep_last=config.keep_last or None,
+            metrics=metrics,
+        )
     return metrics

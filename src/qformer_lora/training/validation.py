@@ -43,7 +43,7 @@ def answer_correct(model, logits: torch.Tensor, batch: dict) -> torch.Tensor:
     labels = batch["labels"]
     if model.config.use_decoder_only_language_model:
         # logits at position i predict token i+1; text starts after the query positions
-        text_logits = logits[:, -labels.shape[1]:, :]
+        text_logits = logits[:, -labels.shape[1] :, :]
         predictions, labels = text_logits[:, :-1].argmax(-1), labels[:, 1:]
     else:
         predictions = logits.argmax(-1)
@@ -54,4 +54,3 @@ def answer_correct(model, logits: torch.Tensor, batch: dict) -> torch.Tensor:
 def majority_baseline(samples) -> float:
     counts = Counter(s.answer.strip().lower() for s in samples)
     return counts.most_common(1)[0][1] / len(samples)
-
