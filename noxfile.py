@@ -6,6 +6,7 @@ before pytest runs so every log says what it tested.
     nox -s tests                      the default CPU suite (newest releases)
     nox -s lint                       ruff check + ruff format --check
     nox -s stability                  pytest -m stability
+    nox -s long                       pytest -m long: the compile runs left out of the default run for time
     nox -s gpu_tests                  GPU tests in the machine's own environment (no venv)
     nox -s "compat(4.33.3-0.5.0)"     one transformers x peft pair (nox -l lists them all;
     nox -t compat                     every pair; -t compat-edges: the oldest and the newest)
@@ -72,7 +73,8 @@ TEST_DEPS = ("pytest>=7.4", "hypothesis>=6.80", "pytest-benchmark>=4.0")
 COMPAT_RUNS = {
     "regression+stability": ("-m", "regression or stability"),
     "scope+forward": ("tests/unit/test_lora_scope.py", "tests/unit/test_forward_equivalence.py"),
-    "step-options": ("tests/unit/test_step_options.py", "-k", "not inductor"),
+    # -m "not gpu" overrides pyproject's -m "not long": the compile equivalence runs (aot_eager) count here
+    "step-options": ("tests/unit/test_step_options.py", "-k", "not inductor", "-m", "not gpu"),
 }
 COMPAT_DIR = Path("reports/compat")
 
@@ -99,6 +101,13 @@ def stability(session: nox.Session) -> None:
     """Numerical-stability tests only (`pytest -m stability`)."""
     _install(session)
     _pytest(session, "-m", "stability")
+
+
+@nox.session(python="3.11")
+def long(session: nox.Session) -> None:
+    """The tests left out of the default run for time (`pytest -m long`: torch.compile, the compile benchmark)."""
+    _install(session)
+    _pytest(session, "-m", "long")
 
 
 @nox.session(python="3.11")

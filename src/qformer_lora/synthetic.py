@@ -15,6 +15,21 @@ from .forward import IGNORE_INDEX, is_instructblip
 FIRST_ORDINARY_TOKEN = 5  # ids below are special (pad/eos/unk/bos/<image>) in the fixture tokenizer
 
 
+def _packed(prompt, answer, prompt_lengths, answer_lengths, pad_id: int) -> dict:
+    """Decoder-only rows: prompt then answer, packed to the left of each row, padding on the right;
+    labels only on the answer."""
+    rows, labels = [], []
+    width = prompt.shape[1] + answer.shape[1]
+    for i in range(prompt.shape[0]):
+        p, a = prompt[i, : prompt_lengths[i]], answer[i, : answer_lengths[i]]
+        row = torch.cat([p, a])
+        rows.append(torch.cat([row, row.new_full((width - len(row),), pad_id)]))
+        label = torch.cat([torch.full_like(p, IGNORE_INDEX), a])
+        labels.append(torch.cat([label, label.new_full((width - len(label),), IGNORE_INDEX)]))
+    mask = torch.arange(width).unsqueeze(0) < (prompt_lengths + answer_lengths).unsqueeze(1)
+    return {"input_ids": torch.stack(rows), "attention_mask": mask.long(), "labels": torch.stack(labels)}
+
+
 def random_batch(
     model,
     *,
@@ -57,20 +72,7 @@ def random_batch(
     prompt = tokens(prompt_len, high)
     answer = tokens(answer_len, high)
     if config.use_decoder_only_language_model:
-        # prompt then answer, packed to the left of each row, padding on the right
-        rows, labels = [], []
-        width = prompt_len + answer_len
-        for i in range(batch_size):
-            p, a = prompt[i, : prompt_lengths[i]], answer[i, : answer_lengths[i]]
-            row = torch.cat([p, a])
-            rows.append(torch.cat([row, row.new_full((width - len(row),), pad_id)]))
-            label = torch.cat([torch.full_like(p, IGNORE_INDEX), a])
-            labels.append(torch.cat([label, label.new_full((width - len(label),), IGNORE_INDEX)]))
-        batch["input_ids"] = torch.stack(rows)
-        batch["attention_mask"] = (
-            torch.arange(width).unsqueeze(0) < (prompt_lengths + answer_lengths).unsqueeze(1)
-        ).long()
-        batch["labels"] = torch.stack(labels)
+        batch |= _packed(prompt, answer, prompt_lengths, answer_lengths, pad_id)
     else:
         batch["input_ids"], batch["attention_mask"] = right_pad(prompt, prompt_lengths, pad_id)
         batch["labels"], _ = right_pad(answer, answer_lengths, IGNORE_INDEX)

@@ -292,6 +292,7 @@ def test_default_grid_covers_the_seed_table_and_shares_builds():
     assert any(p.forward == "native" for p in points) and any(p.lm_activation_checkpointing for p in points)
 
 
+@pytest.mark.long  # compiles two builds of the grid (about 30 s on 2 cores)
 def test_the_gpu_grid_runs_end_to_end_on_tiny_presets(tmp_path):
     # the same call the GPU session fixture makes, on the tiny variants, one step per point
     points = measurement.default_points(TINY_IB, TINY_B2, options_batch=4)  # batch 64 adds nothing on CPU but time

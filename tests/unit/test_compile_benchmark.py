@@ -31,7 +31,7 @@ ROUNDS = 10  # per variant in the pytest-benchmark table
 RATIO_ROUNDS = 15  # per variant in the interleaved ratio
 VARIANTS = ("eager", "compiled-frozen", "compiled-all", "eager+lm-ckpt", "compiled-all+lm-ckpt")
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.long  # compiles a 100-layer model: run by .ci/run (pytest -m long)
 
 
 def narrow_deep_preset() -> presets.Preset:

@@ -232,7 +232,7 @@ def test_compile_unavailable_is_recorded(monkeypatch):
     assert step_options.maybe_compile(math.sqrt, False) == (math.sqrt, step_options.Choice("compile", False, "eager"))
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_qformer_matches_eager_over_five_steps(backend):
     """The Q-Former (with its LoRA layers) compiled in place, trained for five steps.
@@ -367,7 +367,7 @@ def test_frozen_blocks_are_the_towers_repeated_layers(preset):
     assert not any(p.requires_grad for b in blocks for p in b.parameters()), "a trainable block is not frozen"
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize(
     "preset, backend, lm_checkpointing",
     [

@@ -24,6 +24,16 @@ def quiet(**overrides) -> train.TrainConfig:
     return train.TrainConfig(progress=False, **overrides)
 
 
+def small_data(tmp_path: Path, train_samples: int = 32, val_samples: int = 16) -> dict:
+    """The first samples of the shapes manifests: resume and crash checks need a few steps, not the whole set."""
+    options = {"image_root": str(data.SHAPES_DIR)}
+    for split, n in (("train", train_samples), ("val", val_samples)):
+        lines = (data.SHAPES_DIR / f"{split}.jsonl").read_text().splitlines()[:n]
+        (tmp_path / f"{split}-small.jsonl").write_text("".join(line + "\n" for line in lines))
+        options[f"{split}_manifest"] = str(tmp_path / f"{split}-small.jsonl")
+    return options
+
+
 def losses(run_dir: Path) -> list[float]:
     return [
         r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["type"] == "step"
@@ -77,10 +87,13 @@ def test_default_run_checkpoints_the_language_model(default_run):
     assert {c["option"]: c["used"] for c in record["choices"]}["lm_checkpointing"] == "on", record
 
 
-def test_golden_curve_is_shared_by_batch_and_accumulation_variants(tmp_path):
-    """torchtune style: batch 16 x 1, 8 x 2 and 4 x 4 give one loss curve, pinned per release."""
-    curves = {}
-    for batch_size, accum in ((16, 1), (8, 2), (4, 4)):
+def test_golden_curve_is_shared_by_batch_and_accumulation_variants(default_run, tmp_path):
+    """torchtune style: batch 16 x 1, 8 x 2 and 4 x 4 give one loss curve, pinned per release.
+
+    Batch 16 x 1 is the default run itself: its first epoch is the golden curve."""
+    curves = {(16, 1): losses(default_run)[:GOLDEN_STEPS]}
+    assert train.TrainConfig().batch_size == 16 and train.TrainConfig().grad_accum == 1
+    for batch_size, accum in ((8, 2), (4, 4)):
         run = tmp_path / f"b{batch_size}x{accum}"
         train.train(quiet(output_dir=str(run), batch_size=batch_size, grad_accum=accum, stop_after_epochs=1))
         curves[(batch_size, accum)] = losses(run)[:GOLDEN_STEPS]
@@ -112,7 +125,7 @@ def test_checkpoint_cadence_and_keep_last(tmp_path):
 
 def test_resume_is_bitwise_identical(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = dict(epochs=4, save_every=2, keep_last=0)
+    common = dict(epochs=4, save_every=2, keep_last=0, **small_data(tmp_path))
     train.train(quiet(output_dir=str(straight), **common))
     train.train(quiet(output_dir=str(resumed), stop_after_epochs=2, **common))
     assert [p.name for p in checkpoint.list_checkpoints(resumed)] == ["epoch-0002"]
@@ -126,7 +139,8 @@ def test_resume_is_bitwise_identical(tmp_path):
 
 def test_crash_mid_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    train.train(quiet(output_dir=str(run), epochs=4, save_every=2, keep_last=0, stop_after_epochs=2))
+    common = dict(epochs=4, save_every=2, keep_last=0, **small_data(tmp_path))
+    train.train(quiet(output_dir=str(run), stop_after_epochs=2, **common))
     before = adapter_state(run, 2)
 
     def crash(*args, **kwargs):
@@ -134,7 +148,7 @@ def test_crash_mid_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch)
 
     monkeypatch.setattr(checkpoint, "save_file", crash)  # dies after the adapter, before the optimizer state
     with pytest.raises(OSError, match="simulated"):
-        train.train(quiet(output_dir=str(run), epochs=4, save_every=2, keep_last=0), resume="latest")
+        train.train(quiet(output_dir=str(run), **common), resume="latest")
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["epoch-0002"]
     assert not list((run / "checkpoints").glob(".tmp-*"))
     after = adapter_state(run, 2)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from torch.utils.flop_counter import FlopCounterMode
 
-from .. import lora, synthetic
+from .. import lora
 from ..forward import custom_forward
 
 # Dense (no sparsity) 16-bit tensor-core peaks from NVIDIA's datasheets, TFLOP/s. Matched
@@ -43,14 +43,7 @@ def step_flops_per_sample(model, shape, device, batch_size: int = 2) -> float:
     Gradients left on the adapters are cleared; the optimizer is not stepped (its
     element-wise update is not counted).
     """
-    batch = synthetic.random_batch(
-        model,
-        batch_size=batch_size,
-        prompt_len=shape.prompt_len,
-        answer_len=shape.answer_len,
-        instruction_len=shape.instruction_len,
-        device=device,
-    )
+    batch = shape.random_batch(model, batch_size, device)
     with FlopCounterMode(display=False) as counter:
         custom_forward(model, batch).loss.backward()
     for param in lora.adapter_parameters(model):

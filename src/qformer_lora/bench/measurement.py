@@ -112,6 +112,17 @@ class SequenceShape:
     answer_len: int = 16
     instruction_len: int = 32  # InstructBLIP's Q-Former reads the instruction, as long as the prompt
 
+    def random_batch(self, model, batch_size: int, device) -> dict:
+        """A synthetic batch of this shape for ``model`` (synthetic.random_batch)."""
+        return synthetic.random_batch(
+            model,
+            batch_size=batch_size,
+            prompt_len=self.prompt_len,
+            answer_len=self.answer_len,
+            instruction_len=self.instruction_len,
+            device=device,
+        )
+
 
 def default_points(
     instructblip: str = FULL_INSTRUCTBLIP, blip2: str = FULL_BLIP2, options_batch: int | None = None
@@ -277,14 +288,7 @@ def prepare_step(model, point: SweepPoint, batch_size: int, device, shape: Seque
     device = torch.device(device)
     # step_options' wrapper also removes the input-embedding hook transformers leaves after disabling
     checkpointing = step_options.set_lm_checkpointing(model, point.lm_activation_checkpointing)
-    batch = synthetic.random_batch(
-        model,
-        batch_size=batch_size,
-        prompt_len=shape.prompt_len,
-        answer_len=shape.answer_len,
-        instruction_len=shape.instruction_len,
-        device=device,
-    )
+    batch = shape.random_batch(model, batch_size, device)
     params = lora.adapter_parameters(model)
     for param in params:  # a step cut short by OOM leaves gradients behind
         param.grad = None

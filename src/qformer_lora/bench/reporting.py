@@ -285,7 +285,8 @@ def _num(value, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def markdown(report: dict) -> str:
+def _md_results(report: dict) -> list[str]:
+    """Title, settings and the measured table: one row per configuration and batch size."""
     dev, seq, v, s = report["device"], report["sequence"], report["versions"], report["settings"]
     lines = [
         f"# Memory and speed against batch size: {dev['name']}",
@@ -310,6 +311,13 @@ def markdown(report: dict) -> str:
             else:
                 cells = ["OOM" if r["oom"] else f"failed: {r['error']}"] + [""] * 3
             lines.append(f"| {e['label']} | {e['image_size']} | {r['batch_size']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _md_memory_model(report: dict) -> list[str]:
+    """The fitted memory model and the max batch per budget."""
+    dev = report["device"]
+    lines = []
     names = list(budgets(dev.get("total_memory_bytes")))
     lines += [
         "",
@@ -325,6 +333,12 @@ def markdown(report: dict) -> str:
             + " | ".join(_num(m["max_batch"].get(n), "d") for n in names)
             + " |"
         )
+    return lines
+
+
+def _md_seed_and_forwards(report: dict) -> list[str]:
+    """The seed's table and the custom / native ratios."""
+    lines = []
     lines += [
         "",
         "## The seed's table: max batch on 24 GiB",
@@ -346,6 +360,12 @@ def markdown(report: dict) -> str:
         f"| {c['label']} | {c['batch_size']} | {_num(c['memory_ratio'])} | {_num(c['time_ratio'])} |"
         for c in report["comparisons"]
     ]
+    return lines
+
+
+def _md_options(report: dict) -> list[str]:
+    """The step options against the native forward, with MFU."""
+    lines = []
     option_batches = sorted({o["batch_size"] for o in report.get("options", [])}) or [OPTIONS_BATCH]
     lines += [
         "",
@@ -368,6 +388,12 @@ def markdown(report: dict) -> str:
             f"{_num(o['speedup'])} | {_num(o['memory_ratio'])} | "
             f"{_num(o['flops_per_sample'] and o['flops_per_sample'] / 1e9, '.1f')} | {_num(o['mfu'], '.1%')} |"
         )
+    return lines
+
+
+def _md_checks(report: dict) -> list[str]:
+    """The held-out check and the capped prediction check."""
+    lines = []
     lines += [
         "",
         "## Memory model on a held-out batch (fitted without the largest batch)",
@@ -388,6 +414,13 @@ def markdown(report: dict) -> str:
         f" (error {_num(x['relative_error'], '.1%')}; probes {x['probes']})"
         for x in report["validation"]
     ]
+    return lines
+
+
+def markdown(report: dict) -> str:
+    """The report as Markdown: one section per question the sweep answers."""
+    sections = (_md_results, _md_memory_model, _md_seed_and_forwards, _md_options, _md_checks)
+    lines = [line for section in sections for line in section(report)]
     return "\n".join(lines + ["", "## Summary", "", report["paragraph"], ""])
 
 

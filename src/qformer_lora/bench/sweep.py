@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import compat
+from ..training.run_config import TrainConfig
 from . import flops, measurement
 from .capacity import GIB, find_limit, memory_model, predict_max_batch
 from .device import device_info, free_memory, is_oom, memory_cap
@@ -44,21 +45,7 @@ def sweep(
     would lose the results of every test still to come).
     """
     device = torch.device(device)
-    report = {
-        "schema": 1,
-        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": device_info(device),
-        "versions": compat.versions(),
-        "sequence": asdict(shape),
-        "settings": {
-            "warmup_steps": warmup,
-            "measured_steps": steps,
-            "optimizer": "AdamW lr=1e-4",
-            "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        },
-        "points": [],
-        "validation": [],
-    }
+    report = _new_report(device, shape, warmup, steps)
     plan = [(p, sorted(set(p.batch_sizes or batch_sizes))) for p in points]
     model, model_key = None, None
     with tqdm(total=sum(len(sizes) for _, sizes in plan), desc="bench", disable=not progress) as bar:
@@ -71,26 +58,7 @@ def sweep(
                 model, model_key = None, None
                 free_memory()
                 model, model_key = _build_or_oom(point, device), point.build_key
-            entry = {
-                "label": point.label,
-                "config": asdict(point),
-                "results": [],
-                "image_size": compat.unwrap(model).config.vision_config.image_size if model else None,
-            }
-            started = time.perf_counter()  # the point's wall time, compiles included: for planning GPU runs
-            for size in sizes:
-                bar.set_postfix_str(f"{point.label} b={size}")
-                skip = _not_run(model, entry["results"])
-                entry["results"].append(
-                    {"batch_size": size, **skip}
-                    if skip
-                    else _measure_or_error(point, size, device, model=model, shape=shape, warmup=warmup, steps=steps)
-                )
-                bar.update()
-            entry["wall_s"] = time.perf_counter() - started
-            entry["memory_model"] = memory_model(entry["results"], report["device"].get("total_memory_bytes"))
-            if is_plain(point) and model is not None and any(ran(r) for r in entry["results"]):
-                entry.update(_flops_or_error(model, shape, device))
+            entry = _measure_point(point, sizes, model, device, bar, report, shape=shape, warmup=warmup, steps=steps)
             report["points"].append(entry)
             if point.validate_budget_gib and model is not None:
                 report["validation"].append(validate_point(point, entry, device, model, shape))
@@ -99,6 +67,51 @@ def sweep(
     del model
     free_memory()
     return summarise(report)
+
+
+def _new_report(device: torch.device, shape: SequenceShape, warmup: int, steps: int) -> dict:
+    return {
+        "schema": 1,
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": device_info(device),
+        "versions": compat.versions(),
+        "sequence": asdict(shape),
+        "settings": {
+            "warmup_steps": warmup,
+            "measured_steps": steps,
+            "optimizer": f"AdamW lr=1e-4 weight decay 0.01 in train's training step "
+            f"(clip {TrainConfig.max_grad_norm:g}, finite check)",
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        },
+        "points": [],
+        "validation": [],
+    }
+
+
+def _measure_point(point: SweepPoint, sizes, model, device, bar, report: dict, **measure_kwargs) -> dict:
+    """One configuration at its batch sizes (ascending; none after an OOM or a failure), with its memory
+    model and, for the plain custom step, its FLOPs."""
+    entry = {
+        "label": point.label,
+        "config": asdict(point),
+        "results": [],
+        "image_size": compat.unwrap(model).config.vision_config.image_size if model else None,
+    }
+    started = time.perf_counter()  # the point's wall time, compiles included: for planning GPU runs
+    for size in sizes:
+        bar.set_postfix_str(f"{point.label} b={size}")
+        skip = _not_run(model, entry["results"])
+        entry["results"].append(
+            {"batch_size": size, **skip}
+            if skip
+            else _measure_or_error(point, size, device, model=model, **measure_kwargs)
+        )
+        bar.update()
+    entry["wall_s"] = time.perf_counter() - started
+    entry["memory_model"] = memory_model(entry["results"], report["device"].get("total_memory_bytes"))
+    if is_plain(point) and model is not None and any(ran(r) for r in entry["results"]):
+        entry.update(_flops_or_error(model, measure_kwargs["shape"], device))
+    return entry
 
 
 def _not_started(point: SweepPoint, sizes) -> dict:

@@ -96,7 +96,7 @@ def check_config(
 ) -> list[Finding]:
     """Findings that follow from the settings alone (no model needed)."""
     row = precision.get(precision_name)  # ValueError naming the known precisions
-    base_dtype, adapter_dtype, autocast_dtype = row.weights, row.adapters, row.autocast
+    adapter_dtype = row.adapters
     findings = []
     if adapter_dtype == FP16:
         findings.append(
@@ -120,7 +120,13 @@ def check_config(
             )
         )
     findings += _eps_findings(adam_eps, lr, weight_decay, adapter_dtype, fused)
-    if text_model_type == "t5" and FP16 in (base_dtype, autocast_dtype):
+    return findings + _model_and_device_findings(precision_name, text_model_type, device)
+
+
+def _model_and_device_findings(precision_name: str, text_model_type: str | None, device) -> list[Finding]:
+    """T5 in fp16 (overflows) and bf16 on a card without it."""
+    row, findings = precision.get(precision_name), []
+    if text_model_type == "t5" and FP16 in (row.weights, row.autocast):
         findings.append(
             Finding(
                 WARNING,

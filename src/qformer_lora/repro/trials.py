@@ -94,20 +94,17 @@ def run_steps(
     )
     if seed_loop is not None:
         seed_loop.run_forward = parts.run_forward  # it localises with the step's own forward
-    trace = {
-        "precision": precision,
-        "lr": lr,
-        "eps": eps,
-        "max_grad_norm": max_grad_norm,
-        "warmup_steps": warmup_steps,
-        "fused": fused,
-        "losses": [],
-        "grad_norms": [],
-        "optimizer_steps": 0,
-        "scaler_skipped": 0,
-        "diagnosis": None,
-        "adapter_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params}),
-    }
+    trace = {"precision": precision, "lr": lr, "eps": eps, "max_grad_norm": max_grad_norm}
+    trace |= {"warmup_steps": warmup_steps, "fused": fused, "losses": [], "grad_norms": [], "optimizer_steps": 0}
+    trace |= {"scaler_skipped": 0, "adapter_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params})}
+    _take_steps(parts, batches, steps, trace)
+    trace["diagnosis"] = getattr(parts.guard, "diagnosis", None)
+    trace["guard_events"] = parts.guard.events
+    return trace
+
+
+def _take_steps(parts, batches: list[dict], steps: int, trace: dict) -> None:
+    """``steps`` calls of the training step, one batch each; what each did goes into ``trace``."""
     for step in range(steps):
         result = training_step(parts, [batches[step % len(batches)]], step)
         if result.action == "inputs":
@@ -118,9 +115,6 @@ def run_steps(
             trace["scaler_skipped"] += result.scaler_skipped
             trace["optimizer_steps"] += not result.scaler_skipped
     trace["finite"] = [math.isfinite(v) for v in trace["losses"]]
-    trace["diagnosis"] = getattr(parts.guard, "diagnosis", None)
-    trace["guard_events"] = parts.guard.events
-    return trace
 
 
 def reproduce(

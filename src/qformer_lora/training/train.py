@@ -153,6 +153,28 @@ def _compile(config: TrainConfig, model, optimizer, probe_batch: dict, device: t
     return choices
 
 
+def _optimizer(config: TrainConfig, model, train_samples: int, choices: list):
+    """AdamW over the adapter (its implementation appended to ``choices``) and the warm-up/decay schedule."""
+    optimizer, choice = step_options.make_optimizer(
+        lora.adapter_parameters(model),
+        lr=config.lr,
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+        fused=config.fused_optimizer,
+    )
+    choices.append(choice)
+    global_batch = config.batch_size * distributed.world_size()
+    steps_per_epoch = math.ceil(math.ceil(train_samples / global_batch) / config.grad_accum)
+    scheduler = linear_warmup_decay(optimizer, config.warmup_steps, steps_per_epoch * config.epochs)
+    return optimizer, scheduler, steps_per_epoch
+
+
+def _check_model(findings, model, optimizer, allow_unsafe: bool) -> None:
+    """The doctor again, on the built model and optimizer (the dtypes really in use); new findings only."""
+    reported = {f.code for f in findings}
+    doctor.enforce([f for f in doctor.check_model(model, optimizer) if f.code not in reported], allow_unsafe)
+
+
 def setup(config: TrainConfig, resume, device: torch.device) -> Run:
     """Everything the loop needs, built in order; nothing is written before the checks pass."""
     resume_from, findings = _check_before_building(config, resume, device)
@@ -166,17 +188,7 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
     choices = [step_options.set_lm_checkpointing(model, config.lm_checkpointing)]
     collator, train_set, val_set = _datasets(config, model)
 
-    optimizer, choice = step_options.make_optimizer(
-        lora.adapter_parameters(model),
-        lr=config.lr,
-        eps=config.adam_eps,
-        weight_decay=config.weight_decay,
-        fused=config.fused_optimizer,
-    )
-    choices.append(choice)
-    global_batch = config.batch_size * distributed.world_size()
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / global_batch) / config.grad_accum)
-    scheduler = linear_warmup_decay(optimizer, config.warmup_steps, steps_per_epoch * config.epochs)
+    optimizer, scheduler, steps_per_epoch = _optimizer(config, model, len(train_set), choices)
     scaler = precision.grad_scaler(config.precision, device)
 
     out_dir = Path(config.output_dir)
@@ -197,9 +209,8 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
         run_dir.truncate_log(log_path, global_step)
     else:
         run_dir.clear_earlier_run(out_dir)  # only --overwrite gets here with one: a fresh run starts fresh
+    _check_model(findings, model, optimizer, config.allow_unsafe)
 
-    reported = {f.code for f in findings}
-    doctor.enforce([f for f in doctor.check_model(model, optimizer) if f.code not in reported], config.allow_unsafe)
     parts = make_step(
         model,
         optimizer,
@@ -217,21 +228,9 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
     run_dir.append_jsonl(
         log_path, {"type": "step_options", "step": global_step, "choices": [c.as_dict() for c in choices]}
     )
-    return Run(
-        config,
-        device,
-        log_path,
-        model,
-        collator,
-        train_set,
-        val_set,
-        validation.majority_baseline(val_set.samples),
-        parts,
-        cache,
-        steps_per_epoch,
-        start_epoch,
-        global_step,
-    )
+    baseline = validation.majority_baseline(val_set.samples)
+    sets = (collator, train_set, val_set, baseline)
+    return Run(config, device, log_path, model, *sets, parts, cache, steps_per_epoch, start_epoch, global_step)
 
 
 # ----------------------------------------------------------------------------- the loop
