@@ -91,6 +91,7 @@ def runs(tmp_path_factory):
     return {"one": one, "two": two, "ranks": ranks, "stdout": done.stdout, "distributed_s": distributed_s}
 
 
+@pytest.mark.long  # starts torchrun with 2 processes and a single-process run: about 13 s on 2 cores
 def test_two_ranks_train_the_single_process_adapter(runs):
     one, two = _adapter(runs["one"]), _adapter(runs["two"])
     assert one.keys() == two.keys() and one
@@ -121,6 +122,7 @@ def _log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.long  # shares the torchrun fixture above
 def test_only_rank_zero_writes_and_every_rank_agrees(runs):
     ranks = runs["ranks"]
     assert [r["saved"] for r in ranks] == [[1], []], "checkpoints must come from rank 0 only"

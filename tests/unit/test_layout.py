@@ -147,3 +147,20 @@ def test_release_checks_live_in_compat_only():
         if needle in path.read_text(encoding="utf-8")
     ]
     assert not offenders, offenders
+
+
+def test_the_cli_imports_workflows_only_in_the_command_that_runs_them():
+    # `qformer-lora train` imported the whole benchmark stack: top-level imports are the vocabulary only
+    tree = ast.parse((PACKAGE / "cli.py").read_text(encoding="utf-8"))
+    top = {
+        f"{node.module or ''}.{alias.name}".strip(".")
+        for node in tree.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    heavy = sorted(
+        name
+        for name in top
+        if name.split(".")[0] in ("bench", "repro", "inference") or name in ("training.train", "diagnostics.doctor")
+    )
+    assert not heavy, f"cli.py imports {heavy} at module level; import them inside the command"

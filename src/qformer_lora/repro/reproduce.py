@@ -141,7 +141,8 @@ def item_checkpoints() -> dict:
             save_every=2,
             keep_last=0,
             progress=False,
-            train_manifest=str(_subset(tmp)),
+            train_manifest=str(_subset(tmp, "train", 32)),
+            val_manifest=str(_subset(tmp, "val", 16)),
             image_root=str(data.SHAPES_DIR),
             base_checkpoint=None,
             preset="tiny-instructblip-flan-t5",
@@ -169,11 +170,10 @@ def item_checkpoints() -> dict:
     }
 
 
-def _subset(tmp: str, n: int = 48) -> Path:
-    """The first n shapes training samples (keeps this item to seconds)."""
-
-    lines = (data.SHAPES_DIR / "train.jsonl").read_text(encoding="utf-8").splitlines()[:n]
-    path = Path(tmp) / "train-subset.jsonl"
+def _subset(tmp: str, split: str, n: int) -> Path:
+    """The first n shapes samples of ``split`` (keeps this item to seconds)."""
+    lines = (data.SHAPES_DIR / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+    path = Path(tmp) / f"{split}-subset.jsonl"
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
 
