@@ -22,6 +22,7 @@ layers above it in this list (tests/unit/test_layout.py keeps it so, and finds n
     repro/          reproduce.py (`qformer-lora reproduce`), trials.py (trial runs of the step),
                     probes.py, compat_probe.py, expectations.py (per-release pinned values)
     cli.py          argparse only; imports each workflow inside the command that runs it
+    cli_options.py  the CLI's one vocabulary: shared options declared once, from the run config
 """
 
 __version__ = "0.1.0"

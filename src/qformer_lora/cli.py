@@ -1,12 +1,9 @@
 """Command line: parses arguments and calls the workflows; no logic of its own.
 
-One vocabulary across subcommands: an option that means the same thing has the same flag,
-value style and default everywhere (``tests/unit/test_cli_vocabulary.py`` walks every parser).
-Options that are run-config fields (rank, alpha, targets, scope, precision, the step
-options, the optimizer's) are declared once, from ``training.run_config`` (type, default,
-help), by :func:`config_option`. Booleans take a value (``true``/``false``); a list to sweep
-over has a plural name (``bench --precisions bf16 fp32``). Workflows are imported inside
-the command that runs them, so ``train`` does not import the benchmark stack.
+One vocabulary across subcommands (``cli_options.py``): an option that means the same thing
+has the same flag, value style and default everywhere. Each subcommand is a ``cmd_*`` function
+and its ``add_*_parser``. Workflows are imported inside the command that runs them, so
+``train`` does not import the benchmark stack.
 """
 
 from __future__ import annotations
@@ -18,102 +15,9 @@ import sys
 import torch
 
 from . import checkpoint, data, lora, precision, presets
+from .cli_options import AUTO, add_device_option, config_option, lora_spec, positive_int, resolve_device
 from .diagnostics.numerics import NonFiniteError
-from .training import run_config, step_options
-
-AUTO = "auto"  # --device: cuda when available, else cpu
-
-
-def positive_int(value: str) -> int:
-    """argparse type: an integer >= 1 (a batch of 0 or a --limit of -1 ran and wrote reports, or dropped a sample)."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{number} is not a positive integer")
-    return number
-
-
-def device_name(value: str) -> str:
-    """argparse type: 'auto' or a torch device this machine has ('cuda' without one failed deep inside torch)."""
-    if value == AUTO:
-        return value
-    try:
-        device = torch.device(value)
-    except RuntimeError as err:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a device: {str(err).splitlines()[0]}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{value}: no CUDA device here (torch {torch.__version__}); use --device cpu")
-    return value
-
-
-def resolve_device(value: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if value == AUTO else value
-
-
-def add_device_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--device",
-        type=device_name,
-        default=AUTO,
-        help="auto (cuda when available, else cpu), cpu or cuda[:N] (default: auto)",
-    )
-
-
-# Fixed choices of run-config options, shown in --help and checked by the parser.
-CHOICES = {
-    "precision": precision.NAMES,
-    "scope": tuple(lora.SCOPES),
-    "guard": run_config.GUARDS,
-    "feature_cache": step_options.FEATURE_CACHE_MODES,
-}
-
-
-def _coercer(name: str, flag: str):
-    def parse(value: str):
-        try:
-            return run_config.coerce(name, value, flag)
-        except run_config.ConfigError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    parse.__name__ = name  # argparse names the type in some messages
-    return parse
-
-
-def config_option(parser: argparse.ArgumentParser, name: str, *, overrides: bool = False) -> None:
-    """``--<name>`` for run-config field ``name``: its type, default and help. ``overrides``: the
-    parser default is None so a TOML run config can supply the value (train); the help shows the
-    field's default either way."""
-    flag = f"--{name.replace('_', '-')}"
-    default = getattr(run_config.TrainConfig, name)
-    shown = (
-        ",".join(default)
-        if isinstance(default, tuple)
-        else str(default).lower()
-        if isinstance(default, bool)
-        else default
-    )
-    text = run_config.HELP[name]  # some say their default in words already
-    parser.add_argument(
-        flag,
-        dest=name,
-        type=_coercer(name, flag),
-        choices=CHOICES.get(name),
-        default=None if overrides else default,
-        metavar=None if name in CHOICES else "VALUE",
-        help=text if "(default:" in text else f"{text} (default: {shown})",
-    )
-
-
-def lora_spec(args) -> lora.LoraSpec:
-    return lora.LoraSpec(
-        r=args.lora_r,
-        alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
-        targets=tuple(args.targets),
-        scope=args.scope,
-    )
-
+from .training import run_config
 
 # ----------------------------------------------------------------------------- verify
 
@@ -127,32 +31,8 @@ def cmd_verify(args) -> int:
     report = {"preset": preset.name, "versions": compat.versions()} | lora.scope_report(
         lora.apply_lora(model, spec), spec
     )
-    print(json.dumps(report, indent=2) if args.json else format_scope_report(report))
+    print(json.dumps(report, indent=2) if args.json else lora.format_scope_report(report))
     return 0
-
-
-def format_scope_report(report: dict) -> str:
-    spec = report["lora"]
-    lines = [
-        f"preset {report['preset']}  (torch {report['versions']['torch']}, transformers "
-        f"{report['versions']['transformers']}, peft {report['versions']['peft']})",
-        f"LoRA r={spec['r']} alpha={spec['alpha']} targets={','.join(spec['targets'])} scope={spec['scope']}",
-        f"LoRA tensors:         {report['lora_tensors']:,}",
-        f"trainable parameters: {report['trainable_parameters']:,} of {report['total_parameters']:,} "
-        f"({report['trainable_percent']:.4f} %)",
-        f"adapter dtype:        {', '.join(report['adapter_dtypes']) or '-'}",
-        "",
-        f"{'component':<22}{'parameters':>16}{'trainable':>14}{'LoRA tensors':>14}",
-    ]
-    for name, c in report["components"].items():
-        lines.append(f"{name:<22}{c['parameters']:>16,}{c['trainable']:>14,}{c['lora_tensors']:>14,}")
-    leaks = report["bare_name_matches_outside_qformer"]
-    lines.append("")
-    lines.append(
-        f"bare target names would also match outside the Q-Former: {len(leaks)} layer(s)"
-        + (f", e.g. {', '.join(leaks[:3])}" if leaks else "")
-    )
-    return "\n".join(lines)
 
 
 def add_verify_parser(sub) -> None:
@@ -191,32 +71,9 @@ def cmd_doctor(args) -> int:
     )
     device = resolve_device(args.device)
     findings = doctor.examine(config, device=device)
-    fatal = sum(f.severity == doctor.FATAL for f in findings)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "preset": config.preset,
-                    "base_checkpoint": config.base_checkpoint,
-                    "precision": config.precision,
-                    "lr": config.lr,
-                    "adam_eps": config.adam_eps,
-                    "weight_decay": config.weight_decay,
-                    "device": device,
-                    "fatal": fatal,
-                    "findings": doctor.as_json(findings),
-                },
-                indent=2,
-            )
-        )
-    else:
-        print(
-            f"precision doctor: preset {config.preset}, precision {config.precision}, lr {config.lr:g}, "
-            f"eps {config.adam_eps:g}, weight decay {config.weight_decay:g}, device {device}"
-        )
-        for finding in findings:
-            print(finding)
-        print(f"{fatal} fatal, {len(findings) - fatal} warning(s)" if findings else "no findings")
+    summary = doctor.summary(config, device, findings)
+    print(json.dumps(summary, indent=2) if args.json else doctor.format_summary(summary))
+    fatal = summary["fatal"]
     return 1 if fatal else 0
 
 
@@ -457,11 +314,7 @@ def cmd_reproduce(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
-        for name, item in report["items"].items():
-            print(
-                f"{name:<15} {item['status']:<17} fix holds: {'yes' if item['fix_holds'] else 'NO'}\n"
-                f"{'':<15} {item['why']}"
-            )
+        print(reproduce.format_summary(report))
         if not args.only:
             print(f"\nreport: {md} (and {js.name})")
     return 0 if report["all_fixes_hold"] else 1

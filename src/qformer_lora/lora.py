@@ -166,3 +166,28 @@ def scope_report(model, spec: LoraSpec) -> dict:
         "adapter_dtypes": sorted(adapter_dtypes),
         "bare_name_matches_outside_qformer": bare_name_matches_outside_qformer(model, spec.targets),
     }
+
+
+def format_scope_report(report: dict) -> str:
+    """``scope_report`` (with "preset" and "versions" added) as the text `qformer-lora verify` prints."""
+    spec = report["lora"]
+    lines = [
+        f"preset {report['preset']}  (torch {report['versions']['torch']}, transformers "
+        f"{report['versions']['transformers']}, peft {report['versions']['peft']})",
+        f"LoRA r={spec['r']} alpha={spec['alpha']} targets={','.join(spec['targets'])} scope={spec['scope']}",
+        f"LoRA tensors:         {report['lora_tensors']:,}",
+        f"trainable parameters: {report['trainable_parameters']:,} of {report['total_parameters']:,} "
+        f"({report['trainable_percent']:.4f} %)",
+        f"adapter dtype:        {', '.join(report['adapter_dtypes']) or '-'}",
+        "",
+        f"{'component':<22}{'parameters':>16}{'trainable':>14}{'LoRA tensors':>14}",
+    ]
+    for name, c in report["components"].items():
+        lines.append(f"{name:<22}{c['parameters']:>16,}{c['trainable']:>14,}{c['lora_tensors']:>14,}")
+    leaks = report["bare_name_matches_outside_qformer"]
+    lines.append("")
+    lines.append(
+        f"bare target names would also match outside the Q-Former: {len(leaks)} layer(s)"
+        + (f", e.g. {', '.join(leaks[:3])}" if leaks else "")
+    )
+    return "\n".join(lines)

@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import pytest
 
-from qformer_lora import cli
+from qformer_lora import cli, cli_options
 from qformer_lora.training.run_config import TrainConfig
 
 # dest -> why its default may differ between subcommands
@@ -106,7 +106,9 @@ def test_flags_parse_to_the_same_values_in_every_subcommand():
         == (4, ("query", "value"), "qformer+llm")
     )
     assert train.lm_checkpointing is bench.lm_checkpointing is False
-    assert cli.lora_spec(verify).alpha == TrainConfig(lora_r=4).lora_alpha == 8  # alpha defaults to 2r everywhere
+    assert (
+        cli_options.lora_spec(verify).alpha == TrainConfig(lora_r=4).lora_alpha == 8
+    )  # alpha defaults to 2r everywhere
 
 
 def test_a_bad_value_names_its_flag(capsys):

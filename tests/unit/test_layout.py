@@ -3,8 +3,8 @@
 Layers (README "Architecture"): the core modules at the top of ``src/qformer_lora`` import
 only the core; ``diagnostics`` imports the core; ``training`` the core and diagnostics;
 ``inference`` the core and training; ``bench`` the core, diagnostics and training; ``repro``
-anything but the CLI; nothing imports ``cli``. Imports inside functions count too: a lazy
-import is still a dependency.
+anything but the CLI; nothing imports ``cli`` or ``cli_options`` (its vocabulary). Imports
+inside functions count too: a lazy import is still a dependency.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ ALLOWED = {  # layer -> layers it may import
     "inference": {"core", "training", "inference"},
     "bench": {"core", "diagnostics", "training", "bench"},
     "repro": {"core", "diagnostics", "training", "inference", "bench", "repro"},
-    "cli": {"core", "diagnostics", "training", "inference", "bench", "repro"},
+    "cli": {"core", "diagnostics", "training", "inference", "bench", "repro", "cli"},
 }
 MAX_FUNCTION_LINES = 60
 
@@ -43,7 +43,7 @@ def layer(module: str) -> str:
     parts = module.split(".")
     if len(parts) > 1 and parts[1] in WORKFLOWS:
         return parts[1]
-    return "cli" if module == "qformer_lora.cli" else "core"
+    return "cli" if module in ("qformer_lora.cli", "qformer_lora.cli_options") else "core"
 
 
 def imports(module: str, path: Path, known: dict[str, Path]) -> set[str]:
@@ -80,7 +80,7 @@ def test_the_graph_sees_the_known_dependencies():
 @pytest.mark.parametrize("module", sorted(GRAPH))
 def test_layering(module):
     bad = sorted(m for m in GRAPH[module] if layer(m) not in ALLOWED[layer(module)] and layer(m) != layer(module))
-    bad += sorted(m for m in GRAPH[module] if layer(m) == "cli")
+    bad += sorted(m for m in GRAPH[module] if layer(m) == "cli" and layer(module) != "cli")
     assert not bad, f"{module} ({layer(module)}) imports {bad}; allowed layers: {sorted(ALLOWED[layer(module)])}"
 
 
@@ -151,7 +151,7 @@ def test_release_checks_live_in_compat_only():
 
 def test_the_cli_imports_workflows_only_in_the_command_that_runs_them():
     # `qformer-lora train` imported the whole benchmark stack: top-level imports are the vocabulary only
-    tree = ast.parse((PACKAGE / "cli.py").read_text(encoding="utf-8"))
+    tree = ast.parse((PACKAGE / "cli.py").read_text(encoding="utf-8") + (PACKAGE / "cli_options.py").read_text())
     top = {
         f"{node.module or ''}.{alias.name}".strip(".")
         for node in tree.body

@@ -241,3 +241,26 @@ def enforce(findings: list[Finding], allow_unsafe: bool = False) -> None:
 
 def as_json(findings: list[Finding]) -> list[dict]:
     return [asdict(f) for f in findings]
+
+
+def summary(config, device, findings: list[Finding]) -> dict:
+    """What `qformer-lora doctor` reports: the setting checked, the fatal count and the findings (JSON-ready)."""
+    names = ("preset", "base_checkpoint", "precision", "lr", "adam_eps", "weight_decay")
+    fatal = sum(f.severity == FATAL for f in findings)
+    return {name: getattr(config, name) for name in names} | {
+        "device": str(device),
+        "fatal": fatal,
+        "findings": as_json(findings),
+    }
+
+
+def format_summary(report: dict) -> str:
+    """:func:`summary` as the text `qformer-lora doctor` prints."""
+    lines = [
+        f"precision doctor: preset {report['preset']}, precision {report['precision']}, lr {report['lr']:g}, "
+        f"eps {report['adam_eps']:g}, weight decay {report['weight_decay']:g}, device {report['device']}"
+    ]
+    lines += [str(Finding(**f)) for f in report["findings"]]
+    count = len(report["findings"])
+    lines.append(f"{report['fatal']} fatal, {count - report['fatal']} warning(s)" if count else "no findings")
+    return "\n".join(lines)

@@ -247,6 +247,14 @@ def run(only: list[str] | None = None) -> dict:
     }
 
 
+def format_summary(report: dict) -> str:
+    """One line per item with its status and whether the fix holds, then why: what the CLI prints."""
+    return "\n".join(
+        f"{name:<15} {item['status']:<17} fix holds: {'yes' if item['fix_holds'] else 'NO'}\n{'':<15} {item['why']}"
+        for name, item in report["items"].items()
+    )
+
+
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [

@@ -1,0 +1,110 @@
+"""The CLI's one vocabulary: value types and the options shared by subcommands.
+
+Options that are run-config fields (rank, alpha, targets, scope, precision, the step options,
+the optimizer's) are declared once here, from ``training.run_config`` (type, default, help), by
+:func:`config_option`; ``--device`` by :func:`add_device_option`. Booleans take a value
+(``true``/``false``); a list to sweep over has a plural name (``bench --precisions bf16 fp32``).
+``tests/unit/test_cli_vocabulary.py`` walks every parser and fails on a disagreement.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from . import lora, precision
+from .training import run_config, step_options
+
+AUTO = "auto"  # --device: cuda when available, else cpu
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1 (a batch of 0 or a --limit of -1 ran and wrote reports, or dropped a sample)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{number} is not a positive integer")
+    return number
+
+
+def device_name(value: str) -> str:
+    """argparse type: 'auto' or a torch device this machine has ('cuda' without one failed deep inside torch)."""
+    if value == AUTO:
+        return value
+    try:
+        device = torch.device(value)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: {str(err).splitlines()[0]}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value}: no CUDA device here (torch {torch.__version__}); use --device cpu")
+    return value
+
+
+def resolve_device(value: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if value == AUTO else value
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        type=device_name,
+        default=AUTO,
+        help="auto (cuda when available, else cpu), cpu or cuda[:N] (default: auto)",
+    )
+
+
+# Fixed choices of run-config options, shown in --help and checked by the parser.
+CHOICES = {
+    "precision": precision.NAMES,
+    "scope": tuple(lora.SCOPES),
+    "guard": run_config.GUARDS,
+    "feature_cache": step_options.FEATURE_CACHE_MODES,
+}
+
+
+def _coercer(name: str, flag: str):
+    def parse(value: str):
+        try:
+            return run_config.coerce(name, value, flag)
+        except run_config.ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
+
+
+def config_option(parser: argparse.ArgumentParser, name: str, *, overrides: bool = False) -> None:
+    """``--<name>`` for run-config field ``name``: its type, default and help. ``overrides``: the
+    parser default is None so a TOML run config can supply the value (train); the help shows the
+    field's default either way."""
+    flag = f"--{name.replace('_', '-')}"
+    default = getattr(run_config.TrainConfig, name)
+    shown = (
+        ",".join(default)
+        if isinstance(default, tuple)
+        else str(default).lower()
+        if isinstance(default, bool)
+        else default
+    )
+    text = run_config.HELP[name]  # some say their default in words already
+    parser.add_argument(
+        flag,
+        dest=name,
+        type=_coercer(name, flag),
+        choices=CHOICES.get(name),
+        default=None if overrides else default,
+        metavar=None if name in CHOICES else "VALUE",
+        help=text if "(default:" in text else f"{text} (default: {shown})",
+    )
+
+
+def lora_spec(args) -> lora.LoraSpec:
+    return lora.LoraSpec(
+        r=args.lora_r,
+        alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
+        targets=tuple(args.targets),
+        scope=args.scope,
+    )
