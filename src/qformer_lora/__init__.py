@@ -19,6 +19,7 @@ layers above it in this list (tests/unit/test_layout.py keeps it so, and finds n
     inference/      generate.py (load a trained adapter, answer, export a merged model)
     bench/          measurement.py (one configuration through the training step), sweep.py,
                     capacity.py (memory model), flops.py (MFU), device.py, reporting.py
+                    (ratios, seed table), report_files.py (JSON / Markdown / PNG)
     repro/          reproduce.py (`qformer-lora reproduce`), trials.py (trial runs of the step),
                     probes.py, compat_probe.py, expectations.py (per-release pinned values)
     cli.py          argparse only; imports each workflow inside the command that runs it

@@ -208,7 +208,7 @@ def bench_points(args, measurement) -> list:
 
 
 def cmd_bench(args) -> int:
-    from .bench import measurement, reporting, sweep
+    from .bench import measurement, report_files, sweep
 
     device = resolve_device(args.device)
     if args.preset is None and torch.device(device).type == "cpu":
@@ -222,7 +222,7 @@ def cmd_bench(args) -> int:
         points, tuple(args.batch_sizes), device=device, shape=shape, report_dir=args.out, steps=args.steps
     )
     print(report["paragraph"])
-    reporting.print_paths(paths)
+    report_files.print_paths(paths)
     return 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qformer_lora.bench import measurement, reporting, sweep
+from qformer_lora.bench import measurement, report_files, sweep
 
 HERE = Path(__file__).resolve().parent
 RUN = {"loaded": time.perf_counter()}  # what the terminal summary prints
@@ -57,7 +57,7 @@ def gpu_report():
     report, paths = sweep.run_benchmark(
         measurement.default_points(),
         device="cuda",
-        report_dir=reporting.default_report_dir(),
+        report_dir=report_files.default_report_dir(),
         out_of_time=lambda: time.perf_counter() - RUN["loaded"] > RUN_LIMIT_S - RESERVE_S,
     )
     RUN.update(sweep_s=time.perf_counter() - start, paths=paths)

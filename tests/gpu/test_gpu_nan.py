@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from qformer_lora import compat
-from qformer_lora.bench import reporting
+from qformer_lora.bench import report_files
 from qformer_lora.repro import trials
 
 pytestmark = pytest.mark.gpu
@@ -47,7 +47,7 @@ def nan_report():
         report["runs"][precision] = trace
         gc.collect()
         torch.cuda.empty_cache()
-    out_dir = reporting.default_report_dir()
+    out_dir = report_files.default_report_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
     path = out_dir / f"nan-{slug}-{report['created'][:10]}.json"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from qformer_lora import compat, lora
-from qformer_lora.bench import capacity, device, flops, measurement, reporting, sweep
+from qformer_lora.bench import capacity, device, flops, measurement, report_files, sweep
 from qformer_lora.training import step_options
 
 TINY_IB, TINY_B2 = "tiny-instructblip-flan-t5", "tiny-blip2-flan-t5"
@@ -100,7 +100,7 @@ def test_sweep_report_is_well_formed(cpu_report):
 
 def test_report_writers(cpu_report, tmp_path):
     report, _ = cpu_report
-    paths = reporting.write_reports(report, tmp_path / "gpu")
+    paths = report_files.write_reports(report, tmp_path / "gpu")
     assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(report))
     text = paths["md"].read_text()
     assert f"| {TINY_IB} qformer fp32 native | 30 | 2 |" in text and report["paragraph"] in text
@@ -117,7 +117,7 @@ def test_report_writers(cpu_report, tmp_path):
 
 def test_png_is_skipped_with_a_note_without_matplotlib(cpu_report, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
-    paths = reporting.write_reports(cpu_report[0], tmp_path)
+    paths = report_files.write_reports(cpu_report[0], tmp_path)
     assert paths["png"] is None and not list(tmp_path.glob("*.png"))
     assert "matplotlib is not installed" in capsys.readouterr().out
 
@@ -394,11 +394,11 @@ def test_bench_report_rerenders_a_saved_report(cpu_report, tmp_path, capsys):
     report, _ = cpu_report
     saved = tmp_path / "saved.json"
     saved.write_text(json.dumps(report))
-    assert reporting.main([str(saved), "--out", str(tmp_path / "out")]) == 0
-    assert (tmp_path / "out" / f"{reporting.report_stem(report)}.md").read_text() == reporting.markdown(report)
+    assert report_files.main([str(saved), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / f"{report_files.report_stem(report)}.md").read_text() == report_files.markdown(report)
     (tmp_path / "broken.json").write_text("{}")
     with pytest.raises(SystemExit) as exit_info:
-        reporting.main([str(tmp_path / "broken.json")])
+        report_files.main([str(tmp_path / "broken.json")])
     assert exit_info.value.code == 2 and "broken.json: not a bench report" in capsys.readouterr().err
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qformer_lora import compat
-from qformer_lora.bench import capacity, flops, measurement, reporting
+from qformer_lora.bench import capacity, flops, measurement, report_files, reporting
 
 REPORTS_GPU = Path(__file__).resolve().parents[2] / "reports" / "gpu"
 
@@ -96,7 +96,7 @@ def test_summaries_from_gpu_like_numbers(tmp_path):
     text = report["paragraph"]
     assert f"BLIP-2 Q-Former LoRA batch {expected[('blip2-flan-t5-xl', 'qformer', 'fp32')]} with fp32" in text
     assert "(seed: 10)" in text and "the measured limit 78 (2.6% off" in text and "0.50 GiB" in text
-    paths = reporting.write_reports(report, tmp_path)
+    paths = report_files.write_reports(report, tmp_path)
     assert paths["md"].name == "nvidia-h100-80gb-hbm3-2026-11-27.md"
     markdown = paths["md"].read_text()
     assert f"| BLIP-2 Q-Former LoRA | 24 | {expected[('blip2-flan-t5-xl', 'qformer', 'fp32')]} |" in markdown
@@ -171,5 +171,5 @@ def test_paragraph_of_a_gpu_run_without_seed_table_rows():
 def test_committed_gpu_reports_rerender_unchanged(stem, tmp_path):
     # reports written before a SweepPoint field was added must still summarise the same way
     saved = REPORTS_GPU / f"{stem}.json"
-    assert reporting.main([str(saved), "--out", str(tmp_path)]) == 0
+    assert report_files.main([str(saved), "--out", str(tmp_path)]) == 0
     assert (tmp_path / f"{saved.stem}.md").read_text() == (REPORTS_GPU / f"{stem}.md").read_text()

@@ -4,10 +4,11 @@ Read top to bottom: a configuration (:class:`SweepPoint`), the GPU grid of them
 (:func:`default_points`) -> one built model and one training step -> one measured batch
 size (:func:`measure`). The step is the trainer's own (``training/step.py``: the same
 forward, loss normalisation, clipping, finite check and optimizer step as ``qformer-lora
-train``), so every speed figure is the trainer's. Then bench/sweep.py (many configurations and batch sizes, the
-memory model of bench/capacity.py checked under a real memory cap), and bench/reporting.py (the
-seed's table, the step-option ratios and report files). Models are random-initialised
-from presets (no downloads); on a CPU the memory fields are None and only times are measured.
+train``), so every speed figure is the trainer's. Then bench/sweep.py (many configurations and
+batch sizes, the memory model of bench/capacity.py checked under a real memory cap),
+bench/reporting.py (the seed's table, the step-option ratios) and bench/report_files.py.
+Models are random-initialised from presets (no downloads); on a CPU the memory fields are
+None and only times are measured.
 """
 
 from __future__ import annotations

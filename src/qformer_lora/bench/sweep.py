@@ -20,7 +20,8 @@ from . import flops, measurement
 from .capacity import GIB, find_limit, memory_model, predict_max_batch
 from .device import device_info, free_memory, is_oom, memory_cap
 from .measurement import SequenceShape, SweepPoint, is_plain, measure, ran
-from .reporting import summarise, write_reports
+from .report_files import write_reports
+from .reporting import summarise
 
 # ----------------------------------------------------------------------------- the sweep
 

@@ -1,0 +1,268 @@
+"""Report files of a bench sweep: JSON, Markdown and PNG, written atomically.
+
+Files are written atomically (temporary file, then os.replace); matplotlib is imported
+lazily and the PNG is skipped with a note when it is not installed. The numbers come from
+bench/reporting.py.
+
+``python -m qformer_lora.bench.report_files REPORT.json [--out DIR]`` re-summarises a saved
+report (e.g. after a summary was added) and rewrites its Markdown and PNG.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from .capacity import BUDGETS_GIB, GIB, budgets
+from .measurement import OPTIONS_BATCH, ran
+from .reporting import TARGETS, summarise
+
+# ----------------------------------------------------------------------------- report files
+
+
+def report_stem(report: dict) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", report["device"]["name"].lower()).strip("-") or "device"
+    return f"{slug}-{report['created'][:10]}"
+
+
+def default_report_dir() -> Path:
+    return Path(os.environ.get("QFORMER_LORA_REPORT_DIR") or Path("reports") / "gpu")
+
+
+def write_reports(
+    report: dict, out_dir: str | os.PathLike | None = None, *, plot: bool = True
+) -> dict[str, Path | None]:
+    """<gpu-slug>-<date>.json / .md / .png under ``out_dir``; the PNG only when matplotlib is installed."""
+    out_dir = Path(out_dir) if out_dir is not None else default_report_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {kind: out_dir / f"{report_stem(report)}.{kind}" for kind in ("json", "md", "png")}
+    _atomic_write(paths["json"], json.dumps(report, indent=2).encode())
+    _atomic_write(paths["md"], markdown(report).encode())
+    png = plot_png(report) if plot else None
+    if png is not None:
+        _atomic_write(paths["png"], png)
+    elif plot:
+        print("matplotlib is not installed: skipped the PNG plot (pip install matplotlib)")
+    return paths | {"png": paths["png"] if png is not None else None}
+
+
+def print_paths(paths: dict[str, Path | None]) -> None:
+    """One line per report file that write_reports wrote (or skipped)."""
+    for kind, path in paths.items():
+        print(f"{kind}: {path or 'skipped (matplotlib is not installed)'}")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    # a reader (or a killed run) never sees half a report: write beside it, then rename
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _num(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _md_results(report: dict) -> list[str]:
+    """Title, settings and the measured table: one row per configuration and batch size."""
+    dev, seq, v, s = report["device"], report["sequence"], report["versions"], report["settings"]
+    lines = [
+        f"# Memory and speed against batch size: {dev['name']}",
+        "",
+        f"{report['created']}; torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}; "
+        f"driver {dev.get('driver_version') or '-'}, CUDA {dev.get('cuda_runtime') or '-'}.",
+        f"Prompt {seq['prompt_len']}, answer {seq['answer_len']}, instruction {seq['instruction_len']} tokens; "
+        f"{s['measured_steps']} measured steps after {s['warmup_steps']} warm-up; {s['optimizer']}.",
+        "",
+        "| configuration | image px | batch | peak allocated GiB | peak reserved GiB | step ms | samples/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in report["points"]:
+        for r in e["results"]:
+            if ran(r):
+                cells = [
+                    _num(r["peak_allocated_gib"]),
+                    _num(r["peak_reserved_gib"]),
+                    _num(1000 * r["step_time_s"], ".1f"),
+                    _num(r["samples_per_s"]),
+                ]
+            else:
+                cells = ["OOM" if r["oom"] else f"failed: {r['error']}"] + [""] * 3
+            lines.append(f"| {e['label']} | {e['image_size']} | {r['batch_size']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _md_memory_model(report: dict) -> list[str]:
+    """The fitted memory model and the max batch per budget."""
+    dev = report["device"]
+    lines = []
+    names = list(budgets(dev.get("total_memory_bytes")))
+    lines += [
+        "",
+        "## Memory model: peak allocated = a + b x batch",
+        "",
+        "| configuration | a GiB | b GiB/sample | " + " | ".join(f"max batch {n}" for n in names) + " |",
+        "|---|---:|---:|" + "---:|" * len(names),
+    ]
+    for e in (e for e in report["points"] if e["memory_model"]):
+        m = e["memory_model"]
+        lines.append(
+            f"| {e['label']} | {m['allocated']['a'] / GIB:.2f} | {m['allocated']['b'] / GIB:.3f} | "
+            + " | ".join(_num(m["max_batch"].get(n), "d") for n in names)
+            + " |"
+        )
+    return lines
+
+
+def _md_seed_and_forwards(report: dict) -> list[str]:
+    """The seed's table and the custom / native ratios."""
+    lines = []
+    lines += [
+        "",
+        "## The seed's table: max batch on 24 GiB",
+        "",
+        "| configuration | seed | fp32 weights | bf16 weights |",
+        "|---|---|---:|---:|",
+    ]
+    lines += [
+        f"| {r['row']} | {r['seed']} | {_num(r['fp32'], 'd')} | {_num(r['bf16'], 'd')} |" for r in report["seed_table"]
+    ]
+    lines += [
+        "",
+        "## Custom vs native forward (custom / native)",
+        "",
+        "| configuration | batch | memory | step time |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {c['label']} | {c['batch_size']} | {_num(c['memory_ratio'])} | {_num(c['time_ratio'])} |"
+        for c in report["comparisons"]
+    ]
+    return lines
+
+
+def _md_options(report: dict) -> list[str]:
+    """The step options against the native forward, with MFU."""
+    lines = []
+    option_batches = sorted({o["batch_size"] for o in report.get("options", [])}) or [OPTIONS_BATCH]
+    lines += [
+        "",
+        f"## Step options at batch {', '.join(map(str, option_batches))} against the native forward",
+        "",
+        f"Targets: samples/s >= {TARGETS['speedup']:g}x native, peak memory <= {TARGETS['memory_ratio']:g}x "
+        f"native. MFU = samples/s x the plain custom step's counted FLOPs per sample / the card's dense "
+        f"16-bit peak.",
+        "",
+        "| configuration | samples/s | peak allocated GiB | speed-up | memory ratio | GFLOP/sample | MFU |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for o in report.get("options", []):
+        if o["error"]:
+            lines.append(f"| {o['label']} | failed: {o['error']} | | | | | |")
+            continue
+        label = o["label"] + (f" (not used: {'; '.join(o['not_used'])})" if o.get("not_used") else "")
+        lines.append(
+            f"| {label} | {_num(o['samples_per_s'], '.1f')} | {_num(o['peak_allocated_gib'])} | "
+            f"{_num(o['speedup'])} | {_num(o['memory_ratio'])} | "
+            f"{_num(o['flops_per_sample'] and o['flops_per_sample'] / 1e9, '.1f')} | {_num(o['mfu'], '.1%')} |"
+        )
+    return lines
+
+
+def _md_checks(report: dict) -> list[str]:
+    """The held-out check and the capped prediction check."""
+    lines = []
+    lines += [
+        "",
+        "## Memory model on a held-out batch (fitted without the largest batch)",
+        "",
+        "| configuration | fitted on | held-out batch | predicted GiB | measured GiB | error |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {h['label']} | {', '.join(map(str, h['fitted_on']))} | {h['batch_size']} | {h['predicted_gib']:.2f} | "
+        f"{h['measured_gib']:.2f} | {h['relative_error']:+.1%} |"
+        for h in report.get("holdout", [])
+    ]
+    lines += ["", "## Prediction check (under a memory cap)", ""]
+    lines += [
+        f"- {x['label']}: {x['reason']}"
+        if x["status"] != "done"
+        else f"- {x['label']}, {x['budget_gib']:g} GiB cap: predicted {x['predicted']}, measured {x['measured']}"
+        f" (error {_num(x['relative_error'], '.1%')}; probes {x['probes']})"
+        for x in report["validation"]
+    ]
+    return lines
+
+
+def markdown(report: dict) -> str:
+    """The report as Markdown: one section per question the sweep answers."""
+    sections = (_md_results, _md_memory_model, _md_seed_and_forwards, _md_options, _md_checks)
+    lines = [line for section in sections for line in section(report)]
+    return "\n".join(lines + ["", "## Summary", "", report["paragraph"], ""])
+
+
+def plot_png(report: dict) -> bytes | None:
+    """Peak memory and throughput against batch size, one line per configuration; None without matplotlib."""
+    try:
+        from matplotlib.figure import Figure  # optional: only the plot needs it
+    except ImportError:
+        return None
+    fig = Figure(figsize=(12, 5))
+    memory_ax, speed_ax = fig.subplots(1, 2)
+    for e in report["points"]:
+        ok = [r for r in e["results"] if ran(r)]
+        if any(r["peak_allocated_gib"] is not None for r in ok):
+            memory_ax.plot(
+                [r["batch_size"] for r in ok], [r["peak_allocated_gib"] for r in ok], marker="o", label=e["label"]
+            )
+        speed_ax.plot([r["batch_size"] for r in ok], [r["samples_per_s"] for r in ok], marker="o", label=e["label"])
+    if memory_ax.lines:
+        memory_ax.axhline(BUDGETS_GIB[0], color="grey", linestyle="--", linewidth=1, label=f"{BUDGETS_GIB[0]} GiB")
+    else:
+        memory_ax.text(
+            0.5,
+            0.5,
+            f"no memory measurements on {report['device']['name']}",
+            ha="center",
+            transform=memory_ax.transAxes,
+        )
+    (memory_ax if memory_ax.lines else speed_ax).legend(fontsize=6)
+    memory_ax.set(xlabel="batch size", ylabel="peak allocated (GiB)", title=report["device"]["name"])
+    speed_ax.set(xlabel="batch size", ylabel="samples / s", title="training throughput")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m qformer_lora.bench.report_files",
+        description="Re-summarise a saved bench report and rewrite its Markdown and PNG.",
+    )
+    parser.add_argument("report", type=Path, help="a <gpu>-<date>.json written by `qformer-lora bench`")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the files (default: beside the report)")
+    args = parser.parse_args(argv)
+    try:
+        report = json.loads(args.report.read_text(encoding="utf-8"))
+        paths = write_reports(summarise(report), args.out or args.report.parent)
+    except (OSError, ValueError, KeyError) as err:
+        parser.exit(2, f"{args.report}: not a bench report ({type(err).__name__}: {err})\n")
+    print_paths(paths)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
