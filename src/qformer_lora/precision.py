@@ -32,6 +32,11 @@ class Precision:
     safe: bool = True  # False: known to fail (fp16-pure, the seed's NaN)
 
     @property
+    def compute(self) -> torch.dtype:
+        """The dtype the matmuls run in: the autocast dtype, else the weights' (what an MFU peak refers to)."""
+        return self.autocast or self.weights
+
+    @property
     def grad_scaler(self) -> bool:
         """Loss scaling is needed exactly when autocast computes in fp16."""
         return self.autocast == torch.float16

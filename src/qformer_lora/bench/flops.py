@@ -18,9 +18,10 @@ on the device being measured; on the meta device it cannot.
 
 from __future__ import annotations
 
+import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .. import lora
+from .. import lora, precision
 from ..forward import custom_forward
 
 # Dense (no sparsity) 16-bit tensor-core peaks from NVIDIA's datasheets, TFLOP/s. Matched
@@ -33,8 +34,6 @@ PEAK_16BIT_TFLOPS = (
     ("H100", 989.5),
     ("A100", 312.0),
 )
-# MFU against the 16-bit peak only means something where the matmuls run in 16 bit.
-SIXTEEN_BIT_PRECISIONS = ("bf16", "fp16-amp")
 
 
 def step_flops_per_sample(model, shape, device, batch_size: int = 2) -> float:
@@ -51,9 +50,12 @@ def step_flops_per_sample(model, shape, device, batch_size: int = 2) -> float:
     return counter.get_total_flops() / batch_size
 
 
-def peak_flops(device_name: str, precision: str) -> float | None:
-    """The card's dense 16-bit peak in FLOP/s for a 16-bit precision, else None (unknown card or fp32)."""
-    if precision not in SIXTEEN_BIT_PRECISIONS:
+def peak_flops(device_name: str, precision_name: str) -> float | None:
+    """The card's dense 16-bit peak in FLOP/s for a 16-bit precision, else None (unknown card or fp32).
+
+    MFU against the 16-bit peak only means something where the matmuls run in 16 bit (precision.py's
+    compute dtype: bf16 weights, or fp16 autocast)."""
+    if precision.get(precision_name).compute not in (torch.bfloat16, torch.float16):
         return None
     return next((tflops * 1e12 for name, tflops in PEAK_16BIT_TFLOPS if name in device_name), None)
 

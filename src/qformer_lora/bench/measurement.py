@@ -28,8 +28,6 @@ from ..training.run_config import TrainConfig
 from ..training.step import StepParts, linear_warmup_decay, make_step, training_step
 from .device import free_memory, is_oom, memory_stats
 
-# The precisions a benchmark runs (precision.py's table, less fp16-pure: it only reproduces a NaN).
-PRECISIONS = precision.SAFE_NAMES
 FORWARDS = ("custom", "native")
 FULL_INSTRUCTBLIP, FULL_BLIP2 = "instructblip-flan-t5-xl", "blip2-flan-t5-xl"
 # (row, preset, scope, what the seed reported on its card)
@@ -71,7 +69,7 @@ class SweepPoint:
     def __post_init__(self):
         for name, value, allowed in (
             ("scope", self.scope, lora.SCOPES),
-            ("precision", self.precision, PRECISIONS),
+            ("precision", self.precision, precision.SAFE_NAMES),  # fp16-pure only reproduces a NaN
             ("forward", self.forward, FORWARDS),
         ):
             if value not in allowed:
@@ -216,7 +214,7 @@ def grid(
     """Every combination for one preset, ordered so that points sharing a model are consecutive;
     the first point carries the validation request. ``step_options_on``: feature_cache,
     fused_optimizer, compile_qformer (custom forward only)."""
-    by_weights = sorted(precisions, key=lambda p: str(precision.get(p).weights) if p in PRECISIONS else p)
+    by_weights = sorted(precisions, key=lambda p: str(precision.get(p).weights) if p in precision.SAFE_NAMES else p)
     points = [
         SweepPoint(preset, scope, name, how, lm_activation_checkpointing, family, **step_options_on)
         for scope in scopes
