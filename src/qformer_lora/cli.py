@@ -48,7 +48,7 @@ def add_verify_parser(sub) -> None:
         help=f"architecture preset name or JSON path (default: {presets.DEFAULT_PRESET}, the model "
         f"the seed's counts are for; shipped: {', '.join(presets.list_presets())})",
     )
-    for name in ("lora_r", "lora_alpha", "targets", "scope"):
+    for name in ("lora_r", "lora_alpha", "lora_dropout", "targets", "scope"):
         config_option(p, name)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_verify)

@@ -65,12 +65,21 @@ CHOICES = {
 }
 
 
+# Booleans show their values (argparse's default metavar, the option's name, for the rest).
+METAVARS = {"bool": "{true,false}", "bool | None": "{true,false,none}"}
+
+
+def spelled(value) -> str:
+    """A default as it is written on the command line: true/false/none, not Python's True/False/None."""
+    return str(value).lower() if value is None or isinstance(value, bool) else str(value)
+
+
 def _coercer(name: str, flag: str):
     def parse(value: str):
         try:
             return run_config.coerce(name, value, flag)
-        except run_config.ConfigError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
+        except run_config.ConfigError as err:  # argparse names the flag itself
+            raise argparse.ArgumentTypeError(str(err).removeprefix(f"{flag}: ")) from None
 
     parse.__name__ = name  # argparse names the type in some messages
     return parse
@@ -82,13 +91,7 @@ def config_option(parser: argparse.ArgumentParser, name: str, *, overrides: bool
     field's default either way."""
     flag = f"--{name.replace('_', '-')}"
     default = getattr(run_config.TrainConfig, name)
-    shown = (
-        ",".join(default)
-        if isinstance(default, tuple)
-        else str(default).lower()
-        if isinstance(default, bool)
-        else default
-    )
+    shown = ",".join(default) if isinstance(default, tuple) else spelled(default)
     text = run_config.HELP[name]  # some say their default in words already
     parser.add_argument(
         flag,
@@ -96,7 +99,7 @@ def config_option(parser: argparse.ArgumentParser, name: str, *, overrides: bool
         type=_coercer(name, flag),
         choices=CHOICES.get(name),
         default=None if overrides else default,
-        metavar=None if name in CHOICES else "VALUE",
+        metavar=None if name in CHOICES else METAVARS.get(str(run_config.TrainConfig.__dataclass_fields__[name].type)),
         help=text if "(default:" in text else f"{text} (default: {shown})",
     )
 
@@ -105,6 +108,7 @@ def lora_spec(args) -> lora.LoraSpec:
     return lora.LoraSpec(
         r=args.lora_r,
         alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
+        dropout=args.lora_dropout,
         targets=tuple(args.targets),
         scope=args.scope,
     )

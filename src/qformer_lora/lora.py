@@ -44,7 +44,7 @@ class ScopeError(ValueError):
 class LoraSpec:
     r: int = 8
     alpha: int = 16
-    dropout: float = 0.05
+    dropout: float = 0.0  # training's default (run_config.TrainConfig.lora_dropout): one default everywhere
     targets: tuple[str, ...] = DEFAULT_TARGETS
     scope: str = "qformer"
     extra: dict = field(default_factory=dict)  # passed to peft.LoraConfig as is

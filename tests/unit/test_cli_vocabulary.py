@@ -62,7 +62,7 @@ def test_the_walk_sees_the_shared_vocabulary():
 def test_a_shared_option_is_spelled_and_valued_alike(dest):
     found = shared()[dest]
     seen = {
-        command: (tuple(a.option_strings), tuple(a.choices or ()), a.nargs, type(a).__name__)
+        command: (tuple(a.option_strings), tuple(a.choices or ()), a.nargs, a.metavar, type(a).__name__)
         for command, a in found.items()
     }
     assert len(set(seen.values())) == 1, f"{dest}: flag, choices, nargs or kind differ: {seen}"
@@ -114,4 +114,12 @@ def test_flags_parse_to_the_same_values_in_every_subcommand():
 def test_a_bad_value_names_its_flag(capsys):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["bench", "--lm-checkpointing", "maybe"])
-    assert "--lm-checkpointing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the flag named once, the values spelled as typed (it said "--lm-checkpointing" twice and "bool")
+    assert err.count("--lm-checkpointing") == 2 and "true or false" in err, err  # usage line + error line
+
+
+def test_help_spells_defaults_and_values_as_typed():
+    train_help = subcommands()["train"].format_help()
+    assert "--lm-checkpointing {true,false}" in train_help and "(default: True)" not in train_help
+    assert "(default: None)" not in train_help and "(default: none)" in train_help

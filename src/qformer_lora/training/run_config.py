@@ -98,7 +98,7 @@ HELP = {
     "lora_alpha": "LoRA alpha (default: 2 x rank, as in Kim et al. 2024's Q-Former LoRA)",
     "lora_dropout": "LoRA dropout",
     "targets": "comma-separated layer names matched inside the Q-Former",
-    "scope": "qformer (default) or qformer+llm",
+    "scope": "where LoRA may go: the Q-Former only, or Q-Former + language model (the seed's broad scope)",
     "seed": "seed for model init, LoRA init and data order",
     "deterministic": "use deterministic algorithms (bitwise-reproducible on CPU)",
     "save_every": "save a checkpoint every N epochs (and always after the last)",
@@ -146,6 +146,10 @@ MINIMUMS = {
 }
 
 
+# How a value of each type is written in a TOML file or on the command line.
+SPELLED = {"bool": " (true or false; also yes/no, 1/0)", "tuple[str, ...]": " (comma-separated names)"}
+
+
 def coerce(name: str, value, where: str):
     """``value`` converted to the type of TrainConfig field ``name``; ConfigError naming it if impossible."""
     fields = TrainConfig.__dataclass_fields__
@@ -178,8 +182,10 @@ def coerce(name: str, value, where: str):
             raise TypeError
         return kind(value)
     except (TypeError, ValueError):
+        spelled = SPELLED.get(annotation.split(" | ")[0], "")
+        shown = str(default).lower() if default is None or isinstance(default, bool) else repr(default)
         raise ConfigError(
-            f"{where}: option {name!r} expects {annotation}, got {value!r} (default {default!r})"
+            f"{where}: option {name!r} expects {annotation}{spelled}, got {value!r} (default {shown})"
         ) from None
 
 
