@@ -161,8 +161,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--question", help="instruction / question")
     p.add_argument("--manifest", help="JSONL manifest: answer every sample (up to --limit)")
     p.add_argument("--image-root", default=None, help="image root for --manifest (default: its directory)")
-    p.add_argument("--limit", type=positive_int, default=10, help="samples from --manifest (default 10)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=8, help="longest answer in tokens (default 8)")
+    p.add_argument("--limit", type=positive_int, default=10, help="samples from --manifest (default: 10)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=8, help="longest answer in tokens (default: 8)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -286,13 +286,16 @@ def _add_bench_sizes(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="batch sizes per configuration, run ascending until one runs out of memory (default: 1 4 8 16)",
     )
-    p.add_argument("--prompt-len", type=positive_int, default=32, help="prompt tokens per sample (default 32)")
-    p.add_argument("--answer-len", type=positive_int, default=16, help="answer tokens per sample (default 16)")
+    p.add_argument("--prompt-len", type=positive_int, default=32, help="prompt tokens per sample (default: 32)")
+    p.add_argument("--answer-len", type=positive_int, default=16, help="answer tokens per sample (default: 16)")
     p.add_argument(
-        "--instruction-len", type=positive_int, default=32, help="InstructBLIP Q-Former instruction tokens (default 32)"
+        "--instruction-len",
+        type=positive_int,
+        default=32,
+        help="InstructBLIP Q-Former instruction tokens (default: 32)",
     )
     p.add_argument(
-        "--steps", type=positive_int, default=3, help="measured steps per point after one warm-up (default 3)"
+        "--steps", type=positive_int, default=3, help="measured steps per point after one warm-up (default: 3)"
     )
     p.add_argument(
         "--validate-budget-gib",

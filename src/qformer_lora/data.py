@@ -428,3 +428,8 @@ def _pad(rows: list[list[int]], pad_value: int, width: int | None = None) -> tup
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, : len(row)] = 1
     return ids, mask
+
+
+def to_device(batch: dict, device) -> dict:
+    """The batch with every tensor moved to ``device`` (other values as they are)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -19,7 +19,8 @@ from qformer_lora.diagnostics import numerics
 from ..timing import interleaved_medians
 from .helpers import adapter_model, batches
 
-pytestmark = pytest.mark.stability
+# benchmarks, not correctness checks: in `pytest -m stability` and `pytest -m long` (.ci/run), not the default run
+pytestmark = [pytest.mark.stability, pytest.mark.long]
 
 VARIANTS = ["none", "raise", "rollback"]
 ROUNDS = 40

@@ -29,6 +29,8 @@ ROUNDS = 10  # per variant in the pytest-benchmark table
 RATIO_ROUNDS = 15  # per variant in the interleaved ratio
 VARIANTS = ("no-cache", "memory-cache", "disk-cache")
 
+pytestmark = pytest.mark.long  # a benchmark, not a correctness check: run by .ci/run (pytest -m long)
+
 
 @functools.cache
 def _adapter_model():

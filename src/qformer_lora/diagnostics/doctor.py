@@ -254,10 +254,16 @@ def summary(config, device, findings: list[Finding]) -> dict:
     }
 
 
+def _checked_model(report: dict) -> str:
+    """What the findings are about: the base checkpoint when one is set (it wins over the preset)."""
+    checkpoint = report.get("base_checkpoint")
+    return f"base checkpoint {checkpoint}" if checkpoint else f"preset {report['preset']}"
+
+
 def format_summary(report: dict) -> str:
     """:func:`summary` as the text `qformer-lora doctor` prints."""
     lines = [
-        f"precision doctor: preset {report['preset']}, precision {report['precision']}, lr {report['lr']:g}, "
+        f"precision doctor: {_checked_model(report)}, precision {report['precision']}, lr {report['lr']:g}, "
         f"eps {report['adam_eps']:g}, weight decay {report['weight_decay']:g}, device {report['device']}"
     ]
     lines += [str(Finding(**f)) for f in report["findings"]]

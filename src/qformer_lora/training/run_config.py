@@ -75,7 +75,8 @@ class TrainConfig:
 
 
 HELP = {
-    "preset": "architecture preset (fixtures/configs) used to build a randomly initialised base model",
+    "preset": "architecture preset (fixtures/configs) of a randomly initialised base model, used when "
+    "--base-checkpoint is none",
     "base_checkpoint": "local directory of an InstructBLIP/BLIP-2 checkpoint to start from (default: the tiny "
     "pretrained shapes base in fixtures/checkpoints); 'none' builds --preset with random weights",
     "train_manifest": "JSONL manifest of training samples (image, instruction, answer, optional id)",

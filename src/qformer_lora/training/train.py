@@ -32,7 +32,6 @@ from ..diagnostics import doctor
 from . import distributed, feature_cache, run_dir, step_options, validation
 from .run_config import TrainConfig  # the options; what callers pass to train()
 from .step import StepParts, linear_warmup_decay, make_step, training_step
-from .validation import to_device
 
 # ----------------------------------------------------------------------------- set-up
 
@@ -198,7 +197,7 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
         model, config.feature_cache, config.feature_cache_dir or out_dir / "feature_cache"
     )
     if config.compile_qformer or config.compile_frozen:
-        probe_batch = to_device(
+        probe_batch = data.to_device(
             next(iter(make_loader(train_set, collator, config.batch_size, config.seed, 0, shuffle=False))), device
         )
         choices += _compile(config, model, optimizer, probe_batch, device)
@@ -279,7 +278,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, int]:
         if run.cache is not None:  # hash the pixels on the CPU copy, before the transfer
             for b in group:
                 b["image_keys"] = feature_cache.pixel_keys(b["pixel_values"])
-        result = training_step(run.parts, [to_device(b, run.device) for b in group], run.global_step)
+        result = training_step(run.parts, [data.to_device(b, run.device) for b in group], run.global_step)
         if not result.stepped:
             continue
         run.global_step += 1

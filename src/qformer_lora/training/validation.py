@@ -13,13 +13,8 @@ from collections import Counter
 
 import torch
 
-from .. import forward, precision
+from .. import data, forward, precision
 from . import feature_cache
-
-
-def to_device(batch: dict, device) -> dict:
-    """The batch with every tensor moved to ``device`` (other values as they are)."""
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -27,7 +22,7 @@ def evaluate(model, loader, precision_name: str, device, cache=None) -> dict:
     """Validation token loss and answer accuracy (all answer tokens right, teacher-forced)."""
     loss_sum, tokens, correct, total = 0.0, 0, 0, 0
     for batch in loader:
-        batch = to_device(batch, device)
+        batch = data.to_device(batch, device)
         with precision.autocast(precision_name, device):
             batch = feature_cache.attach_cached_features(model, batch, cache)
             out = forward.custom_forward(model, batch, reduction="sum")
