@@ -107,7 +107,7 @@ def config_option(parser: argparse.ArgumentParser, name: str, *, overrides: bool
 def lora_spec(args) -> lora.LoraSpec:
     return lora.LoraSpec(
         r=args.lora_r,
-        alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
+        alpha=args.lora_alpha,  # None: LoraSpec applies lora.default_alpha
         dropout=args.lora_dropout,
         targets=tuple(args.targets),
         scope=args.scope,

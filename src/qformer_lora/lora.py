@@ -40,10 +40,16 @@ class ScopeError(ValueError):
     """LoRA targets that match nothing, or trainable parameters outside the chosen scope."""
 
 
+def default_alpha(r: int) -> int:
+    """LoRA alpha when none is given: 2 x rank, as in the reference Q-Former LoRA recipe
+    (Kim et al., Findings of EMNLP 2024: r in {1, 2, 4, 8}, alpha 2r)."""
+    return 2 * r
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     r: int = 8
-    alpha: int = 16
+    alpha: int | None = None  # None: default_alpha(r)
     dropout: float = 0.0  # training's default (run_config.TrainConfig.lora_dropout): one default everywhere
     targets: tuple[str, ...] = DEFAULT_TARGETS
     scope: str = "qformer"
@@ -54,6 +60,8 @@ class LoraSpec:
             raise ScopeError(f"unknown scope {self.scope!r}; expected one of {sorted(SCOPES)}")
         if self.r < 1:
             raise ScopeError(f"LoRA rank r must be >= 1, got {self.r}")
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", default_alpha(self.r))  # frozen: set once, on construction
 
 
 def component_of(parameter_name: str) -> str:

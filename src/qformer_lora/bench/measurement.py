@@ -233,9 +233,7 @@ def build(point: SweepPoint, device: str | torch.device):
     if point.family:
         preset = dataclasses.replace(preset, family=point.family)
     model = presets.build_model(preset, device=device, dtype=precision.get(point.precision).weights)
-    peft_model = train.adapter_model(
-        model, lora.LoraSpec(r=point.r, alpha=2 * point.r, scope=point.scope), point.precision
-    )
+    peft_model = train.adapter_model(model, lora.LoraSpec(r=point.r, scope=point.scope), point.precision)
     choices = []
     if point.compile_qformer:
         # Compiled lazily, at the warm-up step of each batch size, with static shapes: on the

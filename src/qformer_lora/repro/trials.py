@@ -136,7 +136,6 @@ def reproduce(
         base_checkpoint=None,
         precision=precision,
         lora_r=r,
-        lora_alpha=2 * r,
         lora_dropout=0.0,
         seed=seed,
     )

@@ -70,8 +70,8 @@ class TrainConfig:
     feature_cache_dir: str | None = None
 
     def __post_init__(self):
-        if self.lora_alpha is None:  # the same default as verify's and the reference recipe's: alpha = 2r
-            self.lora_alpha = 2 * self.lora_r
+        if self.lora_alpha is None:  # the same default as verify's (lora.default_alpha: 2r)
+            self.lora_alpha = lora.default_alpha(self.lora_r)
 
 
 HELP = {
