@@ -13,7 +13,7 @@ before pytest runs so every log says what it tested.
     nox -s compat_report              reports/compat/*.json -> reports/COMPAT.md
 
 QFORMER_LORA_RECORD=1 nox -s "compat(...)" records the pair's observed rows into
-fixtures/expectations/ instead of asserting them (review the diff before committing).
+src/qformer_lora/resources/expectations/ instead of asserting them (review the diff before committing).
 """
 
 from __future__ import annotations

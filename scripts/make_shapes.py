@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate the tiny "shapes" visual-question-answering fixture.
 
-Output (default ``fixtures/data/shapes/``)::
+Output (default ``src/qformer_lora/resources/data/shapes/``)::
 
     images/train_000.png ... images/val_015.png   32x32 RGB PNGs, 1-3 shapes each
     train.jsonl                                    192 samples (64 images x 3 questions)
@@ -38,7 +38,7 @@ import zlib
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "fixtures" / "data" / "shapes"
+DEFAULT_OUT = REPO_ROOT / "src" / "qformer_lora" / "resources" / "data" / "shapes"
 
 SEED = 20240611
 IMAGE_SIZE = 32

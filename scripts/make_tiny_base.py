@@ -32,7 +32,7 @@ Two earlier choices made the default run learn little (val loss -38 %):
   also keeps the result independent of how a transformers release initialises.
 
 The result (config, safetensors weights, processor files) is written to
-fixtures/checkpoints/tiny-instructblip-flan-t5-shapes/ and loads offline with
+src/qformer_lora/resources/checkpoints/tiny-instructblip-flan-t5-shapes/ and loads offline with
 presets.load_model / data.build_processor. Deterministic on CPU for a given torch build.
 """
 
@@ -59,7 +59,7 @@ from qformer_lora.training import train, validation  # noqa: E402
 from qformer_lora.training.step import linear_warmup_decay  # noqa: E402
 
 PRESET = "tiny-instructblip-flan-t5"
-DEFAULT_OUT = REPO_ROOT / "fixtures" / "checkpoints" / "tiny-instructblip-flan-t5-shapes"
+DEFAULT_OUT = REPO_ROOT / "src" / "qformer_lora" / "resources" / "checkpoints" / "tiny-instructblip-flan-t5-shapes"
 PRETRAIN_IMAGES = 512  # x 3 questions; 64 images (the train split) overfit, see the docstring
 PRETRAIN_SEED = 1000  # + --seed; make_shapes.SEED draws the fixture itself
 INIT_STD = 0.02  # BERT/BLIP's initializer_range for every weight, vision encoder included

@@ -36,7 +36,7 @@ def tiny_preset(request) -> str:
 def check_against_release(table: str, key: str, observed, rel_tol: float | None = None):
     """Assert ``observed`` equals the installed release's pinned value (or record it).
 
-    With QFORMER_LORA_RECORD=1 the observation is written to fixtures/expectations/<table>.json
+    With QFORMER_LORA_RECORD=1 the observation is written to src/qformer_lora/resources/expectations/<table>.json
     instead; review that diff before committing it.
     """
     from qformer_lora.repro import expectations

@@ -117,7 +117,7 @@ def add_train_parser(sub) -> None:
         description="Train LoRA on the Q-Former. Options come from a TOML run config (flat keys, "
         "the same names as the flags below with underscores) and are overridden by flags. "
         "Without any, the embedded default runs: the tiny InstructBLIP-T5 base in "
-        "fixtures/checkpoints on the shapes data, on CPU in about a minute.",
+        "resources/checkpoints on the shapes data, on CPU in about a minute.",
     )
     p.add_argument("--config", help="TOML run config")
     p.add_argument(

@@ -5,7 +5,7 @@ tensors", and nothing else. Read top to bottom:
 
 1. ``read_manifest``   JSONL -> validated ``Sample`` list (``ManifestError`` on bad input)
 2. ``load_image``      path -> RGB PIL image (``ImageLoadError`` on bad files)
-3. ``build_processor`` offline InstructBLIP/BLIP-2 processor (local checkpoint or fixtures)
+3. ``build_processor`` offline InstructBLIP/BLIP-2 processor (local checkpoint or the shipped tokenizers)
 4. ``ManifestDataset`` samples -> ``Example`` (image, instruction, answer, id)
 5. ``Collator``        list of ``Example`` -> padded tensors + labels
 
@@ -31,11 +31,11 @@ from PIL import Image, UnidentifiedImageError
 
 from . import compat
 from .forward import IGNORE_INDEX  # the label value every loss here ignores
-from .presets import FIXTURES_DIR  # the one place that locates fixtures/
+from .presets import RESOURCES_DIR  # the one place that locates the shipped data
 
-SHAPES_DIR = FIXTURES_DIR / "data" / "shapes"
-LM_TOKENIZER_DIR = FIXTURES_DIR / "tokenizers" / "lm"
-QFORMER_TOKENIZER_DIR = FIXTURES_DIR / "tokenizers" / "qformer"
+SHAPES_DIR = RESOURCES_DIR / "data" / "shapes"
+LM_TOKENIZER_DIR = RESOURCES_DIR / "tokenizers" / "lm"
+QFORMER_TOKENIZER_DIR = RESOURCES_DIR / "tokenizers" / "qformer"
 
 FAMILIES = ("instructblip", "blip2")
 
@@ -191,7 +191,7 @@ def build_processor(family: str, checkpoint_dir: str | Path | None = None, image
     ``.from_pretrained(checkpoint_dir)`` from that local directory
     (``image_size`` is then ignored: the checkpoint's image processor decides).
     Without it: a ``BlipImageProcessor`` of ``image_size`` x ``image_size`` plus
-    the fixture tokenizers in ``fixtures/tokenizers/``.
+    the fixture tokenizers in ``resources/tokenizers/``.
 
     Callers use ``processor.image_processor``, ``processor.tokenizer`` and
     ``processor.qformer_tokenizer`` directly, never ``processor(text=...)``:
@@ -267,7 +267,7 @@ class ManifestDataset(torch.utils.data.Dataset):
 
 
 class ShapesDataset(ManifestDataset):
-    """The committed shapes fixture (``fixtures/data/shapes/{split}.jsonl``)."""
+    """The committed shapes fixture (``resources/data/shapes/{split}.jsonl``)."""
 
     def __init__(self, split: str = "train"):
         super().__init__(read_manifest(SHAPES_DIR / f"{split}.jsonl", SHAPES_DIR))

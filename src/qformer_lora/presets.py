@@ -1,4 +1,4 @@
-"""Architecture presets: fixtures/configs/*.json -> transformers configs -> models.
+"""Architecture presets: resources/configs/*.json -> transformers configs -> models.
 
 A preset is a small JSON file holding the keyword arguments of
 ``InstructBlipConfig`` / ``Blip2Config`` plus a name, a family and where the values
@@ -10,6 +10,7 @@ initialised, on ``meta`` (for parameter counts of full-size models), ``cpu`` or
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import json
 import os
 from dataclasses import dataclass
@@ -25,10 +26,12 @@ from transformers import (
 
 from . import compat
 
-# The repository root holds fixtures/; QFORMER_LORA_FIXTURES points elsewhere when the
-# package is used from another checkout.
-FIXTURES_DIR = Path(os.environ.get("QFORMER_LORA_FIXTURES", Path(__file__).resolve().parents[2] / "fixtures"))
-CONFIGS_DIR = FIXTURES_DIR / "configs"
+# The data the package ships (presets, the tiny base checkpoint, the shapes data, tokenizers,
+# per-release expectations) lives inside the package, so a wheel works from any directory.
+# importlib.resources gives a real directory for every installed form (wheel, editable, checkout);
+# transformers' from_pretrained needs one, so the Traversable becomes a Path here, once.
+RESOURCES_DIR = Path(str(importlib.resources.files("qformer_lora") / "resources"))
+CONFIGS_DIR = RESOURCES_DIR / "configs"
 DEFAULT_PRESET = "instructblip-flan-t5-xl"
 
 FAMILIES = {
@@ -70,7 +73,7 @@ def list_presets() -> list[str]:
 
 
 def load_preset(name_or_path: str | os.PathLike) -> Preset:
-    """Read a preset by name (fixtures/configs/<name>.json) or by path."""
+    """Read a preset by name (resources/configs/<name>.json) or by path."""
     path = Path(name_or_path)
     if path.suffix != ".json":
         path = CONFIGS_DIR / f"{name_or_path}.json"

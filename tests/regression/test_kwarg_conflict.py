@@ -3,7 +3,7 @@
 The seed hit ``TypeError: InstructBlipForConditionalGeneration.forward() got an
 unexpected keyword argument 'inputs_embeds'`` when calling a PEFT-wrapped model.
 Whether that happens depends on the transformers / peft pair and the task type, so
-the outcome is pinned per release in fixtures/expectations/kwarg_conflict.json; the
+the outcome is pinned per release in src/qformer_lora/resources/expectations/kwarg_conflict.json; the
 custom forward must work in every case.
 """
 

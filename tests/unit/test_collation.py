@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from qformer_lora.data import (
-    FIXTURES_DIR,
+    RESOURCES_DIR,
     IGNORE_INDEX,
     SHAPES_DIR,
     Collator,
@@ -26,7 +26,7 @@ from qformer_lora.data import (
     read_manifest,
 )
 
-# Tiny presets use image_token_index 511 (see fixtures/tokenizers/README.md).
+# Tiny presets use image_token_index 511 (see src/qformer_lora/resources/tokenizers/README.md).
 IMAGE_TOKEN_INDEX = 511
 CONFIGS = [(f, d) for f in ("instructblip", "blip2") for d in (False, True)]
 
@@ -67,7 +67,7 @@ def test_processor_construction_does_not_grow_vocab():
         tok = processor(family).tokenizer
         assert len(tok) < IMAGE_TOKEN_INDEX, f"{family}: LM vocab {len(tok)} reaches image_token_index"
         assert len(tok) == len(
-            json.loads((FIXTURES_DIR / "tokenizers/lm/tokenizer.json").read_text())["model"]["vocab"]
+            json.loads((RESOURCES_DIR / "tokenizers/lm/tokenizer.json").read_text())["model"]["vocab"]
         )
 
 
@@ -218,7 +218,7 @@ def test_dataloader_integration():
 
 
 LM_WORDS = sorted(
-    t for t in json.loads((FIXTURES_DIR / "tokenizers/lm/tokenizer.json").read_text())["model"]["vocab"] if t.isalpha()
+    t for t in json.loads((RESOURCES_DIR / "tokenizers/lm/tokenizer.json").read_text())["model"]["vocab"] if t.isalpha()
 )
 words = st.lists(st.sampled_from(LM_WORDS), min_size=1, max_size=8).map(" ".join)
 

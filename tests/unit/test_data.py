@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from qformer_lora.data import (
-    FIXTURES_DIR,
+    RESOURCES_DIR,
     QFORMER_TOKENIZER_DIR,
     SHAPES_DIR,
     Example,
@@ -30,7 +30,7 @@ from qformer_lora.data import (
     read_manifest,
 )
 
-REPO_ROOT = FIXTURES_DIR.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO_ROOT / "scripts"
 TWO_MB = 2 * 1024 * 1024
 

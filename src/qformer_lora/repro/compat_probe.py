@@ -4,7 +4,7 @@
 (the ``compat`` nox session runs it). Every section is observed, never assumed: an
 exception is recorded with its class and message instead of stopping the probe, so a
 pair that breaks the project still yields a report that says where. The tests pin the
-same behaviour per release (fixtures/expectations/); ``nox -s compat_report`` turns the
+same behaviour per release (resources/expectations/); ``nox -s compat_report`` turns the
 JSON files into reports/COMPAT.md.
 
 Sections:

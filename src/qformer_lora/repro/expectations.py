@@ -1,4 +1,4 @@
-"""Per-release expectations in fixtures/expectations/*.json, and a switch to record them.
+"""Per-release expectations in resources/expectations/*.json, and a switch to record them.
 
 Behaviour that depends on the installed transformers / peft is stored per release
 ("transformers 5.24.0 / peft 0.21.2"), derived from observation, never hand-edited
@@ -15,9 +15,9 @@ import os
 from pathlib import Path
 
 from .. import compat
-from ..presets import FIXTURES_DIR
+from ..presets import RESOURCES_DIR
 
-EXPECTATIONS_DIR = FIXTURES_DIR / "expectations"
+EXPECTATIONS_DIR = RESOURCES_DIR / "expectations"
 RECORD = os.environ.get("QFORMER_LORA_RECORD") == "1"
 
 

@@ -2,7 +2,7 @@
 
 Each probe runs one thing the seed documents and returns what happened as plain
 data (ok with a loss, or the exact exception class and message), so tests can
-compare it with the per-release expectations in fixtures/expectations/ and the
+compare it with the per-release expectations in resources/expectations/ and the
 reports can quote it.
 """
 

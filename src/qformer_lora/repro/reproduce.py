@@ -29,7 +29,9 @@ from ..training import train
 from ..training.run_config import TrainConfig
 from . import expectations, probes, trials
 
-REPORTS_DIR = presets.FIXTURES_DIR.parent / "reports"
+# Under the current directory, never inside the installed package; `reproduce` also reads the
+# committed GPU sweeps from its gpu/ subfolder (run it from a checkout to see them).
+REPORTS_DIR = Path("reports")
 TINY_PRESETS = ("tiny-instructblip-flan-t5", "tiny-instructblip-vicuna", "tiny-blip2-flan-t5", "tiny-blip2-opt")
 SEED_TYPEERROR = "got an unexpected keyword argument 'inputs_embeds'"
 
