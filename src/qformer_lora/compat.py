@@ -22,6 +22,14 @@ TRANSFORMERS = Version(transformers.__version__)
 PEFT = Version(peft.__version__)
 TORCH = Version(torch.__version__.split("+")[0])
 
+# tomllib joined the standard library in Python 3.11 (PEP 680); tomli is the same parser published
+# for older Pythons (pyproject requires it below 3.11). tests/unit/test_python_range.py runs vermin
+# over the package so that the next 3.11-only import is caught on 3.11 too.
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
 # Input conventions of the library's own InstructBLIP / BLIP-2 forward.
 PREPEND = "prepend"  # the model prepends the query embeddings to the text embeddings itself
 PLACEHOLDERS = "placeholders"  # input_ids must already hold num_query_tokens image tokens, which the

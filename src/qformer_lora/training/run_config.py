@@ -17,7 +17,7 @@ from . import step_options
 
 # A random frozen language model cannot be steered by a Q-Former adapter, so the embedded
 # default starts from a tiny "pretrained" base (scripts/make_tiny_base.py explains how).
-TINY_BASE_CHECKPOINT = presets.FIXTURES_DIR / "checkpoints" / "tiny-instructblip-flan-t5-shapes"
+TINY_BASE_CHECKPOINT = presets.RESOURCES_DIR / "checkpoints" / "tiny-instructblip-flan-t5-shapes"
 GUARDS = ("raise", "skip", "rollback")
 
 
@@ -75,10 +75,10 @@ class TrainConfig:
 
 
 HELP = {
-    "preset": "architecture preset (fixtures/configs) of a randomly initialised base model, used when "
+    "preset": "architecture preset (resources/configs) of a randomly initialised base model, used when "
     "--base-checkpoint is none",
     "base_checkpoint": "local directory of an InstructBLIP/BLIP-2 checkpoint to start from (default: the tiny "
-    "pretrained shapes base in fixtures/checkpoints); 'none' builds --preset with random weights",
+    "pretrained shapes base in resources/checkpoints); 'none' builds --preset with random weights",
     "train_manifest": "JSONL manifest of training samples (image, instruction, answer, optional id)",
     "val_manifest": "JSONL manifest of validation samples",
     "image_root": "directory image paths are resolved in (default: the manifest's directory)",
@@ -192,7 +192,7 @@ def coerce(name: str, value, where: str):
 
 def load_run_config(path: str | os.PathLike | None, overrides: dict | None = None) -> TrainConfig:
     """TrainConfig from a TOML file (flat keys, as the CLI flags) plus overrides."""
-    import tomllib
+    from ..compat import tomllib
 
     values, sources = {}, {}
     if path is not None:
