@@ -35,7 +35,8 @@ def minimum_python() -> str:
 def vermin(*paths: str | Path) -> subprocess.CompletedProcess:
     target = f"-t={minimum_python()}-"
     return subprocess.run(
-        [sys.executable, "-m", "vermin", target, "--violations", "--no-tips", *map(str, paths)],
+        # vermin has no __main__ module: its console script calls vermin.main()
+        [sys.executable, "-c", "import sys, vermin; sys.exit(vermin.main())", target, "--violations", "--no-tips", *map(str, paths)],
         capture_output=True,
         text=True,
         timeout=120,
