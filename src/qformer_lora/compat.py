@@ -28,7 +28,7 @@ TORCH = Version(torch.__version__.split("+")[0])
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+    import tomli as tomllib  # noqa: F401 - re-exported as compat.tomllib
 
 # Input conventions of the library's own InstructBLIP / BLIP-2 forward.
 PREPEND = "prepend"  # the model prepends the query embeddings to the text embeddings itself
