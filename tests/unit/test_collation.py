@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from qformer_lora.data import (
-    RESOURCES_DIR,
     IGNORE_INDEX,
+    RESOURCES_DIR,
     SHAPES_DIR,
     Collator,
     Example,

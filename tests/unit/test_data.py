@@ -18,7 +18,6 @@ import pytest
 from PIL import Image
 
 from qformer_lora.data import (
-    RESOURCES_DIR,
     QFORMER_TOKENIZER_DIR,
     SHAPES_DIR,
     Example,
