@@ -176,11 +176,12 @@ class _PaddingCollator:
         return batch
 
 
-def shard_loader(dataset, collator, batch_size: int, order) -> torch.utils.data.DataLoader:
-    """This rank's micro-batches of ``batch_size`` from its shard of ``order`` (a sampler or index list)."""
+def shard_loader(dataset, collator, batch_size: int, order, **options) -> torch.utils.data.DataLoader:
+    """This rank's micro-batches of ``batch_size`` from its shard of ``order`` (a sampler or index list);
+    ``options`` go to the DataLoader (workers, pinned memory)."""
     sampler = ShardSampler(order, rank(), world_size())
     return torch.utils.data.DataLoader(
-        _Marked(dataset), batch_size=batch_size, sampler=sampler, collate_fn=_PaddingCollator(collator)
+        _Marked(dataset), batch_size=batch_size, sampler=sampler, collate_fn=_PaddingCollator(collator), **options
     )
 
 

@@ -28,6 +28,7 @@ class TrainConfig:
     train_manifest: str = str(data.SHAPES_DIR / "train.jsonl")
     val_manifest: str = str(data.SHAPES_DIR / "val.jsonl")
     image_root: str | None = None
+    num_workers: int | None = None  # none: loader.default_workers (0 on CPU, up to 8 on CUDA)
     output_dir: str = "runs/default"
     overwrite: bool = False
     epochs: int = 40
@@ -82,6 +83,8 @@ HELP = {
     "train_manifest": "JSONL manifest of training samples (image, instruction, answer, optional id)",
     "val_manifest": "JSONL manifest of validation samples",
     "image_root": "directory image paths are resolved in (default: the manifest's directory)",
+    "num_workers": "DataLoader worker processes that decode and process images while the step runs; the "
+    "batches are the same for any count (default: none = 0 on CPU, one per free core up to 8 on CUDA)",
     "output_dir": "run directory: metrics.jsonl and checkpoints/",
     "overwrite": "start afresh in an output directory that already holds a run, deleting its log and "
     "checkpoints (without it such a directory is refused; --resume continues it instead)",
@@ -144,6 +147,7 @@ MINIMUMS = {
     "warmup_steps": 0,
     "max_rollbacks": 0,
     "stop_after_epochs": 1,
+    "num_workers": 0,
 }
 
 

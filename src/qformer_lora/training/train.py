@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .. import checkpoint, data, forward, lora, precision, presets
 from ..diagnostics import doctor
 from . import distributed, feature_cache, run_dir, step_options, validation
+from .loader import EpochLoader, default_workers
 from .run_config import TrainConfig  # the options; what callers pass to train()
 from .step import StepParts, linear_warmup_decay, make_step, training_step
 
@@ -66,14 +67,6 @@ def build_adapter_model(config: TrainConfig, device: str | torch.device = "cpu")
     return adapter_model(base, spec, config.precision), spec
 
 
-def make_loader(dataset, collator, batch_size: int, seed: int, epoch: int, shuffle: bool):
-    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-    sampler = torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle else None
-    if shuffle and distributed.world_size() > 1:  # under torchrun: this process's shard of the same order
-        return distributed.shard_loader(dataset, collator, batch_size, sampler)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator)
-
-
 def groups_of(iterable, size: int):
     group = []
     for item in iterable:
@@ -96,6 +89,8 @@ class Run:
     collator: data.Collator
     train_set: data.ManifestDataset
     val_set: data.ManifestDataset
+    train_loader: EpochLoader
+    val_loader: EpochLoader
     baseline: float  # majority-answer accuracy of the validation set
     parts: StepParts
     cache: object  # feature_cache.FeatureCache or None
@@ -197,9 +192,8 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
         model, config.feature_cache, config.feature_cache_dir or out_dir / "feature_cache"
     )
     if config.compile_qformer or config.compile_frozen:
-        probe_batch = data.to_device(
-            next(iter(make_loader(train_set, collator, config.batch_size, config.seed, 0, shuffle=False))), device
-        )
+        first = EpochLoader(train_set, collator, config.batch_size, config.seed, shuffle=False).epoch(0)
+        probe_batch = data.to_device(next(iter(first)), device)
         choices += _compile(config, model, optimizer, probe_batch, device)
     start_epoch, global_step = 1, 0
     if resume_from is not None:
@@ -228,8 +222,18 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
         log_path, {"type": "step_options", "step": global_step, "choices": [c.as_dict() for c in choices]}
     )
     baseline = validation.majority_baseline(val_set.samples)
-    sets = (collator, train_set, val_set, baseline)
+    sets = (collator, train_set, val_set, *_loaders(config, train_set, val_set, collator, device), baseline)
     return Run(config, device, log_path, model, *sets, parts, cache, steps_per_epoch, start_epoch, global_step)
+
+
+def _loaders(config: TrainConfig, train_set, val_set, collator, device: torch.device) -> tuple:
+    """The run's training and validation loaders (training/loader.py): workers and pinned memory."""
+    workers = default_workers(device) if config.num_workers is None else config.num_workers
+    options = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+    return (
+        EpochLoader(train_set, collator, config.batch_size, config.seed, shuffle=True, **options),
+        EpochLoader(val_set, collator, config.batch_size, config.seed, shuffle=False, **options),
+    )
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -264,7 +268,7 @@ def run_epochs(run: Run) -> dict:
 def train_epoch(run: Run, epoch: int) -> tuple[float, int]:
     """One epoch of optimizer steps; returns the summed answer-token loss and the token count."""
     config = run.config
-    loader = make_loader(run.train_set, run.collator, config.batch_size, config.seed, epoch, shuffle=True)
+    loader = run.train_loader.epoch(epoch)
     bar = tqdm(
         groups_of(loader, config.grad_accum),
         total=run.steps_per_epoch,
@@ -299,7 +303,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, int]:
 
 
 def _validate(run: Run, epoch: int) -> dict:
-    loader = make_loader(run.val_set, run.collator, run.config.batch_size, run.config.seed, epoch, shuffle=False)
+    loader = run.val_loader.epoch(epoch)
     return {
         **validation.evaluate(run.model, loader, run.config.precision, run.device, run.cache),
         "majority_baseline": run.baseline,
