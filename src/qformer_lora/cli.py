@@ -137,16 +137,9 @@ def add_train_parser(sub) -> None:
 def cmd_generate(args) -> int:
     from .inference import generate
 
-    # the inputs first: a typo should not cost the minutes of loading a full-size model
-    if args.manifest:
-        samples = data.read_manifest(args.manifest, args.image_root)[: args.limit]
-        images, questions = [data.load_image(s.image_path) for s in samples], [s.instruction for s in samples]
-        expected = [s.answer for s in samples]
-    else:
-        if not (args.image and args.question):
-            raise ValueError("give --image and --question, or --manifest")
-        images, questions, expected = [data.load_image(args.image)], [args.question], [None]
     path = checkpoint.latest_checkpoint(args.checkpoint) or args.checkpoint
+    # the inputs first: a typo should not cost the minutes of loading a full-size model
+    images, questions, expected = _generate_inputs(args, lambda: generate.run_config(path))
     model, processor, family, _ = generate.load_trained(path)
     answers = generate.answer(model, processor, family, images, questions, max_new_tokens=args.max_new_tokens)
     for question, got, want in zip(questions, answers, expected):
@@ -154,14 +147,36 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _generate_inputs(args, run_config) -> tuple[list, list, list]:
+    """(images, questions, expected answers or None): --image/--question, --manifest, or by default
+    the run's own validation data (so a run answers out of the box, wherever it was installed)."""
+    if args.image or args.question:
+        if not (args.image and args.question):
+            raise ValueError("--image and --question go together")
+        return [data.load_image(args.image)], [args.question], [None]
+    manifest, image_root = args.manifest, args.image_root
+    if manifest is None:
+        config = run_config()  # read only here: --image or --manifest need no checkpoint to be checked
+        manifest, image_root = config["val_manifest"], config.get("image_root")
+    samples = data.read_manifest(manifest, image_root)[: args.limit]
+    return (
+        [data.load_image(s.image_path) for s in samples],
+        [s.instruction for s in samples],
+        [s.answer for s in samples],
+    )
+
+
 def add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="answer questions about images with a trained adapter")
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
     p.add_argument("--image", help="image file")
     p.add_argument("--question", help="instruction / question")
-    p.add_argument("--manifest", help="JSONL manifest: answer every sample (up to --limit)")
+    p.add_argument(
+        "--manifest",
+        help="JSONL manifest: answer every sample (up to --limit; default: the run's validation data)",
+    )
     p.add_argument("--image-root", default=None, help="image root for --manifest (default: its directory)")
-    p.add_argument("--limit", type=positive_int, default=10, help="samples from --manifest (default: 10)")
+    p.add_argument("--limit", type=positive_int, default=10, help="samples from the manifest (default: 10)")
     p.add_argument("--max-new-tokens", type=positive_int, default=8, help="longest answer in tokens (default: 8)")
     p.set_defaults(func=cmd_generate)
 

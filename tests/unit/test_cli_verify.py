@@ -128,8 +128,10 @@ def test_generate_and_export_check_their_own_arguments_before_loading_a_model(tm
         raise AssertionError("the model was loaded before the arguments were checked")
 
     monkeypatch.setattr(generate, "load_trained", load_trained)
-    assert cli.main(["generate", "run"]) == 2
-    assert "give --image and --question, or --manifest" in capsys.readouterr().err
+    assert cli.main(["generate", "run", "--image", str(tmp_path / "x.png")]) == 2
+    assert "--image and --question go together" in capsys.readouterr().err
+    assert cli.main(["generate", str(tmp_path)]) == 2  # the default data is the run's: read from its checkpoint
+    assert f"{tmp_path}: not a training checkpoint" in capsys.readouterr().err
     assert cli.main(["generate", "run", "--image", str(tmp_path / "nope.png"), "--question", "q?"]) == 2
     assert "nope.png" in capsys.readouterr().err
     (tmp_path / "taken").mkdir()

@@ -174,8 +174,8 @@ def test_adapter_loads_in_plain_peft_with_the_same_outputs(default_run):
 
 
 def test_generate_after_training(default_run, capsys):
-    manifest = data.SHAPES_DIR / "val.jsonl"
-    assert cli.main(["generate", str(default_run), "--manifest", str(manifest), "--limit", "48"]) == 0
+    manifest = data.SHAPES_DIR / "val.jsonl"  # the run's validation data: generate's default
+    assert cli.main(["generate", str(default_run), "--limit", "48"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 48
     answers = [line.split(" -> ")[1].split("   (expected: ") for line in lines]
