@@ -14,8 +14,9 @@ layers above it in this list (tests/unit/test_layout.py keeps it so, and finds n
       synthetic.py    random batches for tests, probes and benchmarks
     diagnostics/    numerics.py (finite checks, localiser, guard policies), doctor.py (precision doctor)
     training/       run_config.py (options), train.py (setup() and the loop), step.py (the one training
-                    step), validation.py, run_dir.py (log, resume checks), step_options.py,
-                    feature_cache.py, distributed.py (torchrun / DDP)
+                    step), validation.py, run_dir.py (log, resume checks), metrics_log.py
+                    (metrics.jsonl + TensorBoard), step_options.py, feature_cache.py,
+                    distributed.py (torchrun / DDP)
     inference/      generate.py (load a trained adapter, answer, export a merged model)
     bench/          measurement.py (one configuration through the training step), sweep.py,
                     capacity.py (memory model), flops.py (MFU), device.py, reporting.py

@@ -62,6 +62,7 @@ CHOICES = {
     "scope": tuple(lora.SCOPES),
     "guard": run_config.GUARDS,
     "feature_cache": step_options.FEATURE_CACHE_MODES,
+    "log": run_config.LOGS,
 }
 
 

@@ -19,6 +19,7 @@ from . import step_options
 # default starts from a tiny "pretrained" base (scripts/make_tiny_base.py explains how).
 TINY_BASE_CHECKPOINT = presets.RESOURCES_DIR / "checkpoints" / "tiny-instructblip-flan-t5-shapes"
 GUARDS = ("raise", "skip", "rollback")
+LOGS = ("jsonl", "tensorboard")  # where the metrics go: metrics.jsonl always, + TensorBoard event files
 
 
 @dataclass
@@ -69,6 +70,7 @@ class TrainConfig:
     compile_frozen: bool = False
     feature_cache: str = "off"
     feature_cache_dir: str | None = None
+    log: str = "jsonl"
 
     def __post_init__(self):
         if self.lora_alpha is None:  # the same default as verify's (lora.default_alpha: 2r)
@@ -129,6 +131,8 @@ HELP = {
     "feature_cache": "off | memory | disk: compute the frozen vision encoder's features once per image and reuse "
     "them (exact; refused with image augmentation or a trainable vision encoder)",
     "feature_cache_dir": "directory of the disk feature cache (default: <output_dir>/feature_cache)",
+    "log": "jsonl: metrics.jsonl alone | tensorboard: also TensorBoard event files in the run directory, the "
+    "step and epoch numbers as scalars (train/*, val/*, epoch/*; needs qformer-lora[tensorboard])",
 }
 
 
@@ -226,6 +230,7 @@ def load_run_config(path: str | os.PathLike | None, overrides: dict | None = Non
         ("guard", GUARDS),
         ("scope", tuple(lora.SCOPES)),
         ("feature_cache", step_options.FEATURE_CACHE_MODES),
+        ("log", LOGS),
     ):
         if getattr(config, name) not in allowed:
             refuse(name, f"expected one of {allowed}")

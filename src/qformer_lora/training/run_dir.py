@@ -1,7 +1,8 @@
 """The run directory: its log (metrics.jsonl), the checks before a run starts or resumes there.
 
 A run directory holds ``metrics.jsonl`` (one JSON record a line: step, epoch, step_options
-and guard events; rank 0 alone writes it under torchrun) and ``checkpoints/``. A fresh run
+and guard events; rank 0 alone writes it under torchrun), with ``--log tensorboard`` the
+TensorBoard event files beside it (training/metrics_log.py), and ``checkpoints/``. A fresh run
 refuses a directory that holds an earlier one unless told to overwrite it; a resumed run
 checks its checkpoint and the options it keeps before anything is built, and drops log
 lines written after that checkpoint.
@@ -19,6 +20,7 @@ from . import distributed
 from .run_config import ConfigError, TrainConfig
 
 LOG_FILE = "metrics.jsonl"  # one JSON record a line: step, epoch, step_options and guard events
+EVENT_FILES = "events.out.tfevents.*"  # TensorBoard's (SummaryWriter's) event files, beside LOG_FILE
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -107,10 +109,12 @@ def check_resume_options(path: Path, config: TrainConfig) -> None:
 
 
 def earlier_run(run_dir: Path) -> list[str]:
-    """What in ``run_dir`` an earlier run left: its log and its checkpoints."""
-    return ([LOG_FILE] if (run_dir / LOG_FILE).exists() else []) + [
-        f"checkpoints/{p.name}" for p in checkpoint.list_checkpoints(run_dir)
-    ]
+    """What in ``run_dir`` an earlier run left: its log, its TensorBoard event files and its checkpoints."""
+    return (
+        ([LOG_FILE] if (run_dir / LOG_FILE).exists() else [])
+        + [p.name for p in sorted(run_dir.glob(EVENT_FILES))]
+        + [f"checkpoints/{p.name}" for p in checkpoint.list_checkpoints(run_dir)]
+    )
 
 
 def refuse_earlier_run(run_dir: Path) -> None:
@@ -127,4 +131,6 @@ def refuse_earlier_run(run_dir: Path) -> None:
 def clear_earlier_run(run_dir: Path) -> None:
     if distributed.is_main():
         (run_dir / LOG_FILE).unlink(missing_ok=True)
+        for events in run_dir.glob(EVENT_FILES):  # or TensorBoard would draw the old curves under the new
+            events.unlink()
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint, data, forward, lora, precision, presets
 from ..diagnostics import doctor
-from . import distributed, feature_cache, run_dir, step_options, validation
+from . import distributed, feature_cache, metrics_log, run_dir, step_options, validation
 from .loader import EpochLoader, default_workers
 from .run_config import TrainConfig  # the options; what callers pass to train()
 from .step import StepParts, linear_warmup_decay, make_step, training_step
@@ -84,7 +84,7 @@ class Run:
 
     config: TrainConfig
     device: torch.device
-    log_path: Path
+    log: metrics_log.MetricsLog  # metrics.jsonl (+ TensorBoard with --log tensorboard)
     model: torch.nn.Module
     collator: data.Collator
     train_set: data.ManifestDataset
@@ -106,6 +106,7 @@ def _check_before_building(config: TrainConfig, resume, device: torch.device):
         run_dir.check_resume_options(resume_from, config)
     if resume is None and not config.overwrite:
         run_dir.refuse_earlier_run(Path(config.output_dir))
+    metrics_log.summary_writer(config.log)  # --log tensorboard without its package: say so before building
     findings = doctor.examine(config, device=device)  # refuse known-bad precision before building anything
     doctor.enforce(findings, config.allow_unsafe)
     return resume_from, findings
@@ -187,7 +188,7 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
 
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / run_dir.LOG_FILE
+    log = metrics_log.MetricsLog(out_dir, config.log)
     cache = step_options.build_feature_cache(
         model, config.feature_cache, config.feature_cache_dir or out_dir / "feature_cache"
     )
@@ -199,7 +200,7 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
     if resume_from is not None:
         state = checkpoint.restore(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
-        run_dir.truncate_log(log_path, global_step)
+        log.resume_after(global_step)
     else:
         run_dir.clear_earlier_run(out_dir)  # only --overwrite gets here with one: a fresh run starts fresh
     _check_model(findings, model, optimizer, config.allow_unsafe)
@@ -216,14 +217,12 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
         scaler=scaler,
         max_rollbacks=config.max_rollbacks,
         rollback_lr_factor=config.rollback_lr_factor,
-        on_event=lambda record: run_dir.append_jsonl(log_path, record),
+        on_event=log.record,
     )
-    run_dir.append_jsonl(
-        log_path, {"type": "step_options", "step": global_step, "choices": [c.as_dict() for c in choices]}
-    )
+    log.record({"type": "step_options", "step": global_step, "choices": [c.as_dict() for c in choices]})
     baseline = validation.majority_baseline(val_set.samples)
     sets = (collator, train_set, val_set, *_loaders(config, train_set, val_set, collator, device), baseline)
-    return Run(config, device, log_path, model, *sets, parts, cache, steps_per_epoch, start_epoch, global_step)
+    return Run(config, device, log, model, *sets, parts, cache, steps_per_epoch, start_epoch, global_step)
 
 
 def _loaders(config: TrainConfig, train_set, val_set, collator, device: torch.device) -> tuple:
@@ -246,7 +245,9 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, device: 
     device, started = distributed.setup(device)  # a process group under torchrun, nothing otherwise
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return run_epochs(setup(config, resume, device))
+        run = setup(config, resume, device)
+        with run.log:  # the TensorBoard event file is flushed and closed on errors too
+            return run_epochs(run)
     finally:
         distributed.teardown(started)
         torch.use_deterministic_algorithms(previous)
@@ -256,7 +257,7 @@ def run_epochs(run: Run) -> dict:
     """The epochs from ``run.start_epoch``; returns the last epoch's metrics."""
     config = run.config
     if run.start_epoch == 1:  # where the run starts from, so "how much did it learn" has a reference
-        run_dir.append_jsonl(run.log_path, {"type": "epoch", "epoch": 0, "step": 0, **_validate(run, 0)})
+        run.log.record({"type": "epoch", "epoch": 0, "step": 0, **_validate(run, 0)})
     last_epoch = config.epochs if config.stop_after_epochs is None else min(config.epochs, config.stop_after_epochs)
     metrics: dict = {}
     for epoch in range(run.start_epoch, last_epoch + 1):
@@ -295,7 +296,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, int]:
             "grad_norm": float(result.grad_norm),
             "samples_per_s": result.samples / (time.perf_counter() - started),
         }
-        run_dir.append_jsonl(run.log_path, record)
+        run.log.record(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
         loss_sum += result.loss_sum
         tokens += result.tokens
@@ -323,7 +324,7 @@ def end_epoch(run: Run, epoch: int, loss_sum: float, tokens: int) -> dict:
     }
     if run.cache is not None:
         metrics["feature_cache_hit_rate"] = run.cache.stats.hit_rate
-    run_dir.append_jsonl(run.log_path, metrics)
+    run.log.record(metrics)
     main = distributed.is_main()
     if config.progress and main:
         tqdm.write(
