@@ -295,7 +295,8 @@ def section_tests(rows: list[dict]) -> list[str]:
         "## 5. Test results per pair",
         "",
         '`pytest -m "regression or stability"` and `pytest tests/unit/test_lora_scope.py '
-        "tests/unit/test_forward_equivalence.py` against the pair's rows in `src/qformer_lora/resources/expectations/`, "
+        "tests/unit/test_forward_equivalence.py` against the pair's rows in "
+        "`src/qformer_lora/resources/expectations/`, "
         'and `pytest tests/unit/test_step_options.py -k "not inductor"` (step options; pairs '
         "recorded before it was added lack that run).",
         "",
