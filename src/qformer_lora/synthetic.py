@@ -82,3 +82,43 @@ def random_batch(
             tokens(instruction_len, qformer_high), torch.full((batch_size,), instruction_len), 0
         )
     return {k: v.to(device) for k, v in batch.items()}
+
+
+# COCO's images are about 640 x 480 (the median of train2017 is 640 x 480), JPEG at roughly quality 90.
+COCO_SIZE = (640, 480)
+
+
+def write_photo_jpegs(directory, count: int, size: tuple[int, int] = COCO_SIZE, seed: int = 0) -> list:
+    """``count`` photo-like JPEGs (``size`` = (width, height) pixels, quality 90) in ``directory``,
+    plus ``manifest.jsonl`` naming them, for the data-pipeline benchmarks; returns the image paths.
+
+    Smooth colour gradients, sensor-like noise (sigma 12 levels) and a dozen filled ellipses:
+    flat random noise would defeat JPEG's compression and make decoding unrepresentatively
+    slow, flat colour would make it unrepresentatively fast. Deterministic for a given seed.
+    """
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    width, height = size
+    rows, columns = np.mgrid[0:height, 0:width]
+    paths = []
+    for i in range(count):
+        waves = [np.sin(columns / rng.uniform(20, 120) + rng.uniform(0, 6)) * np.cos(rows / rng.uniform(20, 120))]
+        pixels = np.stack([127 + 100 * waves[0] * rng.uniform(0.5, 1) for _ in range(3)], axis=-1)
+        pixels += rng.normal(0, 12, pixels.shape)
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(12):
+            x, y, r = rng.integers(0, width - 40), rng.integers(0, height - 40), int(rng.integers(10, 120))
+            draw.ellipse([x, y, x + r, y + r], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        paths.append(directory / f"photo_{i:04d}.jpg")
+        image.save(paths[-1], quality=90)
+    records = [{"image": p.name, "instruction": "What is in the picture?", "answer": "shapes"} for p in paths]
+    (directory / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return paths
