@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from . import checkpoint, data, lora, precision, presets
+from . import checkpoint, data, images, lora, precision, presets
 from .cli_options import AUTO, add_device_option, config_option, lora_spec, positive_int, resolve_device
 from .diagnostics.numerics import NonFiniteError
 from .training import run_config
@@ -140,15 +140,15 @@ def cmd_generate(args) -> int:
     # the inputs first: a typo should not cost the minutes of loading a full-size model
     if args.manifest:
         samples = data.read_manifest(args.manifest, args.image_root)[: args.limit]
-        images, questions = [data.load_image(s.image_path) for s in samples], [s.instruction for s in samples]
+        pictures, questions = [images.load_image(s.image_path) for s in samples], [s.instruction for s in samples]
         expected = [s.answer for s in samples]
     else:
         if not (args.image and args.question):
             raise ValueError("give --image and --question, or --manifest")
-        images, questions, expected = [data.load_image(args.image)], [args.question], [None]
+        pictures, questions, expected = [images.load_image(args.image)], [args.question], [None]
     path = checkpoint.latest_checkpoint(args.checkpoint) or args.checkpoint
     model, processor, family, _ = generate.load_trained(path)
-    answers = generate.answer(model, processor, family, images, questions, max_new_tokens=args.max_new_tokens)
+    answers = generate.answer(model, processor, family, pictures, questions, max_new_tokens=args.max_new_tokens)
     for question, got, want in zip(questions, answers, expected):
         print(f"{question} -> {got}" + (f"   (expected: {want})" if want is not None else ""))
     return 0
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     # user mistakes and their diagnoses, without a traceback; OSError: a path that exists, is
     # missing, is a file where a directory was named, cannot be written, or an image that
-    # cannot be decoded (data.ImageLoadError is an OSError)
+    # cannot be decoded (images.ImageLoadError is an OSError)
     except (
         presets.PresetError,
         lora.ScopeError,

@@ -21,13 +21,12 @@ from qformer_lora.data import (
     QFORMER_TOKENIZER_DIR,
     SHAPES_DIR,
     Example,
-    ImageLoadError,
     ManifestDataset,
     ManifestError,
     ShapesDataset,
-    load_image,
     read_manifest,
 )
+from qformer_lora.images import ImageLoadError, load_image
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO_ROOT / "scripts"
