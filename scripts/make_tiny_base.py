@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 import make_shapes  # noqa: E402
 
-from qformer_lora import data, forward, presets  # noqa: E402
+from qformer_lora import data, forward, images, presets  # noqa: E402
 from qformer_lora.training import train, validation  # noqa: E402
 from qformer_lora.training.step import linear_warmup_decay  # noqa: E402
 
@@ -85,7 +85,7 @@ def pretraining_manifest(out_dir: Path, n_images: int, seed: int) -> tuple[Path,
     image pixel-identical to a fixture train/val image is skipped and another drawn.
     """
     fixture = {
-        data.load_image(s.image_path).tobytes()
+        images.load_image(s.image_path).tobytes()
         for split in ("train", "val")
         for s in data.read_manifest(data.SHAPES_DIR / f"{split}.jsonl")
     }

@@ -9,7 +9,8 @@ layers above it in this list (tests/unit/test_layout.py keeps it so, and finds n
       lora.py         LoRA confined to the Q-Former: target resolution, scope report, leak refusal
       forward.py      the custom forward: vision encoder -> Q-Former -> language projection -> LM
       precision.py    the one precision table: weights, adapters, autocast, grad scaler
-      data.py         JSONL manifests, images, processors, collation
+      images.py       image files -> 8-bit RGB: the per-mode conversion table, EXIF orientation
+      data.py         JSONL manifests, processors, collation
       checkpoint.py   adapter (PEFT format) + trainer state (safetensors + JSON), atomic
       synthetic.py    random batches for tests, probes and benchmarks
     diagnostics/    numerics.py (finite checks, localiser, guard policies), doctor.py (precision doctor)

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from . import checkpoint, data, lora, precision, presets
+from . import checkpoint, data, images, lora, precision, presets
 from .cli_options import AUTO, add_device_option, config_option, lora_spec, positive_int, resolve_device
 from .diagnostics.numerics import NonFiniteError
 from .training import run_config
@@ -139,9 +139,9 @@ def cmd_generate(args) -> int:
 
     path = checkpoint.latest_checkpoint(args.checkpoint) or args.checkpoint
     # the inputs first: a typo should not cost the minutes of loading a full-size model
-    images, questions, expected = _generate_inputs(args, lambda: generate.run_config(path))
+    pictures, questions, expected = _generate_inputs(args, lambda: generate.run_config(path))
     model, processor, family, _ = generate.load_trained(path)
-    answers = generate.answer(model, processor, family, images, questions, max_new_tokens=args.max_new_tokens)
+    answers = generate.answer(model, processor, family, pictures, questions, max_new_tokens=args.max_new_tokens)
     for question, got, want in zip(questions, answers, expected):
         print(f"{question} -> {got}" + (f"   (expected: {want})" if want is not None else ""))
     return 0
@@ -153,14 +153,14 @@ def _generate_inputs(args, run_config) -> tuple[list, list, list]:
     if args.image or args.question:
         if not (args.image and args.question):
             raise ValueError("--image and --question go together")
-        return [data.load_image(args.image)], [args.question], [None]
+        return [images.load_image(args.image)], [args.question], [None]
     manifest, image_root = args.manifest, args.image_root
     if manifest is None:
         config = run_config()  # read only here: --image or --manifest need no checkpoint to be checked
         manifest, image_root = config["val_manifest"], config.get("image_root")
     samples = data.read_manifest(manifest, image_root)[: args.limit]
     return (
-        [data.load_image(s.image_path) for s in samples],
+        [images.load_image(s.image_path) for s in samples],
         [s.instruction for s in samples],
         [s.answer for s in samples],
     )
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     # user mistakes and their diagnoses, without a traceback; OSError: a path that exists, is
     # missing, is a file where a directory was named, cannot be written, or an image that
-    # cannot be decoded (data.ImageLoadError is an OSError)
+    # cannot be decoded (images.ImageLoadError is an OSError)
     except (
         presets.PresetError,
         lora.ScopeError,

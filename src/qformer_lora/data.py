@@ -1,13 +1,13 @@
-"""Data: manifests, images, processors and batch collation.
+"""Data: manifests, processors, datasets and batch collation.
 
 Everything a training step needs between "a JSONL file on disk" and "a dict of
 tensors", and nothing else. Read top to bottom:
 
 1. ``read_manifest``   JSONL -> validated ``Sample`` list (``ManifestError`` on bad input)
-2. ``load_image``      path -> RGB PIL image (``ImageLoadError`` on bad files)
-3. ``build_processor`` offline InstructBLIP/BLIP-2 processor (local checkpoint or the shipped tokenizers)
-4. ``ManifestDataset`` samples -> ``Example`` (image, instruction, answer, id)
-5. ``Collator``        list of ``Example`` -> padded tensors + labels
+2. ``build_processor`` offline InstructBLIP/BLIP-2 processor (local checkpoint or the shipped tokenizers)
+3. ``ManifestDataset`` samples -> ``Example`` (image, instruction, answer, id); images decoded by
+   ``images.load_image`` (``ImageLoadError`` on bad files)
+4. ``Collator``        list of ``Example`` -> padded tensors + labels
 
 Conventions the model side relies on (see ``Collator``):
 
@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from . import compat
 from .forward import IGNORE_INDEX  # the label value every loss here ignores
+from .images import ImageLoadError, load_image
 from .presets import RESOURCES_DIR  # the one place that locates the shipped data
 
 SHAPES_DIR = RESOURCES_DIR / "data" / "shapes"
@@ -155,33 +156,7 @@ def _resolve_inside(root: Path, root_resolved: Path, rel: str, where: str) -> Pa
     return resolved
 
 
-# --------------------------------------------------------------------------- 2. images
-
-
-class ImageLoadError(OSError):
-    """An image file cannot be decoded; the message names the file."""
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image and return it as RGB.
-
-    Grayscale, palette and RGBA files are converted (the vision tower wants 3
-    channels; rejecting them would make real-world manifests brittle). RGBA's
-    alpha is dropped, not composited. Truncated or non-image files raise
-    ``ImageLoadError`` naming the file instead of PIL's path-less message.
-    """
-    try:
-        with Image.open(path) as image:
-            image.load()  # decode now, so truncation surfaces here and not inside the collator
-            if image.mode == "P" and "transparency" in image.info:
-                # Going via RGBA avoids PIL's "palette with transparency" warning.
-                image = image.convert("RGBA")
-            return image.convert("RGB") if image.mode != "RGB" else image.copy()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ImageLoadError(f"cannot load image {path}: {exc}") from exc
-
-
-# --------------------------------------------------------------------------- 3. processors
+# --------------------------------------------------------------------------- 2. processors
 
 
 def build_processor(family: str, checkpoint_dir: str | Path | None = None, image_size: int = 224) -> Any:
@@ -232,7 +207,7 @@ def _blip_image_processor(image_size: int) -> Any:
     return cls(size={"height": image_size, "width": image_size}, do_resize=True, do_normalize=True, do_convert_rgb=True)
 
 
-# --------------------------------------------------------------------------- 4. dataset
+# --------------------------------------------------------------------------- 3. dataset
 
 
 class Example(NamedTuple):
@@ -273,7 +248,7 @@ class ShapesDataset(ManifestDataset):
         super().__init__(read_manifest(SHAPES_DIR / f"{split}.jsonl", SHAPES_DIR))
 
 
-# --------------------------------------------------------------------------- 5. collation
+# --------------------------------------------------------------------------- 4. collation
 
 
 class Collator:

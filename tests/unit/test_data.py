@@ -21,13 +21,12 @@ from qformer_lora.data import (
     QFORMER_TOKENIZER_DIR,
     SHAPES_DIR,
     Example,
-    ImageLoadError,
     ManifestDataset,
     ManifestError,
     ShapesDataset,
-    load_image,
     read_manifest,
 )
+from qformer_lora.images import ImageLoadError, load_image
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO_ROOT / "scripts"
@@ -206,7 +205,9 @@ def test_corrupt_image_through_dataset(root: Path):
 
 @pytest.mark.parametrize(
     "mode,colour,expected",
-    [("L", 128, (128, 128, 128)), ("RGBA", (10, 20, 30, 40), (10, 20, 30)), ("RGB", (1, 2, 3), (1, 2, 3))],
+    # RGBA is composited over white (qformer_lora.images): G = B = 0 * 128/255 + 255 * (1 - 128/255) = 127.
+    # Every mode: tests/unit/test_image_modes.py
+    [("L", 128, (128, 128, 128)), ("RGBA", (255, 0, 0, 128), (255, 127, 127)), ("RGB", (1, 2, 3), (1, 2, 3))],
 )
 def test_non_rgb_converted(tmp_path: Path, mode, colour, expected):
     image = load_image(write_png(tmp_path / f"{mode}.png", mode, colour))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qformer_lora import compat, data, forward, lora, presets, synthetic
+from qformer_lora import compat, data, forward, images, lora, presets, synthetic
 from qformer_lora.training import feature_cache
 from qformer_lora.training.feature_cache import FeatureCache, FeatureCacheError, attach_cached_features
 
@@ -134,7 +134,7 @@ def test_a_changed_image_misses():
 
 
 def shapes_image():
-    return data.load_image(data.read_manifest(data.SHAPES_DIR / "train.jsonl")[0].image_path)
+    return images.load_image(data.read_manifest(data.SHAPES_DIR / "train.jsonl")[0].image_path)
 
 
 def test_changed_preprocessing_misses():
