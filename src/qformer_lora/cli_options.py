@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from . import lora, precision
+from . import formats, lora, precision
 from .training import run_config, step_options
 
 AUTO = "auto"  # --device: cuda when available, else cpu
@@ -62,6 +62,7 @@ CHOICES = {
     "scope": tuple(lora.SCOPES),
     "guard": run_config.GUARDS,
     "feature_cache": step_options.FEATURE_CACHE_MODES,
+    "data_format": formats.CHOICES,
 }
 
 
