@@ -10,6 +10,7 @@ layers above it in this list (tests/unit/test_layout.py keeps it so, and finds n
       forward.py      the custom forward: vision encoder -> Q-Former -> language projection -> LM
       precision.py    the one precision table: weights, adapters, autocast, grad scaler
       data.py         JSONL manifests, images, processors, collation
+      formats/        dataset formats -> Samples: jsonl, llava, hf, coco, vqav2, scienceqa (detect, read)
       checkpoint.py   adapter (PEFT format) + trainer state (safetensors + JSON), atomic
       synthetic.py    random batches for tests, probes and benchmarks
     diagnostics/    numerics.py (finite checks, localiser, guard policies), doctor.py (precision doctor)
