@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from . import lora, precision
+from . import formats, lora, precision
 from .training import run_config, step_options
 
 AUTO = "auto"  # --device: cuda when available, else cpu
@@ -63,6 +63,7 @@ CHOICES = {
     "guard": run_config.GUARDS,
     "feature_cache": step_options.FEATURE_CACHE_MODES,
     "log": run_config.LOGS,
+    "data_format": formats.CHOICES,
 }
 
 

@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from PIL import Image
@@ -48,14 +48,34 @@ class ManifestError(ValueError):
     """A manifest line is unusable; the message names file, line and field."""
 
 
+class ImageRef(Protocol):
+    """An image that is not a file of its own (e.g. bytes inside a dataset): ``load()`` decodes it.
+
+    Implementations must pickle small (DataLoader workers receive the dataset pickled): a
+    reference reopened in the worker, never the decoded image or its bytes."""
+
+    def load(self) -> Image.Image: ...
+
+
 @dataclass(frozen=True)
 class Sample:
+    """One (image, instruction, answer) training sample; the fields after ``manifest`` are optional.
+
+    Other formats than the JSONL manifest (``qformer_lora.formats``) fill in what they know:
+    every reference answer, the options of a multiple-choice question, where the record was.
+    """
+
     id: str
-    image_path: Path  # resolved, guaranteed inside image_root and existing at read time
+    image_path: Path  # resolved, inside image_root and existing at read time (image_ref: the dataset's path)
     instruction: str
     answer: str
-    line: int  # 1-based line in the manifest, for error messages downstream
-    manifest: Path  # the manifest it came from, likewise
+    line: int  # 1-based line in the manifest (other formats: 1-based record number), for error messages
+    manifest: Path  # the manifest (or annotation / dataset file) it came from, likewise
+    answers: tuple[str, ...] = ()  # every reference answer (VQAv2's ten, all COCO captions of the image)
+    choices: tuple[str, ...] = ()  # a multiple-choice question's options (ScienceQA), for rank scoring
+    answer_index: int | None = None  # the index of ``answer`` in ``choices``
+    image_ref: ImageRef | None = None  # an image embedded in a dataset; None: the file at image_path
+    record: str = ""  # where in ``manifest`` for error messages when not a line, e.g. "row 3", "question 42"
 
 
 REQUIRED_KEYS = ("image", "instruction", "answer")
@@ -235,9 +255,10 @@ class ManifestDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Example:
         s = self.samples[index]
         try:
-            image = load_image(s.image_path)
+            image = load_image(s.image_path) if s.image_ref is None else s.image_ref.load()
         except ImageLoadError as err:  # images are decoded lazily: name the manifest line that gave the path
-            raise ImageLoadError(f"{s.manifest}:{s.line}: field 'image': {err}") from None
+            where = f"{s.manifest}: {s.record}" if s.record else f"{s.manifest}:{s.line}"
+            raise ImageLoadError(f"{where}: field 'image': {err}") from None
         return Example(image, s.instruction, s.answer, s.id)
 
 

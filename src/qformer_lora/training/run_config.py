@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import data, lora, precision, presets
+from .. import data, formats, lora, precision, presets
 from . import step_options
 
 # A random frozen language model cannot be steered by a Q-Former adapter, so the embedded
@@ -30,6 +30,7 @@ class TrainConfig:
     val_manifest: str = str(data.SHAPES_DIR / "val.jsonl")
     image_root: str | None = None
     num_workers: int | None = None  # none: loader.default_workers (0 on CPU, up to 8 on CUDA)
+    data_format: str = formats.AUTO
     output_dir: str = "runs/default"
     overwrite: bool = False
     epochs: int = 40
@@ -87,6 +88,15 @@ HELP = {
     "image_root": "directory image paths are resolved in (default: the manifest's directory)",
     "num_workers": "DataLoader worker processes that decode and process images while the step runs; the "
     "batches are the same for any count (default: none = 0 on CPU, one per free core up to 8 on CUDA)",
+    "train_manifest": "training data in any --data-format: our JSONL manifest (image, instruction, answer, optional "
+    "id), a LLaVA JSON, a Hugging Face dataset folder or file, a COCO captions, VQAv2 or ScienceQA file; of a "
+    "source with several splits, its train split",
+    "val_manifest": "validation data in any --data-format (as --train-manifest); of a source with several splits, "
+    "its val/validation split",
+    "image_root": "directory image paths are resolved in (default: the manifest's directory, or where the "
+    "format's official layout puts its images)",
+    "data_format": "format of --train-manifest and --val-manifest; auto detects it from the path (the rules: "
+    'README, "Your data")',
     "output_dir": "run directory: metrics.jsonl and checkpoints/",
     "overwrite": "start afresh in an output directory that already holds a run, deleting its log and "
     "checkpoints (without it such a directory is refused; --resume continues it instead)",
@@ -231,6 +241,7 @@ def load_run_config(path: str | os.PathLike | None, overrides: dict | None = Non
         ("scope", tuple(lora.SCOPES)),
         ("feature_cache", step_options.FEATURE_CACHE_MODES),
         ("log", LOGS),
+        ("data_format", formats.CHOICES),
     ):
         if getattr(config, name) not in allowed:
             refuse(name, f"expected one of {allowed}")

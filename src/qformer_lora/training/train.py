@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import checkpoint, data, forward, lora, precision, presets
+from .. import checkpoint, data, formats, forward, lora, precision, presets
 from ..diagnostics import doctor
 from . import distributed, feature_cache, metrics_log, run_dir, step_options, validation
 from .loader import EpochLoader, default_workers
@@ -125,8 +125,9 @@ def _datasets(config: TrainConfig, model):
         max_answer_tokens=config.max_answer_tokens,
         static_shapes=config.compile_qformer or config.compile_frozen,
     )
-    train_samples = data.read_manifest(config.train_manifest, config.image_root)
-    val_samples = data.read_manifest(config.val_manifest, config.image_root)
+    # any format (formats.read); a source of several splits gives its train and its val split
+    train_samples = formats.read(config.train_manifest, config.data_format, config.image_root, split="train")
+    val_samples = formats.read(config.val_manifest, config.data_format, config.image_root, split="val")
     return collator, data.ManifestDataset(train_samples), data.ManifestDataset(val_samples)
 
 
