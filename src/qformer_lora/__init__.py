@@ -16,7 +16,8 @@ layers above it in this list (tests/unit/test_layout.py keeps it so, and finds n
       synthetic.py    random batches for tests, probes and benchmarks
     diagnostics/    numerics.py (finite checks, localiser, guard policies), doctor.py (precision doctor)
     training/       run_config.py (options), train.py (setup() and the loop), step.py (the one training
-                    step), validation.py, run_dir.py (log, resume checks), metrics_log.py
+                    step), loader.py (the data pipeline: epoch order, workers, pinned memory),
+                    validation.py, run_dir.py (log, resume checks), metrics_log.py
                     (metrics.jsonl + TensorBoard), step_options.py, feature_cache.py,
                     distributed.py (torchrun / DDP)
     inference/      generate.py (load a trained adapter, answer, export a merged model)

@@ -64,6 +64,7 @@ CHOICES = {
     "feature_cache": step_options.FEATURE_CACHE_MODES,
     "log": run_config.LOGS,
     "data_format": formats.CHOICES,
+    "image_decode": run_config.IMAGE_DECODES,
 }
 
 

@@ -54,7 +54,7 @@ class ImageRef(Protocol):
     Implementations must pickle small (DataLoader workers receive the dataset pickled): a
     reference reopened in the worker, never the decoded image or its bytes."""
 
-    def load(self) -> Image.Image: ...
+    def load(self, draft_size: int | None = None) -> Image.Image: ...
 
 
 @dataclass(frozen=True)
@@ -240,10 +240,15 @@ class Example(NamedTuple):
 
 
 class ManifestDataset(torch.utils.data.Dataset):
-    """Samples -> ``Example``; images are loaded lazily, one per access."""
+    """Samples -> ``Example``; images are loaded lazily, one per access.
 
-    def __init__(self, samples: Sequence[Sample]):
+    ``draft_size``: JPEGs are decoded in Pillow's draft mode down to this many pixels a side
+    (``images.load_image``; ``--image-decode draft``); None decodes in full.
+    """
+
+    def __init__(self, samples: Sequence[Sample], draft_size: int | None = None):
         self.samples = list(samples)
+        self.draft_size = draft_size
 
     @classmethod
     def from_manifest(cls, path: str | Path, image_root: str | Path | None = None) -> ManifestDataset:
@@ -255,7 +260,10 @@ class ManifestDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Example:
         s = self.samples[index]
         try:
-            image = load_image(s.image_path) if s.image_ref is None else s.image_ref.load()
+            if s.image_ref is None:
+                image = load_image(s.image_path, draft_size=self.draft_size)
+            else:
+                image = s.image_ref.load(draft_size=self.draft_size)
         except ImageLoadError as err:  # images are decoded lazily: name the manifest line that gave the path
             where = f"{s.manifest}: {s.record}" if s.record else f"{s.manifest}:{s.line}"
             raise ImageLoadError(f"{where}: field 'image': {err}") from None

@@ -128,7 +128,9 @@ def _datasets(config: TrainConfig, model):
     # any format (formats.read); a source of several splits gives its train and its val split
     train_samples = formats.read(config.train_manifest, config.data_format, config.image_root, split="train")
     val_samples = formats.read(config.val_manifest, config.data_format, config.image_root, split="val")
-    return collator, data.ManifestDataset(train_samples), data.ManifestDataset(val_samples)
+    draft_size = base_config.vision_config.image_size if config.image_decode == "draft" else None
+    datasets = (data.ManifestDataset(samples, draft_size=draft_size) for samples in (train_samples, val_samples))
+    return collator, *datasets
 
 
 def _compile(config: TrainConfig, model, optimizer, probe_batch: dict, device: torch.device) -> list:
