@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from . import checkpoint, data, images, lora, precision, presets
+from . import checkpoint, data, formats, images, lora, precision, presets
 from .cli_options import AUTO, add_device_option, config_option, lora_spec, positive_int, resolve_device
 from .diagnostics.numerics import NonFiniteError
 from .training import run_config
@@ -154,11 +154,13 @@ def _generate_inputs(args, run_config) -> tuple[list, list, list]:
         if not (args.image and args.question):
             raise ValueError("--image and --question go together")
         return [images.load_image(args.image)], [args.question], [None]
-    manifest, image_root = args.manifest, args.image_root
+    manifest, image_root, data_format = args.manifest, args.image_root, args.data_format
     if manifest is None:
         config = run_config()  # read only here: --image or --manifest need no checkpoint to be checked
         manifest, image_root = config["val_manifest"], config.get("image_root")
-    samples = data.read_manifest(manifest, image_root)[: args.limit]
+        if data_format == formats.AUTO:  # the format the run was trained with
+            data_format = config.get("data_format", formats.AUTO)
+    samples = formats.read(manifest, data_format, image_root, split="val")[: args.limit]
     return (
         [images.load_image(s.image_path) for s in samples],
         [s.instruction for s in samples],
@@ -173,7 +175,14 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--question", help="instruction / question")
     p.add_argument(
         "--manifest",
-        help="JSONL manifest: answer every sample (up to --limit; default: the run's validation data)",
+        help="data in any --data-format: answer every sample (up to --limit; default: the run's validation data)",
+    )
+    p.add_argument(
+        "--data-format",
+        choices=formats.CHOICES,
+        default=formats.AUTO,
+        help="format of --manifest; auto detects it from the path, or takes the run's for its validation data "
+        "(default: auto)",
     )
     p.add_argument("--image-root", default=None, help="image root for --manifest (default: its directory)")
     p.add_argument("--limit", type=positive_int, default=10, help="samples from the manifest (default: 10)")
