@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 import make_shapes  # noqa: E402
 
-from qformer_lora import data, forward, images, presets  # noqa: E402
+from qformer_lora import data, forward, images, inputs, presets  # noqa: E402
 from qformer_lora.training import train, validation  # noqa: E402
 from qformer_lora.training.step import linear_warmup_decay  # noqa: E402
 
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         model.requires_grad_(True)
         model.eval()  # no dropout, as in the LoRA runs
         processor = data.build_processor("instructblip", image_size=model.config.vision_config.image_size)
-        collator = data.Collator(
+        collator = inputs.Collator(
             processor, "instructblip", decoder_only=False, max_prompt_tokens=32, max_answer_tokens=8
         )
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)

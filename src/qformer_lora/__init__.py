@@ -10,7 +10,8 @@ layers above it in this list (tests/unit/test_layout.py keeps it so, and finds n
       forward.py      the custom forward: vision encoder -> Q-Former -> language projection -> LM
       precision.py    the one precision table: weights, adapters, autocast, grad scaler
       images.py       image files -> 8-bit RGB: the per-mode conversion table, EXIF orientation
-      data.py         JSONL manifests, processors, collation
+      data.py         JSONL manifests, processors, datasets
+      inputs.py       the one builder of model inputs (Collator): training, validation, generation
       formats/        dataset formats -> Samples: jsonl, llava, hf, coco, vqav2, scienceqa (detect, read)
       checkpoint.py   adapter (PEFT format) + trainer state (safetensors + JSON), atomic
       synthetic.py    random batches for tests, probes and benchmarks

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qformer_lora import checkpoint, data, formats
+from qformer_lora import checkpoint, data, formats, inputs
 from qformer_lora.formats import coco, hf, scienceqa
 from qformer_lora.training import run_config, train
 
@@ -531,7 +531,7 @@ def test_embedded_images_reach_dataloader_workers_unchanged(tmp_path):
 
     samples = formats.read(_saved_embedded(tmp_path), "hf", split="train")
     processor = data.build_processor("instructblip", image_size=32)
-    collator = data.Collator(processor, family="instructblip", decoder_only=False)
+    collator = inputs.Collator(processor, family="instructblip", decoder_only=False)
     dataset = data.ManifestDataset(samples)
     batches = [
         list(EpochLoader(dataset, collator, batch_size=2, seed=0, shuffle=True, num_workers=workers).epoch(1))

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import checkpoint, data, formats, forward, lora, precision, presets
+from .. import checkpoint, data, formats, forward, inputs, lora, precision, presets
 from ..diagnostics import doctor
 from . import distributed, feature_cache, metrics_log, run_dir, step_options, validation
 from .loader import EpochLoader, default_workers
@@ -86,7 +86,7 @@ class Run:
     device: torch.device
     log: metrics_log.MetricsLog  # metrics.jsonl (+ TensorBoard with --log tensorboard)
     model: torch.nn.Module
-    collator: data.Collator
+    collator: inputs.Collator
     train_set: data.ManifestDataset
     val_set: data.ManifestDataset
     train_loader: EpochLoader
@@ -117,7 +117,7 @@ def _datasets(config: TrainConfig, model):
     base_config = model.get_base_model().config
     family = "instructblip" if base_config.model_type == "instructblip" else "blip2"
     processor = data.build_processor(family, config.base_checkpoint, image_size=base_config.vision_config.image_size)
-    collator = data.Collator(
+    collator = inputs.Collator(
         processor,
         family=family,
         decoder_only=base_config.use_decoder_only_language_model,
@@ -197,7 +197,7 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
     )
     if config.compile_qformer or config.compile_frozen:
         first = EpochLoader(train_set, collator, config.batch_size, config.seed, shuffle=False).epoch(0)
-        probe_batch = data.to_device(next(iter(first)), device)
+        probe_batch = inputs.to_device(next(iter(first)), device)
         choices += _compile(config, model, optimizer, probe_batch, device)
     start_epoch, global_step = 1, 0
     if resume_from is not None:
@@ -286,7 +286,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, int]:
         if run.cache is not None:  # hash the pixels on the CPU copy, before the transfer
             for b in group:
                 b["image_keys"] = feature_cache.pixel_keys(b["pixel_values"])
-        result = training_step(run.parts, [data.to_device(b, run.device) for b in group], run.global_step)
+        result = training_step(run.parts, [inputs.to_device(b, run.device) for b in group], run.global_step)
         if not result.stepped:
             continue
         run.global_step += 1
