@@ -15,7 +15,16 @@ import sys
 import torch
 
 from . import checkpoint, data, formats, images, lora, precision, presets
-from .cli_options import AUTO, add_device_option, config_option, lora_spec, positive_int, resolve_device
+from .cli_options import (
+    AUTO,
+    add_device_option,
+    add_generation_options,
+    config_option,
+    generation_options,
+    lora_spec,
+    positive_int,
+    resolve_device,
+)
 from .diagnostics.numerics import NonFiniteError
 from .training import run_config
 
@@ -140,8 +149,10 @@ def cmd_generate(args) -> int:
     path = checkpoint.latest_checkpoint(args.checkpoint) or args.checkpoint
     # the inputs first: a typo should not cost the minutes of loading a full-size model
     pictures, questions, expected = _generate_inputs(args, lambda: generate.run_config(path))
-    model, processor, family, _ = generate.load_trained(path)
-    answers = generate.answer(model, processor, family, pictures, questions, max_new_tokens=args.max_new_tokens)
+    model, processor, _, config = generate.load_trained(path)
+    answers = generate.answer(
+        model, generate.collator(model, processor, config), pictures, questions, generation_options(args), True
+    )
     for question, got, want in zip(questions, answers, expected):
         print(f"{question} -> {got}" + (f"   (expected: {want})" if want is not None else ""))
     return 0
@@ -186,7 +197,7 @@ def add_generate_parser(sub) -> None:
     )
     p.add_argument("--image-root", default=None, help="image root for --manifest (default: its directory)")
     p.add_argument("--limit", type=positive_int, default=10, help="samples from the manifest (default: 10)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=8, help="longest answer in tokens (default: 8)")
+    add_generation_options(p)
     p.set_defaults(func=cmd_generate)
 
 

@@ -115,3 +115,32 @@ def lora_spec(args) -> lora.LoraSpec:
         targets=tuple(args.targets),
         scope=args.scope,
     )
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    """Decoding options of generate and evaluate (inference.generate.GenerationOptions)."""
+    parser.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=None,
+        metavar="TOKENS",
+        help="longest answer in tokens (default: none = the run's --max-answer-tokens)",
+    )
+    parser.add_argument(
+        "--num-beams", type=positive_int, default=1, metavar="N", help="beam search width; 1 is greedy (default: 1)"
+    )
+    parser.add_argument(
+        "--length-penalty",
+        type=float,
+        default=1.0,
+        metavar="FLOAT",
+        help="beam search: exponent on the answer length dividing a beam's log-likelihood; > 1 favours longer "
+        "answers (default: 1.0)",
+    )
+    config_option(parser, "batch_size")
+
+
+def generation_options(args):
+    from .inference.generate import GenerationOptions
+
+    return GenerationOptions(args.max_new_tokens, args.num_beams, args.length_penalty, args.batch_size)

@@ -85,22 +85,79 @@ class Collator:
             self.qformer_cls_id = _required_id(self.qformer_tokenizer, "cls_token_id")
             self.qformer_sep_id = _required_id(self.qformer_tokenizer, "sep_token_id")
 
-    def __call__(self, examples: Sequence[Example]) -> dict[str, Any]:
-        if not examples:
-            raise ValueError("cannot collate an empty batch")
-        images = [ex.image for ex in examples]
-        batch: dict[str, Any] = {
-            "pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"].to(torch.float32)
-        }
+    @classmethod
+    def for_model(cls, processor: Any, model_config: Any, config: Any, static_shapes: bool = False) -> Collator:
+        """The collator of a model (its transformers config decides family and LM kind) with the
+        budgets of a run (``config``: a TrainConfig, or the dict a checkpoint saved it as), so
+        training, validation, generation and evaluation of one run build inputs alike."""
+        budgets = config if isinstance(config, dict) else vars(config)
+        return cls(
+            processor,
+            family="instructblip" if model_config.model_type == "instructblip" else "blip2",
+            decoder_only=model_config.use_decoder_only_language_model,
+            max_prompt_tokens=budgets["max_prompt_tokens"],
+            max_answer_tokens=budgets["max_answer_tokens"],
+            static_shapes=static_shapes,
+        )
 
+    def __call__(self, examples: Sequence[Example]) -> dict[str, Any]:
+        """The training / validation batch of ``examples`` (the class docstring's keys)."""
+        batch = self._image_and_qformer_inputs(examples)
         # None: pad to the longest row of this batch
         prompt_width, answer_width = (
             (self.max_prompt_tokens, self.max_answer_tokens) if self.static_shapes else (None, None)
         )
+        prompts = [self.prompt_ids(ex.instruction, ex.id) for ex in examples]
+        answers = [self.answer_ids(ex.answer, ex.id) for ex in examples]
+        if self.decoder_only:
+            sequences = [p + a for p, a in zip(prompts, answers)]
+            width = prompt_width + answer_width if self.static_shapes else None
+            batch["input_ids"], batch["attention_mask"] = _pad(sequences, self.pad_id, width)
+            targets = [[IGNORE_INDEX] * len(p) + a for p, a in zip(prompts, answers)]
+            batch["labels"], _ = _pad(targets, IGNORE_INDEX, width)
+        else:
+            batch["input_ids"], batch["attention_mask"] = _pad(prompts, self.pad_id, prompt_width)
+            batch["labels"], _ = _pad(answers, IGNORE_INDEX, answer_width)
+        return batch
+
+    def prompts(self, examples: Sequence[Example]) -> dict[str, Any]:
+        """The generation batch of ``examples``: the training batch's inputs without the answers.
+
+        The same pixel values, Q-Former ids and prompt ids as ``__call__`` (answers are ignored),
+        so the model sees at inference exactly what it saw in training. Decoder-only prompts
+        are left-padded, so every row ends with its last prompt token and the first generated
+        token follows it (position ids follow the attention mask, so the padding moves no
+        position); encoder-decoder prompts stay right-padded, as in training.
+        """
+        batch = self._image_and_qformer_inputs(examples)
+        prompts = [self.prompt_ids(ex.instruction, ex.id) for ex in examples]
+        batch["input_ids"], batch["attention_mask"] = _pad(prompts, self.pad_id, left=self.decoder_only)
+        return batch
+
+    def prompt_ids(self, instruction: str, sample_id: str) -> list[int]:
+        """The language model's prompt: the instruction's ids within the budget, no BOS; plus eos
+        for an encoder-decoder LM (a T5 encoder expects it). Decoder-only prompts get no eos:
+        the answer continues them."""
+        budget = self.max_prompt_tokens if self.decoder_only else self.max_prompt_tokens - 1
+        prompt = self._truncate(self._content_ids(self.tokenizer, instruction), budget, sample_id, "instruction")
+        return prompt if self.decoder_only else prompt + [self.eos_id]
+
+    def answer_ids(self, answer: str, sample_id: str) -> list[int]:
+        """The answer's ids within the budget, then eos (what the loss is taken over)."""
+        ids = self._content_ids(self.tokenizer, answer)
+        return self._truncate(ids, self.max_answer_tokens - 1, sample_id, "answer") + [self.eos_id]
+
+    def _image_and_qformer_inputs(self, examples: Sequence[Example]) -> dict[str, Any]:
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        images = [ex.image for ex in examples]
+        batch: dict[str, Any] = {
+            "pixel_values": self.image_processor(images, return_tensors="pt")["pixel_values"].to(torch.float32),
+            "ids": [ex.id for ex in examples],
+        }
         if self.qformer_tokenizer is not None:
-            # Special tokens are added by hand (not by the tokenizer) so that
-            # truncation keeps the closing [SEP].
-            qf = [
+            # Special tokens are added by hand (not by the tokenizer) so that truncation keeps the closing [SEP].
+            qformer_rows = [
                 [self.qformer_cls_id]
                 + self._truncate(
                     self._content_ids(self.qformer_tokenizer, ex.instruction),
@@ -111,31 +168,8 @@ class Collator:
                 + [self.qformer_sep_id]
                 for ex in examples
             ]
-            batch["qformer_input_ids"], batch["qformer_attention_mask"] = _pad(qf, self.qformer_pad_id, prompt_width)
-
-        prompts, answers = [], []
-        for ex in examples:
-            # Decoder-only prompts get no eos: the answer continues them.
-            # Encoder-decoder prompts end with eos, as a T5 encoder expects.
-            budget = self.max_prompt_tokens if self.decoder_only else self.max_prompt_tokens - 1
-            prompt = self._truncate(self._content_ids(self.tokenizer, ex.instruction), budget, ex.id, "instruction")
-            prompts.append(prompt if self.decoder_only else prompt + [self.eos_id])
-            answer = self._truncate(
-                self._content_ids(self.tokenizer, ex.answer), self.max_answer_tokens - 1, ex.id, "answer"
-            )
-            answers.append(answer + [self.eos_id])
-
-        if self.decoder_only:
-            sequences = [p + a for p, a in zip(prompts, answers)]
-            width = prompt_width + answer_width if self.static_shapes else None
-            batch["input_ids"], batch["attention_mask"] = _pad(sequences, self.pad_id, width)
-            targets = [[IGNORE_INDEX] * len(p) + a for p, a in zip(prompts, answers)]
-            batch["labels"], _ = _pad(targets, IGNORE_INDEX, width)
-        else:
-            batch["input_ids"], batch["attention_mask"] = _pad(prompts, self.pad_id, prompt_width)
-            batch["labels"], _ = _pad(answers, IGNORE_INDEX, answer_width)
-
-        batch["ids"] = [ex.id for ex in examples]
+            width = self.max_prompt_tokens if self.static_shapes else None
+            batch["qformer_input_ids"], batch["qformer_attention_mask"] = _pad(qformer_rows, self.qformer_pad_id, width)
         return batch
 
     @staticmethod
@@ -164,14 +198,18 @@ def _required_id(tokenizer: Any, attr: str) -> int:
     return int(value)
 
 
-def _pad(rows: list[list[int]], pad_value: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to ``width`` (default: the longest row); return (ids, mask with 1 on real tokens)."""
+def _pad(
+    rows: list[list[int]], pad_value: int, width: int | None = None, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to ``width`` (default: the longest row), on the right or ``left``; return (ids, mask
+    with 1 on real tokens)."""
     width = width or max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
+        where = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, where] = torch.tensor(row, dtype=torch.long)
+        mask[i, where] = 1
     return ids, mask
 
 

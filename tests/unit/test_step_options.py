@@ -326,7 +326,7 @@ def test_static_shapes_change_the_shape_not_the_loss(family, preset):
 @pytest.mark.parametrize("option", ["compile_qformer", "compile_frozen"])
 def test_training_compiles_with_static_shapes(monkeypatch, tmp_path, option):
     calls, collators = [], []
-    real_collator = inputs.Collator
+    real_for_model = inputs.Collator.for_model
 
     def fake_compile(target, enabled, **kwargs):  # records the call, runs eager
         calls.append(kwargs)
@@ -337,7 +337,7 @@ def test_training_compiles_with_static_shapes(monkeypatch, tmp_path, option):
 
     monkeypatch.setattr(step_options, "maybe_compile", fake_compile)
     monkeypatch.setattr(step_options, "compile_frozen_blocks", fake_compile_frozen)
-    monkeypatch.setattr(inputs, "Collator", lambda *a, **k: collators.append(k) or real_collator(*a, **k))
+    monkeypatch.setattr(inputs.Collator, "for_model", lambda *a, **k: collators.append(k) or real_for_model(*a, **k))
     train.train(run_config.TrainConfig(output_dir=str(tmp_path), epochs=1, progress=False, **{option: True}))
     assert len(calls) == 1 and calls[0]["dynamic"] is False and callable(calls[0]["probe"]), calls
     assert [k["static_shapes"] for k in collators] == [True]

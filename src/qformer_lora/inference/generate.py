@@ -11,12 +11,13 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from peft import PeftModel
+from tqdm.auto import tqdm
 
-from .. import checkpoint, data, forward, presets
+from .. import checkpoint, compat, data, forward, inputs, presets
 
 
 def run_config(checkpoint_path: str | os.PathLike) -> dict:
@@ -44,31 +45,43 @@ def load_trained(checkpoint_path: str | os.PathLike):
     return model, processor, family, config
 
 
-def prompt_batch(processor, family: str, images, instructions, max_prompt_tokens: int = 32) -> dict:
-    """Prompt-only inputs for generation. Decoder-only prompts are left-padded, so every row
-    ends with its last prompt token (the collator right-pads for training)."""
-    tokenizer = processor.tokenizer
-    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(torch.float32)
-    previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        text = tokenizer(
-            list(instructions), padding=True, truncation=True, max_length=max_prompt_tokens, return_tensors="pt"
-        )
-    finally:
-        tokenizer.padding_side = previous_side
-    batch = {"pixel_values": pixel_values, "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
-    if family == "instructblip":
-        qformer = processor.qformer_tokenizer(
-            list(instructions), padding=True, truncation=True, max_length=max_prompt_tokens, return_tensors="pt"
-        )
-        batch["qformer_input_ids"], batch["qformer_attention_mask"] = qformer["input_ids"], qformer["attention_mask"]
-    return batch
+def collator(model, processor, config: dict) -> inputs.Collator:
+    """The run's input builder (inputs.Collator with its saved budgets): inference sees what training saw."""
+    return inputs.Collator.for_model(processor, compat.unwrap(model).config, config)
 
 
-def answer(model, processor, family: str, images, instructions, max_new_tokens: int = 8) -> list[str]:
-    batch = prompt_batch(processor, family, images, instructions)
-    new_tokens = forward.generate(model, batch, max_new_tokens=max_new_tokens)
-    return [text.strip() for text in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Decoding options (transformers' ``generate``): greedy when ``num_beams`` is 1.
+
+    ``max_new_tokens``: longest answer in tokens (None: the run's ``max_answer_tokens``, the
+    answer budget it was trained with); ``length_penalty``: beam search's exponent on the
+    length that divides a beam's log-likelihood (>1 favours longer answers); ``batch_size``:
+    samples per forward pass (answers do not depend on it, tests/unit/test_inputs.py).
+    """
+
+    max_new_tokens: int | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    batch_size: int = 16
+
+
+def answer(model, builder: inputs.Collator, images, instructions, options=GenerationOptions(), progress=False):
+    """Answers to ``instructions`` about ``images`` (equal-length lists), decoded, in order."""
+    examples = [data.Example(image, text, "", str(i)) for i, (image, text) in enumerate(zip(images, instructions))]
+    max_new_tokens = options.max_new_tokens or builder.max_answer_tokens
+    answers: list[str] = []
+    for start in tqdm(range(0, len(examples), options.batch_size), disable=not progress, desc="generate"):
+        batch = builder.prompts(examples[start : start + options.batch_size])
+        new_tokens = forward.generate(
+            model,
+            inputs.to_device(batch, next(model.parameters()).device),
+            max_new_tokens=max_new_tokens,
+            num_beams=options.num_beams,
+            length_penalty=options.length_penalty,
+        )
+        answers += [text.strip() for text in builder.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return answers
 
 
 def export_merged(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

@@ -117,13 +117,8 @@ def _datasets(config: TrainConfig, model):
     base_config = model.get_base_model().config
     family = "instructblip" if base_config.model_type == "instructblip" else "blip2"
     processor = data.build_processor(family, config.base_checkpoint, image_size=base_config.vision_config.image_size)
-    collator = inputs.Collator(
-        processor,
-        family=family,
-        decoder_only=base_config.use_decoder_only_language_model,
-        max_prompt_tokens=config.max_prompt_tokens,
-        max_answer_tokens=config.max_answer_tokens,
-        static_shapes=config.compile_qformer or config.compile_frozen,
+    collator = inputs.Collator.for_model(
+        processor, base_config, config, static_shapes=config.compile_qformer or config.compile_frozen
     )
     # any format (formats.read); a source of several splits gives its train and its val split
     train_samples = formats.read(config.train_manifest, config.data_format, config.image_root, split="train")
