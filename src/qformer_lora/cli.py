@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from . import checkpoint, data, formats, images, lora, precision, presets
 from .cli_options import (
     AUTO,
+    add_data_options,
     add_device_option,
     add_generation_options,
     config_option,
@@ -184,18 +186,7 @@ def add_generate_parser(sub) -> None:
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
     p.add_argument("--image", help="image file")
     p.add_argument("--question", help="instruction / question")
-    p.add_argument(
-        "--manifest",
-        help="data in any --data-format: answer every sample (up to --limit; default: the run's validation data)",
-    )
-    p.add_argument(
-        "--data-format",
-        choices=formats.CHOICES,
-        default=formats.AUTO,
-        help="format of --manifest; auto detects it from the path, or takes the run's for its validation data "
-        "(default: auto)",
-    )
-    p.add_argument("--image-root", default=None, help="image root for --manifest (default: its directory)")
+    add_data_options(p)
     p.add_argument("--limit", type=positive_int, default=10, help="samples from the manifest (default: 10)")
     add_generation_options(p)
     p.set_defaults(func=cmd_generate)
@@ -207,6 +198,60 @@ def cmd_export(args) -> int:
     path = checkpoint.latest_checkpoint(args.checkpoint) or args.checkpoint
     print(f"merged model written to {generate.export_merged(path, args.out)}")
     return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .inference import evaluate, generate
+
+    if (args.checkpoint is None) == (args.base_checkpoint is None):
+        raise ValueError(
+            "give a run (or checkpoint) directory, or --base-checkpoint DIR for a base's zero-shot figures"
+        )
+    path = (checkpoint.latest_checkpoint(args.checkpoint) or Path(args.checkpoint)) if args.checkpoint else None
+    # the data first: a typo should not cost the minutes of loading a full-size model
+    config = generate.run_config(path) if path else vars(run_config.TrainConfig())
+    samples, data_format, manifest = _evaluation_data(args, config)
+    budgets = {k: getattr(args, k) or config[k] for k in ("max_prompt_tokens", "max_answer_tokens")}
+    if path and budgets != {k: config[k] for k in budgets}:
+        raise ValueError("a run is evaluated with the budgets it trained with: drop --max-prompt/answer-tokens")
+    model, builder, _, name = evaluate.load(path, args.base_checkpoint, budgets, resolve_device(args.device))
+    task, options = evaluate.task_of(samples, data_format), generation_options(args)
+    results, records = evaluate.evaluate(model, builder, samples, task, options)
+    document = evaluate.report(
+        results, task=task, samples=len(records), source=name, data_path=str(manifest), options=options
+    )
+    default_out = path.parent.parent / "evaluation" if path else Path("evaluation")  # <run>/checkpoints/<ckpt>
+    out = evaluate.write(args.out or default_out, document, records)
+    print(evaluate.markdown(document) + f"\nwritten to {out}/ (predictions.jsonl, results.json, results.md)")
+    return 0
+
+
+def _evaluation_data(args, config: dict) -> tuple[list, str, str]:
+    """(samples, resolved format, path): --manifest in --data-format, by default the run's validation data."""
+    manifest = args.manifest or config["val_manifest"]
+    data_format = args.data_format
+    if data_format == formats.AUTO and not args.manifest:  # the run's own data: the format it trained with
+        data_format = config.get("data_format", formats.AUTO)
+    data_format = formats.detect(manifest) if data_format == formats.AUTO else data_format
+    samples = formats.read(manifest, data_format, args.image_root or config.get("image_root"), split="val")
+    return (samples[: args.limit] if args.limit else samples), data_format, manifest
+
+
+def add_evaluate_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="task metrics (VQA accuracy, multiple choice, BLEU-4 / CIDEr-D, exact match) of a run or a base",
+    )
+    p.add_argument("checkpoint", nargs="?", help="a run or checkpoint directory (its latest checkpoint)")
+    p.add_argument("--base-checkpoint", help="evaluate this bare base checkpoint instead: its zero-shot figures")
+    add_data_options(p)
+    p.add_argument("--limit", type=positive_int, default=None, help="first N samples only (default: none = all)")
+    p.add_argument("--out", default=None, help="report folder (default: <run>/evaluation, or ./evaluation for a base)")
+    for name in ("max_prompt_tokens", "max_answer_tokens"):
+        config_option(p, name, overrides=True)
+    add_generation_options(p)
+    add_device_option(p)
+    p.set_defaults(func=cmd_evaluate)
 
 
 def add_export_parser(sub) -> None:
@@ -398,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_doctor_parser,
         add_train_parser,
         add_generate_parser,
+        add_evaluate_parser,
         add_export_parser,
         add_bench_parser,
         add_reproduce_parser,

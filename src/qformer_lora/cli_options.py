@@ -117,6 +117,22 @@ def lora_spec(args) -> lora.LoraSpec:
     )
 
 
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """The data of generate and evaluate: a path in any format, default the run's validation data."""
+    parser.add_argument(
+        "--manifest",
+        help="data in any --data-format: answer every sample (up to --limit; default: the run's validation data)",
+    )
+    parser.add_argument(
+        "--data-format",
+        choices=formats.CHOICES,
+        default=formats.AUTO,
+        help="format of --manifest; auto detects it from the path, or takes the run's for its validation data "
+        "(default: auto)",
+    )
+    parser.add_argument("--image-root", default=None, help="image root for --manifest (default: its directory)")
+
+
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
     """Decoding options of generate and evaluate (inference.generate.GenerationOptions)."""
     parser.add_argument(

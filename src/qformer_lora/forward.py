@@ -152,6 +152,19 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: s
     )
 
 
+@torch.no_grad()
+def answer_log_likelihood(model, batch: dict) -> torch.Tensor:
+    """Per row (B,): the summed log-probability (nats) of its answer tokens given image and prompt.
+
+    Rank scoring of multiple-choice options (InstructBLIP's ScienceQA / IconQA evaluation, Dai et
+    al. 2023, sec. 3.3: each candidate answer's likelihood under the model, the highest chosen):
+    a training batch whose answers are the candidates, scored with the loss's own alignment.
+    """
+    batch_size = batch["input_ids"].shape[0]
+    token_losses = custom_forward(model, batch, reduction="none").loss  # 0 at ignored positions
+    return -token_losses.view(batch_size, -1).sum(dim=1)
+
+
 def target_count(batch: dict) -> int:
     """Number of tokens the loss is taken over (decoder-only targets are shifted by one, not lost:
     the first text position is always a prompt token)."""

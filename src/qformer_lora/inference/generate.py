@@ -38,11 +38,20 @@ def load_trained(checkpoint_path: str | os.PathLike):
     config = run_config(checkpoint_path)
     base = load_base(config)
     model = PeftModel.from_pretrained(base, str(Path(checkpoint_path) / checkpoint.ADAPTER_DIR)).eval()
-    family = "instructblip" if base.config.model_type == "instructblip" else "blip2"
-    processor = data.build_processor(
-        family, config.get("base_checkpoint"), image_size=base.config.vision_config.image_size
-    )
+    family, processor = _processor_of(base, config.get("base_checkpoint"))
     return model, processor, family, config
+
+
+def load_untrained(base_checkpoint: str | os.PathLike):
+    """(model in eval mode, processor, family) of a bare base checkpoint: its zero-shot baseline."""
+    base = presets.load_model(base_checkpoint).eval()
+    family, processor = _processor_of(base, base_checkpoint)
+    return base, processor, family
+
+
+def _processor_of(base, base_checkpoint) -> tuple[str, object]:
+    family = "instructblip" if base.config.model_type == "instructblip" else "blip2"
+    return family, data.build_processor(family, base_checkpoint, image_size=base.config.vision_config.image_size)
 
 
 def collator(model, processor, config: dict) -> inputs.Collator:
