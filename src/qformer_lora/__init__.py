@@ -12,6 +12,8 @@ layers above it in this list (tests/unit/test_layout.py keeps it so, and finds n
       images.py       image files -> 8-bit RGB: the per-mode conversion table, EXIF orientation
       data.py         JSONL manifests, processors, datasets
       inputs.py       the one builder of model inputs (Collator): training, validation, generation
+      metrics.py      VQA accuracy, exact match, multiple choice, BLEU-4 / CIDEr-D (the field's definitions)
+      tasks.py        answering and scoring: generation options, task metrics per data (evaluate, --eval-every)
       formats/        dataset formats -> Samples: jsonl, llava, hf, coco, vqav2, scienceqa (detect, read)
       checkpoint.py   adapter (PEFT format) + trainer state (safetensors + JSON), atomic
       synthetic.py    random batches for tests, probes and benchmarks
@@ -21,7 +23,8 @@ layers above it in this list (tests/unit/test_layout.py keeps it so, and finds n
                     validation.py, run_dir.py (log, resume checks), metrics_log.py
                     (metrics.jsonl + TensorBoard), step_options.py, feature_cache.py,
                     distributed.py (torchrun / DDP)
-    inference/      generate.py (load a trained adapter, answer, export a merged model)
+    inference/      generate.py (load a trained adapter or a base, export a merged model), evaluate.py
+                    (qformer-lora evaluate: load, score with tasks.py, write the report)
     bench/          measurement.py (one configuration through the training step), sweep.py,
                     capacity.py (memory model), flops.py (MFU), device.py, reporting.py
                     (ratios, seed table), report_files.py (JSON / Markdown / PNG)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, formats, images, lora, precision, presets
+from . import checkpoint, data, formats, images, lora, precision, presets, tasks
 from .cli_options import (
     AUTO,
     add_data_options,
@@ -152,7 +152,7 @@ def cmd_generate(args) -> int:
     # the inputs first: a typo should not cost the minutes of loading a full-size model
     pictures, questions, expected = _generate_inputs(args, lambda: generate.run_config(path))
     model, processor, _, config = generate.load_trained(path)
-    answers = generate.answer(
+    answers = tasks.answer(
         model, generate.collator(model, processor, config), pictures, questions, generation_options(args), True
     )
     for question, got, want in zip(questions, answers, expected):
@@ -215,8 +215,8 @@ def cmd_evaluate(args) -> int:
     if path and budgets != {k: config[k] for k in budgets}:
         raise ValueError("a run is evaluated with the budgets it trained with: drop --max-prompt/answer-tokens")
     model, builder, _, name = evaluate.load(path, args.base_checkpoint, budgets, resolve_device(args.device))
-    task, options = evaluate.task_of(samples, data_format), generation_options(args)
-    results, records = evaluate.evaluate(model, builder, samples, task, options)
+    task, options = tasks.task_of(samples, data_format), generation_options(args)
+    results, records = tasks.evaluate(model, builder, samples, task, options)
     document = evaluate.report(
         results, task=task, samples=len(records), source=name, data_path=str(manifest), options=options
     )

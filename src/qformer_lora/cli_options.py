@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from . import formats, lora, precision
+from . import formats, lora, precision, tasks
 from .training import run_config, step_options
 
 AUTO = "auto"  # --device: cuda when available, else cpu
@@ -134,7 +134,7 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
-    """Decoding options of generate and evaluate (inference.generate.GenerationOptions)."""
+    """Decoding options of generate and evaluate (tasks.GenerationOptions)."""
     parser.add_argument(
         "--max-new-tokens",
         type=positive_int,
@@ -157,6 +157,4 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def generation_options(args):
-    from .inference.generate import GenerationOptions
-
-    return GenerationOptions(args.max_new_tokens, args.num_beams, args.length_penalty, args.batch_size)
+    return tasks.GenerationOptions(args.max_new_tokens, args.num_beams, args.length_penalty, args.batch_size)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qformer_lora import cli, data, forward, inputs, metrics, presets
+from qformer_lora import cli, data, forward, inputs, metrics, presets, tasks
 from qformer_lora.inference import evaluate, generate
 from qformer_lora.training.run_config import TINY_BASE_CHECKPOINT, TrainConfig
 
@@ -47,7 +47,7 @@ def test_a_base_is_evaluated_on_every_format(tmp_path, data_format, capsys):
 
 
 def test_captioning_scores_one_caption_per_image():
-    samples = evaluate.one_per_image(data_samples("coco"))
+    samples = tasks.one_per_image(data_samples("coco"))
     assert len({s.image_path for s in samples}) == len(samples) and all(len(s.answers) >= 1 for s in samples)
 
 
@@ -66,7 +66,7 @@ def test_rank_scoring_takes_the_option_with_the_highest_answer_likelihood():
     builder = inputs.Collator.for_model(processor, model.config, {"max_prompt_tokens": 64, "max_answer_tokens": 16})
     sample = data_samples("scienceqa")[0]
     example = data.ManifestDataset([sample])[0]
-    (scores,) = evaluate.rank_choices(model, builder, [example], [sample])
+    (scores,) = tasks.rank_choices(model, builder, [example], [sample])
     for choice, score in zip(sample.choices, scores):
         batch = builder([data.Example(example.image, example.instruction, choice, example.id)])
         with torch.no_grad():

@@ -11,13 +11,11 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from peft import PeftModel
-from tqdm.auto import tqdm
 
-from .. import checkpoint, compat, data, forward, inputs, presets
+from .. import checkpoint, compat, data, inputs, presets
 
 
 def run_config(checkpoint_path: str | os.PathLike) -> dict:
@@ -57,40 +55,6 @@ def _processor_of(base, base_checkpoint) -> tuple[str, object]:
 def collator(model, processor, config: dict) -> inputs.Collator:
     """The run's input builder (inputs.Collator with its saved budgets): inference sees what training saw."""
     return inputs.Collator.for_model(processor, compat.unwrap(model).config, config)
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """Decoding options (transformers' ``generate``): greedy when ``num_beams`` is 1.
-
-    ``max_new_tokens``: longest answer in tokens (None: the run's ``max_answer_tokens``, the
-    answer budget it was trained with); ``length_penalty``: beam search's exponent on the
-    length that divides a beam's log-likelihood (>1 favours longer answers); ``batch_size``:
-    samples per forward pass (answers do not depend on it, tests/unit/test_inputs.py).
-    """
-
-    max_new_tokens: int | None = None
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    batch_size: int = 16
-
-
-def answer(model, builder: inputs.Collator, images, instructions, options=GenerationOptions(), progress=False):
-    """Answers to ``instructions`` about ``images`` (equal-length lists), decoded, in order."""
-    examples = [data.Example(image, text, "", str(i)) for i, (image, text) in enumerate(zip(images, instructions))]
-    max_new_tokens = options.max_new_tokens or builder.max_answer_tokens
-    answers: list[str] = []
-    for start in tqdm(range(0, len(examples), options.batch_size), disable=not progress, desc="generate"):
-        batch = builder.prompts(examples[start : start + options.batch_size])
-        new_tokens = forward.generate(
-            model,
-            inputs.to_device(batch, next(model.parameters()).device),
-            max_new_tokens=max_new_tokens,
-            num_beams=options.num_beams,
-            length_penalty=options.length_penalty,
-        )
-        answers += [text.strip() for text in builder.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    return answers
 
 
 def export_merged(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
