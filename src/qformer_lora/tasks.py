@@ -64,6 +64,8 @@ def answer(model, builder: inputs.Collator, images, instructions, options=Genera
 
 
 TASKS = ("qa", "vqa", "multiple-choice", "captioning")
+# every metric score() may report; all are higher-is-better
+METRICS = ("exact_match", "vqa_accuracy", "mc_rank_accuracy", "mc_generation_accuracy", "bleu4", "cider_d")
 
 
 def task_of(samples: list[data.Sample], data_format: str) -> str:

@@ -104,3 +104,51 @@ def test_results_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
         evaluate.write(out, {"metrics": {"exact_match": float("nan")}}, [{"id": "a"}])
     assert (out / "results.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["eval"]  # no staging directory left behind
+
+
+# --------------------------------------------------------------------------- evaluation in training
+
+
+def epoch_log(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == "epoch"]
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory) -> Path:
+    """4 epochs, task metrics every 2, the best epoch by exact match kept though only 1 checkpoint is."""
+    from qformer_lora.training.train import train
+
+    run = tmp_path_factory.mktemp("evaluated") / "run"
+    config = dict(epochs=4, eval_every=2, best_metric="eval_exact_match", save_every=4, keep_last=1)
+    train(TrainConfig(output_dir=str(run), progress=False, **config))
+    return run
+
+
+def test_training_logs_task_metrics_from_zero_shot_on(evaluated_run):
+    log = epoch_log(evaluated_run)
+    assert [r["epoch"] for r in log if "eval_exact_match" in r] == [0, 2, 4]  # zero-shot, every 2, the last
+    # the best epoch: the highest eval_exact_match logged so far, the earlier on a tie
+    for i, record in enumerate(log[1:], start=1):
+        seen = [(r["eval_exact_match"], -r["epoch"]) for r in log[1 : i + 1] if "eval_exact_match" in r]
+        assert record.get("best_epoch") == (-max(seen)[1] if seen else None)
+
+
+def test_the_best_checkpoint_is_kept_and_scores_as_logged(evaluated_run, capsys):
+    log = epoch_log(evaluated_run)
+    best = log[-1]["best_epoch"]
+    kept = sorted(p.name for p in (evaluated_run / "checkpoints").iterdir())
+    assert kept == sorted({f"epoch-{best:04d}", "epoch-0004"}), kept  # keep_last 1, plus the best
+    path = evaluated_run / "checkpoints" / f"epoch-{best:04d}"
+    assert cli.main(["evaluate", str(path), "--out", str(evaluated_run / "best-eval")]) == 0
+    document, _ = read_results(evaluated_run / "best-eval")
+    logged = next(r for r in log if r["epoch"] == best)["eval_exact_match"]
+    assert document["metrics"]["exact_match"] == pytest.approx(logged)  # in the loop as on the command line
+
+
+def test_best_metric_must_be_logged():
+    from qformer_lora.training.run_config import ConfigError, load_run_config
+
+    with pytest.raises(ConfigError, match="best_metric"):
+        load_run_config(None, {"best_metric": "eval_exact_match"})  # no --eval-every: never logged
+    assert load_run_config(None, {"best_metric": "val_loss"}).best_metric == "val_loss"

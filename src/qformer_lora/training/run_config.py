@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import data, formats, lora, precision, presets
+from .. import data, formats, lora, precision, presets, tasks
 from . import step_options
 
 # A random frozen language model cannot be steered by a Q-Former adapter, so the embedded
@@ -31,6 +31,8 @@ class TrainConfig:
     val_manifest: str = str(data.SHAPES_DIR / "val.jsonl")
     image_root: str | None = None
     num_workers: int | None = None  # none: loader.default_workers (0 on CPU, up to 8 on CUDA)
+    eval_every: int = 0  # 0: off
+    best_metric: str | None = None  # none: no best checkpoint tracked
     image_decode: str = "exact"  # "draft": tests/unit/test_image_decode.py holds the rule for the default
     data_format: str = formats.AUTO
     output_dir: str = "runs/default"
@@ -94,6 +96,12 @@ HELP = {
     "its val/validation split",
     "image_root": "directory image paths are resolved in (default: the manifest's directory, or where the "
     "format's official layout puts its images)",
+    "eval_every": "every N epochs (and at the start and the end), the task metrics of the validation data by "
+    "generation, as qformer-lora evaluate computes them (exact match; VQA accuracy, multiple choice or BLEU-4 / "
+    "CIDEr-D where the data holds them), logged as eval_<metric>; 0: off",
+    "best_metric": "keep the checkpoint of the epoch best by this logged metric: val_loss (lower is better), "
+    "val_accuracy or an eval_<metric> of --eval-every (higher is better); the epoch is saved whatever --save-every "
+    "says, kept whatever --keep-last says, and logged as best_epoch; none: off",
     "image_decode": "how JPEGs are decoded: exact (in full) or draft (libjpeg scales by 1/2, 1/4 or 1/8 while "
     "decoding, keeping both sides at least the model's image size: 1.7x the images/s per core on COCO-sized "
     "photos, but the pixels differ from exact by 1.24 levels of 255 on average, more than re-saving the JPEG at "
@@ -165,6 +173,7 @@ MINIMUMS = {
     "max_rollbacks": 0,
     "stop_after_epochs": 1,
     "num_workers": 0,
+    "eval_every": 0,
 }
 
 
@@ -252,4 +261,11 @@ def load_run_config(path: str | os.PathLike | None, overrides: dict | None = Non
     for name, minimum in MINIMUMS.items():
         if getattr(config, name) is not None and getattr(config, name) < minimum:
             refuse(name, f"it must be at least {minimum}")
+    if config.best_metric is not None and config.best_metric not in best_metrics(config.eval_every):
+        refuse("best_metric", f"expected one of {best_metrics(config.eval_every)}")
     return config
+
+
+def best_metrics(eval_every: int) -> tuple[str, ...]:
+    """The logged metrics --best-metric may name: validation's always, the task metrics with --eval-every."""
+    return ("val_loss", "val_accuracy") + (tuple(f"eval_{m}" for m in tasks.METRICS) if eval_every else ())

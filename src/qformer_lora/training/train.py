@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import checkpoint, data, formats, forward, inputs, lora, precision, presets
+from .. import checkpoint, data, formats, forward, inputs, lora, precision, presets, tasks
 from ..diagnostics import doctor
 from . import distributed, feature_cache, metrics_log, run_dir, step_options, validation
 from .loader import EpochLoader, default_workers
@@ -255,7 +255,7 @@ def run_epochs(run: Run) -> dict:
     """The epochs from ``run.start_epoch``; returns the last epoch's metrics."""
     config = run.config
     if run.start_epoch == 1:  # where the run starts from, so "how much did it learn" has a reference
-        run.log.record({"type": "epoch", "epoch": 0, "step": 0, **_validate(run, 0)})
+        run.log.record({"type": "epoch", "epoch": 0, "step": 0, **_validate(run, 0), **_task_metrics(run, 0)})
     last_epoch = config.epochs if config.stop_after_epochs is None else min(config.epochs, config.stop_after_epochs)
     metrics: dict = {}
     for epoch in range(run.start_epoch, last_epoch + 1):
@@ -301,6 +301,34 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, int]:
     return loss_sum, tokens
 
 
+def _task_metrics(run: Run, epoch: int) -> dict:
+    """With --eval-every N: the validation data's task metrics (tasks.evaluate, by generation) as
+    eval_<metric>, at epoch 0 (zero-shot), every N epochs and at the last; {} otherwise."""
+    config = run.config
+    if not config.eval_every or not (epoch == 0 or epoch % config.eval_every == 0 or epoch == config.epochs):
+        return {}
+    data_format = config.data_format
+    if data_format == formats.AUTO:
+        data_format = formats.detect(config.val_manifest)
+    task = tasks.task_of(run.val_set.samples, data_format)
+    options = tasks.GenerationOptions(batch_size=config.batch_size)
+    with precision.autocast(config.precision, run.device):
+        results, _ = tasks.evaluate(run.model, run.collator, run.val_set.samples, task, options, progress=False)
+    return {f"eval_{name}": value for name, value in results.items() if isinstance(value, float)}
+
+
+def _best_epoch(run: Run, metrics: dict) -> int | None:
+    """The epoch best by --best-metric among the logged epochs 1.. and ``metrics`` (this epoch's);
+    read back from metrics.jsonl, which a resume truncates to its checkpoint, so it resumes too."""
+    name = run.config.best_metric
+    if name is None:
+        return None
+    sign = -1 if name == "val_loss" else 1  # val_loss falls as the model improves, the others rise
+    logged = run_dir.epoch_records(run.log.path) + [metrics]
+    scored = [(sign * r[name], -r["epoch"], r["epoch"]) for r in logged if r["epoch"] >= 1 and name in r]
+    return max(scored)[2] if scored else None  # a tie goes to the earlier epoch
+
+
 def _validate(run: Run, epoch: int) -> dict:
     loader = run.val_loader.epoch(epoch)
     return {
@@ -319,9 +347,13 @@ def end_epoch(run: Run, epoch: int, loss_sum: float, tokens: int) -> dict:
         "step": run.global_step,
         "train_loss": loss_sum / max(tokens, 1),
         **_validate(run, epoch),
+        **_task_metrics(run, epoch),
     }
     if run.cache is not None:
         metrics["feature_cache_hit_rate"] = run.cache.stats.hit_rate
+    best = _best_epoch(run, metrics)
+    if best is not None:
+        metrics["best_epoch"] = best
     run.log.record(metrics)
     main = distributed.is_main()
     if config.progress and main:
@@ -329,7 +361,7 @@ def end_epoch(run: Run, epoch: int, loss_sum: float, tokens: int) -> dict:
             f"epoch {epoch}: train loss {metrics['train_loss']:.4f}  val loss {metrics['val_loss']:.4f}  "
             f"val accuracy {metrics['val_accuracy']:.3f} (majority answer {run.baseline:.3f})"
         )
-    if main and checkpoint.should_save(epoch, config.epochs, config.save_every):
+    if main and (checkpoint.should_save(epoch, config.epochs, config.save_every) or best == epoch):
         checkpoint.save(
             Path(config.output_dir),
             epoch,
@@ -341,5 +373,6 @@ def end_epoch(run: Run, epoch: int, loss_sum: float, tokens: int) -> dict:
             config=asdict(config),
             keep_last=config.keep_last or None,
             metrics=metrics,
+            keep=best,
         )
     return metrics
