@@ -152,6 +152,7 @@ def cmd_generate(args) -> int:
     # the inputs first: a typo should not cost the minutes of loading a full-size model
     pictures, questions, expected = _generate_inputs(args, lambda: generate.run_config(path))
     model, processor, _, config = generate.load_trained(path)
+    model.to(resolve_device(args.device))
     answers = tasks.answer(
         model, generate.collator(model, processor, config), pictures, questions, generation_options(args), True
     )
@@ -189,6 +190,7 @@ def add_generate_parser(sub) -> None:
     add_data_options(p)
     p.add_argument("--limit", type=positive_int, default=10, help="samples from the manifest (default: 10)")
     add_generation_options(p)
+    add_device_option(p)
     p.set_defaults(func=cmd_generate)
 
 
