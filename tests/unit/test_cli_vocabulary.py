@@ -21,6 +21,8 @@ DIFFERENT_DEFAULTS = {
     "preset": "verify and bench default to the full-size model their figures are about; train and doctor to the "
     "tiny model the embedded default run trains",
     "out": "each subcommand writes its own kind of report (reproduce: reports/, bench: reports/gpu)",
+    "base_checkpoint": "train and doctor start from the tiny pretrained base; generate has no base of its own "
+    "(--adapter's is the one its adapter_config.json records, and alone it names the model to answer with)",
 }
 SWITCHES = {"json"}  # output switches; every option that sets a value takes one (true/false)
 
