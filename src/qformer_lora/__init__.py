@@ -17,7 +17,8 @@ layers above it in this list (tests/unit/test_layout.py keeps it so, and finds n
                     step), validation.py, run_dir.py (log, resume checks), metrics_log.py
                     (metrics.jsonl + TensorBoard), step_options.py, feature_cache.py,
                     distributed.py (torchrun / DDP)
-    inference/      generate.py (load a trained adapter, answer, export a merged model)
+    inference/      generate.py (load a trained adapter, ours or plain PEFT's, and answer), export.py (the
+                    merged model with a complete processor), model_card.py (its README.md)
     bench/          measurement.py (one configuration through the training step), sweep.py,
                     capacity.py (memory model), flops.py (MFU), device.py, reporting.py
                     (ratios, seed table), report_files.py (JSON / Markdown / PNG)
