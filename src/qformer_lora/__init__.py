@@ -23,7 +23,8 @@ layers above it in this list (tests/unit/test_layout.py keeps it so, and finds n
                     validation.py, run_dir.py (log, resume checks), metrics_log.py
                     (metrics.jsonl + TensorBoard), step_options.py, feature_cache.py,
                     distributed.py (torchrun / DDP)
-    inference/      generate.py (load a trained adapter or a base, export a merged model), evaluate.py
+    inference/      generate.py (load a trained adapter, ours or plain PEFT's, or a base), export.py (the
+                    merged model with a complete processor), model_card.py (its README.md), evaluate.py
                     (qformer-lora evaluate: load, score with tasks.py, write the report)
     bench/          measurement.py (one configuration through the training step), sweep.py,
                     capacity.py (memory model), flops.py (MFU), device.py, reporting.py

@@ -148,17 +148,46 @@ def add_train_parser(sub) -> None:
 def cmd_generate(args) -> int:
     from .inference import generate
 
-    path = checkpoint.latest_checkpoint(args.checkpoint) or args.checkpoint
+    path = _generate_source(args)
     # the inputs first: a typo should not cost the minutes of loading a full-size model
-    pictures, questions, expected = _generate_inputs(args, lambda: generate.run_config(path))
-    model, processor, _, config = generate.load_trained(path)
+    pictures, questions, expected = _generate_inputs(args, lambda: _run_config(generate, path))
+    config = None  # an adapter trained elsewhere or a saved model: TrainConfig's budgets
+    if args.adapter is not None:
+        model, processor, _, report = generate.load_adapter(args.adapter, args.base_checkpoint)
+        print(lora.format_scope_report(report), end="\n\n", file=sys.stderr)  # stdout: the answers alone
+    elif path is None:
+        model, processor, _ = generate.load_merged(args.base_checkpoint)
+    else:
+        model, processor, _, config = generate.load_trained(path)
     model.to(resolve_device(args.device))
-    answers = tasks.answer(
-        model, generate.collator(model, processor, config), pictures, questions, generation_options(args), True
-    )
+    builder = generate.collator(model, processor, config or vars(run_config.TrainConfig()))
+    answers = tasks.answer(model, builder, pictures, questions, generation_options(args), True)
     for question, got, want in zip(questions, answers, expected):
         print(f"{question} -> {got}" + (f"   (expected: {want})" if want is not None else ""))
     return 0
+
+
+def _generate_source(args):
+    """The training checkpoint to answer with, or None for --adapter / --base-checkpoint alone."""
+    if args.checkpoint is not None:
+        if args.adapter is not None or args.base_checkpoint is not None:
+            raise ValueError(
+                f"{args.checkpoint}: a training checkpoint brings its own adapter and base; "
+                f"--adapter and --base-checkpoint are for models trained elsewhere"
+            )
+        return checkpoint.latest_checkpoint(args.checkpoint) or args.checkpoint
+    if args.adapter is None and args.base_checkpoint is None:
+        raise ValueError("name a training checkpoint or run, --adapter DIR, or --base-checkpoint DIR")
+    return None
+
+
+def _run_config(generate, path) -> dict:
+    if path is None:
+        raise ValueError(
+            "--adapter / --base-checkpoint: no run to take validation data from; give --manifest, "
+            "or --image and --question"
+        )
+    return generate.run_config(path)
 
 
 def _generate_inputs(args, run_config) -> tuple[list, list, list]:
@@ -183,8 +212,25 @@ def _generate_inputs(args, run_config) -> tuple[list, list, list]:
 
 
 def add_generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="answer questions about images with a trained adapter")
-    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
+    p = sub.add_parser(
+        "generate",
+        help="answer questions about images with a trained adapter",
+        description="Answer with a training checkpoint of ours (CHECKPOINT), with a LoRA adapter trained "
+        "elsewhere with plain PEFT (--adapter DIR on --base-checkpoint DIR; a scope report of what it "
+        "touches goes to stderr), or with a saved model as it is, such as a merged export "
+        "(--base-checkpoint DIR alone).",
+    )
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint directory, or a run directory (its latest checkpoint)")
+    p.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="a PEFT LoRA adapter directory (adapter_config.json + weights) trained elsewhere on the Q-Former",
+    )
+    p.add_argument(
+        "--base-checkpoint",
+        help="local InstructBLIP/BLIP-2 checkpoint directory: the base of --adapter (default: the one its "
+        "adapter_config.json records), or the model to answer with when there is no adapter",
+    )
     p.add_argument("--image", help="image file")
     p.add_argument("--question", help="instruction / question")
     add_data_options(p)
@@ -195,10 +241,10 @@ def add_generate_parser(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from .inference import generate
+    from .inference import export
 
     path = checkpoint.latest_checkpoint(args.checkpoint) or args.checkpoint
-    print(f"merged model written to {generate.export_merged(path, args.out)}")
+    print(f"merged model written to {export.export_merged(path, args.out)}")
     return 0
 
 
@@ -257,9 +303,16 @@ def add_evaluate_parser(sub) -> None:
 
 
 def add_export_parser(sub) -> None:
-    p = sub.add_parser("export", help="merge the adapter into its base model (merge_and_unload) and save it")
+    p = sub.add_parser(
+        "export",
+        help="merge the adapter into its base model (merge_and_unload) and save it with a model card",
+        description="Merge a checkpoint's adapter into its base and write a directory that plain transformers "
+        "loads as is (AutoProcessor + the model class's generate): the merged weights, a complete "
+        "processor (num_query_tokens, image token, image size) and a README.md model card with the "
+        "hub's metadata, the adapter, the training data, the run's validation figures and a usage snippet.",
+    )
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
-    p.add_argument("out", help="new directory for the merged model and its processor")
+    p.add_argument("out", help="new directory for the merged model, its processor and model card")
     p.set_defaults(func=cmd_export)
 
 

@@ -21,8 +21,9 @@ DIFFERENT_DEFAULTS = {
     "preset": "verify and bench default to the full-size model their figures are about; train and doctor to the "
     "tiny model the embedded default run trains",
     "out": "each subcommand writes its own kind of report (reproduce: reports/, bench: reports/gpu)",
-    "base_checkpoint": "evaluate scores the run it is given unless --base-checkpoint names a base; train and doctor "
-    "start from the tiny pretrained base",
+    "base_checkpoint": "train and doctor start from the tiny pretrained base; evaluate scores the run it is given "
+    "unless --base-checkpoint names a base; generate has no base of its own (--adapter's is the one its "
+    "adapter_config.json records, and alone it names the model to answer with)",
     "limit": "generate prints a few answers to read; evaluate scores the whole set",
 }
 # Options whose None default means "the run's value, else the TrainConfig default" (a run config or a

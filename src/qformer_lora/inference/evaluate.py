@@ -70,7 +70,7 @@ def load(checkpoint_path=None, base_checkpoint=None, budgets: dict | None = None
         model, processor, _, config = generate.load_trained(checkpoint_path)
         name = str(checkpoint_path)
     else:
-        model, processor, _ = generate.load_untrained(base_checkpoint)
+        model, processor, _ = generate.load_merged(base_checkpoint)
         config, name = None, f"{base_checkpoint} (base, zero-shot)"
     model.to(device)
     return model, generate.collator(model, processor, config or budgets), config, name
