@@ -251,9 +251,10 @@ def cmd_export(args) -> int:
 def cmd_evaluate(args) -> int:
     from .inference import evaluate, generate
 
-    if (args.checkpoint is None) == (args.base_checkpoint is None):
+    if (args.checkpoint is None) == (args.base_checkpoint is None and args.adapter is None):
         raise ValueError(
-            "give a run (or checkpoint) directory, or --base-checkpoint DIR for a base's zero-shot figures"
+            "give a run (or checkpoint) directory, --adapter DIR (a plain PEFT adapter), or --base-checkpoint DIR "
+            "alone for a base's zero-shot figures"
         )
     path = (checkpoint.latest_checkpoint(args.checkpoint) or Path(args.checkpoint)) if args.checkpoint else None
     # the data first: a typo should not cost the minutes of loading a full-size model
@@ -262,7 +263,9 @@ def cmd_evaluate(args) -> int:
     budgets = {k: getattr(args, k) or config[k] for k in ("max_prompt_tokens", "max_answer_tokens")}
     if path and budgets != {k: config[k] for k in budgets}:
         raise ValueError("a run is evaluated with the budgets it trained with: drop --max-prompt/answer-tokens")
-    model, builder, _, name = evaluate.load(path, args.base_checkpoint, budgets, resolve_device(args.device))
+    model, builder, _, name = evaluate.load(
+        path, args.base_checkpoint, budgets, resolve_device(args.device), adapter=args.adapter
+    )
     task, options = tasks.task_of(samples, data_format), generation_options(args)
     results, records = tasks.evaluate(model, builder, samples, task, options)
     document = evaluate.report(
@@ -291,7 +294,12 @@ def add_evaluate_parser(sub) -> None:
         help="task metrics (VQA accuracy, multiple choice, BLEU-4 / CIDEr-D, exact match) of a run or a base",
     )
     p.add_argument("checkpoint", nargs="?", help="a run or checkpoint directory (its latest checkpoint)")
-    p.add_argument("--base-checkpoint", help="evaluate this bare base checkpoint instead: its zero-shot figures")
+    p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter directory trained elsewhere on the Q-Former")
+    p.add_argument(
+        "--base-checkpoint",
+        help="the base of --adapter (default: the one its adapter_config.json records), or alone a base or "
+        "merged checkpoint to evaluate as saved (a base's zero-shot figures)",
+    )
     add_data_options(p)
     p.add_argument("--limit", type=positive_int, default=None, help="first N samples only (default: none = all)")
     p.add_argument("--out", default=None, help="report folder (default: <run>/evaluation, or ./evaluation for a base)")

@@ -434,3 +434,16 @@ def test_generate_refuses_an_adapter_outside_every_scope_and_says_what_is_missin
     assert "name a training checkpoint or run, --adapter DIR, or --base-checkpoint DIR" in capsys.readouterr().err
     assert cli.main(["generate", "--adapter", str(tmp_path / "vision")]) == 2  # no run: no default data
     assert "no run to take validation data from" in capsys.readouterr().err
+
+
+def test_evaluate_scores_a_plain_peft_adapter_as_generate_answers(plain_peft_adapter, tmp_path, capsys):
+    """evaluate --adapter: the adapter's predictions on the shapes validation data are generate --adapter's."""
+    manifest = str(data.SHAPES_DIR / "val.jsonl")
+    out = tmp_path / "eval"
+    assert cli.main(["evaluate", "--adapter", str(plain_peft_adapter), "--manifest", manifest, "--limit", "3",
+                     "--out", str(out)]) == 0  # fmt: skip
+    predictions = [json.loads(line)["prediction"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    capsys.readouterr()
+    assert cli.main(["generate", "--adapter", str(plain_peft_adapter), "--manifest", manifest, "--limit", "3"]) == 0
+    answers = [line.split(" -> ")[1].split("   (expected")[0] for line in capsys.readouterr().out.splitlines()]
+    assert predictions == answers and len(answers) == 3

@@ -63,14 +63,19 @@ def write(out_dir: str | os.PathLike, document: dict, records: list[dict]) -> Pa
     return out_dir
 
 
-def load(checkpoint_path=None, base_checkpoint=None, budgets: dict | None = None, device="cpu"):
-    """(model, input builder, run config or None, name) of a training checkpoint, or of a bare base
-    checkpoint with the prompt/answer ``budgets`` given (its zero-shot baseline)."""
+def load(checkpoint_path=None, base_checkpoint=None, budgets: dict | None = None, device="cpu", adapter=None):
+    """(model, input builder, run config or None, name) of a training checkpoint; of a LoRA adapter
+    trained elsewhere with plain PEFT (``adapter``, on ``base_checkpoint`` or the base it records);
+    or of a bare base or merged checkpoint, with the prompt/answer ``budgets`` given (zero-shot)."""
+    config = None
     if checkpoint_path is not None:
         model, processor, _, config = generate.load_trained(checkpoint_path)
         name = str(checkpoint_path)
+    elif adapter is not None:
+        model, processor, _, _ = generate.load_adapter(adapter, base_checkpoint)
+        name = f"{adapter} (adapter on {base_checkpoint or generate.adapter_base(adapter)})"
     else:
         model, processor, _ = generate.load_merged(base_checkpoint)
-        config, name = None, f"{base_checkpoint} (base, zero-shot)"
+        name = f"{base_checkpoint} (as saved: zero-shot for a base)"
     model.to(device)
     return model, generate.collator(model, processor, config or budgets), config, name
