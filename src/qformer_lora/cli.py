@@ -244,7 +244,7 @@ def cmd_export(args) -> int:
     from .inference import export
 
     path = checkpoint.latest_checkpoint(args.checkpoint) or args.checkpoint
-    print(f"merged model written to {export.export_merged(path, args.out)}")
+    print(f"merged model written to {export.export_merged(path, args.out, resolve_device(args.device))}")
     return 0
 
 
@@ -321,6 +321,7 @@ def add_export_parser(sub) -> None:
     )
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
     p.add_argument("out", help="new directory for the merged model, its processor and model card")
+    add_device_option(p)
     p.set_defaults(func=cmd_export)
 
 

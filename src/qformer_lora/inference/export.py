@@ -93,20 +93,22 @@ def save_processor(processor, directory: str | os.PathLike) -> None:
     compat.make_readable_by_every_release(directory)
 
 
-def export_merged(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def export_merged(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, device: str = "cpu") -> Path:
     """Merge a training checkpoint's adapter into its base and write a directory plain transformers uses.
 
     ``out_dir`` (new; FileExistsError if it exists) receives the merged model (PEFT's
     ``merge_and_unload``; safetensors), its completed processor (``complete_processor``) and a
     model card README.md. Written into a temporary sibling and renamed into place, so a failure
-    leaves nothing behind. Errors: CheckpointError for a directory that is not a training
+    leaves nothing behind. ``device``: where the merge is computed (the files are the same).
+    Errors: CheckpointError for a directory that is not a training
     checkpoint, ExportError for a base whose processor does not fit its model.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():  # before loading and merging, which take minutes on a full-size model
         raise FileExistsError(f"{out_dir} already exists; choose a new directory")
     model, processor, family, config = generate.load_trained(checkpoint_path)
-    merged = model.merge_and_unload()
+    merged = model.to(device).merge_and_unload()  # a full-size merge is faster on a GPU
+    merged.to("cpu")  # saved from the host, as loaded: the files do not depend on the device
     complete_processor(processor, merged.config, where=config.get("base_checkpoint") or f"preset {config['preset']}")
     compat.name_text_architecture(merged)  # InstructBLIP's generate reads it on older releases
     card = model_card.card_text(
