@@ -18,6 +18,7 @@ Choices that make runs comparable:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint, data, formats, forward, inputs, lora, precision, presets, tasks
 from ..diagnostics import doctor
-from . import distributed, feature_cache, metrics_log, run_dir, step_options, validation
+from . import distributed, feature_cache, metrics_log, run_dir, run_lock, step_options, validation
 from .loader import EpochLoader, default_workers
 from .run_config import TrainConfig  # the options; what callers pass to train()
 from .step import StepParts, linear_warmup_decay, make_step, training_step
@@ -243,9 +244,12 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, device: 
     device, started = distributed.setup(device)  # a process group under torchrun, nothing otherwise
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        run = setup(config, resume, device)
-        with run.log:  # the TensorBoard event file is flushed and closed on errors too
-            return run_epochs(run)
+        # one writer per run directory (training/run_lock.py): rank 0 holds it, released on errors too
+        lock = run_lock.RunLock(config.output_dir) if distributed.is_main() else contextlib.nullcontext()
+        with lock:
+            run = setup(config, resume, device)
+            with run.log:  # the TensorBoard event file is flushed and closed on errors too
+                return run_epochs(run)
     finally:
         distributed.teardown(started)
         torch.use_deterministic_algorithms(previous)
