@@ -10,10 +10,18 @@ Layout of one checkpoint directory ``<run>/checkpoints/epoch-0002/``::
 No pickle anywhere: tensors go to safetensors, everything else to JSON. A checkpoint is
 written into a temporary sibling directory and renamed into place only when complete, so
 a crash mid-save leaves the previous checkpoint untouched and never a torn one.
+
+Durability and integrity: every file and the staging directory are fsynced before the
+rename, and ``checkpoints/`` after it, so a power cut cannot leave a renamed directory
+whose files were never written. ``trainer_state.json`` records each other file's size and
+sha256 (``files``) and a sha256 of its own content (``state_sha256``: the JSON with that key
+left out, keys sorted); :func:`verify` checks them all, :func:`load_state` before any resume.
+Checkpoints written before these fields existed load unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -129,10 +137,11 @@ def save(
             "config": config,
             "metrics": metrics or {},
         }
-        (staging / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+        _write_state(staging, state)
         if final.exists():  # re-saving the same epoch (e.g. after a rollback) replaces it whole
             shutil.rmtree(final)
         os.replace(staging, final)
+        _fsync(final.parent)  # the rename itself
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -143,13 +152,70 @@ def save(
     return final
 
 
-def load_state(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a directory's entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _state_digest(state: dict) -> str:
+    body = {k: v for k, v in state.items() if k != "state_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _write_state(staging: Path, state: dict) -> None:
+    """Record every file's size and sha256 in the state, write it, fsync everything written."""
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    state["files"] = {p.relative_to(staging).as_posix(): {"size": p.stat().st_size, "sha256": sha256(p)} for p in files}
+    state["state_sha256"] = _state_digest(state)
+    (staging / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+    for p in [*files, staging / STATE_FILE, *{p.parent for p in files}, staging]:
+        _fsync(p)
+
+
+def verify(path: str | os.PathLike) -> dict:
+    """The checkpoint's state after checking it whole; CheckpointError naming the first bad file.
+
+    Checks: the state file parses and matches its ``state_sha256``; each file in ``files`` exists
+    with the recorded size and sha256; the optimizer file and adapter directory exist."""
     path = Path(path)
-    state_file, optimizer_file = path / STATE_FILE, path / OPTIMIZER_FILE
-    for required in (state_file, optimizer_file, path / ADAPTER_DIR):
+    state_file = path / STATE_FILE
+    for required in (state_file, path / OPTIMIZER_FILE, path / ADAPTER_DIR):
         if not required.exists():
             raise CheckpointError(f"{path}: incomplete checkpoint, {required.name} is missing")
-    return json.loads(state_file.read_text(encoding="utf-8")), load_file(str(optimizer_file))
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{state_file}: corrupt checkpoint file, not JSON ({err})") from None
+    if "state_sha256" in state and state["state_sha256"] != _state_digest(state):
+        raise CheckpointError(f"{state_file}: corrupt checkpoint file, its content does not match its sha256")
+    for name, expected in state.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing checkpoint file")
+        size = file.stat().st_size
+        if size != expected["size"]:
+            raise CheckpointError(f"{file}: corrupt checkpoint file, {size} bytes, expected {expected['size']}")
+        if sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"{file}: corrupt checkpoint file, sha256 differs from the recorded one")
+    return state
+
+
+def load_state(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The verified state (:func:`verify`) and the optimizer tensors of checkpoint ``path``."""
+    state = verify(path)
+    return state, load_file(str(Path(path) / OPTIMIZER_FILE))
 
 
 def restore(path, *, model, optimizer, scheduler, scaler) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 from .. import checkpoint
@@ -66,13 +67,25 @@ def truncate_log(path: Path, last_step: int) -> None:
 
 
 def resume_point(run_dir: Path, resume) -> Path:
-    """The checkpoint ``resume`` names ('latest': the run's newest), checked before anything is built."""
-    path = checkpoint.latest_checkpoint(run_dir) if str(resume) == "latest" else Path(resume)
-    if path is None:
-        raise checkpoint.CheckpointError(f"{run_dir}: no checkpoint to resume from")
-    if not path.is_dir():
-        raise checkpoint.CheckpointError(f"{path}: no such checkpoint directory")
-    return path
+    """The checkpoint ``resume`` names, verified (checkpoint.verify) before anything is built.
+
+    'latest': the run's newest checkpoint that verifies; each newer one that does not is
+    skipped with a warning naming its bad file. A named checkpoint that does not verify is
+    refused (CheckpointError naming the file)."""
+    if str(resume) != "latest":
+        path = Path(resume)
+        if not path.is_dir():
+            raise checkpoint.CheckpointError(f"{path}: no such checkpoint directory")
+        checkpoint.verify(path)
+        return path
+    for path in reversed(checkpoint.list_checkpoints(run_dir)):
+        try:
+            checkpoint.verify(path)
+        except checkpoint.CheckpointError as err:
+            warnings.warn(f"--resume latest: skipping {path.name}: {err}", stacklevel=2)
+            continue
+        return path
+    raise checkpoint.CheckpointError(f"{run_dir}: no checkpoint to resume from")
 
 
 # What a resumed run takes from its checkpoint: the adapter's shape (another one cannot load)
