@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -35,7 +36,8 @@ from safetensors.torch import load_file, save_file
 ADAPTER_DIR = "adapter"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
-PREFIX = "epoch-"
+PREFIX = "epoch-"  # an epoch's end: checkpoints/epoch-0002
+STEP_PREFIX = "step-"  # --save-steps, mid-epoch: checkpoints/step-00000150 (the global optimizer step)
 
 
 class CheckpointError(RuntimeError):
@@ -51,9 +53,28 @@ def checkpoint_dir(run_dir: str | os.PathLike, epoch: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"{PREFIX}{epoch:04d}"
 
 
+def step_checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{STEP_PREFIX}{step:08d}"
+
+
+def _training_order(path: Path) -> tuple[float, int]:
+    """Where ``path`` was saved in training: (global step, 0 mid-epoch / 1 at the epoch's end).
+
+    An epoch's checkpoint follows a step checkpoint of the same step (the epoch's validation ran
+    after it). An unreadable state file sorts last, so ``--resume latest`` meets it first and
+    says why it skips it."""
+    try:
+        step = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return math.inf, 0
+    return step, int(path.name.startswith(PREFIX))
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The run's checkpoints (epoch and step), oldest first in training order."""
     root = Path(run_dir) / "checkpoints"
-    return sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir() and (p / STATE_FILE).is_file())
+    found = [p for prefix in (PREFIX, STEP_PREFIX) for p in root.glob(f"{prefix}*")]
+    return sorted((p for p in found if p.is_dir() and (p / STATE_FILE).is_file()), key=_training_order)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -117,10 +138,16 @@ def save(
     keep_last: int | None = None,
     metrics: dict | None = None,
     keep: int | None = None,
+    position: dict | None = None,
+    guard: dict | None = None,
 ) -> Path:
     """Write checkpoint ``epoch`` atomically; then prune to the ``keep_last`` newest, sparing
-    epoch ``keep`` (the best epoch by --best-metric)."""
-    final = checkpoint_dir(run_dir, epoch)
+    epoch ``keep`` (the best epoch by --best-metric).
+
+    ``position``: for a step checkpoint inside epoch ``epoch`` (written to step-<global_step>),
+    where the epoch stands: {"batches": micro-batches consumed, "loss_sum", "tokens": the
+    epoch's running totals}. ``guard``: the guard's counters (numerics.Guard rollbacks, skipped)."""
+    final = checkpoint_dir(run_dir, epoch) if position is None else step_checkpoint_dir(run_dir, global_step)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
@@ -136,7 +163,10 @@ def save(
             "rng": rng_state(),
             "config": config,
             "metrics": metrics or {},
+            "guard": guard,
         }
+        if position is not None:
+            state["position"] = position
         _write_state(staging, state)
         if final.exists():  # re-saving the same epoch (e.g. after a rollback) replaces it whole
             shutil.rmtree(final)

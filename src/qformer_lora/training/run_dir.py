@@ -39,8 +39,10 @@ def epoch_records(path: Path) -> list[dict]:
     return [r for r in records if r.get("type") == "epoch"]
 
 
-def truncate_log(path: Path, last_step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (an interrupted run's tail).
+def truncate_log(path: Path, last_step: int, epochs_done: int | None = None) -> None:
+    """Drop log lines written after the checkpoint we resume from (an interrupted run's tail):
+    records after step ``last_step``, and epoch records after epoch ``epochs_done`` (a step
+    checkpoint at an epoch's last step precedes that epoch's record of the same step).
 
     A last line cut short (the process died while writing it) is dropped too; any other line
     that is not a log record is an error naming it.
@@ -50,7 +52,8 @@ def truncate_log(path: Path, last_step: int) -> None:
     lines, kept = path.read_text(encoding="utf-8").splitlines(), []
     for number, line in enumerate(lines, 1):
         try:
-            step = json.loads(line).get("step", 0)
+            record = json.loads(line)
+            step = record.get("step", 0)
         except (json.JSONDecodeError, AttributeError) as err:
             if number == len(lines) and isinstance(err, json.JSONDecodeError):
                 break  # torn by the interruption this resume recovers from
@@ -59,7 +62,8 @@ def truncate_log(path: Path, last_step: int) -> None:
             ) from None
         if not isinstance(step, int):
             raise checkpoint.CheckpointError(f"{path}:{number}: field 'step' is {step!r}, not an integer")
-        if step <= last_step:
+        later_epoch = epochs_done is not None and record.get("type") == "epoch" and record["epoch"] > epochs_done
+        if step <= last_step and not later_epoch:
             kept.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
