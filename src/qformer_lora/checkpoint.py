@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import pause_points, writes
+
 ADAPTER_DIR = "adapter"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -148,38 +150,68 @@ def save(
     where the epoch stands: {"batches": micro-batches consumed, "loss_sum", "tokens": the
     epoch's running totals}. ``guard``: the guard's counters (numerics.Guard rollbacks, skipped)."""
     final = checkpoint_dir(run_dir, epoch) if position is None else step_checkpoint_dir(run_dir, global_step)
+    tensors, optimizer_meta = _optimizer_tensors(optimizer)
+    state = {
+        "epoch": epoch,
+        "global_step": global_step,
+        "optimizer": optimizer_meta,
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "rng": rng_state(),
+        "config": config,
+        "metrics": metrics or {},
+        "guard": guard,
+    }
+    if position is not None:
+        state["position"] = position
+    with writes.writing(final, "the checkpoint"):  # ENOSPC, EROFS, EACCES: named, the previous ones intact
+        _write(final, model, tensors, state)
+    if keep_last:
+        with writes.writing(final.parent, "(prune) the checkpoints"):
+            for old in list_checkpoints(run_dir)[:-keep_last]:
+                if keep is None or old != checkpoint_dir(run_dir, keep):
+                    _remove(old)
+                    pause_points.reached("checkpoint.pruning")
+    return final
+
+
+def _write(final: Path, model, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    """Stage the checkpoint next to ``final``, fsync it, rename it into place (see the module docstring)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    _remove_leftovers(final.parent)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{final.name}-", dir=final.parent))
     try:
         model.save_pretrained(str(staging / ADAPTER_DIR), safe_serialization=True)
-        tensors, optimizer_meta = _optimizer_tensors(optimizer)
+        pause_points.reached("checkpoint.adapter")
         save_file(tensors, str(staging / OPTIMIZER_FILE))
-        state = {
-            "epoch": epoch,
-            "global_step": global_step,
-            "optimizer": optimizer_meta,
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-            "rng": rng_state(),
-            "config": config,
-            "metrics": metrics or {},
-            "guard": guard,
-        }
-        if position is not None:
-            state["position"] = position
         _write_state(staging, state)
+        pause_points.reached("checkpoint.staged")
         if final.exists():  # re-saving the same epoch (e.g. after a rollback) replaces it whole
-            shutil.rmtree(final)
+            _remove(final)
         os.replace(staging, final)
+        pause_points.reached("checkpoint.renamed")
         _fsync(final.parent)  # the rename itself
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if keep_last:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            if keep is None or old != checkpoint_dir(run_dir, keep):
-                shutil.rmtree(old)
-    return final
+
+
+STAGING, REMOVING = ".tmp-", ".del-"  # a checkpoint being written, one being deleted
+
+
+def _remove(path: Path) -> None:
+    """Delete checkpoint ``path``: renamed out of the listing first, so a crash mid-delete leaves no
+    half-deleted checkpoint behind (only a .del- directory, removed by the next save)."""
+    doomed = path.with_name(f"{REMOVING}{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """What killed saves and deletes left in checkpoints/ (one writer per run: none is in progress)."""
+    for leftover in [*root.glob(f"{STAGING}*"), *root.glob(f"{REMOVING}*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:

@@ -16,7 +16,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-from .. import checkpoint
+from .. import checkpoint, writes
 from . import distributed
 from .run_config import ConfigError, TrainConfig
 
@@ -27,7 +27,7 @@ EVENT_FILES = "events.out.tfevents.*"  # TensorBoard's (SummaryWriter's) event f
 def append_jsonl(path: Path, record: dict) -> None:
     if not distributed.is_main():  # under torchrun only rank 0 writes the log
         return
-    with path.open("a", encoding="utf-8") as f:
+    with writes.writing(path, "the log record"), path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -66,8 +66,12 @@ def truncate_log(path: Path, last_step: int, epochs_done: int | None = None) -> 
         if step <= last_step and not later_epoch:
             kept.append(line)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    with writes.writing(path, "the truncated log"):
+        try:
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def resume_point(run_dir: Path, resume) -> Path:

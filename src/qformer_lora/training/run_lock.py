@@ -24,6 +24,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from .. import writes
 from .run_config import ConfigError
 
 LOCK_FILE = "run.lock"
@@ -71,6 +72,10 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         self.created_directory = not self.directory.exists()
+        with writes.writing(self.path, "the run lock"):
+            return self._acquire()
+
+    def _acquire(self) -> RunLock:
         self.directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{LOCK_FILE}-", dir=self.directory)
         try:

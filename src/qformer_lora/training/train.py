@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import checkpoint, data, formats, forward, inputs, lora, precision, presets, tasks
+from .. import checkpoint, data, formats, forward, inputs, lora, pause_points, precision, presets, tasks
 from ..diagnostics import doctor
 from . import distributed, feature_cache, metrics_log, run_dir, run_lock, step_options, validation
 from .loader import EpochLoader, default_workers
@@ -301,6 +301,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, int]:
         if not result.stepped:
             continue
         run.global_step += 1
+        pause_points.reached("step")
         record = {
             "type": "step",
             "epoch": epoch,
