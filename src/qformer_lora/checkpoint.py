@@ -39,6 +39,7 @@ ADAPTER_DIR = "adapter"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 PREFIX = "epoch-"  # an epoch's end: checkpoints/epoch-0002
+FORMAT_VERSION = 2  # trainer_state.json's "format_version"; 1: before the field (and "files") existed
 STEP_PREFIX = "step-"  # --save-steps, mid-epoch: checkpoints/step-00000150 (the global optimizer step)
 
 
@@ -152,6 +153,7 @@ def save(
     final = checkpoint_dir(run_dir, epoch) if position is None else step_checkpoint_dir(run_dir, global_step)
     tensors, optimizer_meta = _optimizer_tensors(optimizer)
     state = {
+        "format_version": FORMAT_VERSION,
         "epoch": epoch,
         "global_step": global_step,
         "optimizer": optimizer_meta,
@@ -260,6 +262,12 @@ def verify(path: str | os.PathLike) -> dict:
         state = json.loads(state_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{state_file}: corrupt checkpoint file, not JSON ({err})") from None
+    version = state.get("format_version", 1) if isinstance(state, dict) else None
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{state_file}: checkpoint format {version!r}, this qformer-lora reads formats up to "
+            f"{FORMAT_VERSION}; a newer release wrote it: upgrade to load it"
+        )
     if "state_sha256" in state and state["state_sha256"] != _state_digest(state):
         raise CheckpointError(f"{state_file}: corrupt checkpoint file, its content does not match its sha256")
     for name, expected in state.get("files", {}).items():

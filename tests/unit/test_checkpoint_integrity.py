@@ -127,3 +127,19 @@ def test_nothing_is_ever_unpickled(two_epochs, monkeypatch):
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, f"{source}: {call}"
         assert not re.search(r"\bpickle\.(load|loads|Unpickler)\b", text), source
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused(two_epochs):
+    """A newer release's checkpoint may mean something else by the same fields: refused, naming the file."""
+    run, options = two_epochs
+    path = checkpoint.checkpoint_dir(run, 2)
+    state = json.loads((path / checkpoint.STATE_FILE).read_text())
+    assert state["format_version"] == checkpoint.FORMAT_VERSION
+    state["format_version"] = checkpoint.FORMAT_VERSION + 1
+    state["state_sha256"] = checkpoint._state_digest(state)  # consistent: only the version is new
+    (path / checkpoint.STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=rf"epoch-0002/trainer_state\.json: checkpoint format {checkpoint.FORMAT_VERSION + 1}, .*upgrade",
+    ):
+        train.train(quiet(**options), resume=path)
