@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,21 @@ from .test_train import _few, quiet
 SRC = Path(__file__).resolve().parents[2] / "src" / "qformer_lora"
 
 
-@pytest.fixture
-def two_epochs(tmp_path) -> tuple[Path, dict]:
-    """A run with checkpoints epoch-0001 and epoch-0002 of a 3-epoch schedule (8 samples: seconds)."""
-    run = tmp_path / "run"
-    options = dict(output_dir=str(run), epochs=3, save_every=1, keep_last=0, **_few(tmp_path))
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("integrity")
+    options = dict(output_dir=str(tmp / "run"), epochs=3, save_every=1, keep_last=0, **_few(tmp))
     train.train(quiet(**options, stop_after_epochs=2))
-    return run, options
+    return tmp / "run", options
+
+
+@pytest.fixture
+def two_epochs(trained_once, tmp_path) -> tuple[Path, dict]:
+    """A run with checkpoints epoch-0001 and epoch-0002 of a 3-epoch schedule (8 samples), a copy per test."""
+    original, options = trained_once
+    run = tmp_path / "run"
+    shutil.copytree(original, run)
+    return run, options | {"output_dir": str(run)}
 
 
 def flip_byte(path: Path, offset: int = -20) -> None:

@@ -47,7 +47,7 @@ def interrupt_at(monkeypatch, step: int) -> None:
         # one micro-batch); step 6 is the epoch's last, saved both as step-00000006 and epoch-0001.
         # With the epoch checkpoint gone (killed before it was renamed into place), the resume starts
         # from step 6 with the whole epoch consumed: it must run the epoch's end, once.
-        (3, 2, 7, "step-00000006", True),
+        pytest.param(3, 2, 7, "step-00000006", True, marks=pytest.mark.long),  # 10 s: out of the default run
     ],
 )
 def test_mid_epoch_resume_is_bitwise_identical(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import pathlib
+import shutil
 import tempfile
 
 import pytest
@@ -67,13 +68,22 @@ CHECKPOINT_POINTS = {
 }
 
 
-@pytest.fixture
-def one_epoch(tmp_path):
-    run = tmp_path / "run"
-    options = dict(output_dir=str(run), epochs=2, save_every=1, keep_last=0, **_few(tmp_path))
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    """One epoch of a 2-epoch run, trained once for the module (each test gets a copy)."""
+    tmp = tmp_path_factory.mktemp("faults")
+    options = dict(output_dir=str(tmp / "run"), epochs=2, save_every=1, keep_last=0, **_few(tmp))
     train.train(quiet(**options, stop_after_epochs=1))
+    return tmp / "run", options
+
+
+@pytest.fixture
+def one_epoch(trained_once, tmp_path):
+    original, options = trained_once
+    run = tmp_path / "run"
+    shutil.copytree(original, run)
     first = checkpoint.checkpoint_dir(run, 1)
-    return run, options, {p: p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    return run, options | {"output_dir": str(run)}, {p: p.read_bytes() for p in first.rglob("*") if p.is_file()}
 
 
 def assert_intact(run, before: dict) -> None:
