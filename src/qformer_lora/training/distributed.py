@@ -176,10 +176,12 @@ class _PaddingCollator:
         return batch
 
 
-def shard_loader(dataset, collator, batch_size: int, order, **options) -> torch.utils.data.DataLoader:
+def shard_loader(dataset, collator, batch_size: int, order, wrap=None, **options) -> torch.utils.data.DataLoader:
     """This rank's micro-batches of ``batch_size`` from its shard of ``order`` (a sampler or index list);
-    ``options`` go to the DataLoader (workers, pinned memory)."""
+    ``wrap``: a sampler wrapper around the shard (the loader's SkipFirst); ``options`` go to the
+    DataLoader (workers, pinned memory)."""
     sampler = ShardSampler(order, rank(), world_size())
+    sampler = wrap(sampler) if wrap is not None else sampler
     return torch.utils.data.DataLoader(
         _Marked(dataset), batch_size=batch_size, sampler=sampler, collate_fn=_PaddingCollator(collator), **options
     )

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from .. import compat, forward
+from .. import compat, forward, writes
 
 FEATURE_NAME = "last_hidden_state"
 FORMAT_VERSION = "1"  # bump when the key or file layout changes: old entries then simply miss
@@ -272,19 +272,20 @@ class FeatureCache:
         from safetensors.torch import save_file
 
         path = self._path(namespace, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}-", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(
-                {FEATURE_NAME: feature.detach().to("cpu").contiguous()},
-                tmp,
-                metadata={"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "key": key},
-            )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with writes.writing(path, "the cached feature"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}-", suffix=".tmp")
+            os.close(fd)
+            try:
+                save_file(
+                    {FEATURE_NAME: feature.detach().to("cpu").contiguous()},
+                    tmp,
+                    metadata={"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "key": key},
+                )
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
 
     def _load(self, namespace: str, key: str) -> torch.Tensor | None:
         """The stored feature, or None (absent, unreadable or written for another key/model)."""

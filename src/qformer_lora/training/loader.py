@@ -14,6 +14,7 @@ checkpoint's RNG state) advances the same way with or without workers
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -43,6 +44,23 @@ class EpochOrder(torch.utils.data.Sampler):
             return iter(range(self.size))
         generator = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
         return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+class SkipFirst(torch.utils.data.Sampler):
+    """``sampler``'s indices without the first ``count`` (set before each epoch's iteration).
+
+    A run resumed mid-epoch skips the samples the checkpoint had consumed here, in the
+    sampler, so they are never loaded. Under torchrun it wraps each rank's ShardSampler, so
+    each rank skips its own shard's first samples and the padding stays what it was."""
+
+    def __init__(self, sampler):
+        self.sampler, self.count = sampler, 0
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.count)
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.count, None)
 
 
 def default_workers(device: torch.device) -> int:
@@ -76,15 +94,20 @@ class EpochLoader:
             # the worker base seed comes from here, not from the global RNG (see the module docstring)
             "generator": torch.Generator().manual_seed(seed),
         }
+        self.batch_size = batch_size
         if shuffle and distributed.world_size() > 1:  # under torchrun: this process's shard of the order
-            self.loader = distributed.shard_loader(dataset, collator, batch_size, self.order, **options)
+            self.loader = distributed.shard_loader(dataset, collator, batch_size, self.order, wrap=SkipFirst, **options)
+            self.skip = self.loader.sampler
         else:
+            self.skip = SkipFirst(self.order)
             self.loader = torch.utils.data.DataLoader(
-                dataset, batch_size=batch_size, sampler=self.order, collate_fn=collator, **options
+                dataset, batch_size=batch_size, sampler=self.skip, collate_fn=collator, **options
             )
 
-    def epoch(self, epoch: int) -> torch.utils.data.DataLoader:
+    def epoch(self, epoch: int, skip_batches: int = 0) -> torch.utils.data.DataLoader:
+        """Epoch ``epoch``'s batches, after the first ``skip_batches`` (a resumed epoch's consumed ones)."""
         self.order.set_epoch(epoch)
+        self.skip.count = skip_batches * self.batch_size
         return self.loader
 
     def __len__(self) -> int:

@@ -101,9 +101,10 @@ class MetricsLog:
         self._writer = None
         self._purge_step: int | None = None
 
-    def resume_after(self, step: int) -> None:
-        """Continue after the checkpoint at global step ``step``: drop later records (see the module docstring)."""
-        run_dir.truncate_log(self.path, step)
+    def resume_after(self, step: int, epochs_done: int | None = None) -> None:
+        """Continue after the checkpoint at global step ``step`` with ``epochs_done`` epochs complete:
+        drop later records (see the module docstring)."""
+        run_dir.truncate_log(self.path, step, epochs_done)
         self._purge_step = step + 1
 
     def record(self, record: dict) -> None:

@@ -57,6 +57,7 @@ class TrainConfig:
     deterministic: bool = True
     save_every: int = 2
     keep_last: int = 2
+    save_steps: int = 0  # 0: epoch checkpoints alone
     guard: str = "raise"
     max_rollbacks: int = 3
     rollback_lr_factor: float = 0.5
@@ -130,6 +131,7 @@ HELP = {
     "deterministic": "use deterministic algorithms (bitwise-reproducible on CPU)",
     "save_every": "save a checkpoint every N epochs (and always after the last)",
     "keep_last": "keep only the newest K checkpoints (0 keeps all)",
+    "save_steps": "also save a checkpoint every N optimizer steps, mid-epoch (checkpoints/step-<step>; 0: off)",
     "guard": "on a non-finite input, loss, gradient or parameter: raise (stop with a diagnosis) | skip (drop "
     "the batch; abort if the parameters are non-finite) | rollback (restore the last finite adapter "
     "and optimizer state, lower lr)",
@@ -169,6 +171,7 @@ MINIMUMS = {
     "grad_accum": 1,
     "save_every": 1,
     "keep_last": 0,
+    "save_steps": 0,
     "warmup_steps": 0,
     "max_rollbacks": 0,
     "stop_after_epochs": 1,

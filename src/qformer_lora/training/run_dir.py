@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
-from .. import checkpoint
+from .. import checkpoint, writes
 from . import distributed
 from .run_config import ConfigError, TrainConfig
 
@@ -26,7 +27,7 @@ EVENT_FILES = "events.out.tfevents.*"  # TensorBoard's (SummaryWriter's) event f
 def append_jsonl(path: Path, record: dict) -> None:
     if not distributed.is_main():  # under torchrun only rank 0 writes the log
         return
-    with path.open("a", encoding="utf-8") as f:
+    with writes.writing(path, "the log record"), path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -38,8 +39,10 @@ def epoch_records(path: Path) -> list[dict]:
     return [r for r in records if r.get("type") == "epoch"]
 
 
-def truncate_log(path: Path, last_step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (an interrupted run's tail).
+def truncate_log(path: Path, last_step: int, epochs_done: int | None = None) -> None:
+    """Drop log lines written after the checkpoint we resume from (an interrupted run's tail):
+    records after step ``last_step``, and epoch records after epoch ``epochs_done`` (a step
+    checkpoint at an epoch's last step precedes that epoch's record of the same step).
 
     A last line cut short (the process died while writing it) is dropped too; any other line
     that is not a log record is an error naming it.
@@ -49,7 +52,8 @@ def truncate_log(path: Path, last_step: int) -> None:
     lines, kept = path.read_text(encoding="utf-8").splitlines(), []
     for number, line in enumerate(lines, 1):
         try:
-            step = json.loads(line).get("step", 0)
+            record = json.loads(line)
+            step = record.get("step", 0)
         except (json.JSONDecodeError, AttributeError) as err:
             if number == len(lines) and isinstance(err, json.JSONDecodeError):
                 break  # torn by the interruption this resume recovers from
@@ -58,21 +62,38 @@ def truncate_log(path: Path, last_step: int) -> None:
             ) from None
         if not isinstance(step, int):
             raise checkpoint.CheckpointError(f"{path}:{number}: field 'step' is {step!r}, not an integer")
-        if step <= last_step:
+        later_epoch = epochs_done is not None and record.get("type") == "epoch" and record["epoch"] > epochs_done
+        if step <= last_step and not later_epoch:
             kept.append(line)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    with writes.writing(path, "the truncated log"):
+        try:
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def resume_point(run_dir: Path, resume) -> Path:
-    """The checkpoint ``resume`` names ('latest': the run's newest), checked before anything is built."""
-    path = checkpoint.latest_checkpoint(run_dir) if str(resume) == "latest" else Path(resume)
-    if path is None:
-        raise checkpoint.CheckpointError(f"{run_dir}: no checkpoint to resume from")
-    if not path.is_dir():
-        raise checkpoint.CheckpointError(f"{path}: no such checkpoint directory")
-    return path
+    """The checkpoint ``resume`` names, verified (checkpoint.verify) before anything is built.
+
+    'latest': the run's newest checkpoint that verifies; each newer one that does not is
+    skipped with a warning naming its bad file. A named checkpoint that does not verify is
+    refused (CheckpointError naming the file)."""
+    if str(resume) != "latest":
+        path = Path(resume)
+        if not path.is_dir():
+            raise checkpoint.CheckpointError(f"{path}: no such checkpoint directory")
+        checkpoint.verify(path)
+        return path
+    for path in reversed(checkpoint.list_checkpoints(run_dir)):
+        try:
+            checkpoint.verify(path)
+        except checkpoint.CheckpointError as err:
+            warnings.warn(f"--resume latest: skipping {path.name}: {err}", stacklevel=2)
+            continue
+        return path
+    raise checkpoint.CheckpointError(f"{run_dir}: no checkpoint to resume from")
 
 
 # What a resumed run takes from its checkpoint: the adapter's shape (another one cannot load)

@@ -18,6 +18,7 @@ Choices that make runs comparable:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -27,14 +28,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import checkpoint, data, formats, forward, inputs, lora, precision, presets, tasks
+from .. import checkpoint, data, formats, forward, inputs, lora, pause_points, precision, presets, tasks
 from ..diagnostics import doctor
-from . import distributed, feature_cache, metrics_log, run_dir, step_options, validation
+from . import distributed, feature_cache, metrics_log, run_dir, run_lock, step_options, validation
 from .loader import EpochLoader, default_workers
 from .run_config import TrainConfig  # the options; what callers pass to train()
 from .step import StepParts, linear_warmup_decay, make_step, training_step
 
 # ----------------------------------------------------------------------------- set-up
+
+GUARD_COUNTERS = ("rollbacks", "skipped")  # numerics.Guard's state a checkpoint carries
 
 
 def adapter_model(base, spec: lora.LoraSpec, precision_name: str):
@@ -97,6 +100,7 @@ class Run:
     steps_per_epoch: int
     start_epoch: int = 1
     global_step: int = 0
+    position: dict | None = None  # resumed from a step checkpoint: where in start_epoch (checkpoint.save)
 
 
 def _check_before_building(config: TrainConfig, resume, device: torch.device):
@@ -194,11 +198,12 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
         first = EpochLoader(train_set, collator, config.batch_size, config.seed, shuffle=False).epoch(0)
         probe_batch = inputs.to_device(next(iter(first)), device)
         choices += _compile(config, model, optimizer, probe_batch, device)
-    start_epoch, global_step = 1, 0
+    start_epoch, global_step, state = 1, 0, {}
     if resume_from is not None:
         state = checkpoint.restore(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
-        log.resume_after(global_step)
+        # a step checkpoint continues inside its epoch, an epoch's checkpoint with the next one
+        start_epoch, global_step = state["epoch"] + ("position" not in state), state["global_step"]
+        log.resume_after(global_step, epochs_done=start_epoch - 1)
     else:
         run_dir.clear_earlier_run(out_dir)  # only --overwrite gets here with one: a fresh run starts fresh
     _check_model(findings, model, optimizer, config.allow_unsafe)
@@ -217,10 +222,13 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
         rollback_lr_factor=config.rollback_lr_factor,
         on_event=log.record,
     )
+    for name, count in (state.get("guard") or {}).items():  # the guard's counters go on where they stood
+        setattr(parts.guard, name, count)
     log.record({"type": "step_options", "step": global_step, "choices": [c.as_dict() for c in choices]})
     baseline = validation.majority_baseline(val_set.samples)
     sets = (collator, train_set, val_set, *_loaders(config, train_set, val_set, collator, device), baseline)
-    return Run(config, device, log, model, *sets, parts, cache, steps_per_epoch, start_epoch, global_step)
+    position = state.get("position")
+    return Run(config, device, log, model, *sets, parts, cache, steps_per_epoch, start_epoch, global_step, position)
 
 
 def _loaders(config: TrainConfig, train_set, val_set, collator, device: torch.device) -> tuple:
@@ -243,9 +251,12 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, device: 
     device, started = distributed.setup(device)  # a process group under torchrun, nothing otherwise
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        run = setup(config, resume, device)
-        with run.log:  # the TensorBoard event file is flushed and closed on errors too
-            return run_epochs(run)
+        # one writer per run directory (training/run_lock.py): rank 0 holds it, released on errors too
+        lock = run_lock.RunLock(config.output_dir) if distributed.is_main() else contextlib.nullcontext()
+        with lock:
+            run = setup(config, resume, device)
+            with run.log:  # the TensorBoard event file is flushed and closed on errors too
+                return run_epochs(run)
     finally:
         distributed.teardown(started)
         torch.use_deterministic_algorithms(previous)
@@ -254,7 +265,7 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, device: 
 def run_epochs(run: Run) -> dict:
     """The epochs from ``run.start_epoch``; returns the last epoch's metrics."""
     config = run.config
-    if run.start_epoch == 1:  # where the run starts from, so "how much did it learn" has a reference
+    if run.start_epoch == 1 and run.position is None:  # the start, so "how much did it learn" has a reference
         run.log.record({"type": "epoch", "epoch": 0, "step": 0, **_validate(run, 0), **_task_metrics(run, 0)})
     last_epoch = config.epochs if config.stop_after_epochs is None else min(config.epochs, config.stop_after_epochs)
     metrics: dict = {}
@@ -267,16 +278,21 @@ def run_epochs(run: Run) -> dict:
 def train_epoch(run: Run, epoch: int) -> tuple[float, int]:
     """One epoch of optimizer steps; returns the summed answer-token loss and the token count."""
     config = run.config
-    loader = run.train_loader.epoch(epoch)
+    # resumed from a step checkpoint: skip the micro-batches it had consumed (never loaded) and
+    # go on with the epoch's running totals
+    position, run.position = run.position or {"batches": 0, "loss_sum": 0.0, "tokens": 0}, None
+    batches, loss_sum, tokens = position["batches"], position["loss_sum"], position["tokens"]
+    loader = run.train_loader.epoch(epoch, skip_batches=batches)
     bar = tqdm(
         groups_of(loader, config.grad_accum),
         total=run.steps_per_epoch,
+        initial=batches // config.grad_accum,
         disable=not (config.progress and distributed.is_main()),
         desc=f"epoch {epoch}/{config.epochs}",
         leave=False,
     )
-    loss_sum, tokens = 0.0, 0
     for group in bar:
+        batches += len(group)
         started = time.perf_counter()
         if run.cache is not None:  # hash the pixels on the CPU copy, before the transfer
             for b in group:
@@ -285,6 +301,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, int]:
         if not result.stepped:
             continue
         run.global_step += 1
+        pause_points.reached("step")
         record = {
             "type": "step",
             "epoch": epoch,
@@ -298,7 +315,27 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, int]:
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
         loss_sum += result.loss_sum
         tokens += result.tokens
+        if config.save_steps and run.global_step % config.save_steps == 0 and distributed.is_main():
+            _save(run, epoch, position={"batches": batches, "loss_sum": loss_sum, "tokens": tokens})
     return loss_sum, tokens
+
+
+def _save(run: Run, epoch: int, **where) -> None:
+    """A checkpoint of the run now (checkpoint.save): ``where`` gives metrics and keep (an epoch's
+    end) or position (a step checkpoint)."""
+    checkpoint.save(
+        Path(run.config.output_dir),
+        epoch,
+        model=run.model,
+        optimizer=run.parts.optimizer,
+        scheduler=run.parts.scheduler,
+        scaler=run.parts.scaler,
+        global_step=run.global_step,
+        config=asdict(run.config),
+        keep_last=run.config.keep_last or None,
+        guard={name: getattr(run.parts.guard, name) for name in GUARD_COUNTERS if hasattr(run.parts.guard, name)},
+        **where,
+    )
 
 
 def _task_metrics(run: Run, epoch: int) -> dict:
@@ -362,17 +399,5 @@ def end_epoch(run: Run, epoch: int, loss_sum: float, tokens: int) -> dict:
             f"val accuracy {metrics['val_accuracy']:.3f} (majority answer {run.baseline:.3f})"
         )
     if main and (checkpoint.should_save(epoch, config.epochs, config.save_every) or best == epoch):
-        checkpoint.save(
-            Path(config.output_dir),
-            epoch,
-            model=run.model,
-            optimizer=run.parts.optimizer,
-            scheduler=run.parts.scheduler,
-            scaler=run.parts.scaler,
-            global_step=run.global_step,
-            config=asdict(config),
-            keep_last=config.keep_last or None,
-            metrics=metrics,
-            keep=best,
-        )
+        _save(run, epoch, metrics=metrics, keep=best)
     return metrics

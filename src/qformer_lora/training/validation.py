@@ -13,7 +13,7 @@ from collections import Counter
 
 import torch
 
-from .. import forward, inputs, precision
+from .. import forward, inputs, pause_points, precision
 from . import feature_cache
 
 
@@ -31,6 +31,7 @@ def evaluate(model, loader, precision_name: str, device, cache=None) -> dict:
         correct_rows = answer_correct(model, out.logits, batch)
         correct += int(correct_rows.sum())
         total += len(correct_rows)
+        pause_points.reached("eval")
     return {"val_loss": loss_sum / max(tokens, 1), "val_accuracy": correct / max(total, 1)}
 
 

@@ -1,0 +1,154 @@
+"""Checkpoint durability and integrity: fsync around the rename, sizes and sha256s verified on resume, no pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from qformer_lora import checkpoint
+from qformer_lora.training import train
+
+from .test_train import _few, quiet
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "qformer_lora"
+
+
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("integrity")
+    options = dict(output_dir=str(tmp / "run"), epochs=3, save_every=1, keep_last=0, **_few(tmp))
+    train.train(quiet(**options, stop_after_epochs=2))
+    return tmp / "run", options
+
+
+@pytest.fixture
+def two_epochs(trained_once, tmp_path) -> tuple[Path, dict]:
+    """A run with checkpoints epoch-0001 and epoch-0002 of a 3-epoch schedule (8 samples), a copy per test."""
+    original, options = trained_once
+    run = tmp_path / "run"
+    shutil.copytree(original, run)
+    return run, options | {"output_dir": str(run)}
+
+
+def flip_byte(path: Path, offset: int = -20) -> None:
+    """Same size, one byte changed: only the hash can tell."""
+    content = bytearray(path.read_bytes())
+    content[offset] ^= 0xFF
+    path.write_bytes(bytes(content))
+
+
+def test_every_file_and_directory_is_fsynced_and_the_rename_after(tmp_path, monkeypatch):
+    events = []
+    real_replace = os.replace
+    monkeypatch.setattr(checkpoint, "_fsync", lambda path: events.append(("fsync", Path(path))))
+    monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: (events.append(("rename", Path(b))), real_replace(a, b)))
+    run = tmp_path / "run"
+    train.train(quiet(output_dir=str(run), epochs=1, **_few(tmp_path)))
+    final = checkpoint.checkpoint_dir(run, 1)
+    [rename] = [i for i, e in enumerate(events) if e[0] == "rename" and e[1] == final]
+    before = [p for kind, p in events[:rename] if kind == "fsync"]
+    [staging] = {p for p in before if p.name.startswith(".tmp-epoch-0001-")}  # the staging directory itself
+    synced = {p.relative_to(staging) for p in before if p.is_relative_to(staging)}
+    # every file and directory now in the checkpoint, and the staging directory itself (".") was
+    # fsynced in staging before the rename
+    assert {p.relative_to(final) for p in final.rglob("*")} | {Path(".")} == synced
+    assert ("fsync", final.parent) in events[rename + 1 :], "checkpoints/ was not fsynced after the rename"
+
+
+def test_the_state_records_each_file_and_resume_verifies_it(two_epochs):
+    run, options = two_epochs
+    path = checkpoint.checkpoint_dir(run, 2)
+    state = json.loads((path / checkpoint.STATE_FILE).read_text())
+    on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {checkpoint.STATE_FILE}
+    assert set(state["files"]) == on_disk
+    for name, entry in state["files"].items():
+        assert entry == {"size": (path / name).stat().st_size, "sha256": checkpoint.sha256(path / name)}
+    adapter = path / "adapter" / "adapter_model.safetensors"
+    cases = [
+        (lambda: flip_byte(adapter), r"adapter_model\.safetensors: corrupt checkpoint file, sha256 differs"),
+        (
+            lambda: adapter.write_bytes(adapter.read_bytes()[:-7]),
+            r"adapter_model\.safetensors: corrupt .*bytes, expected",
+        ),
+        (
+            lambda: (path / checkpoint.OPTIMIZER_FILE).unlink(),
+            r"incomplete checkpoint, optimizer\.safetensors is missing",
+        ),
+        # a changed number in the state (here the global step) is caught by its own sha256
+        (
+            lambda: (path / checkpoint.STATE_FILE).write_text(
+                (path / checkpoint.STATE_FILE).read_text().replace('"global_step": ', '"global_step": 1')
+            ),
+            r"trainer_state\.json: corrupt checkpoint file, its content does not match",
+        ),
+        (
+            lambda: (path / checkpoint.STATE_FILE).write_text('{"epoch": 2, "glo'),
+            r"trainer_state\.json: corrupt .*not JSON",
+        ),
+    ]
+    backup = {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    for corrupt, message in cases:
+        corrupt()
+        with pytest.raises(checkpoint.CheckpointError, match=message):
+            train.train(quiet(**options), resume=path)
+        for p, content in backup.items():
+            p.write_bytes(content)
+    checkpoint.verify(path)  # restored whole: the cases above were the only faults
+
+
+def test_resume_latest_falls_back_to_the_newest_complete_checkpoint(two_epochs, tmp_path):
+    run, options = two_epochs
+    straight = tmp_path / "straight"
+    train.train(quiet(**options | {"output_dir": str(straight)}))
+    flip_byte(checkpoint.checkpoint_dir(run, 2) / checkpoint.OPTIMIZER_FILE)
+    with pytest.warns(UserWarning, match=r"skipping epoch-0002: .*optimizer\.safetensors: corrupt checkpoint file"):
+        train.train(quiet(**options), resume="latest")
+    # resumed from epoch 1, it replays epochs 2 and 3 exactly as the uninterrupted run did
+    a = checkpoint.load_state(checkpoint.checkpoint_dir(run, 3))[1]
+    b = checkpoint.load_state(checkpoint.checkpoint_dir(straight, 3))[1]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nothing_is_ever_unpickled(two_epochs, monkeypatch):
+    """A resume reads every checkpoint file; with pickle and a pickling torch.load made to fail, it still runs."""
+    run, options = two_epochs
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("unpickling attempted")
+
+    real_load = torch.load
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: real_load(*a, **k) if k.get("weights_only") else refuse())
+    train.train(quiet(**options), resume="latest")
+    assert checkpoint.latest_checkpoint(run).name == "epoch-0003"
+    # and in the source: torch.load only with weights_only=True, no pickle module loads
+    for source in SRC.rglob("*.py"):
+        text = source.read_text()
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, f"{source}: {call}"
+        assert not re.search(r"\bpickle\.(load|loads|Unpickler)\b", text), source
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused(two_epochs):
+    """A newer release's checkpoint may mean something else by the same fields: refused, naming the file."""
+    run, options = two_epochs
+    path = checkpoint.checkpoint_dir(run, 2)
+    state = json.loads((path / checkpoint.STATE_FILE).read_text())
+    assert state["format_version"] == checkpoint.FORMAT_VERSION
+    state["format_version"] = checkpoint.FORMAT_VERSION + 1
+    state["state_sha256"] = checkpoint._state_digest(state)  # consistent: only the version is new
+    (path / checkpoint.STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=rf"epoch-0002/trainer_state\.json: checkpoint format {checkpoint.FORMAT_VERSION + 1}, .*upgrade",
+    ):
+        train.train(quiet(**options), resume=path)
