@@ -7,7 +7,9 @@ Layout of one checkpoint directory ``<run>/checkpoints/epoch-0002/``::
     optimizer.safetensors    every optimizer state tensor, keyed "state.<param index>.<name>"
     trainer_state.json       epoch, global step, param groups, scheduler, scaler, RNG, config
 
-No pickle anywhere: tensors go to safetensors, everything else to JSON. A checkpoint is
+No pickle anywhere: tensors go to safetensors, everything else to strict JSON (jsonio: a
+non-finite number is the string "NaN" / "Infinity", turned back into a float on loading for
+the numeric parts, the optimizer, scheduler and scaler state). A checkpoint is
 written into a temporary sibling directory and renamed into place only when complete, so
 a crash mid-save leaves the previous checkpoint untouched and never a torn one.
 """
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from . import jsonio
 
 ADAPTER_DIR = "adapter"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -127,7 +131,7 @@ def save(
             "config": config,
             "metrics": metrics or {},
         }
-        (staging / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+        (staging / STATE_FILE).write_text(jsonio.dumps(state, indent=1), encoding="utf-8")
         if final.exists():  # re-saving the same epoch (e.g. after a rollback) replaces it whole
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -146,7 +150,11 @@ def load_state(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     for required in (state_file, optimizer_file, path / ADAPTER_DIR):
         if not required.exists():
             raise CheckpointError(f"{path}: incomplete checkpoint, {required.name} is missing")
-    return json.loads(state_file.read_text(encoding="utf-8")), load_file(str(optimizer_file))
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    for numeric in ("optimizer", "scheduler", "scaler"):  # numbers only: "NaN" there was a float
+        if numeric in state:
+            state[numeric] = jsonio.revive(state[numeric])
+    return state, load_file(str(optimizer_file))
 
 
 def restore(path, *, model, optimizer, scheduler, scaler) -> dict:

@@ -9,12 +9,11 @@ and its ``add_*_parser``. Workflows are imported inside the command that runs th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
-from . import checkpoint, data, images, lora, precision, presets
+from . import checkpoint, data, images, jsonio, lora, precision, presets
 from .cli_options import AUTO, add_device_option, config_option, lora_spec, positive_int, resolve_device
 from .diagnostics.numerics import NonFiniteError
 from .training import run_config
@@ -31,7 +30,7 @@ def cmd_verify(args) -> int:
     report = {"preset": preset.name, "versions": compat.versions()} | lora.scope_report(
         lora.apply_lora(model, spec), spec
     )
-    print(json.dumps(report, indent=2) if args.json else lora.format_scope_report(report))
+    print(jsonio.dumps(report, indent=2) if args.json else lora.format_scope_report(report))
     return 0
 
 
@@ -72,7 +71,7 @@ def cmd_doctor(args) -> int:
     device = resolve_device(args.device)
     findings = doctor.examine(config, device=device)
     summary = doctor.summary(config, device, findings)
-    print(json.dumps(summary, indent=2) if args.json else doctor.format_summary(summary))
+    print(jsonio.dumps(summary, indent=2) if args.json else doctor.format_summary(summary))
     fatal = summary["fatal"]
     return 1 if fatal else 0
 
@@ -106,7 +105,7 @@ def cmd_train(args) -> int:
     config = run_config.load_run_config(args.config, overrides)
     metrics = train.train(config, resume=args.resume, device=None if args.device == AUTO else args.device)
     if distributed.is_main():  # under torchrun every process returns the same metrics: print them once
-        print(json.dumps(metrics, indent=2))
+        print(jsonio.dumps(metrics, indent=2))
     return 0
 
 
@@ -330,7 +329,7 @@ def cmd_reproduce(args) -> int:
     if not args.only:  # a partial run does not overwrite the full report
         md, js = reproduce.write(report, args.out)
     if args.json:
-        print(json.dumps(report, indent=2, default=str))
+        print(jsonio.dumps(report, indent=2, default=str))
     else:
         print(reproduce.format_summary(report))
         if not args.only:

@@ -17,6 +17,7 @@ import re
 import tempfile
 from pathlib import Path
 
+from .. import jsonio
 from .capacity import BUDGETS_GIB, GIB, budgets
 from .measurement import OPTIONS_BATCH, ran
 from .reporting import TARGETS, summarise
@@ -40,7 +41,7 @@ def write_reports(
     out_dir = Path(out_dir) if out_dir is not None else default_report_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {kind: out_dir / f"{report_stem(report)}.{kind}" for kind in ("json", "md", "png")}
-    _atomic_write(paths["json"], json.dumps(report, indent=2).encode())
+    jsonio.write(paths["json"], report)
     _atomic_write(paths["md"], markdown(report).encode())
     png = plot_png(report) if plot else None
     if png is not None:

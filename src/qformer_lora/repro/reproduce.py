@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .. import checkpoint, compat, data, lora, presets
+from .. import checkpoint, compat, data, jsonio, lora, presets
 from ..bench import measurement, sweep
 from ..training import train
 from ..training.run_config import TrainConfig
@@ -271,16 +271,17 @@ def markdown(report: dict) -> str:
     for name, item in report["items"].items():
         lines.append(f"| {name} | {item['status']} | {'yes' if item['fix_holds'] else 'NO'} | {item['why']} |")
     for name, item in report["items"].items():
-        lines += ["", f"## {name}", "", "```json", json.dumps(item["evidence"], indent=2, default=str), "```"]
+        lines += ["", f"## {name}", "", "```json", jsonio.dumps(item["evidence"], indent=2, default=str), "```"]
     return "\n".join(lines) + "\n"
 
 
 def write(report: dict, out_dir: str | os.PathLike = REPORTS_DIR) -> tuple[Path, Path]:
+    """REPRODUCTION.md and REPRODUCTION.json (strict JSON: jsonio) under ``out_dir``, each atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = out_dir / "REPRODUCTION.md", out_dir / "REPRODUCTION.json"
-    for path, text in zip(paths, (markdown(report), json.dumps(report, indent=2, default=str) + "\n")):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    return paths
+    md, js = out_dir / "REPRODUCTION.md", out_dir / "REPRODUCTION.json"
+    tmp = md.with_suffix(md.suffix + ".tmp")
+    tmp.write_text(markdown(report), encoding="utf-8")
+    os.replace(tmp, md)
+    jsonio.write(js, report, default=str)
+    return md, js

@@ -83,9 +83,6 @@ HELP = {
     "--base-checkpoint is none",
     "base_checkpoint": "local directory of an InstructBLIP/BLIP-2 checkpoint to start from (default: the tiny "
     "pretrained shapes base in resources/checkpoints); 'none' builds --preset with random weights",
-    "train_manifest": "JSONL manifest of training samples (image, instruction, answer, optional id)",
-    "val_manifest": "JSONL manifest of validation samples",
-    "image_root": "directory image paths are resolved in (default: the manifest's directory)",
     "num_workers": "DataLoader worker processes that decode and process images while the step runs; the "
     "batches are the same for any count (default: none = 0 on CPU, one per free core up to 8 on CUDA)",
     "train_manifest": "training data in any --data-format: our JSONL manifest (image, instruction, answer, optional "

@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .. import checkpoint
+from .. import checkpoint, jsonio
 from . import distributed
 from .run_config import ConfigError, TrainConfig
 
@@ -27,7 +27,7 @@ def append_jsonl(path: Path, record: dict) -> None:
     if not distributed.is_main():  # under torchrun only rank 0 writes the log
         return
     with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(jsonio.dumps(record) + "\n")  # strict: a NaN loss is written "NaN"
 
 
 def truncate_log(path: Path, last_step: int) -> None:
