@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-from . import checkpoint, data, images, jsonio, lora, precision, presets
-from .cli_options import AUTO, add_device_option, config_option, lora_spec, positive_int, resolve_device
+from . import checkpoint, data, images, jsonio, known_warnings, lora, precision, presets
+from .cli_options import AUTO, add_device_option, config_option, lora_spec, metavar, positive_int, resolve_device
 from .diagnostics.numerics import NonFiniteError
 from .training import run_config
 
@@ -44,6 +44,7 @@ def add_verify_parser(sub) -> None:
     p.add_argument(
         "--preset",
         default=presets.DEFAULT_PRESET,
+        metavar=metavar("preset"),
         help=f"architecture preset name or JSON path (default: {presets.DEFAULT_PRESET}, the model "
         f"the seed's counts are for; shipped: {', '.join(presets.list_presets())})",
     )
@@ -118,14 +119,18 @@ def add_train_parser(sub) -> None:
         "Without any, the embedded default runs: the tiny InstructBLIP-T5 base in "
         "resources/checkpoints on the shapes data, on CPU in about a minute.",
     )
-    p.add_argument("--config", help="TOML run config")
+    p.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="TOML run config: flat keys named as the flags below, with underscores (default: none)",
+    )
     p.add_argument(
         "--resume",
         nargs="?",
         const="latest",
         default=None,
-        metavar="CHECKPOINT",
-        help="continue from a checkpoint directory, or the run's latest when no path is given",
+        metavar="CHECKPOINT_DIR",
+        help="continue from a checkpoint directory, or the run's latest when no path is given (default: a new run)",
     )
     add_device_option(p)
     for name in run_config.TrainConfig.__dataclass_fields__:
@@ -168,15 +173,22 @@ def _generate_inputs(args, run_config) -> tuple[list, list, list]:
 def add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="answer questions about images with a trained adapter")
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
-    p.add_argument("--image", help="image file")
-    p.add_argument("--question", help="instruction / question")
+    p.add_argument("--image", metavar="FILE", help="image file, with --question (default: none)")
+    p.add_argument("--question", metavar="TEXT", help="instruction / question about --image (default: none)")
     p.add_argument(
         "--manifest",
+        metavar="PATH",
         help="JSONL manifest: answer every sample (up to --limit; default: the run's validation data)",
     )
-    p.add_argument("--image-root", default=None, help="image root for --manifest (default: its directory)")
-    p.add_argument("--limit", type=positive_int, default=10, help="samples from the manifest (default: 10)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=8, help="longest answer in tokens (default: 8)")
+    p.add_argument(
+        "--image-root", default=None, metavar="DIR", help="image root for --manifest (default: its directory)"
+    )
+    p.add_argument(
+        "--limit", type=positive_int, default=10, metavar="INT", help="samples from the manifest (default: 10)"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=8, metavar="INT", help="longest answer in tokens (default: 8)"
+    )
     p.set_defaults(func=cmd_generate)
 
 
@@ -249,9 +261,14 @@ def add_bench_parser(sub) -> None:
         "max batch for 24/40/80 GiB and write reports. Without --preset: the built-in GPU "
         "grid (full-size InstructBLIP-FlanT5-XL and BLIP-2-FlanT5-XL, the seed's table).",
     )
-    p.add_argument("--preset", default=None, help="sweep one preset (default: the built-in grid)")
     p.add_argument(
-        "--family", choices=sorted(presets.FAMILIES), default=None, help="build the preset's config as this family"
+        "--preset", default=None, metavar=metavar("preset"), help="sweep one preset (default: the built-in grid)"
+    )
+    p.add_argument(
+        "--family",
+        choices=sorted(presets.FAMILIES),
+        default=None,
+        help="build the preset's config as this family (default: the preset's own)",
     )
     p.add_argument(
         "--scopes",
@@ -278,7 +295,9 @@ def add_bench_parser(sub) -> None:
         config_option(p, name)
     _add_bench_sizes(p)
     add_device_option(p)
-    p.add_argument("--out", default=None, help="report folder (default: $QFORMER_LORA_REPORT_DIR or reports/gpu)")
+    p.add_argument(
+        "--out", default=None, metavar="DIR", help="report folder (default: $QFORMER_LORA_REPORT_DIR or reports/gpu)"
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -287,35 +306,32 @@ def _add_bench_sizes(p: argparse.ArgumentParser) -> None:
         "--options-batch",
         type=positive_int,
         default=None,
-        metavar="N",
-        help="only the step-option table at batch N (the GPU grid's is 64): the native forward and "
-        "each option of the grid on --preset (default: full-size InstructBLIP-FlanT5-XL); the "
-        "scope, precision and option flags above are ignored",
+        metavar="INT",
+        help="only the step-option table, at this batch size (the GPU grid's is 64): the native forward "
+        "and each option of the grid on --preset (full-size InstructBLIP-FlanT5-XL when not given); the "
+        "scope, precision and option flags above are ignored (default: none, the whole sweep)",
     )
     p.add_argument(
         "--batch-sizes",
         type=positive_int,
         nargs="+",
         default=[1, 4, 8, 16],
-        metavar="N",
+        metavar="INT",
         help="batch sizes per configuration, run ascending until one runs out of memory (default: 1 4 8 16)",
     )
-    p.add_argument("--prompt-len", type=positive_int, default=32, help="prompt tokens per sample (default: 32)")
-    p.add_argument("--answer-len", type=positive_int, default=16, help="answer tokens per sample (default: 16)")
-    p.add_argument(
-        "--instruction-len",
-        type=positive_int,
-        default=32,
-        help="InstructBLIP Q-Former instruction tokens (default: 32)",
-    )
-    p.add_argument(
-        "--steps", type=positive_int, default=3, help="measured steps per point after one warm-up (default: 3)"
-    )
+    for flag, default, what in (
+        ("--prompt-len", 32, "prompt tokens per sample"),
+        ("--answer-len", 16, "answer tokens per sample"),
+        ("--instruction-len", 32, "InstructBLIP Q-Former instruction tokens per sample"),
+        ("--steps", 3, "measured optimizer steps per point, after one warm-up step"),
+    ):
+        p.add_argument(flag, type=positive_int, default=default, metavar="INT", help=f"{what} (default: {default})")
     p.add_argument(
         "--validate-budget-gib",
         type=float,
         default=None,
-        help="check the predicted max batch under this memory cap (CUDA only)",
+        metavar="GIB",
+        help="check the predicted max batch under this memory cap, in GiB (CUDA only; default: none, no check)",
     )
 
 
@@ -351,11 +367,13 @@ def add_reproduce_parser(sub) -> None:
         "--only",
         nargs="+",
         choices=list(reproduce.ITEMS),
-        metavar="NAME",
-        help=f"run only these items ({', '.join(reproduce.ITEMS)})",
+        metavar="ITEM",
+        help=f"run only these items, of {', '.join(reproduce.ITEMS)} (default: all; a partial run writes no report)",
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--out", default=str(reproduce.REPORTS_DIR), help="report folder (default: %(default)s)")
+    p.add_argument(
+        "--out", default=str(reproduce.REPORTS_DIR), metavar="DIR", help="report folder (default: %(default)s)"
+    )
     p.set_defaults(func=cmd_reproduce)
 
 
@@ -388,7 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        # upstream warnings the user cannot act on stay off the terminal (known_warnings.py);
+        # train and reproduce record them in their log and report
+        with known_warnings.Recorder():
+            return args.func(args)
     # user mistakes and their diagnoses, without a traceback; OSError: a path that exists, is
     # missing, is a file where a directory was named, cannot be written, or an image that
     # cannot be decoded (images.ImageLoadError is an OSError)
