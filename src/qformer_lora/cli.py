@@ -92,7 +92,7 @@ def add_doctor_parser(sub) -> None:
     p.set_defaults(func=cmd_doctor)
 
 
-# ----------------------------------------------------------------------------- train, generate, export
+# ----------------------------------------------------------------------------- train, report, generate, export
 
 
 def cmd_train(args) -> int:
@@ -106,8 +106,47 @@ def cmd_train(args) -> int:
     config = run_config.load_run_config(args.config, overrides)
     metrics = train.train(config, resume=args.resume, device=None if args.device == AUTO else args.device)
     if distributed.is_main():  # under torchrun every process returns the same metrics: print them once
-        print(jsonio.dumps(metrics, indent=2))
+        if args.json:
+            print(jsonio.dumps(metrics, indent=2))
+        _report_run(config.output_dir, quiet=args.json)
     return 0
+
+
+def _report_run(directory: str, quiet: bool = False) -> None:
+    """Draw the run's curves.png and print its summary (``quiet``: the curves alone; notes to stderr)."""
+    from .plotting import missing
+    from .training import curves, summary
+
+    path = curves.write(directory)
+    if not quiet:
+        print(summary.format_summary(summary.summarise(directory)))
+    if path is None:
+        print(missing(f"{directory}/{curves.CURVES_FILE}"), file=sys.stderr)
+    elif not quiet:
+        print(f"curves: {path} (redraw: qformer-lora report {directory})")
+
+
+def cmd_report(args) -> int:
+    if args.json:
+        from .training import summary
+
+        print(jsonio.dumps(summary.summarise(args.run_dir), indent=2))
+    _report_run(args.run_dir, quiet=args.json)
+    return 0
+
+
+def add_report_parser(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="summarise a training run and redraw its curves.png",
+        description="Print a run's summary (adapter path, best and last validation loss and accuracy with "
+        "their epochs, wall time, samples/s), as train prints it at its end, and redraw curves.png "
+        "(loss, accuracy, learning rate) from its metrics.jsonl. The figure needs matplotlib "
+        "(qformer-lora[bench]).",
+    )
+    p.add_argument("run_dir", help="a run directory (train's --output-dir)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_report)
 
 
 def add_train_parser(sub) -> None:
@@ -133,6 +172,9 @@ def add_train_parser(sub) -> None:
         help="continue from a checkpoint directory, or the run's latest when no path is given (default: a new run)",
     )
     add_device_option(p)
+    p.add_argument(
+        "--json", action="store_true", help="print the last epoch's metrics as JSON instead of the run's summary"
+    )
     for name in run_config.TrainConfig.__dataclass_fields__:
         config_option(p, name, overrides=True)
     p.set_defaults(func=cmd_train)
@@ -385,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qformer-lora",
         description=(
             "LoRA on the Q-Former of InstructBLIP / BLIP-2, with the documented failures reproduced and guarded: "
-            "train, generate, export, check a setting (doctor, verify), measure memory and speed (bench), "
+            "train (ending with a summary and curves.png; report shows them again), generate, export, check a "
+            "setting (doctor, verify), measure memory and speed (bench), "
             "replay every documented failure (reproduce)."
         ),
     )
@@ -394,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_verify_parser,
         add_doctor_parser,
         add_train_parser,
+        add_report_parser,
         add_generate_parser,
         add_export_parser,
         add_bench_parser,

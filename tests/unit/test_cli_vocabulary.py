@@ -55,7 +55,7 @@ def shared() -> dict[str, dict[str, argparse.Action]]:
 def test_the_walk_sees_the_shared_vocabulary():
     # rank, alpha, targets, scope, precision, device, checkpointing: each in more than one subcommand
     assert {"lora_r", "lora_alpha", "targets", "scope", "precision", "device", "lm_checkpointing"} <= set(shared())
-    assert set(subcommands()) == {"verify", "doctor", "train", "generate", "export", "bench", "reproduce"}
+    assert set(subcommands()) == {"verify", "doctor", "train", "report", "generate", "export", "bench", "reproduce"}
 
 
 @pytest.mark.parametrize("dest", sorted(shared()))
