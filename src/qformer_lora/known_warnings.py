@@ -1,7 +1,9 @@
 """Upstream warnings the user cannot act on: recorded once in the run's log, kept off the terminal.
 
 Each entry of :data:`KNOWN` names one warning by category, message and the module it is
-attributed to (the three things a ``warnings`` filter matches), and says why it is hidden.
+attributed to (the three things a ``warnings`` filter matches), and says why it is hidden;
+:data:`KNOWN_LOGS` does the same for messages a library logs (transformers' logger) rather
+than warns.
 Inside ``with Recorder(...)`` a warning that matches an entry is handed to the recorder's sink
 once (``train``: a ``{"type": "warning", ...}`` record in metrics.jsonl; ``reproduce``: the
 report's ``warnings``; any other command: the ``qformer_lora`` logger at DEBUG level) and not
@@ -60,6 +62,37 @@ KNOWN = (
     ),
 )
 
+
+@dataclass(frozen=True)
+class KnownLogMessage:
+    """One message a library logs: ``library`` is the logger whose handlers print it (transformers
+    logs through its own, not propagating to the root), ``logger`` a regular expression of the
+    full logger name, ``message`` one matched at the start of the text."""
+
+    name: str
+    library: str
+    logger: str
+    message: str
+    reason: str
+
+    def matches(self, record: logging.LogRecord) -> bool:
+        return (
+            re.fullmatch(self.logger, record.name) is not None
+            and re.match(self.message, record.getMessage()) is not None
+        )
+
+
+KNOWN_LOGS = (
+    KnownLogMessage(
+        "cache off under gradient checkpointing",
+        "transformers",
+        r"transformers(\..+)?",
+        r"Caching is incompatible with gradient checkpointing",
+        "bench's native-forward rows run the library's own forward with the language model checkpointed; "
+        "transformers turns the cache off for it (a training step has none to keep) and says so",
+    ),
+)
+
 log = logging.getLogger("qformer_lora")
 
 
@@ -78,8 +111,13 @@ class Recorder:
     :meth:`attach` gives one (a run's log exists only after its model is built); a recorder
     that never gets one logs them at DEBUG level on exit."""
 
-    def __init__(self, sink: Callable[[dict], None] | None = None, known: tuple[KnownWarning, ...] = KNOWN):
-        self.known, self.records = known, []
+    def __init__(
+        self,
+        sink: Callable[[dict], None] | None = None,
+        known: tuple[KnownWarning, ...] = KNOWN,
+        known_logs: tuple[KnownLogMessage, ...] = KNOWN_LOGS,
+    ):
+        self.known, self.known_logs, self.records = known, known_logs, []
         self._sink, self._delivered = sink, 0
 
     def attach(self, sink: Callable[[dict], None]) -> None:
@@ -100,9 +138,15 @@ class Recorder:
             warnings.filterwarnings("always", message=known.message, category=known.category, module=known.module)
         self._show = warnings.showwarning
         warnings.showwarning = self._showwarning
+        # on the library's handlers: a record logged by any of its modules passes them
+        self._handlers = [h for k in self.known_logs for h in logging.getLogger(k.library).handlers]
+        for handler in self._handlers:
+            handler.addFilter(self._log_filter)
         return self
 
     def __exit__(self, *exc) -> None:
+        for handler in self._handlers:
+            handler.removeFilter(self._log_filter)
         self._catcher.__exit__(*exc)
         if self._sink is None:
             for record in self.records:
@@ -114,14 +158,24 @@ class Recorder:
         if known is None:
             self._show(message, category, filename, lineno, file, line)
             return
+        self._record(known, category.__name__, text, module)
+
+    def _log_filter(self, record: logging.LogRecord) -> bool:
+        known = next((k for k in self.known_logs if k.matches(record)), None)
+        if known is None:
+            return True
+        self._record(known, f"log {record.levelname}", record.getMessage(), record.name)
+        return False
+
+    def _record(self, known, category: str, text: str, source: str) -> None:
         if any(r["name"] == known.name for r in self.records):
             return  # once per run
         self.records.append(
             {
                 "name": known.name,
-                "category": category.__name__,
+                "category": category,
                 "message": text.splitlines()[0] if text else "",
-                "source": module,
+                "source": source,
                 "reason": known.reason,
             }
         )

@@ -9,7 +9,9 @@ The real upstream paths raise them here; the control runs show they do arise wit
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -75,6 +77,28 @@ def test_other_warnings_stay_visible():
     assert shown == [
         "sample 'sample-7': prompt has 10 tokens, truncated to 4",
         "`is_gradient_checkpointing` is deprecated (from elsewhere)",
+    ]
+
+
+def test_a_known_library_log_message_is_recorded_and_not_printed():
+    # bench's native rows: transformers logs (not warns) that it turns the cache off under checkpointing
+    from transformers.utils import logging as hf_logging
+
+    logger = hf_logging.get_logger("transformers.modeling_layers")
+    printed = io.StringIO()  # a terminal of our own beside transformers' (pytest holds the real one)
+    terminal = logging.StreamHandler(printed)
+    logging.getLogger("transformers").addHandler(terminal)
+    try:
+        with known_warnings.Recorder() as hidden:
+            logger.warning("Caching is incompatible with gradient checkpointing in T5Block. Setting `cache=None`.")
+            logger.warning("another transformers message")
+        logger.warning("Caching is incompatible with gradient checkpointing, after the block")
+    finally:
+        logging.getLogger("transformers").removeHandler(terminal)
+    err = printed.getvalue()
+    assert "in T5Block" not in err and "another transformers message" in err and "after the block" in err
+    assert [(r["name"], r["source"]) for r in hidden.records] == [
+        ("cache off under gradient checkpointing", "transformers.modeling_layers")
     ]
 
 
