@@ -86,7 +86,10 @@ def test_the_curves_show_the_logged_numbers(tmp_path):
     ]
     steps = lines["training, each step"].get_ydata()
     assert steps[0] == 1.4 and math.isnan(steps[1])  # the "NaN" loss is a gap, not an error
-    assert list(accuracy.lines[0].get_ydata()) == [0.25, 0.5, 0.5] and accuracy.lines[1].get_ydata()[0] == 0.2
+    marks = {line.get_label(): line for line in accuracy.lines}
+    assert list(marks["validation"].get_ydata()) == [0.25, 0.5, 0.5] and marks["majority answer"].get_ydata()[0] == 0.2
+    # the best values ringed and named as the summary names them: loss 0.9 at epoch 1 (step 2)
+    assert list(lines["best: 0.9000 (epoch 1)"].get_xydata()[0]) == [2, 0.9] and "best: 0.500 (epoch 1)" in marks
     assert list(lr.lines[0].get_ydata()) == [0.001, 0.002, 0.001, 0.0]
     top = [a for a in loss.child_axes if a.get_xlabel() == "epoch"]
     assert len(top) == 1, "2 steps per epoch throughout: the epochs are on the top axis"

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import jsonio, plotting
-from .summary import read_log
+from .summary import best, read_log
 
 CURVES_FILE = "curves.png"
 
@@ -36,6 +36,16 @@ def _epoch_axis(axes, records: list[dict]) -> None:
         top.set_xlabel("epoch")
 
 
+def _mark_best(axes, records: list[dict], field: str, lower: bool, spec: str) -> None:
+    """A ring on the best validation value after training started, named in the legend as the summary names it."""
+    trained = [r for r in records if r.get("type") == "epoch" and r["epoch"] > 0 and field in r]
+    found = best(trained, field, lower)
+    if found is not None:
+        step = next(r["step"] for r in trained if r["epoch"] == found["epoch"])
+        label = f"best: {found['value']:{spec}} (epoch {found['epoch']})"
+        axes.plot([step], [found["value"]], "o", ms=12, mfc="none", mec="black", mew=1.5, label=label)
+
+
 def draw(records: list[dict], title: str = ""):
     """The curves as a matplotlib Figure (None without matplotlib)."""
     figure = plotting.new_figure(10, 8.5)
@@ -43,10 +53,12 @@ def draw(records: list[dict], title: str = ""):
         return None
     loss, accuracy, lr = figure.subplots(3, 1, sharex=True, height_ratios=(2.2, 1.3, 1))
     loss.plot(*_series(records, "step", "loss"), color="#aec7e8", linewidth=0.8, label="training, each step")
-    loss.plot(*_series(records, "epoch", "train_loss"), "o-", color="#1f77b4", label="training, epoch mean")
-    loss.plot(*_series(records, "epoch", "val_loss"), "s-", color="#d62728", label="validation")
+    loss.plot(*_series(records, "epoch", "train_loss"), "o-", ms=4, color="#1f77b4", label="training, epoch mean")
+    loss.plot(*_series(records, "epoch", "val_loss"), "s-", ms=4, color="#d62728", label="validation")
+    _mark_best(loss, records, "val_loss", lower=True, spec=".4f")
     loss.set(ylabel="loss (per answer token)", ylim=(0, None))
-    accuracy.plot(*_series(records, "epoch", "val_accuracy"), "s-", color="#d62728", label="validation")
+    accuracy.plot(*_series(records, "epoch", "val_accuracy"), "s-", ms=4, color="#d62728", label="validation")
+    _mark_best(accuracy, records, "val_accuracy", lower=False, spec=".3f")
     _, baseline = _series(records, "epoch", "majority_baseline")
     if baseline:
         accuracy.axhline(baseline[-1], color="0.4", linestyle="--", linewidth=1, label="majority answer")

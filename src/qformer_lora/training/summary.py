@@ -42,7 +42,7 @@ def read_log(directory: str | Path) -> list[dict]:
     return records
 
 
-def _best(epochs: list[dict], field: str, lower: bool) -> dict | None:
+def best(epochs: list[dict], field: str, lower: bool) -> dict | None:
     """{"epoch", "value"} of the best finite ``field`` (the earliest on a tie); None if none is finite."""
     values = [(r["epoch"], jsonio.number(r.get(field))) for r in epochs]
     finite = [(e, v) for e, v in values if v is not None and math.isfinite(v)]
@@ -70,8 +70,8 @@ def summarise(directory: str | Path) -> dict:
         "start": {k: jsonio.number(epochs[0].get(k)) for k in ("val_loss", "val_accuracy")}
         if epochs and epochs[0]["epoch"] == 0
         else None,
-        "best_val_loss": _best(trained, "val_loss", lower=True),
-        "best_val_accuracy": _best(trained, "val_accuracy", lower=False),
+        "best_val_loss": best(trained, "val_loss", lower=True),
+        "best_val_accuracy": best(trained, "val_accuracy", lower=False),
         "last": {"epoch": last.get("epoch")} | {k: jsonio.number(last.get(k)) for k in ("val_loss", "val_accuracy")},
         "majority_baseline": jsonio.number(last.get("majority_baseline")),
         "wall_s": sum(r["wall_s"] for r in ends) if ends else None,
