@@ -15,6 +15,7 @@ filtered outside the ``with`` block: no process-wide ignore.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import warnings
@@ -119,6 +120,7 @@ class Recorder:
     ):
         self.known, self.known_logs, self.records = known, known_logs, []
         self._sink, self._delivered = sink, 0
+        self._pid = os.getpid()  # a forked DataLoader worker inherits the block but must not write the log
 
     def attach(self, sink: Callable[[dict], None]) -> None:
         """Send the records so far, and every later one, to ``sink``."""
@@ -126,7 +128,7 @@ class Recorder:
         self._deliver()
 
     def _deliver(self) -> None:
-        if self._sink is not None:
+        if self._sink is not None and os.getpid() == self._pid:
             for record in self.records[self._delivered :]:
                 self._sink(record)
             self._delivered = len(self.records)
