@@ -33,7 +33,12 @@ Two earlier choices made the default run learn little (val loss -38 %):
 
 The result (config, safetensors weights, processor files) is written to
 src/qformer_lora/resources/checkpoints/tiny-instructblip-flan-t5-shapes/ and loads offline with
-presets.load_model / data.build_processor. Deterministic on CPU for a given torch build.
+presets.load_model / data.build_processor, and with plain transformers' AutoProcessor and
+AutoModelForImageTextToText: the processor is completed by inference.export.complete_processor
+(num_query_tokens, the image token, the image size), which a processor built from its parts
+lacks. Deterministic on CPU for a given torch build. ``--processor-only`` rewrites the processor
+files of an existing --out from the shipped tokenizers and leaves its weights and config as they
+are (how the processor was completed without touching the weights the golden curves rest on).
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 import make_shapes  # noqa: E402
 
-from qformer_lora import data, forward, images, presets  # noqa: E402
-from qformer_lora.training import train, validation  # noqa: E402
+from qformer_lora import compat, data, forward, images, inputs, presets  # noqa: E402
+from qformer_lora.inference import export  # noqa: E402
+from qformer_lora.training import loader, validation  # noqa: E402
 from qformer_lora.training.step import linear_warmup_decay  # noqa: E402
 
 PRESET = "tiny-instructblip-flan-t5"
@@ -121,6 +127,34 @@ def pretraining_manifest(out_dir: Path, n_images: int, seed: int) -> tuple[Path,
     return manifest, skipped
 
 
+def rewrite_processor(out: Path) -> int:
+    """The processor files of ``out`` written again, completed, and config.json's language model class added;
+    the weights untouched.
+
+    The processor is built as ``main`` builds it (data.build_processor from the fixture tokenizers),
+    completed (export.complete_processor) and saved into a staging directory, whose files then
+    replace ``out``'s. config.json gains ``text_config.architectures`` alone
+    (compat.name_text_architecture), edited in place so that nothing else in it moves.
+    """
+    model = presets.load_model(out)
+    processor = data.build_processor("instructblip", image_size=model.config.vision_config.image_size)
+    export.complete_processor(processor, model.config, where=str(out))
+    compat.name_text_architecture(model)
+    config_file = out / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["text_config"]["architectures"] = model.config.text_config.architectures
+    with tempfile.TemporaryDirectory(dir=out.parent) as staging:
+        export.save_processor(processor, staging)
+        (Path(staging) / "config.json").write_text(
+            json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+        for name in sorted(p.relative_to(staging) for p in Path(staging).rglob("*") if p.is_file()):
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(staging) / name, out / name)
+            print(f"wrote {out / name}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -129,7 +163,14 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--processor-only",
+        action="store_true",
+        help="rewrite only the processor files of the existing --out (weights and config untouched)",
+    )
     args = parser.parse_args(argv)
+    if args.processor_only:
+        return rewrite_processor(args.out)
     torch.set_num_threads(1)  # tiny model: per-op overhead dominates, more threads only spin
 
     with tempfile.TemporaryDirectory() as corpus_dir:
@@ -151,15 +192,17 @@ def main(argv=None) -> int:
         model.requires_grad_(True)
         model.eval()  # no dropout, as in the LoRA runs
         processor = data.build_processor("instructblip", image_size=model.config.vision_config.image_size)
-        collator = data.Collator(
+        collator = inputs.Collator(
             processor, "instructblip", decoder_only=False, max_prompt_tokens=32, max_answer_tokens=8
         )
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
         steps_per_epoch = -(-len(corpus) // args.batch_size)
         scheduler = linear_warmup_decay(optimizer, WARMUP_STEPS, steps_per_epoch * args.epochs)
+        # the order RandomSampler(generator seeded seed * 1000 + epoch) drew when this base was made
+        batches = loader.EpochLoader(corpus, collator, args.batch_size, args.seed, shuffle=True)
         for epoch in range(args.epochs):
             epoch_loss = 0.0
-            for batch in train.make_loader(corpus, collator, args.batch_size, args.seed, epoch, shuffle=True):
+            for batch in batches.epoch(epoch):
                 loss = forward.custom_forward(model, batch).loss
                 loss.backward()
                 optimizer.step()
@@ -169,8 +212,8 @@ def main(argv=None) -> int:
             print(f"pretraining epoch {epoch + 1}/{args.epochs}: loss {epoch_loss / steps_per_epoch:.4f}", flush=True)
 
     def evaluate(split: str) -> str:
-        loader = train.make_loader(data.ShapesDataset(split), collator, 16, 0, 0, shuffle=False)
-        m = validation.evaluate(model, loader, "fp32", torch.device("cpu"))
+        batches = loader.EpochLoader(data.ShapesDataset(split), collator, 16, 0, shuffle=False).epoch(0)
+        m = validation.evaluate(model, batches, "fp32", torch.device("cpu"))
         return f"{split} loss {m['val_loss']:.3f} accuracy {m['val_accuracy']:.3f}"
 
     print("pretrained full model:", evaluate("train"), "|", evaluate("val"))
@@ -181,11 +224,13 @@ def main(argv=None) -> int:
     print("re-initialised Q-Former:", evaluate("train"), "|", evaluate("val"))
 
     # write next to the destination, then swap in: never a half-written checkpoint
+    export.complete_processor(processor, model.config, where=PRESET)
+    compat.name_text_architecture(model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-base-", dir=args.out.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True)
-        processor.save_pretrained(staging)
+        export.save_processor(processor, staging)
         if args.out.exists():
             shutil.rmtree(args.out)
         staging.rename(args.out)

@@ -112,8 +112,10 @@ def save(
     config: dict,
     keep_last: int | None = None,
     metrics: dict | None = None,
+    keep: int | None = None,
 ) -> Path:
-    """Write checkpoint ``epoch`` atomically; then prune to the ``keep_last`` newest."""
+    """Write checkpoint ``epoch`` atomically; then prune to the ``keep_last`` newest, sparing
+    epoch ``keep`` (the best epoch by --best-metric)."""
     final = checkpoint_dir(run_dir, epoch)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
@@ -140,7 +142,8 @@ def save(
         raise
     if keep_last:
         for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old)
+            if keep is None or old != checkpoint_dir(run_dir, keep):
+                shutil.rmtree(old)
     return final
 
 

@@ -10,11 +10,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, images, jsonio, known_warnings, lora, precision, presets
-from .cli_options import AUTO, add_device_option, config_option, lora_spec, metavar, positive_int, resolve_device
+from . import checkpoint, data, formats, images, jsonio, known_warnings, lora, precision, presets, tasks
+from .cli_options import (
+    AUTO,
+    add_data_options,
+    add_device_option,
+    add_generation_options,
+    config_option,
+    generation_options,
+    lora_spec,
+    metavar,
+    positive_int,
+    resolve_device,
+)
 from .diagnostics.numerics import NonFiniteError
 from .training import run_config
 
@@ -183,14 +195,46 @@ def add_train_parser(sub) -> None:
 def cmd_generate(args) -> int:
     from .inference import generate
 
-    path = checkpoint.latest_checkpoint(args.checkpoint) or args.checkpoint
+    path = _generate_source(args)
     # the inputs first: a typo should not cost the minutes of loading a full-size model
-    pictures, questions, expected = _generate_inputs(args, lambda: generate.run_config(path))
-    model, processor, family, _ = generate.load_trained(path)
-    answers = generate.answer(model, processor, family, pictures, questions, max_new_tokens=args.max_new_tokens)
+    pictures, questions, expected = _generate_inputs(args, lambda: _run_config(generate, path))
+    config = None  # an adapter trained elsewhere or a saved model: TrainConfig's budgets
+    if args.adapter is not None:
+        model, processor, _, report = generate.load_adapter(args.adapter, args.base_checkpoint)
+        print(lora.format_scope_report(report), end="\n\n", file=sys.stderr)  # stdout: the answers alone
+    elif path is None:
+        model, processor, _ = generate.load_merged(args.base_checkpoint)
+    else:
+        model, processor, _, config = generate.load_trained(path)
+    model.to(resolve_device(args.device))
+    builder = generate.collator(model, processor, config or vars(run_config.TrainConfig()))
+    answers = tasks.answer(model, builder, pictures, questions, generation_options(args), True)
     for question, got, want in zip(questions, answers, expected):
         print(f"{question} -> {got}" + (f"   (expected: {want})" if want is not None else ""))
     return 0
+
+
+def _generate_source(args):
+    """The training checkpoint to answer with, or None for --adapter / --base-checkpoint alone."""
+    if args.checkpoint is not None:
+        if args.adapter is not None or args.base_checkpoint is not None:
+            raise ValueError(
+                f"{args.checkpoint}: a training checkpoint brings its own adapter and base; "
+                f"--adapter and --base-checkpoint are for models trained elsewhere"
+            )
+        return checkpoint.latest_checkpoint(args.checkpoint) or args.checkpoint
+    if args.adapter is None and args.base_checkpoint is None:
+        raise ValueError("name a training checkpoint or run, --adapter DIR, or --base-checkpoint DIR")
+    return None
+
+
+def _run_config(generate, path) -> dict:
+    if path is None:
+        raise ValueError(
+            "--adapter / --base-checkpoint: no run to take validation data from; give --manifest, "
+            "or --image and --question"
+        )
+    return generate.run_config(path)
 
 
 def _generate_inputs(args, run_config) -> tuple[list, list, list]:
@@ -200,11 +244,13 @@ def _generate_inputs(args, run_config) -> tuple[list, list, list]:
         if not (args.image and args.question):
             raise ValueError("--image and --question go together")
         return [images.load_image(args.image)], [args.question], [None]
-    manifest, image_root = args.manifest, args.image_root
+    manifest, image_root, data_format = args.manifest, args.image_root, args.data_format
     if manifest is None:
         config = run_config()  # read only here: --image or --manifest need no checkpoint to be checked
         manifest, image_root = config["val_manifest"], config.get("image_root")
-    samples = data.read_manifest(manifest, image_root)[: args.limit]
+        if data_format == formats.AUTO:  # the format the run was trained with
+            data_format = config.get("data_format", formats.AUTO)
+    samples = formats.read(manifest, data_format, image_root, split="val")[: args.limit]
     return (
         [images.load_image(s.image_path) for s in samples],
         [s.instruction for s in samples],
@@ -213,39 +259,132 @@ def _generate_inputs(args, run_config) -> tuple[list, list, list]:
 
 
 def add_generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="answer questions about images with a trained adapter")
-    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
+    p = sub.add_parser(
+        "generate",
+        help="answer questions about images with a trained adapter",
+        description="Answer with a training checkpoint of ours (CHECKPOINT), with a LoRA adapter trained "
+        "elsewhere with plain PEFT (--adapter DIR on --base-checkpoint DIR; a scope report of what it "
+        "touches goes to stderr), or with a saved model as it is, such as a merged export "
+        "(--base-checkpoint DIR alone).",
+    )
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint directory, or a run directory (its latest checkpoint)")
+    p.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="a PEFT LoRA adapter directory (adapter_config.json + weights) trained elsewhere on the Q-Former "
+        "(default: none, CHECKPOINT's adapter)",
+    )
+    p.add_argument(
+        "--base-checkpoint",
+        metavar=metavar("base_checkpoint"),
+        help="local InstructBLIP/BLIP-2 checkpoint directory: the base of --adapter (default: the one its "
+        "adapter_config.json records), or the model to answer with when there is no adapter",
+    )
     p.add_argument("--image", metavar="FILE", help="image file, with --question (default: none)")
     p.add_argument("--question", metavar="TEXT", help="instruction / question about --image (default: none)")
-    p.add_argument(
-        "--manifest",
-        metavar="PATH",
-        help="JSONL manifest: answer every sample (up to --limit; default: the run's validation data)",
-    )
-    p.add_argument(
-        "--image-root", default=None, metavar="DIR", help="image root for --manifest (default: its directory)"
-    )
+    add_data_options(p)
     p.add_argument(
         "--limit", type=positive_int, default=10, metavar="INT", help="samples from the manifest (default: 10)"
     )
-    p.add_argument(
-        "--max-new-tokens", type=positive_int, default=8, metavar="INT", help="longest answer in tokens (default: 8)"
-    )
+    add_generation_options(p)
+    add_device_option(p)
     p.set_defaults(func=cmd_generate)
 
 
 def cmd_export(args) -> int:
-    from .inference import generate
+    from .inference import export
 
     path = checkpoint.latest_checkpoint(args.checkpoint) or args.checkpoint
-    print(f"merged model written to {generate.export_merged(path, args.out)}")
+    print(f"merged model written to {export.export_merged(path, args.out, resolve_device(args.device))}")
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .inference import evaluate, generate
+
+    if (args.checkpoint is None) == (args.base_checkpoint is None and args.adapter is None):
+        raise ValueError(
+            "give a run (or checkpoint) directory, --adapter DIR (a plain PEFT adapter), or --base-checkpoint DIR "
+            "alone for a base's zero-shot figures"
+        )
+    path = (checkpoint.latest_checkpoint(args.checkpoint) or Path(args.checkpoint)) if args.checkpoint else None
+    # the data first: a typo should not cost the minutes of loading a full-size model
+    config = generate.run_config(path) if path else vars(run_config.TrainConfig())
+    samples, data_format, manifest = _evaluation_data(args, config)
+    budgets = {k: getattr(args, k) or config[k] for k in ("max_prompt_tokens", "max_answer_tokens")}
+    if path and budgets != {k: config[k] for k in budgets}:
+        raise ValueError("a run is evaluated with the budgets it trained with: drop --max-prompt/answer-tokens")
+    model, builder, _, name = evaluate.load(
+        path, args.base_checkpoint, budgets, resolve_device(args.device), adapter=args.adapter
+    )
+    task, options = tasks.task_of(samples, data_format), generation_options(args)
+    results, records = tasks.evaluate(model, builder, samples, task, options)
+    document = evaluate.report(
+        results, task=task, samples=len(records), source=name, data_path=str(manifest), options=options
+    )
+    default_out = path.parent.parent / "evaluation" if path else Path("evaluation")  # <run>/checkpoints/<ckpt>
+    out = evaluate.write(args.out or default_out, document, records)
+    print(evaluate.markdown(document) + f"\nwritten to {out}/ (predictions.jsonl, results.json, results.md)")
+    return 0
+
+
+def _evaluation_data(args, config: dict) -> tuple[list, str, str]:
+    """(samples, resolved format, path): --manifest in --data-format, by default the run's validation data."""
+    manifest = args.manifest or config["val_manifest"]
+    data_format = args.data_format
+    if data_format == formats.AUTO and not args.manifest:  # the run's own data: the format it trained with
+        data_format = config.get("data_format", formats.AUTO)
+    data_format = formats.detect(manifest) if data_format == formats.AUTO else data_format
+    samples = formats.read(manifest, data_format, args.image_root or config.get("image_root"), split="val")
+    return (samples[: args.limit] if args.limit else samples), data_format, manifest
+
+
+def add_evaluate_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="task metrics (VQA accuracy, multiple choice, BLEU-4 / CIDEr-D, exact match) of a run or a base",
+    )
+    p.add_argument("checkpoint", nargs="?", help="a run or checkpoint directory (its latest checkpoint)")
+    p.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="a PEFT LoRA adapter directory trained elsewhere on the Q-Former (default: none, CHECKPOINT's adapter)",
+    )
+    p.add_argument(
+        "--base-checkpoint",
+        metavar=metavar("base_checkpoint"),
+        help="the base of --adapter (default: the one its adapter_config.json records), or alone a base or "
+        "merged checkpoint to evaluate as saved (a base's zero-shot figures)",
+    )
+    add_data_options(p)
+    p.add_argument(
+        "--limit", type=positive_int, default=None, metavar="INT", help="first N samples only (default: none = all)"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="report folder (default: <run>/evaluation, or ./evaluation for a base)",
+    )
+    for name in ("max_prompt_tokens", "max_answer_tokens"):
+        config_option(p, name, overrides=True)
+    add_generation_options(p)
+    add_device_option(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
 def add_export_parser(sub) -> None:
-    p = sub.add_parser("export", help="merge the adapter into its base model (merge_and_unload) and save it")
+    p = sub.add_parser(
+        "export",
+        help="merge the adapter into its base model (merge_and_unload) and save it with a model card",
+        description="Merge a checkpoint's adapter into its base and write a directory that plain transformers "
+        "loads as is (AutoProcessor + the model class's generate): the merged weights, a complete "
+        "processor (num_query_tokens, image token, image size) and a README.md model card with the "
+        "hub's metadata, the adapter, the training data, the run's validation figures and a usage snippet.",
+    )
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
-    p.add_argument("out", help="new directory for the merged model and its processor")
+    p.add_argument("out", help="new directory for the merged model, its processor and model card")
+    add_device_option(p)
     p.set_defaults(func=cmd_export)
 
 
@@ -439,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_train_parser,
         add_report_parser,
         add_generate_parser,
+        add_evaluate_parser,
         add_export_parser,
         add_bench_parser,
         add_reproduce_parser,

@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from . import formats, lora, precision, presets
+from . import formats, lora, precision, presets, tasks
 from .training import run_config, step_options
 
 AUTO = "auto"  # --device: cuda when available, else cpu
@@ -65,6 +65,7 @@ CHOICES = {
     "feature_cache": step_options.FEATURE_CACHE_MODES,
     "log": run_config.LOGS,
     "data_format": formats.CHOICES,
+    "image_decode": run_config.IMAGE_DECODES,
 }
 
 
@@ -147,3 +148,49 @@ def lora_spec(args) -> lora.LoraSpec:
         targets=tuple(args.targets),
         scope=args.scope,
     )
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """The data of generate and evaluate: a path in any format, default the run's validation data."""
+    parser.add_argument(
+        "--manifest",
+        metavar="PATH",
+        help="data in any --data-format: answer every sample (up to --limit; default: the run's validation data)",
+    )
+    parser.add_argument(
+        "--data-format",
+        choices=formats.CHOICES,
+        default=formats.AUTO,
+        help="format of --manifest; auto detects it from the path, or takes the run's for its validation data "
+        "(default: auto)",
+    )
+    parser.add_argument(
+        "--image-root", default=None, metavar="DIR", help="image root for --manifest (default: its directory)"
+    )
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    """Decoding options of generate and evaluate (tasks.GenerationOptions)."""
+    parser.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=None,
+        metavar="TOKENS",
+        help="longest answer in tokens (default: none = the run's --max-answer-tokens)",
+    )
+    parser.add_argument(
+        "--num-beams", type=positive_int, default=1, metavar="INT", help="beam search width; 1 is greedy (default: 1)"
+    )
+    parser.add_argument(
+        "--length-penalty",
+        type=float,
+        default=1.0,
+        metavar="FLOAT",
+        help="beam search: exponent on the answer length dividing a beam's log-likelihood; > 1 favours longer "
+        "answers (default: 1.0)",
+    )
+    config_option(parser, "batch_size")
+
+
+def generation_options(args):
+    return tasks.GenerationOptions(args.max_new_tokens, args.num_beams, args.length_penalty, args.batch_size)

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import shutil
 import sys
+from pathlib import Path
 
 import peft
 import torch
 import transformers
 from packaging.version import Version
+
+from . import jsonio
 
 TRANSFORMERS = Version(transformers.__version__)
 PEFT = Version(peft.__version__)
@@ -102,6 +106,18 @@ def native_inputs(model, batch: dict) -> dict:
             [kwargs["labels"].new_full((batch_size, num_queries), -100), kwargs["labels"]], dim=1
         )
     return kwargs
+
+
+def image_text_auto_class():
+    """The Auto class that maps an InstructBLIP / BLIP-2 config to its generating model class.
+
+    Older 4.x releases have AutoModelForVision2Seq only; later 4.x releases added
+    AutoModelForImageTextToText beside it, and 5.x dropped the old name (checked on 5.24; the release
+    that added the new one is not pinned here), so the new one is taken wherever it exists.
+    """
+    import transformers
+
+    return getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
 
 
 # peft < 0.6 matched a list target_modules with an uncompiled re.match(f".*\.{name}$", key)
@@ -259,6 +275,63 @@ def load_processor(processor_cls, directory):
             str(directory / "qformer_tokenizer"), local_files_only=True
         )
     return processor_cls(**parts)
+
+
+# ----------------------------------------------------------------------------- directories every release reads
+# What a directory written by transformers 5 needs so that plain transformers of the version matrix
+# loads it (AutoProcessor, AutoModelForImageTextToText / AutoModelForVision2Seq, generate). Observed on
+# 2026-11-29 by loading the four tiny exports written with 5.24 under pip --target installs of 4.33.3,
+# 4.45.2 and 4.57.6 (tokenizers and huggingface_hub of their era; torch 2.13):
+# * tokenizer_config.json's "tokenizer_class": "TokenizersBackend" is a 5.x-only class: every 4.x failed
+#   with "Tokenizer class TokenizersBackend does not exist or is not currently imported".
+#   "PreTrainedTokenizerFast" names the same tokenizer.json backend in 4.x and 5.x (5.x maps it to
+#   TokenizersBackend).
+# * the image processor nested in processor_config.json: 4.33 and 4.45 want preprocessor_config.json
+#   ("does not appear to have a file named preprocessor_config.json"), and 4.45 passes the nested dict
+#   on as a second image_processor ("got multiple values for argument 'image_processor'"). The flat
+#   layout the hub's own Salesforce repositories use (preprocessor_config.json, and processor_config.json
+#   holding num_query_tokens alone) loaded on all four releases.
+# * InstructBLIP's generate reads config.text_config.architectures[0] on 4.33 and 4.45 (None in a config
+#   built from a preset: "'NoneType' object is not subscriptable").
+# With the three, all four releases answered the same token ids on the four exports, except: 4.45.2's
+# InstructBlipProcessor fails on return_tensors="pt" ("can only concatenate list (not "Tensor") to
+# list", its own bug, whoever wrote the directory); and 4.33.3 / 4.45.2 return bos + answer from a
+# decoder-only generate where 4.57.6 / 5.24 return prompt + answer. Other matrix releases: not checked.
+LEGACY_TOKENIZER_CLASS = ("TokenizersBackend", "PreTrainedTokenizerFast")  # (5.x name, name every release reads)
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
+
+
+def name_text_architecture(model) -> None:
+    """Record the language model's class in ``config.text_config.architectures`` when it is missing
+    (checkpoints from the hub have it; configs built from a preset do not)."""
+    text_config = model.config.text_config
+    if not getattr(text_config, "architectures", None):
+        text_config.architectures = [type(model.language_model).__name__]
+
+
+def make_readable_by_every_release(directory) -> list[str]:
+    """Rewrite a saved processor's files in ``directory`` in the layout every checked release reads
+    (see above); returns the files changed. Files already in that layout are left alone."""
+    directory, changed = Path(directory), []
+    for config_file in sorted(directory.rglob("tokenizer_config.json")):
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if config.get("tokenizer_class") == LEGACY_TOKENIZER_CLASS[0]:
+            config["tokenizer_class"] = LEGACY_TOKENIZER_CLASS[1]
+            _write_json(config_file, config)
+            changed.append(str(config_file.relative_to(directory)))
+    processor_file = directory / "processor_config.json"
+    processor = json.loads(processor_file.read_text(encoding="utf-8")) if processor_file.is_file() else {}
+    if isinstance(processor.get("image_processor"), dict):
+        _write_json(directory / IMAGE_PROCESSOR_FILE, processor.pop("image_processor"))
+        _write_json(processor_file, processor)
+        changed += [IMAGE_PROCESSOR_FILE, processor_file.name]
+    return changed
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(jsonio.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- models built on meta

@@ -152,25 +152,56 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: s
     )
 
 
+@torch.no_grad()
+def answer_log_likelihood(model, batch: dict) -> torch.Tensor:
+    """Per row (B,): the summed log-probability (nats) of its answer tokens given image and prompt.
+
+    Rank scoring of multiple-choice options (InstructBLIP's ScienceQA / IconQA evaluation, Dai et
+    al. 2023, sec. 3.3: each candidate answer's likelihood under the model, the highest chosen):
+    a training batch whose answers are the candidates, scored with the loss's own alignment.
+    """
+    batch_size = batch["input_ids"].shape[0]
+    token_losses = custom_forward(model, batch, reduction="none").loss  # 0 at ignored positions
+    return -token_losses.view(batch_size, -1).sum(dim=1)
+
+
 def target_count(batch: dict) -> int:
     """Number of tokens the loss is taken over (decoder-only targets are shifted by one, not lost:
     the first text position is always a prompt token)."""
     return int((batch["labels"] != IGNORE_INDEX).sum())
 
 
-@torch.no_grad()
-def generate(model, batch: dict, max_new_tokens: int = 8) -> torch.Tensor:
-    """Greedy answers: the language model's own generate() on the custom inputs_embeds.
+def generation_inputs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs_embeds, attention_mask) for the language model's generate().
 
-    For decoder-only models ``batch`` holds the prompt only (left-padded so every row
-    ends with its last prompt token); the result holds the new tokens only.
+    A decoder-only prompt batch is left-padded (inputs.Collator.prompts), so after the query
+    tokens are prepended the padding sits between them and the prompt. It is moved to the front
+    of each row: generate() numbers positions from the attention mask, which then gives every
+    query and prompt token the position it had in training, and a release that numbers them
+    0, 1, ... regardless shifts a whole row alike (relative positions, as in RoPE, unchanged).
     """
     model = compat.unwrap(model)
     inputs_embeds, attention_mask, _, _ = embed_inputs(model, batch)
-    return model.language_model.generate(
+    if model.config.use_decoder_only_language_model:
+        order = torch.argsort(attention_mask, dim=1, stable=True)  # padding (0) first, the rest in order
+        inputs_embeds = inputs_embeds.gather(1, order.unsqueeze(-1).expand_as(inputs_embeds))
+        attention_mask = attention_mask.gather(1, order)
+    return inputs_embeds, attention_mask
+
+
+@torch.no_grad()
+def generate(model, batch: dict, max_new_tokens: int = 8, num_beams: int = 1, length_penalty: float = 1.0):
+    """Answers by the language model's own generate() on the custom inputs_embeds: greedy, or beam
+    search with ``num_beams`` > 1 (``length_penalty``: transformers' exponent on the answer length).
+
+    ``batch`` holds the prompts only (inputs.Collator.prompts); the result holds the new tokens only.
+    """
+    inputs_embeds, attention_mask = generation_inputs(model, batch)
+    return compat.unwrap(model).language_model.generate(
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        num_beams=1,
+        num_beams=num_beams,
+        length_penalty=length_penalty,
     )

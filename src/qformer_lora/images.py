@@ -84,16 +84,24 @@ class ImageLoadError(OSError):
     """An image file cannot be decoded faithfully; the message names the file (and the mode, when that is why)."""
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
     """Open ``path`` and return its first frame, upright, as an 8-bit RGB PIL image.
 
     The image is decoded here, so a truncated file fails now and not inside the collator; it
     is turned by its EXIF orientation and converted by the module's conversion table
     (``to_rgb``). Raises ``ImageLoadError`` naming the file for a file Pillow cannot identify
     or decode, a decompression bomb (Pillow's check), and a mode the table refuses or lacks.
+
+    ``draft_size`` (pixels; JPEG files only, others ignore it): Pillow's draft mode, in which
+    libjpeg scales by 1/2, 1/4 or 1/8 while decoding, keeping both sides at least
+    ``draft_size``; the image processor's resize then starts from the smaller image. Faster
+    and not identical to decoding in full: ``--image-decode`` in training/run_config.py gives
+    the figures and why it is not the default.
     """
     try:
         with Image.open(path) as opened:
+            if draft_size is not None and opened.format == "JPEG":
+                opened.draft(opened.mode, (draft_size, draft_size))  # the mode stays: to_rgb converts it
             opened.load()  # decode now (frame 0), so truncation surfaces here
             upright = ImageOps.exif_transpose(opened)  # a new image; the file's format stays on `opened`
             image_format = opened.format

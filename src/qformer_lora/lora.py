@@ -146,6 +146,45 @@ def check_trainable_scope(model, scope: str = "qformer") -> None:
         )
 
 
+def adapter_spec(model, adapter_name: str = "default") -> LoraSpec:
+    """The LoraSpec a loaded PEFT LoRA adapter amounts to, read from the model rather than assumed.
+
+    For an adapter trained elsewhere with plain PEFT (generate.load_adapter): r, alpha and dropout
+    from its LoraConfig; targets: the last name part of every layer it wraps (PEFT's
+    ``target_modules`` may be a regex or full names); scope: the narrowest of SCOPES holding every
+    component with a LoRA layer or a fully trained module (``modules_to_save``). ScopeError when
+    the adapter is no LoRA adapter, or reaches a component outside every scope (the vision
+    encoder, say), naming the components.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    config = model.peft_config[adapter_name]
+    if str(getattr(config.peft_type, "value", config.peft_type)) != "LORA":
+        raise ScopeError(f"adapter {adapter_name!r} is a {config.peft_type} adapter; only LoRA adapters are read here")
+    wrapped = [
+        (name.split(".")[0], name.split(".")[-1])
+        for name, module in compat.unwrap(model).named_modules()
+        if isinstance(module, BaseTunerLayer)
+    ]
+    saved = {component_of(name) for name, _ in model.named_parameters() if "modules_to_save" in name}
+    touched = {c for c, _ in wrapped} | saved
+    scope = next((name for name, allowed in SCOPES.items() if touched <= set(allowed)), None)
+    if scope is None:
+        outside = sorted(touched - set(SCOPES["qformer+llm"]))
+        known = "; ".join(f"{name}: {' + '.join(allowed)}" for name, allowed in SCOPES.items())
+        raise ScopeError(
+            f"adapter {adapter_name!r} has LoRA layers or trained modules in {', '.join(outside)}, outside every "
+            f"scope this project knows ({known})"
+        )
+    return LoraSpec(
+        r=config.r,
+        alpha=config.lora_alpha,
+        dropout=config.lora_dropout,
+        targets=tuple(sorted({leaf for _, leaf in wrapped})),
+        scope=scope,
+    )
+
+
 def adapter_parameters(model) -> list[torch.nn.Parameter]:
     return [p for name, p in model.named_parameters() if p.requires_grad]
 
@@ -177,10 +216,14 @@ def scope_report(model, spec: LoraSpec) -> dict:
 
 
 def format_scope_report(report: dict) -> str:
-    """``scope_report`` (with "preset" and "versions" added) as the text `qformer-lora verify` prints."""
+    """``scope_report`` with "versions" and "preset" (or "base_checkpoint") added, as the text `qformer-lora
+    verify` (and `generate --adapter`) prints."""
     spec = report["lora"]
+    model = (
+        f"base checkpoint {report['base_checkpoint']}" if "base_checkpoint" in report else f"preset {report['preset']}"
+    )
     lines = [
-        f"preset {report['preset']}  (torch {report['versions']['torch']}, transformers "
+        f"{model}  (torch {report['versions']['torch']}, transformers "
         f"{report['versions']['transformers']}, peft {report['versions']['peft']})",
         f"LoRA r={spec['r']} alpha={spec['alpha']} targets={','.join(spec['targets'])} scope={spec['scope']}",
         f"LoRA tensors:         {report['lora_tensors']:,}",

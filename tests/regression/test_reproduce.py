@@ -45,6 +45,11 @@ def test_every_item_matches_the_installed_release(report):
         "resume_bitwise_identical": True,
     }
     assert items["memory"]["status"] in ("not measured", "not measured now")  # no CUDA in this suite
+    gain = items["task-gain"]["evidence"]
+    # 21 of the 48 validation answers right zero-shot: the shipped base's figure (its epoch-0 val_accuracy in
+    # test_train's golden curve too); the short fine-tuning must beat it
+    assert gain["zero_shot_exact_match"] == 21 / 48 and gain["validation_samples"] == 48
+    assert items["task-gain"]["status"] == "improved" and gain["fine_tuned_exact_match"] > 21 / 48
 
 
 @pytest.mark.regression

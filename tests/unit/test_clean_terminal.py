@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from qformer_lora import cli, data, known_warnings
+from qformer_lora import cli, data, inputs, known_warnings
 from qformer_lora.repro import trials
 from qformer_lora.training import run_dir
 
@@ -68,7 +68,7 @@ def test_other_warnings_stay_visible():
     def run():
         with known_warnings.Recorder() as hidden:
             # ours: the user can shorten the text or raise --max-prompt-tokens
-            data.Collator._truncate(list(range(10)), 4, "sample-7", "prompt")
+            inputs.Collator._truncate(list(range(10)), 4, "sample-7", "prompt")
             # the known message from another module is not the known warning
             warnings.warn("`is_gradient_checkpointing` is deprecated (from elsewhere)", FutureWarning, stacklevel=1)
         assert hidden.records == []

@@ -21,6 +21,16 @@ DIFFERENT_DEFAULTS = {
     "preset": "verify and bench default to the full-size model their figures are about; train and doctor to the "
     "tiny model the embedded default run trains",
     "out": "each subcommand writes its own kind of report (reproduce: reports/, bench: reports/gpu)",
+    "base_checkpoint": "train and doctor start from the tiny pretrained base; evaluate scores the run it is given "
+    "unless --base-checkpoint names a base; generate has no base of its own (--adapter's is the one its "
+    "adapter_config.json records, and alone it names the model to answer with)",
+    "limit": "generate prints a few answers to read; evaluate scores the whole set",
+}
+# Options whose None default means "the run's value, else the TrainConfig default" (a run config or a
+# run's saved config can supply it): their effective default is TrainConfig's.
+RUN_CONFIG_DEFAULTS = {
+    "train": set(TrainConfig.__dataclass_fields__),
+    "evaluate": {"max_prompt_tokens", "max_answer_tokens"},
 }
 SWITCHES = {"json"}  # output switches; every option that sets a value takes one (true/false)
 
@@ -39,7 +49,7 @@ def options() -> dict[str, dict[str, argparse.Action]]:
 
 
 def effective_default(command: str, action: argparse.Action):
-    if command == "train" and action.dest in TrainConfig.__dataclass_fields__:
+    if action.dest in RUN_CONFIG_DEFAULTS.get(command, ()):
         return getattr(TrainConfig, action.dest)  # the class default: lora_alpha None means 2 x rank
     return action.default
 
@@ -55,7 +65,17 @@ def shared() -> dict[str, dict[str, argparse.Action]]:
 def test_the_walk_sees_the_shared_vocabulary():
     # rank, alpha, targets, scope, precision, device, checkpointing: each in more than one subcommand
     assert {"lora_r", "lora_alpha", "targets", "scope", "precision", "device", "lm_checkpointing"} <= set(shared())
-    assert set(subcommands()) == {"verify", "doctor", "train", "report", "generate", "export", "bench", "reproduce"}
+    assert set(subcommands()) == {
+        "verify",
+        "doctor",
+        "train",
+        "report",
+        "generate",
+        "evaluate",
+        "export",
+        "bench",
+        "reproduce",
+    }
 
 
 @pytest.mark.parametrize("dest", sorted(shared()))

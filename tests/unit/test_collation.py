@@ -1,4 +1,4 @@
-"""Fixture tokenizers, processors built offline, and collation (qformer_lora.data.Collator).
+"""Fixture tokenizers, processors built offline, and collation (qformer_lora.inputs.Collator).
 
 Split from test_data.py, which keeps manifests, images and the fixture generators.
 """
@@ -16,15 +16,15 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from qformer_lora.data import (
-    IGNORE_INDEX,
     RESOURCES_DIR,
     SHAPES_DIR,
-    Collator,
     Example,
     ShapesDataset,
     build_processor,
     read_manifest,
 )
+from qformer_lora.forward import IGNORE_INDEX
+from qformer_lora.inputs import Collator
 
 # Tiny presets use image_token_index 511 (see src/qformer_lora/resources/tokenizers/README.md).
 IMAGE_TOKEN_INDEX = 511

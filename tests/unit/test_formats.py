@@ -7,6 +7,7 @@ the fixture files named in the test. Bad inputs are copies of a fixture, changed
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -18,9 +19,10 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
-from qformer_lora import checkpoint, data, formats
+from qformer_lora import checkpoint, data, formats, inputs
 from qformer_lora.formats import coco, hf, scienceqa
 from qformer_lora.training import run_config, train
 
@@ -520,3 +522,39 @@ def test_the_handmade_jpegs_decode_to_their_colours():
     assert (image.format, image.size) == ("JPEG", (32, 32))
     for (x, y), colour in {(3, 3): (220, 30, 30), (28, 28): (30, 60, 220)}.items():
         assert max(abs(a - b) for a, b in zip(image.convert("RGB").getpixel((x, y)), colour)) <= 1
+
+
+def test_embedded_images_reach_dataloader_workers_unchanged(tmp_path):
+    """The (source, row, column) references pickle into worker processes, which reopen the dataset:
+    two workers give the batches the main process gives (training/loader.py)."""
+    from qformer_lora.training.loader import EpochLoader
+
+    samples = formats.read(_saved_embedded(tmp_path), "hf", split="train")
+    processor = data.build_processor("instructblip", image_size=32)
+    collator = inputs.Collator(processor, family="instructblip", decoder_only=False)
+    dataset = data.ManifestDataset(samples)
+    batches = [
+        list(EpochLoader(dataset, collator, batch_size=2, seed=0, shuffle=True, num_workers=workers).epoch(1))
+        for workers in (0, 2)
+    ]
+    assert len(batches[0]) == 2  # 3 rows at batch 2
+    for main, worker in zip(*batches):
+        assert torch.equal(main["pixel_values"], worker["pixel_values"]) and main["ids"] == worker["ids"]
+
+
+def test_generate_reads_any_format(tmp_path, capsys):
+    """generate answers a run's own validation data in the run's format, and --manifest in any format."""
+    from qformer_lora import cli
+
+    run = tmp_path / "run"
+    config = train.TrainConfig(
+        train_manifest=str(VQA_QUESTIONS), val_manifest=str(VQA_QUESTIONS), data_format="vqav2", epochs=1
+    )
+    train.train(dataclasses.replace(config, batch_size=2, output_dir=str(run), progress=False))
+    capsys.readouterr()
+    assert cli.main(["generate", str(run), "--limit", "3"]) == 0
+    expected = [s.answer for s in formats.read(VQA_QUESTIONS, "vqav2")[:3]]  # red, blue, red (the fixture)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.rsplit("(expected: ", 1)[1].rstrip(")") for line in lines] == expected
+    assert cli.main(["generate", str(run), "--manifest", str(COCO), "--limit", "2"]) == 0  # detected: coco
+    assert all("A short image description:" in line for line in capsys.readouterr().out.splitlines())

@@ -73,7 +73,7 @@ def test_the_graph_sees_the_known_dependencies():
     # the parser must resolve relative imports, or every layering check below passes vacuously
     assert "qformer_lora.training.step" in GRAPH["qformer_lora.training.train"]
     assert "qformer_lora.precision" in GRAPH["qformer_lora.diagnostics.doctor"]
-    assert "qformer_lora.forward" in GRAPH["qformer_lora.data"]
+    assert "qformer_lora.forward" in GRAPH["qformer_lora.inputs"]
     assert {layer(m) for m in GRAPH} == {"core", "cli", *WORKFLOWS}
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from qformer_lora import data
+from qformer_lora import data, inputs
 from qformer_lora.training import loader as loader_module
 from qformer_lora.training.loader import EpochLoader, EpochOrder
 from qformer_lora.training.run_config import ConfigError, TrainConfig, load_run_config
@@ -17,7 +17,7 @@ from qformer_lora.training.train import train
 @pytest.fixture(scope="module")
 def shapes():
     processor = data.build_processor("instructblip", image_size=32)
-    collator = data.Collator(processor, family="instructblip", decoder_only=False, max_prompt_tokens=16)
+    collator = inputs.Collator(processor, family="instructblip", decoder_only=False, max_prompt_tokens=16)
     return data.ShapesDataset("train"), collator
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qformer_lora import data, synthetic
+from qformer_lora import data, inputs, synthetic
 
 BATCH = 16
 IMAGE_SIZE = 224  # InstructBLIP's and BLIP-2's ViT-g input (vision_config.image_size of the full-size presets)
@@ -43,7 +43,7 @@ def test_images_per_second_per_core(benchmark, photos, one_thread, decode):
     draft_size = IMAGE_SIZE if decode == "draft" else None
     dataset = data.ManifestDataset(data.read_manifest(photos), draft_size=draft_size)
     processor = data.build_processor("instructblip", image_size=IMAGE_SIZE)
-    collator = data.Collator(processor, family="instructblip", decoder_only=False)
+    collator = inputs.Collator(processor, family="instructblip", decoder_only=False)
 
     batch = benchmark.pedantic(lambda: collator([dataset[i] for i in range(BATCH)]), rounds=5, warmup_rounds=1)
 

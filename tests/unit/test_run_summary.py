@@ -65,6 +65,16 @@ def test_a_resumed_run_adds_its_parts_and_a_nan_loss_is_not_best(tmp_path):
     assert found["wall_s"] == 15.0 and found["samples_per_s"] == pytest.approx(40 / 5.0)
 
 
+def test_the_best_checkpoint_of_best_metric_is_named(tmp_path):
+    # --best-metric logs best_epoch in the epoch records and keeps that checkpoint
+    records = [r | {"best_epoch": 1} if r["type"] == "epoch" and r["epoch"] == 2 else r for r in RECORDS]
+    found = summary.summarise(write_log(tmp_path / "run", records))
+    adapter = tmp_path / "run" / "checkpoints" / "epoch-0001" / "adapter"
+    assert found["best_checkpoint"] == {"epoch": 1, "adapter": str(adapter)}
+    assert f"best checkpoint (--best-metric): {adapter} (epoch 1)" in summary.format_summary(found)
+    assert summary.summarise(write_log(tmp_path / "plain", RECORDS))["best_checkpoint"] is None
+
+
 def test_a_bad_log_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl here"):
         summary.summarise(tmp_path)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from qformer_lora import compat, data, forward, lora, presets, synthetic
+from qformer_lora import compat, data, forward, inputs, lora, presets, synthetic
 from qformer_lora.training import run_config, step_options, train
 
 T5, OPT = "tiny-instructblip-flan-t5", "tiny-blip2-opt"
@@ -285,7 +285,7 @@ def test_static_shapes_change_the_shape_not_the_loss(family, preset):
     examples = [dataset[i] for i in range(4)]
 
     def collate(static: bool) -> dict:
-        return data.Collator(
+        return inputs.Collator(
             processor,
             family,
             decoder_only=decoder_only,
@@ -326,7 +326,7 @@ def test_static_shapes_change_the_shape_not_the_loss(family, preset):
 @pytest.mark.parametrize("option", ["compile_qformer", "compile_frozen"])
 def test_training_compiles_with_static_shapes(monkeypatch, tmp_path, option):
     calls, collators = [], []
-    real_collator = data.Collator
+    real_for_model = inputs.Collator.for_model
 
     def fake_compile(target, enabled, **kwargs):  # records the call, runs eager
         calls.append(kwargs)
@@ -337,7 +337,7 @@ def test_training_compiles_with_static_shapes(monkeypatch, tmp_path, option):
 
     monkeypatch.setattr(step_options, "maybe_compile", fake_compile)
     monkeypatch.setattr(step_options, "compile_frozen_blocks", fake_compile_frozen)
-    monkeypatch.setattr(data, "Collator", lambda *a, **k: collators.append(k) or real_collator(*a, **k))
+    monkeypatch.setattr(inputs.Collator, "for_model", lambda *a, **k: collators.append(k) or real_for_model(*a, **k))
     train.train(run_config.TrainConfig(output_dir=str(tmp_path), epochs=1, progress=False, **{option: True}))
     assert len(calls) == 1 and calls[0]["dynamic"] is False and callable(calls[0]["probe"]), calls
     assert [k["static_shapes"] for k in collators] == [True]

@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from qformer_lora import checkpoint, cli, data, forward, presets
+from qformer_lora import checkpoint, cli, data, forward, inputs, presets
 from qformer_lora.inference import generate
 from qformer_lora.training import run_config, train
 
@@ -173,7 +173,7 @@ def test_adapter_loads_in_plain_peft_with_the_same_outputs(default_run):
     plain = PeftModel.from_pretrained(
         presets.load_model(config["base_checkpoint"]), str(path / checkpoint.ADAPTER_DIR)
     ).eval()
-    collator = data.Collator(processor, family, decoder_only=False)
+    collator = inputs.Collator(processor, family, decoder_only=False)
     batch = collator([data.ShapesDataset("val")[i] for i in range(4)])
     with torch.no_grad():
         ours, theirs = forward.custom_forward(model, batch), forward.custom_forward(plain, batch)
@@ -201,7 +201,7 @@ def test_export_merges_the_adapter(default_run, tmp_path):
     assert cli.main(["export", str(default_run), str(out)]) == 0
     merged = presets.load_model(out)
     model, processor, family, _ = generate.load_trained(checkpoint.latest_checkpoint(default_run))
-    batch = data.Collator(processor, family, decoder_only=False)([data.ShapesDataset("val")[i] for i in range(3)])
+    batch = inputs.Collator(processor, family, decoder_only=False)([data.ShapesDataset("val")[i] for i in range(3)])
     with torch.no_grad():
         gap = (forward.custom_forward(merged, batch).logits - forward.custom_forward(model, batch).logits).abs().max()
     assert gap < 1e-4, f"merged model departs from base + adapter by {gap:.2e}"

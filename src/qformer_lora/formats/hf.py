@@ -86,10 +86,10 @@ class HFImage:
     row: int
     column: str
 
-    def load(self):
+    def load(self, draft_size: int | None = None):
         cell = opened(self.source)[self.row].column(self.column)[0].as_py()
         try:
-            return data.load_image(io.BytesIO(cell["bytes"]))
+            return data.load_image(io.BytesIO(cell["bytes"]), draft_size=draft_size)
         except data.ImageLoadError as err:
             raise data.ImageLoadError(
                 f"{self.source.location}: row {self.row}: column {self.column!r}: {err}"

@@ -1,22 +1,22 @@
-"""Use a trained adapter: load it on its base, answer questions, merge it for export.
+"""Use a trained adapter: load it on its base and answer questions (export.py merges it for export).
 
-The adapter directory is PEFT's own format (checkpoint.ADAPTER_DIR), so everything
-here goes through PeftModel.from_pretrained and merge_and_unload; the base model is
-rebuilt from the run's saved config (preset or local checkpoint, same seed).
+Three sources: a training checkpoint of ours (``load_trained``: the adapter in PEFT's own
+format, checkpoint.ADAPTER_DIR, on the base rebuilt from the run's saved config, preset or
+local checkpoint, same seed); a LoRA adapter trained elsewhere with plain PEFT on a local base
+checkpoint (``load_adapter``, with a scope report of what it touches); and a saved model with
+nothing to add, e.g. a merged export (``load_merged``). Everything goes through
+``PeftModel.from_pretrained`` and transformers' ``from_pretrained``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-import torch
 from peft import PeftModel
 
-from .. import checkpoint, data, forward, presets
+from .. import checkpoint, compat, data, inputs, lora, presets
 
 
 def run_config(checkpoint_path: str | os.PathLike) -> dict:
@@ -37,54 +37,72 @@ def load_trained(checkpoint_path: str | os.PathLike):
     config = run_config(checkpoint_path)
     base = load_base(config)
     model = PeftModel.from_pretrained(base, str(Path(checkpoint_path) / checkpoint.ADAPTER_DIR)).eval()
-    family = "instructblip" if base.config.model_type == "instructblip" else "blip2"
-    processor = data.build_processor(
-        family, config.get("base_checkpoint"), image_size=base.config.vision_config.image_size
-    )
+    family, processor = _processor_of(base, config.get("base_checkpoint"))
     return model, processor, family, config
 
 
-def prompt_batch(processor, family: str, images, instructions, max_prompt_tokens: int = 32) -> dict:
-    """Prompt-only inputs for generation. Decoder-only prompts are left-padded, so every row
-    ends with its last prompt token (the collator right-pads for training)."""
-    tokenizer = processor.tokenizer
-    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(torch.float32)
-    previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        text = tokenizer(
-            list(instructions), padding=True, truncation=True, max_length=max_prompt_tokens, return_tensors="pt"
+def _processor_of(base, base_checkpoint) -> tuple[str, object]:
+    family = "instructblip" if base.config.model_type == "instructblip" else "blip2"
+    return family, data.build_processor(family, base_checkpoint, image_size=base.config.vision_config.image_size)
+
+
+def collator(model, processor, config: dict) -> inputs.Collator:
+    """The run's input builder (inputs.Collator with its saved budgets): inference sees what training saw."""
+    return inputs.Collator.for_model(processor, compat.unwrap(model).config, config)
+
+
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's name for an adapter directory's config
+
+
+def adapter_config_file(adapter_dir: str | os.PathLike) -> Path:
+    """``adapter_dir``'s adapter_config.json; CheckpointError when the directory is no PEFT adapter."""
+    config_file = Path(adapter_dir) / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise checkpoint.CheckpointError(f"{adapter_dir}: not a PEFT adapter directory ({ADAPTER_CONFIG} missing)")
+    return config_file
+
+
+def adapter_base(adapter_dir: str | os.PathLike) -> str:
+    """The local base checkpoint an adapter directory records (``base_model_name_or_path``).
+
+    CheckpointError naming the file when the directory is no PEFT adapter, or when what it records
+    is not a local directory (a hub id, say: nothing here downloads; pass the base explicitly).
+    """
+    config_file = adapter_config_file(adapter_dir)
+    recorded = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not recorded or not Path(recorded).is_dir():
+        raise checkpoint.CheckpointError(
+            f"{config_file}: field 'base_model_name_or_path' is {recorded!r}, not a local checkpoint directory; "
+            f"name the base checkpoint the adapter was trained on (--base-checkpoint DIR)"
         )
-    finally:
-        tokenizer.padding_side = previous_side
-    batch = {"pixel_values": pixel_values, "input_ids": text["input_ids"], "attention_mask": text["attention_mask"]}
-    if family == "instructblip":
-        qformer = processor.qformer_tokenizer(
-            list(instructions), padding=True, truncation=True, max_length=max_prompt_tokens, return_tensors="pt"
-        )
-        batch["qformer_input_ids"], batch["qformer_attention_mask"] = qformer["input_ids"], qformer["attention_mask"]
-    return batch
+    return recorded
 
 
-def answer(model, processor, family: str, images, instructions, max_new_tokens: int = 8) -> list[str]:
-    batch = prompt_batch(processor, family, images, instructions)
-    new_tokens = forward.generate(model, batch, max_new_tokens=max_new_tokens)
-    return [text.strip() for text in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+def load_adapter(adapter_dir: str | os.PathLike, base_checkpoint: str | os.PathLike | None = None):
+    """(PeftModel in eval mode, processor, family, scope report) for a LoRA adapter trained with plain PEFT.
+
+    ``adapter_dir`` holds adapter_config.json and the adapter weights (``PeftModel.save_pretrained``);
+    ``base_checkpoint`` is the local InstructBLIP / BLIP-2 checkpoint it was trained on (default: the
+    one the adapter records, see ``adapter_base``). The scope report (lora.scope_report, with
+    "base_checkpoint" and "versions" added; lora.format_scope_report prints it) shows where the
+    adapter's LoRA layers are; an adapter outside the Q-Former and the language model raises
+    lora.ScopeError. The adapter is loaded trainable so the report counts its parameters; outputs
+    are those of eval mode.
+    """
+    adapter_config_file(adapter_dir)  # before the base is loaded, which takes minutes at full size
+    base_checkpoint = str(base_checkpoint) if base_checkpoint is not None else adapter_base(adapter_dir)
+    family = presets.family_of_checkpoint(base_checkpoint)
+    base = presets.load_model(base_checkpoint)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True).eval()
+    spec = lora.adapter_spec(model)
+    lora.check_trainable_scope(model, spec.scope)
+    report = {"base_checkpoint": base_checkpoint, "versions": compat.versions()} | lora.scope_report(model, spec)
+    return model, data.build_processor(family, base_checkpoint), family, report
 
 
-def export_merged(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Merge the adapter into the base (merge_and_unload) and save model + processor atomically."""
-    out_dir = Path(out_dir)
-    if out_dir.exists():  # before loading and merging, which take minutes on a full-size model
-        raise FileExistsError(f"{out_dir} already exists; choose a new directory")
-    model, processor, _, _ = load_trained(checkpoint_path)
-    merged = model.merge_and_unload()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    try:
-        merged.save_pretrained(str(staging), safe_serialization=True)
-        processor.save_pretrained(str(staging))
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+def load_merged(model_dir: str | os.PathLike):
+    """(model in eval mode, processor, family) for a saved checkpoint used as it is: a merged export,
+    or a bare base (its zero-shot baseline)."""
+    model = presets.load_model(model_dir).eval()
+    family, processor = _processor_of(model, model_dir)
+    return model, processor, family

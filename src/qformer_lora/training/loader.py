@@ -1,6 +1,6 @@
 """The data pipeline of a run: sample order per epoch, worker processes, pinned memory.
 
-Decoding an image (``Dataset.__getitem__``) and processing a batch (``data.Collator``: the
+Decoding an image (``Dataset.__getitem__``) and processing a batch (``inputs.Collator``: the
 image processor and the tokenizers) cost about 7 ms per COCO-sized JPEG on one core, more
 than an H200 spends on a sample's training step (issue 16). With ``num_workers`` > 0 both run
 in DataLoader worker processes, which persist across epochs, while the main process trains.

@@ -30,6 +30,14 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(jsonio.dumps(record) + "\n")  # strict: a NaN loss is written "NaN"
 
 
+def epoch_records(path: Path) -> list[dict]:
+    """The epoch records of the log at ``path`` so far ([] before the first)."""
+    if not path.exists():
+        return []
+    records = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return [r for r in records if r.get("type") == "epoch"]
+
+
 def truncate_log(path: Path, last_step: int) -> None:
     """Drop log lines written after the checkpoint we resume from (an interrupted run's tail).
 

@@ -62,9 +62,16 @@ def summarise(directory: str | Path) -> dict:
     latest = checkpoint.latest_checkpoint(directory)
     samples, seconds = sum(r["train_samples"] for r in ends), sum(r["train_s"] for r in ends)
     last = epochs[-1] if epochs else {}
+    best_epoch = last.get("best_epoch")  # logged with --best-metric, whose checkpoint is kept
     return {
         "run_dir": str(directory),
         "adapter": str(latest / checkpoint.ADAPTER_DIR) if latest is not None else None,
+        "best_checkpoint": {
+            "epoch": best_epoch,
+            "adapter": str(checkpoint.checkpoint_dir(directory, best_epoch) / checkpoint.ADAPTER_DIR),
+        }
+        if best_epoch is not None
+        else None,
         "epochs": max((r["epoch"] for r in epochs), default=0),
         "steps": max((r.get("step", 0) for r in records), default=0),
         "start": {k: jsonio.number(epochs[0].get(k)) for k in ("val_loss", "val_accuracy")}
@@ -97,6 +104,11 @@ def format_summary(summary: dict) -> str:
         f"run: {summary['run_dir']} ({_count(summary['epochs'], 'epoch')}, "
         f"{_count(summary['steps'], 'optimizer step')})",
         f"adapter: {summary['adapter'] or 'no checkpoint saved'}",
+        *(
+            [f"best checkpoint (--best-metric): {best['adapter']} (epoch {best['epoch']})"]
+            if (best := summary.get("best_checkpoint"))
+            else []
+        ),
         "validation loss: "
         + _figure(summary["best_val_loss"], last["val_loss"], last["epoch"], ".4f")
         + (f"; before training {start['val_loss']:.4f}" if start else ""),

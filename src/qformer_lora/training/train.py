@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import checkpoint, data, formats, forward, known_warnings, lora, precision, presets
+from .. import checkpoint, data, formats, forward, inputs, known_warnings, lora, precision, presets, tasks
 from ..diagnostics import doctor
 from . import distributed, feature_cache, metrics_log, run_dir, step_options, validation
 from .loader import EpochLoader, default_workers
@@ -86,7 +86,7 @@ class Run:
     device: torch.device
     log: metrics_log.MetricsLog  # metrics.jsonl (+ TensorBoard with --log tensorboard)
     model: torch.nn.Module
-    collator: data.Collator
+    collator: inputs.Collator
     train_set: data.ManifestDataset
     val_set: data.ManifestDataset
     train_loader: EpochLoader
@@ -119,18 +119,15 @@ def _datasets(config: TrainConfig, model):
     base_config = model.get_base_model().config
     family = "instructblip" if base_config.model_type == "instructblip" else "blip2"
     processor = data.build_processor(family, config.base_checkpoint, image_size=base_config.vision_config.image_size)
-    collator = data.Collator(
-        processor,
-        family=family,
-        decoder_only=base_config.use_decoder_only_language_model,
-        max_prompt_tokens=config.max_prompt_tokens,
-        max_answer_tokens=config.max_answer_tokens,
-        static_shapes=config.compile_qformer or config.compile_frozen,
+    collator = inputs.Collator.for_model(
+        processor, base_config, config, static_shapes=config.compile_qformer or config.compile_frozen
     )
     # any format (formats.read); a source of several splits gives its train and its val split
     train_samples = formats.read(config.train_manifest, config.data_format, config.image_root, split="train")
     val_samples = formats.read(config.val_manifest, config.data_format, config.image_root, split="val")
-    return collator, data.ManifestDataset(train_samples), data.ManifestDataset(val_samples)
+    draft_size = base_config.vision_config.image_size if config.image_decode == "draft" else None
+    datasets = (data.ManifestDataset(samples, draft_size=draft_size) for samples in (train_samples, val_samples))
+    return collator, *datasets
 
 
 def _compile(config: TrainConfig, model, optimizer, probe_batch: dict, device: torch.device) -> list:
@@ -197,7 +194,7 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
     )
     if config.compile_qformer or config.compile_frozen:
         first = EpochLoader(train_set, collator, config.batch_size, config.seed, shuffle=False).epoch(0)
-        probe_batch = data.to_device(next(iter(first)), device)
+        probe_batch = inputs.to_device(next(iter(first)), device)
         choices += _compile(config, model, optimizer, probe_batch, device)
     start_epoch, global_step = 1, 0
     if resume_from is not None:
@@ -281,7 +278,7 @@ def run_epochs(run: Run) -> dict:
     """The epochs from ``run.start_epoch``; returns the last epoch's metrics."""
     config = run.config
     if run.start_epoch == 1:  # where the run starts from, so "how much did it learn" has a reference
-        run.log.record({"type": "epoch", "epoch": 0, "step": 0, **_validate(run, 0)})
+        run.log.record({"type": "epoch", "epoch": 0, "step": 0, **_validate(run, 0), **_task_metrics(run, 0)})
     last_epoch = config.epochs if config.stop_after_epochs is None else min(config.epochs, config.stop_after_epochs)
     metrics: dict = {}
     for epoch in range(run.start_epoch, last_epoch + 1):
@@ -308,7 +305,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, int]:
         if run.cache is not None:  # hash the pixels on the CPU copy, before the transfer
             for b in group:
                 b["image_keys"] = feature_cache.pixel_keys(b["pixel_values"])
-        result = training_step(run.parts, [data.to_device(b, run.device) for b in group], run.global_step)
+        result = training_step(run.parts, [inputs.to_device(b, run.device) for b in group], run.global_step)
         if not result.stepped:
             continue
         run.global_step += 1
@@ -330,6 +327,34 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, int]:
     return loss_sum, tokens
 
 
+def _task_metrics(run: Run, epoch: int) -> dict:
+    """With --eval-every N: the validation data's task metrics (tasks.evaluate, by generation) as
+    eval_<metric>, at epoch 0 (zero-shot), every N epochs and at the last; {} otherwise."""
+    config = run.config
+    if not config.eval_every or not (epoch == 0 or epoch % config.eval_every == 0 or epoch == config.epochs):
+        return {}
+    data_format = config.data_format
+    if data_format == formats.AUTO:
+        data_format = formats.detect(config.val_manifest)
+    task = tasks.task_of(run.val_set.samples, data_format)
+    options = tasks.GenerationOptions(batch_size=config.batch_size)
+    with precision.autocast(config.precision, run.device):
+        results, _ = tasks.evaluate(run.model, run.collator, run.val_set.samples, task, options, progress=False)
+    return {f"eval_{name}": value for name, value in results.items() if isinstance(value, float)}
+
+
+def _best_epoch(run: Run, metrics: dict) -> int | None:
+    """The epoch best by --best-metric among the logged epochs 1.. and ``metrics`` (this epoch's);
+    read back from metrics.jsonl, which a resume truncates to its checkpoint, so it resumes too."""
+    name = run.config.best_metric
+    if name is None:
+        return None
+    sign = -1 if name == "val_loss" else 1  # val_loss falls as the model improves, the others rise
+    logged = run_dir.epoch_records(run.log.path) + [metrics]
+    scored = [(sign * r[name], -r["epoch"], r["epoch"]) for r in logged if r["epoch"] >= 1 and name in r]
+    return max(scored)[2] if scored else None  # a tie goes to the earlier epoch
+
+
 def _validate(run: Run, epoch: int) -> dict:
     loader = run.val_loader.epoch(epoch)
     return {
@@ -348,9 +373,13 @@ def end_epoch(run: Run, epoch: int, loss_sum: float, tokens: int) -> dict:
         "step": run.global_step,
         "train_loss": loss_sum / max(tokens, 1),
         **_validate(run, epoch),
+        **_task_metrics(run, epoch),
     }
     if run.cache is not None:
         metrics["feature_cache_hit_rate"] = run.cache.stats.hit_rate
+    best = _best_epoch(run, metrics)
+    if best is not None:
+        metrics["best_epoch"] = best
     run.log.record(metrics)
     main = distributed.is_main()
     if config.progress and main:
@@ -358,7 +387,7 @@ def end_epoch(run: Run, epoch: int, loss_sum: float, tokens: int) -> dict:
             f"epoch {epoch}: train loss {metrics['train_loss']:.4f}  val loss {metrics['val_loss']:.4f}  "
             f"val accuracy {metrics['val_accuracy']:.3f} (majority answer {run.baseline:.3f})"
         )
-    if main and checkpoint.should_save(epoch, config.epochs, config.save_every):
+    if main and (checkpoint.should_save(epoch, config.epochs, config.save_every) or best == epoch):
         checkpoint.save(
             Path(config.output_dir),
             epoch,
@@ -370,5 +399,6 @@ def end_epoch(run: Run, epoch: int, loss_sum: float, tokens: int) -> dict:
             config=asdict(config),
             keep_last=config.keep_last or None,
             metrics=metrics,
+            keep=best,
         )
     return metrics

@@ -13,7 +13,7 @@ from collections import Counter
 
 import torch
 
-from .. import data, forward, precision
+from .. import forward, inputs, precision
 from . import feature_cache
 
 
@@ -22,7 +22,7 @@ def evaluate(model, loader, precision_name: str, device, cache=None) -> dict:
     """Validation token loss and answer accuracy (all answer tokens right, teacher-forced)."""
     loss_sum, tokens, correct, total = 0.0, 0, 0, 0
     for batch in loader:
-        batch = data.to_device(batch, device)
+        batch = inputs.to_device(batch, device)
         with precision.autocast(precision_name, device):
             batch = feature_cache.attach_cached_features(model, batch, cache)
             out = forward.custom_forward(model, batch, reduction="sum")
