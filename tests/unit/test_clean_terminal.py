@@ -114,8 +114,10 @@ PROGRESS = re.compile(r"^[^|]*\d+%\|[^|]*\|\s*\d+/\d+ \[[^\]]*\]\s*$")
 
 
 def foreign_lines(stderr: str) -> list[str]:
-    """What ``stderr`` holds besides progress-bar frames (tqdm redraws a line with \\r)."""
-    return [s for s in re.split(r"[\r\n]+", stderr) if s.strip() and not PROGRESS.match(s)]
+    """What ``stderr`` holds besides progress-bar frames (tqdm redraws a line with \\r, and moves the
+    cursor with escape sequences when bars are nested)."""
+    plain = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stderr)
+    return [s for s in re.split(r"[\r\n]+", plain) if s.strip() and not PROGRESS.match(s)]
 
 
 def small_run(tmp_path: Path) -> list[str]:
