@@ -145,7 +145,8 @@ def gpu_tests(session: nox.Session) -> None:
 # ----------------------------------------------------------------------------- version matrix
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    # allow_nan=False: strict JSON (the probe writes a non-finite loss as the string "NaN", qformer_lora.jsonio)
+    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def _pip_install(session: nox.Session, log: Path, *args: str) -> str | None:

@@ -283,7 +283,8 @@ def section_dtype_and_nan(rows: list[dict]) -> list[str]:
         dtype_text = ", ".join(dtype["adapter_dtypes"]) if "adapter_dtypes" in dtype else outcome_text(dtype)
         if "finite_per_step" in nan:
             finite = " ".join("finite" if f else "**NaN**" for f in nan["finite_per_step"])
-            losses = ", ".join(f"{x:.4g}" for x in nan["losses"])
+            # float(): a non-finite loss is the string "NaN" in strict JSON (qformer_lora.jsonio)
+            losses = ", ".join(f"{float(x):.4g}" for x in nan["losses"])
         else:
             finite, losses = cell(outcome_text(nan)), ""
         lines.append(f"| {release(d)} | {cell(dtype_text)} | {finite} | {losses} |")

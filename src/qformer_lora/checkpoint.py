@@ -7,7 +7,9 @@ Layout of one checkpoint directory ``<run>/checkpoints/epoch-0002/``::
     optimizer.safetensors    every optimizer state tensor, keyed "state.<param index>.<name>"
     trainer_state.json       epoch, global step, param groups, scheduler, scaler, RNG, config
 
-No pickle anywhere: tensors go to safetensors, everything else to JSON. A checkpoint is
+No pickle anywhere: tensors go to safetensors, everything else to strict JSON (jsonio: a
+non-finite number is the string "NaN" / "Infinity", turned back into a float on loading for
+the numeric parts, the optimizer, scheduler and scaler state). A checkpoint is
 written into a temporary sibling directory and renamed into place only when complete, so
 a crash mid-save leaves the previous checkpoint untouched and never a torn one.
 
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import pause_points, writes
+from . import jsonio, pause_points, writes
 
 ADAPTER_DIR = "adapter"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -235,7 +237,7 @@ def sha256(path: Path) -> str:
 
 def _state_digest(state: dict) -> str:
     body = {k: v for k, v in state.items() if k != "state_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
+    return hashlib.sha256(jsonio.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def _write_state(staging: Path, state: dict) -> None:
@@ -243,7 +245,7 @@ def _write_state(staging: Path, state: dict) -> None:
     files = sorted(p for p in staging.rglob("*") if p.is_file())
     state["files"] = {p.relative_to(staging).as_posix(): {"size": p.stat().st_size, "sha256": sha256(p)} for p in files}
     state["state_sha256"] = _state_digest(state)
-    (staging / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+    (staging / STATE_FILE).write_text(jsonio.dumps(state, indent=1), encoding="utf-8")
     for p in [*files, staging / STATE_FILE, *{p.parent for p in files}, staging]:
         _fsync(p)
 
@@ -285,6 +287,9 @@ def verify(path: str | os.PathLike) -> dict:
 def load_state(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """The verified state (:func:`verify`) and the optimizer tensors of checkpoint ``path``."""
     state = verify(path)
+    for numeric in ("optimizer", "scheduler", "scaler"):  # numbers only: "NaN" there was a float (jsonio)
+        if state.get(numeric) is not None:
+            state[numeric] = jsonio.revive(state[numeric])
     return state, load_file(str(Path(path) / OPTIMIZER_FILE))
 
 

@@ -9,13 +9,12 @@ and its ``add_*_parser``. Workflows are imported inside the command that runs th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, formats, images, lora, precision, presets, tasks
+from . import checkpoint, data, formats, images, jsonio, known_warnings, lora, precision, presets, tasks
 from .cli_options import (
     AUTO,
     add_data_options,
@@ -24,6 +23,7 @@ from .cli_options import (
     config_option,
     generation_options,
     lora_spec,
+    metavar,
     positive_int,
     resolve_device,
 )
@@ -42,7 +42,7 @@ def cmd_verify(args) -> int:
     report = {"preset": preset.name, "versions": compat.versions()} | lora.scope_report(
         lora.apply_lora(model, spec), spec
     )
-    print(json.dumps(report, indent=2) if args.json else lora.format_scope_report(report))
+    print(jsonio.dumps(report, indent=2) if args.json else lora.format_scope_report(report))
     return 0
 
 
@@ -56,6 +56,7 @@ def add_verify_parser(sub) -> None:
     p.add_argument(
         "--preset",
         default=presets.DEFAULT_PRESET,
+        metavar=metavar("preset"),
         help=f"architecture preset name or JSON path (default: {presets.DEFAULT_PRESET}, the model "
         f"the seed's counts are for; shipped: {', '.join(presets.list_presets())})",
     )
@@ -83,7 +84,7 @@ def cmd_doctor(args) -> int:
     device = resolve_device(args.device)
     findings = doctor.examine(config, device=device)
     summary = doctor.summary(config, device, findings)
-    print(json.dumps(summary, indent=2) if args.json else doctor.format_summary(summary))
+    print(jsonio.dumps(summary, indent=2) if args.json else doctor.format_summary(summary))
     fatal = summary["fatal"]
     return 1 if fatal else 0
 
@@ -103,7 +104,7 @@ def add_doctor_parser(sub) -> None:
     p.set_defaults(func=cmd_doctor)
 
 
-# ----------------------------------------------------------------------------- train, generate, export
+# ----------------------------------------------------------------------------- train, report, generate, export
 
 
 def cmd_train(args) -> int:
@@ -117,8 +118,47 @@ def cmd_train(args) -> int:
     config = run_config.load_run_config(args.config, overrides)
     metrics = train.train(config, resume=args.resume, device=None if args.device == AUTO else args.device)
     if distributed.is_main():  # under torchrun every process returns the same metrics: print them once
-        print(json.dumps(metrics, indent=2))
+        if args.json:
+            print(jsonio.dumps(metrics, indent=2))
+        _report_run(config.output_dir, quiet=args.json)
     return 0
+
+
+def _report_run(directory: str, quiet: bool = False) -> None:
+    """Draw the run's curves.png and print its summary (``quiet``: the curves alone; notes to stderr)."""
+    from .plotting import missing
+    from .training import curves, summary
+
+    path = curves.write(directory)
+    if not quiet:
+        print(summary.format_summary(summary.summarise(directory)))
+    if path is None:
+        print(missing(f"{directory}/{curves.CURVES_FILE}"), file=sys.stderr)
+    elif not quiet:
+        print(f"curves: {path} (redraw: qformer-lora report {directory})")
+
+
+def cmd_report(args) -> int:
+    if args.json:
+        from .training import summary
+
+        print(jsonio.dumps(summary.summarise(args.run_dir), indent=2))
+    _report_run(args.run_dir, quiet=args.json)
+    return 0
+
+
+def add_report_parser(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="summarise a training run and redraw its curves.png",
+        description="Print a run's summary (adapter path, best and last validation loss and accuracy with "
+        "their epochs, wall time, samples/s), as train prints it at its end, and redraw curves.png "
+        "(loss, accuracy, learning rate) from its metrics.jsonl. The figure needs matplotlib "
+        "(qformer-lora[bench]).",
+    )
+    p.add_argument("run_dir", help="a run directory (train's --output-dir)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_report)
 
 
 def add_train_parser(sub) -> None:
@@ -130,16 +170,23 @@ def add_train_parser(sub) -> None:
         "Without any, the embedded default runs: the tiny InstructBLIP-T5 base in "
         "resources/checkpoints on the shapes data, on CPU in about a minute.",
     )
-    p.add_argument("--config", help="TOML run config")
+    p.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="TOML run config: flat keys named as the flags below, with underscores (default: none)",
+    )
     p.add_argument(
         "--resume",
         nargs="?",
         const="latest",
         default=None,
-        metavar="CHECKPOINT",
-        help="continue from a checkpoint directory, or the run's latest when no path is given",
+        metavar="CHECKPOINT_DIR",
+        help="continue from a checkpoint directory, or the run's latest when no path is given (default: a new run)",
     )
     add_device_option(p)
+    p.add_argument(
+        "--json", action="store_true", help="print the last epoch's metrics as JSON instead of the run's summary"
+    )
     for name in run_config.TrainConfig.__dataclass_fields__:
         config_option(p, name, overrides=True)
     p.set_defaults(func=cmd_train)
@@ -224,17 +271,21 @@ def add_generate_parser(sub) -> None:
     p.add_argument(
         "--adapter",
         metavar="DIR",
-        help="a PEFT LoRA adapter directory (adapter_config.json + weights) trained elsewhere on the Q-Former",
+        help="a PEFT LoRA adapter directory (adapter_config.json + weights) trained elsewhere on the Q-Former "
+        "(default: none, CHECKPOINT's adapter)",
     )
     p.add_argument(
         "--base-checkpoint",
+        metavar=metavar("base_checkpoint"),
         help="local InstructBLIP/BLIP-2 checkpoint directory: the base of --adapter (default: the one its "
         "adapter_config.json records), or the model to answer with when there is no adapter",
     )
-    p.add_argument("--image", help="image file")
-    p.add_argument("--question", help="instruction / question")
+    p.add_argument("--image", metavar="FILE", help="image file, with --question (default: none)")
+    p.add_argument("--question", metavar="TEXT", help="instruction / question about --image (default: none)")
     add_data_options(p)
-    p.add_argument("--limit", type=positive_int, default=10, help="samples from the manifest (default: 10)")
+    p.add_argument(
+        "--limit", type=positive_int, default=10, metavar="INT", help="samples from the manifest (default: 10)"
+    )
     add_generation_options(p)
     add_device_option(p)
     p.set_defaults(func=cmd_generate)
@@ -294,15 +345,27 @@ def add_evaluate_parser(sub) -> None:
         help="task metrics (VQA accuracy, multiple choice, BLEU-4 / CIDEr-D, exact match) of a run or a base",
     )
     p.add_argument("checkpoint", nargs="?", help="a run or checkpoint directory (its latest checkpoint)")
-    p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter directory trained elsewhere on the Q-Former")
+    p.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="a PEFT LoRA adapter directory trained elsewhere on the Q-Former (default: none, CHECKPOINT's adapter)",
+    )
     p.add_argument(
         "--base-checkpoint",
+        metavar=metavar("base_checkpoint"),
         help="the base of --adapter (default: the one its adapter_config.json records), or alone a base or "
         "merged checkpoint to evaluate as saved (a base's zero-shot figures)",
     )
     add_data_options(p)
-    p.add_argument("--limit", type=positive_int, default=None, help="first N samples only (default: none = all)")
-    p.add_argument("--out", default=None, help="report folder (default: <run>/evaluation, or ./evaluation for a base)")
+    p.add_argument(
+        "--limit", type=positive_int, default=None, metavar="INT", help="first N samples only (default: none = all)"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="report folder (default: <run>/evaluation, or ./evaluation for a base)",
+    )
     for name in ("max_prompt_tokens", "max_answer_tokens"):
         config_option(p, name, overrides=True)
     add_generation_options(p)
@@ -379,9 +442,14 @@ def add_bench_parser(sub) -> None:
         "max batch for 24/40/80 GiB and write reports. Without --preset: the built-in GPU "
         "grid (full-size InstructBLIP-FlanT5-XL and BLIP-2-FlanT5-XL, the seed's table).",
     )
-    p.add_argument("--preset", default=None, help="sweep one preset (default: the built-in grid)")
     p.add_argument(
-        "--family", choices=sorted(presets.FAMILIES), default=None, help="build the preset's config as this family"
+        "--preset", default=None, metavar=metavar("preset"), help="sweep one preset (default: the built-in grid)"
+    )
+    p.add_argument(
+        "--family",
+        choices=sorted(presets.FAMILIES),
+        default=None,
+        help="build the preset's config as this family (default: the preset's own)",
     )
     p.add_argument(
         "--scopes",
@@ -408,7 +476,9 @@ def add_bench_parser(sub) -> None:
         config_option(p, name)
     _add_bench_sizes(p)
     add_device_option(p)
-    p.add_argument("--out", default=None, help="report folder (default: $QFORMER_LORA_REPORT_DIR or reports/gpu)")
+    p.add_argument(
+        "--out", default=None, metavar="DIR", help="report folder (default: $QFORMER_LORA_REPORT_DIR or reports/gpu)"
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -417,35 +487,32 @@ def _add_bench_sizes(p: argparse.ArgumentParser) -> None:
         "--options-batch",
         type=positive_int,
         default=None,
-        metavar="N",
-        help="only the step-option table at batch N (the GPU grid's is 64): the native forward and "
-        "each option of the grid on --preset (default: full-size InstructBLIP-FlanT5-XL); the "
-        "scope, precision and option flags above are ignored",
+        metavar="INT",
+        help="only the step-option table, at this batch size (the GPU grid's is 64): the native forward "
+        "and each option of the grid on --preset (full-size InstructBLIP-FlanT5-XL when not given); the "
+        "scope, precision and option flags above are ignored (default: none, the whole sweep)",
     )
     p.add_argument(
         "--batch-sizes",
         type=positive_int,
         nargs="+",
         default=[1, 4, 8, 16],
-        metavar="N",
+        metavar="INT",
         help="batch sizes per configuration, run ascending until one runs out of memory (default: 1 4 8 16)",
     )
-    p.add_argument("--prompt-len", type=positive_int, default=32, help="prompt tokens per sample (default: 32)")
-    p.add_argument("--answer-len", type=positive_int, default=16, help="answer tokens per sample (default: 16)")
-    p.add_argument(
-        "--instruction-len",
-        type=positive_int,
-        default=32,
-        help="InstructBLIP Q-Former instruction tokens (default: 32)",
-    )
-    p.add_argument(
-        "--steps", type=positive_int, default=3, help="measured steps per point after one warm-up (default: 3)"
-    )
+    for flag, default, what in (
+        ("--prompt-len", 32, "prompt tokens per sample"),
+        ("--answer-len", 16, "answer tokens per sample"),
+        ("--instruction-len", 32, "InstructBLIP Q-Former instruction tokens per sample"),
+        ("--steps", 3, "measured optimizer steps per point, after one warm-up step"),
+    ):
+        p.add_argument(flag, type=positive_int, default=default, metavar="INT", help=f"{what} (default: {default})")
     p.add_argument(
         "--validate-budget-gib",
         type=float,
         default=None,
-        help="check the predicted max batch under this memory cap (CUDA only)",
+        metavar="GIB",
+        help="check the predicted max batch under this memory cap, in GiB (CUDA only; default: none, no check)",
     )
 
 
@@ -459,7 +526,7 @@ def cmd_reproduce(args) -> int:
     if not args.only:  # a partial run does not overwrite the full report
         md, js = reproduce.write(report, args.out)
     if args.json:
-        print(json.dumps(report, indent=2, default=str))
+        print(jsonio.dumps(report, indent=2, default=str))
     else:
         print(reproduce.format_summary(report))
         if not args.only:
@@ -481,11 +548,13 @@ def add_reproduce_parser(sub) -> None:
         "--only",
         nargs="+",
         choices=list(reproduce.ITEMS),
-        metavar="NAME",
-        help=f"run only these items ({', '.join(reproduce.ITEMS)})",
+        metavar="ITEM",
+        help=f"run only these items, of {', '.join(reproduce.ITEMS)} (default: all; a partial run writes no report)",
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--out", default=str(reproduce.REPORTS_DIR), help="report folder (default: %(default)s)")
+    p.add_argument(
+        "--out", default=str(reproduce.REPORTS_DIR), metavar="DIR", help="report folder (default: %(default)s)"
+    )
     p.set_defaults(func=cmd_reproduce)
 
 
@@ -497,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qformer-lora",
         description=(
             "LoRA on the Q-Former of InstructBLIP / BLIP-2, with the documented failures reproduced and guarded: "
-            "train, generate, export, check a setting (doctor, verify), measure memory and speed (bench), "
+            "train (ending with a summary and curves.png; report shows them again), generate, export, check a "
+            "setting (doctor, verify), measure memory and speed (bench), "
             "replay every documented failure (reproduce)."
         ),
     )
@@ -506,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_verify_parser,
         add_doctor_parser,
         add_train_parser,
+        add_report_parser,
         add_generate_parser,
         add_evaluate_parser,
         add_export_parser,
@@ -519,7 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        # upstream warnings the user cannot act on stay off the terminal (known_warnings.py);
+        # train and reproduce record them in their log and report
+        with known_warnings.Recorder():
+            return args.func(args)
     # user mistakes and their diagnoses, without a traceback; OSError: a path that exists, is
     # missing, is a file where a directory was named, cannot be written, or an image that
     # cannot be decoded (images.ImageLoadError is an OSError)

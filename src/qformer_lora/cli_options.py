@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from . import formats, lora, precision, tasks
+from . import formats, lora, precision, presets, tasks
 from .training import run_config, step_options
 
 AUTO = "auto"  # --device: cuda when available, else cpu
@@ -52,6 +52,7 @@ def add_device_option(parser: argparse.ArgumentParser) -> None:
         "--device",
         type=device_name,
         default=AUTO,
+        metavar="auto|cpu|cuda[:N]",
         help="auto (cuda when available, else cpu), cpu or cuda[:N] (default: auto)",
     )
 
@@ -68,13 +69,48 @@ CHOICES = {
 }
 
 
-# Booleans show their values (argparse's default metavar, the option's name, for the rest).
-METAVARS = {"bool": "{true,false}", "bool | None": "{true,false,none}"}
+# The value of a run-config option by its type, as --help shows it (argparse's own placeholder,
+# the option's name in capitals, says nothing). A path or a name: run_config.VALUE_NAMES; a fixed
+# set of values: CHOICES, shown as {a,b,c}. tests/unit/test_cli_vocabulary.py fails on a bare one.
+METAVARS = {
+    "bool": "{true,false}",
+    "bool | None": "{true,false,none}",
+    "int": "INT",
+    "int | None": "INT|none",
+    "float": "FLOAT",
+    "float | None": "FLOAT|none",
+    "str": "TEXT",
+    "str | None": "TEXT|none",
+    "tuple[str, ...]": "NAME[,NAME...]",
+}
+
+
+def metavar(name: str) -> str | None:
+    """The --help word for run-config option ``name``'s value (None: argparse lists its choices)."""
+    if name in CHOICES:
+        return None
+    annotation = str(run_config.TrainConfig.__dataclass_fields__[name].type)
+    return run_config.VALUE_NAMES.get(name) or METAVARS[annotation]  # KeyError: a new type needs a word
 
 
 def spelled(value) -> str:
-    """A default as it is written on the command line: true/false/none, not Python's True/False/None."""
-    return str(value).lower() if value is None or isinstance(value, bool) else str(value)
+    """A default as it is written on the command line: true/false/none, not Python's True/False/None;
+    a path inside the installed package as resources/... (the full path depends on the install)."""
+    if value is None or isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str) and value.startswith(str(presets.RESOURCES_DIR)):
+        return "resources" + value.removeprefix(str(presets.RESOURCES_DIR))
+    return str(value)
+
+
+def option_help(name: str) -> str:
+    """Run-config option ``name``'s help: what it does (run_config.HELP), its range and its default."""
+    text, minimum = run_config.HELP[name], run_config.MINIMUMS.get(name)
+    default = getattr(run_config.TrainConfig, name)
+    notes = [f"at least {minimum}"] if minimum is not None else []
+    if "(default:" not in text:  # some say their default in words already
+        notes.append(f"default: {','.join(default) if isinstance(default, tuple) else spelled(default)}")
+    return f"{text} ({'; '.join(notes)})" if notes else text
 
 
 def _coercer(name: str, flag: str):
@@ -93,17 +129,14 @@ def config_option(parser: argparse.ArgumentParser, name: str, *, overrides: bool
     parser default is None so a TOML run config can supply the value (train); the help shows the
     field's default either way."""
     flag = f"--{name.replace('_', '-')}"
-    default = getattr(run_config.TrainConfig, name)
-    shown = ",".join(default) if isinstance(default, tuple) else spelled(default)
-    text = run_config.HELP[name]  # some say their default in words already
     parser.add_argument(
         flag,
         dest=name,
         type=_coercer(name, flag),
         choices=CHOICES.get(name),
-        default=None if overrides else default,
-        metavar=None if name in CHOICES else METAVARS.get(str(run_config.TrainConfig.__dataclass_fields__[name].type)),
-        help=text if "(default:" in text else f"{text} (default: {shown})",
+        default=None if overrides else getattr(run_config.TrainConfig, name),
+        metavar=metavar(name),
+        help=option_help(name),
     )
 
 
@@ -121,6 +154,7 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     """The data of generate and evaluate: a path in any format, default the run's validation data."""
     parser.add_argument(
         "--manifest",
+        metavar="PATH",
         help="data in any --data-format: answer every sample (up to --limit; default: the run's validation data)",
     )
     parser.add_argument(
@@ -130,7 +164,9 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
         help="format of --manifest; auto detects it from the path, or takes the run's for its validation data "
         "(default: auto)",
     )
-    parser.add_argument("--image-root", default=None, help="image root for --manifest (default: its directory)")
+    parser.add_argument(
+        "--image-root", default=None, metavar="DIR", help="image root for --manifest (default: its directory)"
+    )
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -143,7 +179,7 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
         help="longest answer in tokens (default: none = the run's --max-answer-tokens)",
     )
     parser.add_argument(
-        "--num-beams", type=positive_int, default=1, metavar="N", help="beam search width; 1 is greedy (default: 1)"
+        "--num-beams", type=positive_int, default=1, metavar="INT", help="beam search width; 1 is greedy (default: 1)"
     )
     parser.add_argument(
         "--length-penalty",

@@ -20,6 +20,8 @@ import torch
 import transformers
 from packaging.version import Version
 
+from . import jsonio
+
 TRANSFORMERS = Version(transformers.__version__)
 PEFT = Version(peft.__version__)
 TORCH = Version(torch.__version__.split("+")[0])
@@ -328,7 +330,7 @@ def make_readable_by_every_release(directory) -> list[str]:
 
 def _write_json(path: Path, value) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.write_text(jsonio.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 

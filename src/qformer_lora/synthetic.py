@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import compat
+from . import compat, jsonio
 from .forward import IGNORE_INDEX, is_instructblip
 
 FIRST_ORDINARY_TOKEN = 5  # ids below are special (pad/eos/unk/bos/<image>) in the fixture tokenizer
@@ -96,7 +96,6 @@ def write_photo_jpegs(directory, count: int, size: tuple[int, int] = COCO_SIZE, 
     flat random noise would defeat JPEG's compression and make decoding unrepresentatively
     slow, flat colour would make it unrepresentatively fast. Deterministic for a given seed.
     """
-    import json
     from pathlib import Path
 
     import numpy as np
@@ -120,5 +119,5 @@ def write_photo_jpegs(directory, count: int, size: tuple[int, int] = COCO_SIZE, 
         paths.append(directory / f"photo_{i:04d}.jpg")
         image.save(paths[-1], quality=90)
     records = [{"image": p.name, "instruction": "What is in the picture?", "answer": "shapes"} for p in paths]
-    (directory / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    (directory / "manifest.jsonl").write_text("".join(jsonio.dumps(r) + "\n" for r in records), encoding="utf-8")
     return paths

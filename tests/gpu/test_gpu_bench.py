@@ -94,9 +94,10 @@ def test_reports_written(gpu_report):
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        assert paths["png"] is None
-    else:
-        assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+        assert paths["figures"] is None
+    else:  # a GPU sweep has data for every figure
+        assert set(paths["figures"]) == {"memory", "throughput", "seed-table", "options"}
+        assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths["figures"].values())
 
 
 def test_bf16_training_step_benchmark(benchmark):

@@ -10,7 +10,6 @@ Writes nan-<gpu>-<date>.json to $QFORMER_LORA_REPORT_DIR (default reports/gpu).
 from __future__ import annotations
 
 import gc
-import json
 import math
 import re
 import time
@@ -19,7 +18,7 @@ from datetime import datetime, timezone
 import pytest
 import torch
 
-from qformer_lora import compat
+from qformer_lora import compat, jsonio
 from qformer_lora.bench import report_files
 from qformer_lora.repro import trials
 
@@ -51,7 +50,7 @@ def nan_report():
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-")
     path = out_dir / f"nan-{slug}-{report['created'][:10]}.json"
-    path.write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+    jsonio.write(path, report, indent=1, default=str)  # strict JSON: the NaN losses are written "NaN"
     print(f"\nseed NaN report: {path}")
     return report
 

@@ -108,17 +108,20 @@ def test_report_writers(cpu_report, tmp_path):
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        assert paths["png"] is None
+        assert paths["figures"] is None
     else:
-        assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    expected = {p.name for p in paths.values() if p is not None}
+        # a CPU run measures no memory (no memory figure) and no seed-table row; throughput and the
+        # custom-vs-native options it has
+        assert set(paths["figures"]) == {"throughput", "options"}
+        assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths["figures"].values())
+    expected = {paths["json"].name, paths["md"].name} | {p.name for p in (paths["figures"] or {}).values()}
     assert {p.name for p in (tmp_path / "gpu").iterdir()} == expected, "atomic writes leave no temp files"
 
 
 def test_png_is_skipped_with_a_note_without_matplotlib(cpu_report, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
     paths = report_files.write_reports(cpu_report[0], tmp_path)
-    assert paths["png"] is None and not list(tmp_path.glob("*.png"))
+    assert paths["figures"] is None and not list(tmp_path.glob("*.png"))
     assert "matplotlib is not installed" in capsys.readouterr().out
 
 
@@ -395,7 +398,11 @@ def test_bench_report_rerenders_a_saved_report(cpu_report, tmp_path, capsys):
     saved = tmp_path / "saved.json"
     saved.write_text(json.dumps(report))
     assert report_files.main([str(saved), "--out", str(tmp_path / "out")]) == 0
-    assert (tmp_path / "out" / f"{report_files.report_stem(report)}.md").read_text() == report_files.markdown(report)
+    written = {p.name.removeprefix(f"{report_files.report_stem(report)}-").removesuffix(".png"): p.name
+               for p in (tmp_path / "out").glob("*.png")}  # fmt: skip
+    assert (tmp_path / "out" / f"{report_files.report_stem(report)}.md").read_text() == report_files.markdown(
+        report, written
+    )
     (tmp_path / "broken.json").write_text("{}")
     with pytest.raises(SystemExit) as exit_info:
         report_files.main([str(tmp_path / "broken.json")])

@@ -145,7 +145,10 @@ def test_bench_options_batch_runs_only_the_step_option_table(monkeypatch, tmp_pa
     monkeypatch.setattr(
         sweep,
         "run_benchmark",
-        lambda points, *args, **kwargs: calls.append((points, kwargs)) or ({"paragraph": "p"}, {}),
+        lambda points, *args, **kwargs: (
+            calls.append((points, kwargs))
+            or ({"paragraph": "p"}, {"json": tmp_path / "r.json", "md": tmp_path / "r.md", "figures": {}})
+        ),
     )
     cli.main(
         [

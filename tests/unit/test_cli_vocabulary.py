@@ -65,7 +65,17 @@ def shared() -> dict[str, dict[str, argparse.Action]]:
 def test_the_walk_sees_the_shared_vocabulary():
     # rank, alpha, targets, scope, precision, device, checkpointing: each in more than one subcommand
     assert {"lora_r", "lora_alpha", "targets", "scope", "precision", "device", "lm_checkpointing"} <= set(shared())
-    assert set(subcommands()) == {"verify", "doctor", "train", "generate", "evaluate", "export", "bench", "reproduce"}
+    assert set(subcommands()) == {
+        "verify",
+        "doctor",
+        "train",
+        "report",
+        "generate",
+        "evaluate",
+        "export",
+        "bench",
+        "reproduce",
+    }
 
 
 @pytest.mark.parametrize("dest", sorted(shared()))
@@ -133,3 +143,59 @@ def test_help_spells_defaults_and_values_as_typed():
     train_help = subcommands()["train"].format_help()
     assert "--lm-checkpointing {true,false}" in train_help and "(default: True)" not in train_help
     assert "(default: None)" not in train_help and "(default: none)" in train_help
+
+
+def value_word(action: argparse.Action) -> str:
+    """What --help shows for an option's value: its metavar, else its choices, else argparse's
+    placeholder (the dest in capitals)."""
+    if action.metavar is not None:
+        return action.metavar if isinstance(action.metavar, str) else " ".join(action.metavar)
+    if action.choices is not None:
+        return "{" + ",".join(map(str, action.choices)) + "}"
+    return action.dest.upper()
+
+
+def valued() -> list[tuple[str, argparse.Action]]:
+    """Every option of every subcommand that takes a value (not -h, not the output switches)."""
+    return [
+        (command, action)
+        for command, actions in options().items()
+        for action in actions.values()
+        if action.nargs != 0 and action.dest not in SWITCHES
+    ]
+
+
+def test_no_flag_shows_a_bare_placeholder():
+    # train --help showed VALUE (or NUM_WORKERS, LR, ...) for 39 of its 41 options: a name, not a type
+    bare = [
+        f"{command} {action.option_strings[0]} {value_word(action)}"
+        for command, action in valued()
+        if value_word(action) in {"VALUE", action.dest.upper(), action.option_strings[0].lstrip("-").upper()}
+    ]
+    assert len(valued()) > 60 and bare == []
+
+
+def test_every_flag_says_its_default():
+    silent = [f"{command} {a.option_strings[0]}" for command, a in valued() if "default:" not in (a.help or "")]
+    assert silent == []
+
+
+def test_train_help_gives_types_ranges_units_and_defaults(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps at the terminal's width, even inside a word
+    text = " ".join(subcommands()["train"].format_help().split())
+    for shown in (
+        "--lr FLOAT peak learning rate of AdamW, reached after --warmup-steps (default: 0.006)",
+        "--epochs INT passes over the training data (at least 1; default: 40)",
+        "--max-grad-norm FLOAT|none",
+        "--num-workers INT|none",
+        "--targets NAME[,NAME...]",
+        "--output-dir DIR",
+        "--max-prompt-tokens INT truncate prompts to this many tokens",
+        "--device auto|cpu|cuda[:N]",
+        # a path inside the installed package is shown relative to it, not as this machine's path
+        "(default: resources/data/shapes/train.jsonl)",
+    ):
+        assert shown in text, shown
+    # every run-config field's word comes from its type or VALUE_NAMES: a new type must be given one
+    for name in TrainConfig.__dataclass_fields__:
+        assert name in cli_options.CHOICES or cli_options.metavar(name), name

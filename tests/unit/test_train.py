@@ -87,6 +87,17 @@ def test_default_run_checkpoints_the_language_model(default_run):
     assert {c["option"]: c["used"] for c in record["choices"]}["lm_checkpointing"] == "on", record
 
 
+def test_default_run_ends_with_its_record_and_curves(default_run):
+    """The CLI's train closes the log with an end record and draws curves.png (issue 21)."""
+    records = list(map(json.loads, (default_run / "metrics.jsonl").read_text().splitlines()))
+    [end] = [r for r in records if r["type"] == "end"]
+    # 40 epochs over the 192 shapes training samples; the wall time includes the training steps'
+    assert end["train_samples"] == 40 * 192 and end["step"] == 40 * 12 and end["wall_s"] > end["train_s"] > 0
+    assert end["samples_per_s"] == pytest.approx(end["train_samples"] / end["train_s"])
+    pytest.importorskip("matplotlib")
+    assert (default_run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_golden_curve_is_shared_by_batch_and_accumulation_variants(default_run, tmp_path):
     """torchtune style: batch 16 x 1, 8 x 2 and 4 x 4 give one loss curve, pinned per release.
 

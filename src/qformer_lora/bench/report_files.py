@@ -1,23 +1,25 @@
-"""Report files of a bench sweep: JSON, Markdown and PNG, written atomically.
+"""Report files of a bench sweep: JSON, Markdown and one PNG per figure, written atomically.
 
-Files are written atomically (temporary file, then os.replace); matplotlib is imported
-lazily and the PNG is skipped with a note when it is not installed. The numbers come from
-bench/reporting.py.
+``<stem>.json`` (strict JSON, jsonio), ``<stem>.md`` and ``<stem>-<figure>.png`` for each
+figure of bench/figures.py the report has data for; the Markdown shows each figure under its
+section. Files are written atomically (temporary file, then os.replace); without matplotlib
+the figures are skipped with a note. The numbers come from bench/reporting.py.
 
 ``python -m qformer_lora.bench.report_files REPORT.json [--out DIR]`` re-summarises a saved
-report (e.g. after a summary was added) and rewrites its Markdown and PNG.
+report (e.g. after a summary was added) and rewrites its Markdown and figures.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import tempfile
 from pathlib import Path
 
-from .capacity import BUDGETS_GIB, GIB, budgets
+from .. import jsonio, plotting
+from . import figures as report_figures
+from .capacity import GIB, budgets
 from .measurement import OPTIONS_BATCH, ran
 from .reporting import TARGETS, summarise
 
@@ -33,27 +35,43 @@ def default_report_dir() -> Path:
     return Path(os.environ.get("QFORMER_LORA_REPORT_DIR") or Path("reports") / "gpu")
 
 
-def write_reports(
-    report: dict, out_dir: str | os.PathLike | None = None, *, plot: bool = True
-) -> dict[str, Path | None]:
-    """<gpu-slug>-<date>.json / .md / .png under ``out_dir``; the PNG only when matplotlib is installed."""
+def figure_path(out_dir: Path, report: dict, name: str) -> Path:
+    return out_dir / f"{report_stem(report)}-{name}.png"
+
+
+def write_reports(report: dict, out_dir: str | os.PathLike | None = None, *, plot: bool = True) -> dict:
+    """<gpu-slug>-<date>.json / .md and the figures under ``out_dir``.
+
+    Returns {"json": path, "md": path, "figures": {figure name: path}}; "figures" is None when
+    matplotlib is not installed (or ``plot`` is false: a partial report during the sweep).
+    Drawing replaces the stem's figures of an earlier rendering, so none is left stale."""
     out_dir = Path(out_dir) if out_dir is not None else default_report_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {kind: out_dir / f"{report_stem(report)}.{kind}" for kind in ("json", "md", "png")}
-    _atomic_write(paths["json"], json.dumps(report, indent=2).encode())
-    _atomic_write(paths["md"], markdown(report).encode())
-    png = plot_png(report) if plot else None
-    if png is not None:
-        _atomic_write(paths["png"], png)
-    elif plot:
-        print("matplotlib is not installed: skipped the PNG plot (pip install matplotlib)")
-    return paths | {"png": paths["png"] if png is not None else None}
+    stem = report_stem(report)
+    drawn = report_figures.draw(report) if plot else None
+    if plot and drawn is None:
+        print(plotting.missing("the report's figures"))
+    written = {}
+    for name, png in (drawn or {}).items():
+        written[name] = figure_path(out_dir, report, name)
+        _atomic_write(written[name], png)
+    if drawn is not None:  # a figure with no data this time, or the single PNG of earlier versions
+        for stale in [figure_path(out_dir, report, n) for n in report_figures.FIGURES if n not in drawn]:
+            stale.unlink(missing_ok=True)
+        (out_dir / f"{stem}.png").unlink(missing_ok=True)
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
+    jsonio.write(paths["json"], report)
+    _atomic_write(paths["md"], markdown(report, {n: p.name for n, p in written.items()}).encode())
+    return paths | {"figures": written if drawn is not None else None}
 
 
-def print_paths(paths: dict[str, Path | None]) -> None:
+def print_paths(paths: dict) -> None:
     """One line per report file that write_reports wrote (or skipped)."""
-    for kind, path in paths.items():
-        print(f"{kind}: {path or 'skipped (matplotlib is not installed)'}")
+    print(f"json: {paths['json']}\nmd: {paths['md']}")
+    if paths["figures"] is None:
+        print("figures: skipped (matplotlib is not installed)")
+    for name, path in (paths["figures"] or {}).items():
+        print(f"figure ({name}): {path}")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -204,45 +222,22 @@ def _md_checks(report: dict) -> list[str]:
     return lines
 
 
-def markdown(report: dict) -> str:
-    """The report as Markdown: one section per question the sweep answers."""
-    sections = (_md_results, _md_memory_model, _md_seed_and_forwards, _md_options, _md_checks)
-    lines = [line for section in sections for line in section(report)]
+def markdown(report: dict, figures: dict[str, str] | None = None) -> str:
+    """The report as Markdown: one section per question the sweep answers, each followed by its
+    figure when ``figures`` (figure name -> file name beside the Markdown) has one."""
+    sections = (
+        (_md_results, "throughput"),
+        (_md_memory_model, "memory"),
+        (_md_seed_and_forwards, "seed-table"),
+        (_md_options, "options"),
+        (_md_checks, None),
+    )
+    lines = []
+    for section, figure in sections:
+        lines += section(report)
+        if figure in (figures or {}):
+            lines += ["", f"![{figure}]({figures[figure]})"]
     return "\n".join(lines + ["", "## Summary", "", report["paragraph"], ""])
-
-
-def plot_png(report: dict) -> bytes | None:
-    """Peak memory and throughput against batch size, one line per configuration; None without matplotlib."""
-    try:
-        from matplotlib.figure import Figure  # optional: only the plot needs it
-    except ImportError:
-        return None
-    fig = Figure(figsize=(12, 5))
-    memory_ax, speed_ax = fig.subplots(1, 2)
-    for e in report["points"]:
-        ok = [r for r in e["results"] if ran(r)]
-        if any(r["peak_allocated_gib"] is not None for r in ok):
-            memory_ax.plot(
-                [r["batch_size"] for r in ok], [r["peak_allocated_gib"] for r in ok], marker="o", label=e["label"]
-            )
-        speed_ax.plot([r["batch_size"] for r in ok], [r["samples_per_s"] for r in ok], marker="o", label=e["label"])
-    if memory_ax.lines:
-        memory_ax.axhline(BUDGETS_GIB[0], color="grey", linestyle="--", linewidth=1, label=f"{BUDGETS_GIB[0]} GiB")
-    else:
-        memory_ax.text(
-            0.5,
-            0.5,
-            f"no memory measurements on {report['device']['name']}",
-            ha="center",
-            transform=memory_ax.transAxes,
-        )
-    (memory_ax if memory_ax.lines else speed_ax).legend(fontsize=6)
-    memory_ax.set(xlabel="batch size", ylabel="peak allocated (GiB)", title=report["device"]["name"])
-    speed_ax.set(xlabel="batch size", ylabel="samples / s", title="training throughput")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
 
 
 def main(argv=None) -> int:
@@ -250,7 +245,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m qformer_lora.bench.report_files",
-        description="Re-summarise a saved bench report and rewrite its Markdown and PNG.",
+        description="Re-summarise a saved bench report and rewrite its Markdown and figures.",
     )
     parser.add_argument("report", type=Path, help="a <gpu>-<date>.json written by `qformer-lora bench`")
     parser.add_argument("--out", type=Path, default=None, help="folder for the files (default: beside the report)")

@@ -7,13 +7,13 @@ together and atomically (:func:`write`).
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from .. import jsonio
 from . import generate
 
 
@@ -50,9 +50,9 @@ def write(out_dir: str | os.PathLike, document: dict, records: list[dict]) -> Pa
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
     try:
-        lines = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
+        lines = "".join(jsonio.dumps(r) + "\n" for r in records)  # strict JSON (jsonio)
         (staging / "predictions.jsonl").write_text(lines, encoding="utf-8")
-        (staging / "results.json").write_text(json.dumps(document, indent=1, allow_nan=False), encoding="utf-8")
+        (staging / "results.json").write_text(jsonio.dumps(document, indent=1), encoding="utf-8")
         (staging / "results.md").write_text(markdown(document), encoding="utf-8")
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import platform
 import sys
 import time
@@ -31,6 +30,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from .. import jsonio
 
 SCHEMA = 1
 TINY_PRESETS = ("tiny-instructblip-flan-t5", "tiny-instructblip-vicuna", "tiny-blip2-flan-t5", "tiny-blip2-opt")
@@ -228,10 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = probe()
     if args.out is None:
-        print(json.dumps(result, indent=2))
+        print(jsonio.dumps(result, indent=2))
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    jsonio.write(args.out, result)  # strict JSON: a NaN loss of an old release is written "NaN"
     print(f"compat probe: {result.get('release', 'import failed')} -> {args.out} ({result.get('probe_seconds')} s)")
     return 0
 

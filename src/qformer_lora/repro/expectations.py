@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from .. import compat
+from .. import compat, jsonio
 from ..presets import RESOURCES_DIR
 
 EXPECTATIONS_DIR = RESOURCES_DIR / "expectations"
@@ -55,6 +55,4 @@ def record(table: str, key: str, value) -> None:
     data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"releases": {}}
     data.setdefault("releases", {}).setdefault(release_key(), {})[key] = value
     data["releases"] = dict(sorted(data["releases"].items()))
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    jsonio.write(path, data)

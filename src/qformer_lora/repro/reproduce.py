@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .. import checkpoint, compat, data, lora, presets
+from .. import checkpoint, compat, data, jsonio, known_warnings, lora, presets
 from ..bench import measurement, sweep
 from ..training import run_dir, train
 from ..training.run_config import TrainConfig
@@ -268,8 +268,9 @@ def run(only: list[str] | None = None) -> dict:
     if unknown:
         raise ValueError(f"unknown item(s) {unknown}; choose from {list(ITEMS)}")
     results = {}
-    with tqdm(names, desc="reproduce", unit="item") as bar:  # ~1 min on a CPU; on stderr, so --json stays clean
-        for name in bar:
+    # upstream warnings the user cannot act on go into the report, not between the progress bar's lines
+    with known_warnings.Recorder() as hidden, tqdm(names, desc="reproduce", unit="item") as bar:
+        for name in bar:  # ~1 min on a CPU; the bar is on stderr, so --json stays clean
             bar.set_postfix_str(name)
             results[name] = ITEMS[name]()
     return {
@@ -277,6 +278,7 @@ def run(only: list[str] | None = None) -> dict:
         "environment": environment(),
         "items": results,
         "all_fixes_hold": all(r["fix_holds"] for r in results.values()),
+        "hidden_warnings": hidden.records,
     }
 
 
@@ -302,16 +304,22 @@ def markdown(report: dict) -> str:
     for name, item in report["items"].items():
         lines.append(f"| {name} | {item['status']} | {'yes' if item['fix_holds'] else 'NO'} | {item['why']} |")
     for name, item in report["items"].items():
-        lines += ["", f"## {name}", "", "```json", json.dumps(item["evidence"], indent=2, default=str), "```"]
+        lines += ["", f"## {name}", "", "```json", jsonio.dumps(item["evidence"], indent=2, default=str), "```"]
+    if report.get("hidden_warnings"):
+        lines += ["", "## Upstream warnings kept off the terminal", ""]
+        lines += [
+            f"- {w['category']} from {w['source']}: {w['message']} ({w['reason']})" for w in report["hidden_warnings"]
+        ]
     return "\n".join(lines) + "\n"
 
 
 def write(report: dict, out_dir: str | os.PathLike = REPORTS_DIR) -> tuple[Path, Path]:
+    """REPRODUCTION.md and REPRODUCTION.json (strict JSON: jsonio) under ``out_dir``, each atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = out_dir / "REPRODUCTION.md", out_dir / "REPRODUCTION.json"
-    for path, text in zip(paths, (markdown(report), json.dumps(report, indent=2, default=str) + "\n")):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    return paths
+    md, js = out_dir / "REPRODUCTION.md", out_dir / "REPRODUCTION.json"
+    tmp = md.with_suffix(md.suffix + ".tmp")
+    tmp.write_text(markdown(report), encoding="utf-8")
+    os.replace(tmp, md)
+    jsonio.write(js, report, default=str)
+    return md, js

@@ -83,6 +83,21 @@ class TrainConfig:
             self.lora_alpha = lora.default_alpha(self.lora_r)
 
 
+# The word --help shows for an option's value where the type alone says too little: a path, a
+# directory, a name (cli_options.METAVARS spells the rest from the field's type).
+VALUE_NAMES = {
+    "preset": "NAME|FILE.json",
+    "base_checkpoint": "DIR",  # or 'none' in train and doctor: its help says so
+    "train_manifest": "PATH",
+    "val_manifest": "PATH",
+    "image_root": "DIR",
+    "output_dir": "DIR",
+    "feature_cache_dir": "DIR",
+    "targets": "NAME[,NAME...]",
+}
+
+# One line per option: what it does, in its units (the CLI adds the type, the accepted range and
+# the default).
 HELP = {
     "preset": "architecture preset (resources/configs) of a randomly initialised base model, used when "
     "--base-checkpoint is none",
@@ -112,19 +127,19 @@ HELP = {
     "output_dir": "run directory: metrics.jsonl and checkpoints/",
     "overwrite": "start afresh in an output directory that already holds a run, deleting its log and "
     "checkpoints (without it such a directory is refused; --resume continues it instead)",
-    "epochs": "number of epochs",
+    "epochs": "passes over the training data",
     "batch_size": "samples per micro-batch (per process under torchrun)",
     "grad_accum": "micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)",
-    "lr": "peak learning rate of AdamW",
+    "lr": "peak learning rate of AdamW, reached after --warmup-steps",
     "weight_decay": "AdamW weight decay",
     "adam_eps": "AdamW epsilon",
     "warmup_steps": "optimizer steps of linear warm-up, then linear decay to 0",
-    "max_grad_norm": "clip the adapter gradient norm to this value (none to disable)",
+    "max_grad_norm": "clip the global L2 norm of the adapter gradients to this value (none: no clipping)",
     "precision": "fp32 | bf16 | fp16-amp (autocast + GradScaler) | fp16-pure (everything fp16; "
     "reproduces the seed's NaN, refused unless --allow-unsafe)",
     "lora_r": "LoRA rank r",
     "lora_alpha": "LoRA alpha (default: 2 x rank, as in Kim et al. 2024's Q-Former LoRA)",
-    "lora_dropout": "LoRA dropout",
+    "lora_dropout": "dropout probability on the LoRA branch's input (0 to 1)",
     "targets": "comma-separated layer names matched inside the Q-Former",
     "scope": "where LoRA may go: the Q-Former only, or Q-Former + language model (the seed's broad scope)",
     "seed": "seed for model init, LoRA init and data order",

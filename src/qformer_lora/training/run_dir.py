@@ -16,7 +16,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-from .. import checkpoint, writes
+from .. import checkpoint, jsonio, writes
 from . import distributed
 from .run_config import ConfigError, TrainConfig
 
@@ -28,7 +28,7 @@ def append_jsonl(path: Path, record: dict) -> None:
     if not distributed.is_main():  # under torchrun only rank 0 writes the log
         return
     with writes.writing(path, "the log record"), path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(jsonio.dumps(record) + "\n")  # strict: a NaN loss is written "NaN"
 
 
 def epoch_records(path: Path) -> list[dict]:

@@ -24,7 +24,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from .. import writes
+from .. import jsonio, writes
 from .run_config import ConfigError
 
 LOCK_FILE = "run.lock"
@@ -80,7 +80,7 @@ class RunLock:
         fd, tmp = tempfile.mkstemp(prefix=f".{LOCK_FILE}-", dir=self.directory)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.record(), f)
+                f.write(jsonio.dumps(self.record()))
             for _ in range(2):  # a second try after removing a stale lock
                 try:
                     os.link(tmp, self.path)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import checkpoint, data, formats, forward, inputs, lora, pause_points, precision, presets, tasks
+from .. import checkpoint, data, formats, forward, inputs, known_warnings, lora, pause_points, precision, presets, tasks
 from ..diagnostics import doctor
 from . import distributed, feature_cache, metrics_log, run_dir, run_lock, step_options, validation
 from .loader import EpochLoader, default_workers
@@ -101,6 +101,8 @@ class Run:
     start_epoch: int = 1
     global_step: int = 0
     position: dict | None = None  # resumed from a step checkpoint: where in start_epoch (checkpoint.save)
+    train_samples: int = 0  # samples of the optimizer steps taken by this process's run (all ranks)
+    train_s: float = 0.0  # seconds spent in those epochs' steps (no validation, no checkpoints)
 
 
 def _check_before_building(config: TrainConfig, resume, device: torch.device):
@@ -245,21 +247,41 @@ def _loaders(config: TrainConfig, train_set, val_set, collator, device: torch.de
 
 
 def train(config: TrainConfig, resume: str | os.PathLike | None = None, device: str | None = None) -> dict:
-    """Run training; returns the final metrics. ``resume``: a checkpoint dir or 'latest'."""
+    """Run training; returns the final metrics. ``resume``: a checkpoint dir or 'latest'.
+
+    metrics.jsonl gets, besides the step and epoch records, one ``warning`` record per known
+    upstream warning (known_warnings.py: kept off the terminal) and a closing ``end`` record:
+    wall time of this call, training samples and seconds, samples/s (training/summary.py)."""
     # deterministic mode is process-wide in torch: restore the caller's setting afterwards
     previous = torch.are_deterministic_algorithms_enabled()
+    wall_start = time.perf_counter()
     device, started = distributed.setup(device)  # a process group under torchrun, nothing otherwise
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # one writer per run directory (training/run_lock.py): rank 0 holds it, released on errors too
         lock = run_lock.RunLock(config.output_dir) if distributed.is_main() else contextlib.nullcontext()
-        with lock:
+        with lock, known_warnings.Recorder() as hidden:
             run = setup(config, resume, device)
+            hidden.attach(lambda record: run.log.record({"type": "warning", "step": run.global_step, **record}))
             with run.log:  # the TensorBoard event file is flushed and closed on errors too
-                return run_epochs(run)
+                metrics = run_epochs(run)
+                run.log.record(_end_record(run, time.perf_counter() - wall_start))
+                return metrics
     finally:
         distributed.teardown(started)
         torch.use_deterministic_algorithms(previous)
+
+
+def _end_record(run: Run, wall_s: float) -> dict:
+    """The run's closing log record: what the summary needs that the step records do not hold."""
+    return {
+        "type": "end",
+        "step": run.global_step,
+        "wall_s": wall_s,
+        "train_samples": run.train_samples,
+        "train_s": run.train_s,
+        "samples_per_s": run.train_samples / run.train_s if run.train_s > 0 else None,
+    }
 
 
 def run_epochs(run: Run) -> dict:
@@ -291,6 +313,7 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, int]:
         desc=f"epoch {epoch}/{config.epochs}",
         leave=False,
     )
+    epoch_started = time.perf_counter()
     for group in bar:
         batches += len(group)
         started = time.perf_counter()
@@ -315,8 +338,10 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, int]:
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
         loss_sum += result.loss_sum
         tokens += result.tokens
+        run.train_samples += result.samples
         if config.save_steps and run.global_step % config.save_steps == 0 and distributed.is_main():
             _save(run, epoch, position={"batches": batches, "loss_sum": loss_sum, "tokens": tokens})
+    run.train_s += time.perf_counter() - epoch_started
     return loss_sum, tokens
 
 
