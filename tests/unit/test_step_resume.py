@@ -20,9 +20,12 @@ class Interrupted(Exception):
 
 
 def log_records(run: Path) -> list[dict]:
-    """The log without what may differ: step_options (written once per start) and the timing field."""
+    """The log without what describes a process rather than the training: the records every (re)start
+    writes (step_options, the hidden upstream warnings, recorded once per process) or only a process that
+    ran to the end writes (end: its own wall time and sample count), and the timing field."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in records if r["type"] != "step_options"]
+    per_process = ("step_options", "warning", "end")
+    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in records if r["type"] not in per_process]
 
 
 def interrupt_at(monkeypatch, step: int) -> None:
