@@ -94,6 +94,9 @@ def read_manifest(path: str | Path, image_root: str | Path | None = None) -> lis
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read manifest: {exc}") from exc
+    except UnicodeDecodeError as exc:  # a manifest is UTF-8 JSON lines (RFC 8259); say where it is not
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ManifestError(f"{path}:{line}: not UTF-8 (byte {exc.start}: {exc.reason})") from None
 
     samples: list[Sample] = []
     first_line_of_id: dict[str, int] = {}

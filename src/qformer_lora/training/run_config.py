@@ -8,6 +8,7 @@ value does not fit, and ``load_run_config`` checks the options with a fixed set 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,13 +230,17 @@ def coerce(name: str, value, where: str):
             raise TypeError
         if kind is str and not isinstance(value, str):
             raise TypeError
-        return kind(value)
+        converted = kind(value)
     except (TypeError, ValueError):
         spelled = SPELLED.get(annotation.split(" | ")[0], "")
         shown = str(default).lower() if default is None or isinstance(default, bool) else repr(default)
         raise ConfigError(
             f"{where}: option {name!r} expects {annotation}{spelled}, got {value!r} (default {shown})"
         ) from None
+    if kind is float and not math.isfinite(converted):
+        # float("nan") and float("inf") parse: a NaN learning rate or clip norm would train on silently
+        raise ConfigError(f"{where}: option {name!r} is {value!r}; it must be a finite number")
+    return converted
 
 
 def load_run_config(path: str | os.PathLike | None, overrides: dict | None = None) -> TrainConfig:
