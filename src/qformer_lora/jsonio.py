@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from . import writes
 
 NON_FINITE = ("NaN", "Infinity", "-Infinity")  # how each non-finite float is written
 
@@ -55,20 +56,11 @@ def dumps(value, *, indent: int | None = None, default: Callable | None = None, 
 
 
 def write(path: str | os.PathLike, value, *, indent: int | None = 2, default: Callable | None = None) -> Path:
-    """Write ``value`` as a JSON file (one trailing newline), atomically: a temporary file beside
-    ``path``, then ``os.replace``, so a reader or a killed process never sees half a file.
-    Returns ``path``. A value that cannot be serialised raises before anything is written."""
-    path = Path(path)
-    text = dumps(value, indent=indent, default=default) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``value`` as a JSON file (one trailing newline), atomically (writes.atomic): a reader or a
+    killed process never sees half a file, and a failed write (writes.WriteError naming ``path``)
+    leaves the previous one. Returns ``path``. A value that cannot be serialised raises before anything
+    is written."""
+    return writes.atomic(path, dumps(value, indent=indent, default=default) + "\n", "the JSON file")
 
 
 def number(value) -> float | None:

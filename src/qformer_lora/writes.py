@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import tempfile
+from pathlib import Path
 
 from safetensors import SafetensorError
 
@@ -40,3 +42,21 @@ def _error(code: int | None, message: str) -> WriteError:
     error = WriteError(message)  # one argument: str() is the message alone, without "[Errno n]"
     error.errno = code
     return error
+
+
+def atomic(path: str | os.PathLike, data: bytes | str, what: str) -> Path:
+    """Write ``data`` (str: UTF-8) to ``path`` all or nothing: a temporary file beside it, then
+    ``os.replace``, so a reader or a killed process never sees half a file and a failed write leaves
+    the previous file as it was. WriteError naming ``path`` and ``what`` on ENOSPC, EROFS, EACCES, ..."""
+    path = Path(path)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    with writing(path, what):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(raw)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return path

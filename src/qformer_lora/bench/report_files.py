@@ -14,10 +14,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
-from .. import jsonio, plotting
+from .. import jsonio, plotting, writes
 from . import figures as report_figures
 from .capacity import GIB, budgets
 from .measurement import OPTIONS_BATCH, ran
@@ -54,14 +53,14 @@ def write_reports(report: dict, out_dir: str | os.PathLike | None = None, *, plo
     written = {}
     for name, png in (drawn or {}).items():
         written[name] = figure_path(out_dir, report, name)
-        _atomic_write(written[name], png)
+        writes.atomic(written[name], png, "the report's figure")
     if drawn is not None:  # a figure with no data this time, or the single PNG of earlier versions
         for stale in [figure_path(out_dir, report, n) for n in report_figures.FIGURES if n not in drawn]:
             stale.unlink(missing_ok=True)
         (out_dir / f"{stem}.png").unlink(missing_ok=True)
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
     jsonio.write(paths["json"], report)
-    _atomic_write(paths["md"], markdown(report, {n: p.name for n, p in written.items()}).encode())
+    writes.atomic(paths["md"], markdown(report, {n: p.name for n, p in written.items()}), "the Markdown report")
     return paths | {"figures": written if drawn is not None else None}
 
 
@@ -72,18 +71,6 @@ def print_paths(paths: dict) -> None:
         print("figures: skipped (matplotlib is not installed)")
     for name, path in (paths["figures"] or {}).items():
         print(f"figure ({name}): {path}")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    # a reader (or a killed run) never sees half a report: write beside it, then rename
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _num(value, spec: str = ".2f") -> str:

@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from .. import jsonio
+from .. import jsonio, writes
 from . import generate
 
 
@@ -44,22 +44,28 @@ def markdown(document: dict) -> str:
 
 
 def write(out_dir: str | os.PathLike, document: dict, records: list[dict]) -> Path:
-    """predictions.jsonl, results.json and results.md into ``out_dir``, all or none (a staging
-    directory renamed into place; an existing ``out_dir`` is replaced only once the new one is whole)."""
+    """predictions.jsonl, results.json and results.md into ``out_dir``, all or none: a staging
+    directory renamed into place, an existing ``out_dir`` moved aside first and deleted only once the
+    new one is in place (restored if that fails). writes.WriteError names ``out_dir`` on ENOSPC, ..."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    try:
-        lines = "".join(jsonio.dumps(r) + "\n" for r in records)  # strict JSON (jsonio)
-        (staging / "predictions.jsonl").write_text(lines, encoding="utf-8")
-        (staging / "results.json").write_text(jsonio.dumps(document, indent=1), encoding="utf-8")
-        (staging / "results.md").write_text(markdown(document), encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with writes.writing(out_dir, "the evaluation report"):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+        aside = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")
+        try:
+            lines = "".join(jsonio.dumps(r) + "\n" for r in records)  # strict JSON (jsonio)
+            (staging / "predictions.jsonl").write_text(lines, encoding="utf-8")
+            (staging / "results.json").write_text(jsonio.dumps(document, indent=1), encoding="utf-8")
+            (staging / "results.md").write_text(markdown(document), encoding="utf-8")
+            if out_dir.exists():
+                os.replace(out_dir, aside)
+            os.replace(staging, out_dir)
+        except BaseException:
+            if aside.exists() and not out_dir.exists():
+                os.replace(aside, out_dir)  # the previous report, back where it was
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
     return out_dir
 
 

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .. import checkpoint, compat, data, jsonio, known_warnings, lora, presets
+from .. import checkpoint, compat, data, jsonio, known_warnings, lora, presets, writes
 from ..bench import measurement, sweep
 from ..training import run_dir, train
 from ..training.run_config import TrainConfig
@@ -318,8 +318,6 @@ def write(report: dict, out_dir: str | os.PathLike = REPORTS_DIR) -> tuple[Path,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md, js = out_dir / "REPRODUCTION.md", out_dir / "REPRODUCTION.json"
-    tmp = md.with_suffix(md.suffix + ".tmp")
-    tmp.write_text(markdown(report), encoding="utf-8")
-    os.replace(tmp, md)
+    writes.atomic(md, markdown(report), "the reproduction report")
     jsonio.write(js, report, default=str)
     return md, js
