@@ -15,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
 
 from qformer_lora import checkpoint, cli
 from qformer_lora.training import metrics_log, run_config, run_dir, train
 
 from .test_train import small_data
+
+# tensorboard is an optional extra (qformer-lora[tensorboard]); the compat sessions' venvs lack it
+event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 STEPS_PER_EPOCH = 4  # 32 samples / batch 8
 
