@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, formats, images, jsonio, known_warnings, lora, precision, presets, tasks
+from . import checkpoint, data, formats, images, jsonio, known_warnings, lora, precision, presets, tasks, untrained
 from .cli_options import (
     AUTO,
     add_data_options,
     add_device_option,
     add_generation_options,
+    boolean,
     config_option,
     generation_options,
     lora_spec,
@@ -38,11 +39,14 @@ def cmd_verify(args) -> int:
 
     spec = lora_spec(args)
     preset = presets.load_preset(args.preset)
-    model = presets.build_model(preset, device="meta")
-    report = {"preset": preset.name, "versions": compat.versions()} | lora.scope_report(
-        lora.apply_lora(model, spec), spec
-    )
-    print(jsonio.dumps(report, indent=2) if args.json else lora.format_scope_report(report))
+    model = presets.build_model(preset, device="cpu" if args.probe else "meta")
+    peft_model = lora.apply_lora(model, spec)
+    report = {"preset": preset.name, "versions": compat.versions()} | lora.scope_report(peft_model, spec)
+    report["untrainable"] = untrained.untrainable_report(peft_model)  # the probe runs where there are values
+    if args.json:
+        print(jsonio.dumps(report, indent=2))
+    else:
+        print(lora.format_scope_report(report) + "\n\n" + untrained.format_report(report["untrainable"]))
     return 0
 
 
@@ -51,7 +55,8 @@ def add_verify_parser(sub) -> None:
         "verify",
         help="build a preset on the meta device, apply LoRA, print the scope report",
         description="Build the preset without allocating memory (meta device), apply LoRA "
-        "within the chosen scope and print where the adapter went.",
+        "within the chosen scope and print where the adapter went, and which of its adapters can never get "
+        "a gradient (by structure; with --probe true also by a probe backward).",
     )
     p.add_argument(
         "--preset",
@@ -60,8 +65,17 @@ def add_verify_parser(sub) -> None:
         help=f"architecture preset name or JSON path (default: {presets.DEFAULT_PRESET}, the model "
         f"the seed's counts are for; shipped: {', '.join(presets.list_presets())})",
     )
-    for name in ("lora_r", "lora_alpha", "lora_dropout", "targets", "scope"):
+    for name in ("lora_r", "lora_alpha", "lora_dropout", "targets", "scope", "exclude_untrainable"):
         config_option(p, name)
+    p.add_argument(
+        "--probe",
+        type=boolean,
+        default=False,
+        metavar="{true,false}",
+        help="build the preset on the CPU (random init, seed 0) instead of the meta device, so the probe backward "
+        "can look for adapters that get no gradient; a full-size preset then needs its full memory, 4 bytes a "
+        "parameter (default: false: only the adapters untrainable by structure are listed)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_verify)
 

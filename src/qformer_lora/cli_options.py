@@ -30,6 +30,15 @@ def positive_int(value: str) -> int:
     return number
 
 
+def boolean(value: str) -> bool:
+    """argparse type for a yes/no option that is no run-config field, read as run_config.coerce reads
+    the booleans that are: true/false (also 1/0, yes/no)."""
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if value.lower() not in words:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither true nor false")
+    return words[value.lower()]
+
+
 def device_name(value: str) -> str:
     """argparse type: 'auto' or a torch device this machine has ('cuda' without one failed deep inside torch)."""
     if value == AUTO:
@@ -147,6 +156,7 @@ def lora_spec(args) -> lora.LoraSpec:
         dropout=args.lora_dropout,
         targets=tuple(args.targets),
         scope=args.scope,
+        exclude_untrainable=args.exclude_untrainable,
     )
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import compat
+from . import compat, untrained
 
 COMPONENTS = ("vision_model", "qformer", "query_tokens", "language_projection", "language_model")
 SCOPES = {"qformer": ("qformer",), "qformer+llm": ("qformer", "language_model")}
@@ -54,6 +54,9 @@ class LoraSpec:
     targets: tuple[str, ...] = DEFAULT_TARGETS
     scope: str = "qformer"
     extra: dict = field(default_factory=dict)  # passed to peft.LoraConfig as is
+    # True: no adapter on modules that can never get a gradient (untrained.py: by structure, and by
+    # a probe backward where the model has values)
+    exclude_untrainable: bool = False
 
     def __post_init__(self):
         if self.scope not in SCOPES:
@@ -119,20 +122,30 @@ def bare_name_matches_outside_qformer(model, targets) -> list[str]:
 
 
 def apply_lora(model, spec: LoraSpec = LoraSpec()):
-    """Wrap ``model`` with LoRA on the resolved modules only, then verify the scope."""
+    """Wrap ``model`` with LoRA on the resolved modules only (less those that can never train, with
+    ``spec.exclude_untrainable``), then verify the scope."""
+    targets = resolve_target_modules(model, spec)
+    if spec.exclude_untrainable:
+        targets = untrained.trainable_targets(model, targets, lambda names: _wrap(model, spec, names))
+        if not targets:
+            raise ScopeError(f"every LoRA target in scope {spec.scope!r} is untrainable; nothing would train")
+    peft_model = _wrap(model, spec, targets)
+    check_trainable_scope(peft_model, spec.scope)
+    return peft_model
+
+
+def _wrap(model, spec: LoraSpec, targets: list[str]):
     import peft
 
     config = peft.LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
-        target_modules=resolve_target_modules(model, spec),
+        target_modules=targets,
         bias="none",
         **spec.extra,
     )
-    peft_model = compat.get_peft_model(model, config)
-    check_trainable_scope(peft_model, spec.scope)
-    return peft_model
+    return compat.get_peft_model(model, config)
 
 
 def check_trainable_scope(model, scope: str = "qformer") -> None:
@@ -225,7 +238,8 @@ def format_scope_report(report: dict) -> str:
     lines = [
         f"{model}  (torch {report['versions']['torch']}, transformers "
         f"{report['versions']['transformers']}, peft {report['versions']['peft']})",
-        f"LoRA r={spec['r']} alpha={spec['alpha']} targets={','.join(spec['targets'])} scope={spec['scope']}",
+        f"LoRA r={spec['r']} alpha={spec['alpha']} targets={','.join(spec['targets'])} scope={spec['scope']}"
+        + (" exclude_untrainable" if spec.get("exclude_untrainable") else ""),
         f"LoRA tensors:         {report['lora_tensors']:,}",
         f"trainable parameters: {report['trainable_parameters']:,} of {report['total_parameters']:,} "
         f"({report['trainable_percent']:.4f} %)",

@@ -54,6 +54,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     targets: tuple[str, ...] = lora.DEFAULT_TARGETS
     scope: str = "qformer"
+    exclude_untrainable: bool = False
     seed: int = 0
     deterministic: bool = True
     save_every: int = 2
@@ -143,6 +144,8 @@ HELP = {
     "lora_dropout": "dropout probability on the LoRA branch's input (0 to 1)",
     "targets": "comma-separated layer names matched inside the Q-Former",
     "scope": "where LoRA may go: the Q-Former only, or Q-Former + language model (the seed's broad scope)",
+    "exclude_untrainable": "leave out the LoRA adapters that can never get a gradient (the text-branch "
+    "feed-forward of InstructBLIP's last Q-Former layer; what a probe backward finds; verify lists them)",
     "seed": "seed for model init, LoRA init and data order",
     "deterministic": "use deterministic algorithms (bitwise-reproducible on CPU)",
     "save_every": "save a checkpoint every N epochs (and always after the last)",

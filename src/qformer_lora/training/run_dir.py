@@ -103,6 +103,7 @@ RESUME_KEEPS = (
     "base_checkpoint",
     "scope",
     "targets",
+    "exclude_untrainable",
     "lora_r",
     "lora_alpha",
     "lr",

@@ -66,6 +66,7 @@ def build_adapter_model(config: TrainConfig, device: str | torch.device = "cpu")
         dropout=config.lora_dropout,
         targets=tuple(config.targets),
         scope=config.scope,
+        exclude_untrainable=config.exclude_untrainable,
     )
     return adapter_model(base, spec, config.precision), spec
 
