@@ -30,9 +30,15 @@ training; restored afterwards), then calls an adapter dead when the gradients of
 values, not because training has not started: e.g. the query tokens of a model built from a
 config start at zero (transformers' ``_init_weights``) and stay there, being frozen; after the
 Q-Former's input LayerNorm (bias 0) layer 0 then sees an all-zero input at every position of
-BLIP-2's Q-Former, which silences its self-attention adapters and what depends on them alone.
-A real checkpoint's trained query tokens do not. The probe needs values: it cannot run on the
-meta device.
+BLIP-2's Q-Former, which silences its self-attention adapters and what depends on them alone
+(measured on blip2-opt-2.7b's full Q-Former, vision encoder and LM shrunk: layer 0's query, key,
+value and attention.output.dense and its cross-attention query and key, 78,848 of 1,683,456
+trainable parameters at r=8). A real checkpoint's trained query tokens do not. "Exactly zero" is
+conservative: a gradient that is zero in exact arithmetic but leaves a rounding residue (the
+self-attention query and key of BLIP-2's later layers above, whose identical query rows give
+equal scores, keep a gradient 1e-7 of the others') counts as live, so the probe never calls a
+live adapter dead, and what it finds can differ with the device's rounding. The probe needs
+values: it cannot run on the meta device.
 """
 
 from __future__ import annotations

@@ -97,24 +97,29 @@ def test_tiny_blip2_zero_query_tokens_silence_the_probe_found_adapters(name):
     # keeps them 0, so in layer 0 every input of query, key and value is 0 (their LoRA input
     # x = 0), the values and so attention.output.dense's input are 0, its LayerNorm gives 0 again,
     # so cross-attention's query is 0 and all its scores equal: the key gets no gradient (the value
-    # sees the image, it lives). Every query position then carries the same vector, so layer 1's
-    # self-attention scores are equal too: its query and key are silent, its value is not.
+    # sees the image, it lives): all exact zeros, products with 0. Every query position then carries
+    # the same vector, so layer 1's self-attention scores are equal too, and its query and key are
+    # silent in exact arithmetic; in floating point only where the identical rows round alike (they
+    # do here, 4 queries; at full size, 32 queries, a residue 1e-7 of the others' gradient is left).
     model = lora.apply_lora(fresh(name), lora.LoraSpec(r=2))
     assert bool((compat.unwrap(model).query_tokens == 0).all())
     report = untrained.untrainable_report(model)
-    assert [row["module"] for row in report["adapters"]] == [
+    found = [row["module"] for row in report["adapters"]]
+    assert found[:6] == [
         "qformer.encoder.layer.0.attention.attention.query",
         "qformer.encoder.layer.0.attention.attention.key",
         "qformer.encoder.layer.0.attention.attention.value",
         "qformer.encoder.layer.0.attention.output.dense",
         "qformer.encoder.layer.0.crossattention.attention.query",
         "qformer.encoder.layer.0.crossattention.attention.key",
+    ]
+    assert set(found[6:]) <= {
         "qformer.encoder.layer.1.attention.attention.query",
         "qformer.encoder.layer.1.attention.attention.key",
-    ]
+    }
     assert {row["reason"] for row in report["adapters"]} == {untrained.PROBE_REASON}
     hidden = compat.unwrap(model).config.qformer_config.hidden_size
-    assert report["parameters"] == 8 * 2 * (2 * hidden)  # 8 square hidden x hidden layers, r=2
+    assert report["parameters"] == len(found) * 2 * (2 * hidden)  # square hidden x hidden layers, r=2
 
 
 def test_nonzero_query_tokens_bring_blip2_adapters_back_to_life():
