@@ -285,6 +285,40 @@ def _pip(python: Path, log, *args: str) -> None:
         raise InstallFailed(f"pip install {' '.join(args)} failed")
 
 
+def _new_venv(path: Path, python: str, layer: Path | None) -> Path:
+    """A bare venv at ``path``; with ``layer``, that site-packages directory is on its path after its own."""
+    subprocess.run([python, "-m", "venv", str(path)], check=True)
+    exe = path / "bin" / "python"
+    if layer is not None:
+        (_purelib(exe) / "_bisect_torch_layer.pth").write_text(f"{layer}\n", encoding="utf-8")
+    return exe
+
+
+def _purelib(exe: Path) -> Path:
+    """The site-packages directory of the venv whose interpreter is ``exe``."""
+    command = [str(exe), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
+    return Path(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip())
+
+
+def torch_layer(root: Path, python: str) -> Path:
+    """site-packages of one venv holding torch==2.13.0 alone, shared by every candidate venv through a .pth
+    file: torch is the same in all of them, and unpacking its 750 MB per release costs minutes on shared
+    cores. pip in a candidate venv sees it installed ("Requirement already satisfied: torch==2.13.0"); a
+    package the candidate needs in another version goes into the candidate's own site-packages, which
+    comes first on sys.path."""
+    path = root / "_torch-layer"
+    marker = path / "bisect-torch.txt"
+    exe = path / "bin" / "python"
+    if not (marker.exists() and marker.read_text(encoding="utf-8").strip() == CPU_TORCH):
+        shutil.rmtree(path, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        exe = _new_venv(path, python, None)
+        with (root / "_torch-layer.log").open("w", encoding="utf-8") as log:
+            _pip(exe, log, CPU_TORCH)
+        marker.write_text(CPU_TORCH + "\n", encoding="utf-8")
+    return _purelib(exe)
+
+
 def venv_for(config: Config, root: Path, python: str) -> Path:
     """The venv for ``config`` under ``root``/<t>-<p>, built once (a marker records what it holds; a
     different request rebuilds it). Raises InstallFailed with the tail of pip's log."""
@@ -294,9 +328,7 @@ def venv_for(config: Config, root: Path, python: str) -> Path:
     if marker.exists() and json.loads(marker.read_text(encoding="utf-8")) == wanted:
         return path / "bin" / "python"
     shutil.rmtree(path, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
-    subprocess.run([python, "-m", "venv", str(path)], check=True)
-    exe = path / "bin" / "python"
+    exe = _new_venv(path, python, torch_layer(root, python))
     log_path = path / "pip.log"
     with log_path.open("w", encoding="utf-8") as log:
         try:

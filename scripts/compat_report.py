@@ -437,7 +437,7 @@ def exact_text(found: dict | None) -> str:
     return (
         f" — first at {found['bisected']} {found['first_changed']} (last before: {found['last_before']}; "
         f"bisected over {found['candidates'][0]}…{found['candidates'][-1]}, {held}, "
-        f"{len(found.get('probes', []))} releases observed)"
+        f"{len(found.get('probes', []))} releases probed)"
     )
 
 
