@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -317,3 +318,137 @@ def compat_report(session: nox.Session) -> None:
     session.run(
         sys.executable, "scripts/compat_report.py", "--in", str(COMPAT_DIR), "--out", "reports/COMPAT.md", external=True
     )
+
+
+# ----------------------------------------------------------------------------- exact boundaries
+@nox.session(venv_backend="none")
+def bisect(session: nox.Session) -> None:
+    """The first release where each behaviour of reports/COMPAT.md's Boundaries changes: bisects the
+    releases between the two matrix pairs (one venv per observed release, kept under .nox/bisect/),
+    writes reports/compat/boundaries.json, then regenerates COMPAT.md. Arguments go to the script:
+    `nox -s bisect -- --behaviour kwarg_conflict` (default: every boundary; --dry-run lists them)."""
+    python = shutil.which(f"python{PY311}") or sys.executable  # the venvs' interpreter, as the matrix's
+    session.run(sys.executable, "scripts/bisect_boundary.py", "--python", python, *session.posargs, external=True)
+    if "--dry-run" not in session.posargs:
+        compat_report(session)
+
+
+# ----------------------------------------------------------------------------- newest releases
+EXPECTATIONS = Path("src/qformer_lora/resources/expectations")
+NEWEST_DIR = Path("reports/newest")  # not reports/compat: the matrix report reads every JSON there
+
+
+def _probe_rows(probe: dict) -> dict[str, dict]:
+    """The probe's observations as expectation rows: table -> {key: value}, the keys and values the
+    tests pin (tests/regression/test_kwarg_conflict.py, tests/unit/test_lora_scope.py)."""
+    kwarg = {}
+    for preset, p in (probe.get("presets") or {}).items():
+        for task, o in ((p or {}).get("peft_task_types") or {}).items():
+            kwarg[f"{preset} / {task}"] = {k: o[k] for k in ("status", "exception", "message", "loss_finite") if k in o}
+    dtypes = (probe.get("adapter_dtype") or {}).get("adapter_dtypes") or ["not observed"]
+    return {"kwarg_conflict": kwarg, "adapter_dtype": {"fp16_base_default": dtypes[0]}}
+
+
+def _release_order(key: str) -> tuple:
+    # "transformers 5.24.0 / peft 0.21.2" -> versions, for the newest recorded release
+    from packaging.version import Version
+
+    return tuple(Version(part.split()[-1]) for part in key.split(" / "))
+
+
+def _expectation_differences(observed: dict[str, dict], release: str, folder: Path) -> list[str]:
+    """Every observed row that differs from ``release``'s pinned row, or, for a release not in a table,
+    from the newest release recorded there; each line names the behaviour and both releases."""
+    problems = []
+    for table, rows in observed.items():
+        releases = json.loads((folder / f"{table}.json").read_text(encoding="utf-8"))["releases"]
+        against = release if release in releases else max(releases, key=_release_order)
+        pinned = releases[against]
+        for key, value in rows.items():
+            if pinned.get(key) != value:
+                seen_at = [r for r, row in releases.items() if row.get(key) == value]
+                where = f"as at {', '.join(seen_at)}" if seen_at else "seen at no recorded release"
+                problems.append(
+                    f"{table}[{key!r}]: {release} shows {value!r}; {against} pinned {pinned.get(key)!r} ({where})"
+                )
+    return problems
+
+
+def _newest_install(session: nox.Session, tmp: Path) -> None:
+    """torch first, then the newest transformers and peft pip resolves beside it, then the project
+    (not editable: a recording run writes into the venv's copy of the expectations, never the checkout's)."""
+    session.install(CPU_TORCH)
+    session.install(CPU_TORCH, "--upgrade", "transformers", "peft", *PROJECT_DEPS, *TEST_DEPS)
+    session.install("--no-deps", "--force-reinstall", ".")
+    session.run("python", "-m", "pip", "freeze", "--exclude-editable", stdout=(tmp / "freeze.txt").open("w"))
+    session.run("python", "-c", PRINT_VERSIONS)
+
+
+@nox.session(python=PY311, tags=["newest"])
+def newest(session: nox.Session) -> None:
+    """The newest transformers and peft pip resolves (torch 2.13.0 named): the compat probe and test runs,
+    failing on any behaviour not in src/qformer_lora/resources/expectations/. A release with rows there is
+    asserted as a compat session does; a newer one is compared with the newest recorded release (its tests
+    run with QFORMER_LORA_RECORD=1 into the venv's copy, and what they recorded is compared too)."""
+    tmp = Path(session.create_tmp())
+    session.env["OMP_NUM_THREADS"] = "1"
+    _newest_install(session, tmp)
+    probe_file = tmp / "probe.json"
+    session.run("python", "-m", "qformer_lora.repro.compat_probe", "--out", str(probe_file))
+    probe = json.loads(probe_file.read_text(encoding="utf-8"))
+    versions = probe.get("versions") or {}
+    release = f"transformers {versions.get('transformers')} / peft {versions.get('peft')}"
+    observed = _probe_rows(probe)
+    known = all(
+        release in json.loads((EXPECTATIONS / f"{t}.json").read_text(encoding="utf-8"))["releases"] for t in observed
+    )
+    problems = [f"probe: {p}" for p in _expectation_differences(observed, release, EXPECTATIONS)]
+    if not known:
+        session.env["QFORMER_LORA_RECORD"] = "1"  # into the venv's copy (installed without -e)
+    tests = {}
+    for name, args in COMPAT_RUNS.items():
+        junit = tmp / f"junit-{name}.xml"
+        junit.unlink(missing_ok=True)
+        code = _pytest_exit_code(
+            session, tmp / f"exit-{name}", *PYTEST_ARGS, "-p", "no:cacheprovider", f"--junitxml={junit}", *args
+        )
+        tests[name] = _junit_summary(junit, code)
+        if code != 0:
+            problems.append(f"tests {name}: exit {code}: " + "; ".join(f["test"] for f in tests[name]["failed"][:5]))
+    if not known:
+        recorded = _venv_recorded_rows(session, release, observed)
+        problems += [f"tests recorded: {p}" for p in _expectation_differences(recorded, release, EXPECTATIONS)]
+    report = NEWEST_DIR / f"{versions.get('transformers')}-{versions.get('peft')}.json"
+    _write_json(
+        report,
+        probe
+        | {
+            "tests": tests,
+            "expectations": "asserted" if known else "compared with the newest recorded release",
+            "problems": problems,
+        },
+    )
+    if problems:
+        session.error(
+            f"newest ({release}): behaviour not in the expectations (details in {report}):\n  " + "\n  ".join(problems)
+        )
+    session.log(f"newest ({release}): every observed behaviour is in the expectations ({report})")
+
+
+def _venv_recorded_rows(session: nox.Session, release: str, observed: dict) -> dict[str, dict]:
+    """What the recording test run wrote for ``release`` into the venv's copy of the expectation tables."""
+    folder = (
+        session.run(
+            "python",
+            "-c",
+            "from qformer_lora.repro import expectations; print(expectations.EXPECTATIONS_DIR)",
+            silent=True,
+        )
+        .strip()
+        .splitlines()[-1]
+    )
+    rows = {}
+    for table in observed:
+        releases = json.loads((Path(folder) / f"{table}.json").read_text(encoding="utf-8"))["releases"]
+        rows[table] = releases.get(release, {})
+    return rows

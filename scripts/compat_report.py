@@ -32,9 +32,14 @@ def version_key(text: str) -> tuple:
     return tuple(int(p) if p.isdigit() else 0 for p in re.split(r"[.+-]", text)[:3])
 
 
+BOUNDARIES_FILE = "boundaries.json"  # scripts/bisect_boundary.py's output, not a pair's report
+
+
 def load_reports(folder: Path) -> list[dict]:
     reports = []
     for path in sorted(folder.glob("*.json")):
+        if path.name == BOUNDARIES_FILE:
+            continue
         data = json.loads(path.read_text(encoding="utf-8"))
         data["_file"] = path.name
         versions = data.get("versions") or {}
@@ -98,21 +103,6 @@ def grouped(outcomes: dict[str, str]) -> str:
     if len(by_value) == 1:
         return next(iter(by_value))
     return "; ".join(f"{v} ({', '.join(p)})" for v, p in by_value.items())
-
-
-def boundaries(rows: list[dict], signature, describe) -> list[str]:
-    """Where signature(row) changes between consecutive usable releases."""
-    out, previous = [], None
-    for row in rows:
-        if not usable(row):
-            continue
-        sig = signature(row)
-        if previous is not None and sig != previous[1]:
-            out.append(
-                f"between {release(previous[0])} and **{release(row)}**: {describe(previous[1])} → {describe(sig)}"
-            )
-        previous = (row, sig)
-    return out or ["no change across the releases run"]
 
 
 # ----------------------------------------------------------------------------- sections
@@ -323,100 +313,170 @@ def section_tests(rows: list[dict]) -> list[str]:
     return lines
 
 
-def section_boundaries(rows: list[dict]) -> list[str]:
-    def kwarg_sig(d):
-        out = {}
-        for preset, p in (d.get("presets") or {}).items():
-            for task, o in ((p or {}).get("peft_task_types") or {}).items():
-                o = o or {}
-                message = re.sub(r"\b\w+(ForConditionalGeneration|ForCausalLM)\b", "<Model>", o.get("message", ""))
-                out[(task, PRESET_LABELS.get(preset, preset))] = (
-                    "ok" if o.get("status") == "ok" else f"{o.get('exception')}: {message}"
-                )
-        return tuple(sorted(out.items()))
-
-    def kwarg_describe(sig):
-        by_outcome: dict[str, dict[str, list[str]]] = {}
-        for (task, preset), value in sig:
-            by_outcome.setdefault(value, {}).setdefault(task, []).append(preset)
-        parts = []
-        for value, tasks in by_outcome.items():
-            order = sorted(tasks, key=lambda t: TASK_TYPES.index(t) if t in TASK_TYPES else len(TASK_TYPES))
-            where = ", ".join(
-                ("task_type=None" if t == "None" else t)
-                + ("" if len(tasks[t]) == len(PRESET_LABELS) else f" ({', '.join(tasks[t])})")
-                for t in order
+# ----------------------------------------------------------------------------- behaviours
+# One signature per recorded behaviour: equal signatures = the same behaviour. The Boundaries
+# section compares them between consecutive pairs; scripts/bisect_boundary.py compares them
+# between the releases in between.
+def kwarg_sig(d: dict) -> tuple:
+    out = {}
+    for preset, p in (d.get("presets") or {}).items():
+        for task, o in ((p or {}).get("peft_task_types") or {}).items():
+            o = o or {}
+            message = re.sub(r"\b\w+(ForConditionalGeneration|ForCausalLM)\b", "<Model>", o.get("message", ""))
+            out[(task, PRESET_LABELS.get(preset, preset))] = (
+                "ok" if o.get("status") == "ok" else f"{o.get('exception')}: {message}"
             )
-            parts.append(f"{where}: " + ("ok" if value == "ok" else f"`{value}`"))
-        return "; ".join(parts) if parts else "not observed"
+    return tuple(sorted(out.items()))
 
-    def conv_sig(d):
-        return tuple(sorted({v or "error" for v in _native(d, "native_convention").values()}))
 
-    def dtype_sig(d):
-        return tuple((d.get("adapter_dtype") or {}).get("adapter_dtypes", ["error"]))
-
-    def nan_sig(d):
-        return tuple((d.get("nan_default") or {}).get("finite_per_step", []))
-
-    def count_sig(d):
-        c = d.get("lora_counts") or {}
-        return (
-            (c.get(FULL_PRESET) or {}).get("total_parameters"),
-            (c.get(FULL_PRESET) or {}).get("lora_tensors"),
-            (c.get(FULL_PRESET) or {}).get("trainable_parameters"),
-            tuple((c.get(p) or {}).get("total_parameters") for p in PRESET_LABELS),
+def kwarg_describe(sig) -> str:
+    by_outcome: dict[str, dict[str, list[str]]] = {}
+    for (task, preset), value in sig:
+        by_outcome.setdefault(value, {}).setdefault(task, []).append(preset)
+    parts = []
+    for value, tasks in by_outcome.items():
+        order = sorted(tasks, key=lambda t: TASK_TYPES.index(t) if t in TASK_TYPES else len(TASK_TYPES))
+        where = ", ".join(
+            ("task_type=None" if t == "None" else t)
+            + ("" if len(tasks[t]) == len(PRESET_LABELS) else f" ({', '.join(tasks[t])})")
+            for t in order
         )
+        parts.append(f"{where}: " + ("ok" if value == "ok" else f"`{value}`"))
+    return "; ".join(parts) if parts else "not observed"
 
-    def count_describe(sig):
-        total, tensors, trainable, tiny = sig
-        return (
-            f"{FULL_PRESET} total {total:,} ({tensors} LoRA tensors, {trainable:,} trainable); tiny totals "
-            f"({', '.join(PRESET_LABELS.values())}) {', '.join(f'{t:,}' if t else '?' for t in tiny)}"
-            if total
-            else "not counted"
-        )
 
-    def meta_sig(d):
-        full = (d.get("lora_counts") or {}).get(FULL_PRESET) or {}
-        constructed = full.get("base_parameters_as_constructed_on_meta")
-        if constructed is None or "base_parameters" not in full:
-            return "not observed"
-        extra = constructed - full["base_parameters"]
-        return (
-            "construction on meta ties embeddings as on a real device"
-            if extra == 0
-            else f"construction on meta leaves {extra:,} tied parameters untied (fixed by compat.finish_meta_model)"
-        )
+def conv_sig(d: dict) -> tuple:
+    return tuple(sorted({v or "error" for v in _native(d, "native_convention").values()}))
 
-    def custom_sig(d):
-        ok = all((p or {}).get("custom_forward", {}).get("status") == "ok" for p in (d.get("presets") or {}).values())
-        return "custom forward ok on every tiny preset" if ok else "custom forward fails somewhere"
 
-    lines = ["## Boundaries (first release in the matrix where a behaviour changes)", ""]
-    checks = (
-        ("Kwarg conflict (library forward through PEFT task wrappers)", kwarg_sig, kwarg_describe),
-        ("Native input convention", conv_sig, lambda s: " / ".join(s)),
-        ("Adapter dtype on an fp16 base (default get_peft_model)", dtype_sig, lambda s: ", ".join(s)),
-        (
-            "NaN under default settings (per-step loss finite)",
-            nan_sig,
-            lambda s: " ".join("finite" if f else "NaN" for f in s) or "not observed",
-        ),
-        ("LoRA / parameter counts", count_sig, count_describe),
-        (f"{FULL_PRESET} built on the meta device", meta_sig, str),
-        ("Custom forward", custom_sig, str),
+def dtype_sig(d: dict) -> tuple:
+    return tuple((d.get("adapter_dtype") or {}).get("adapter_dtypes", ["error"]))
+
+
+def nan_sig(d: dict) -> tuple:
+    return tuple((d.get("nan_default") or {}).get("finite_per_step", []))
+
+
+def count_sig(d: dict) -> tuple:
+    c = d.get("lora_counts") or {}
+    return (
+        (c.get(FULL_PRESET) or {}).get("total_parameters"),
+        (c.get(FULL_PRESET) or {}).get("lora_tensors"),
+        (c.get(FULL_PRESET) or {}).get("trainable_parameters"),
+        tuple((c.get(p) or {}).get("total_parameters") for p in PRESET_LABELS),
     )
-    for title, sig, describe in checks:
+
+
+def count_describe(sig) -> str:
+    total, tensors, trainable, tiny = sig
+    return (
+        f"{FULL_PRESET} total {total:,} ({tensors} LoRA tensors, {trainable:,} trainable); tiny totals "
+        f"({', '.join(PRESET_LABELS.values())}) {', '.join(f'{t:,}' if t else '?' for t in tiny)}"
+        if total
+        else "not counted"
+    )
+
+
+def meta_sig(d: dict) -> str:
+    full = (d.get("lora_counts") or {}).get(FULL_PRESET) or {}
+    constructed = full.get("base_parameters_as_constructed_on_meta")
+    if constructed is None or "base_parameters" not in full:
+        return "not observed"
+    extra = constructed - full["base_parameters"]
+    return (
+        "construction on meta ties embeddings as on a real device"
+        if extra == 0
+        else f"construction on meta leaves {extra:,} tied parameters untied (fixed by compat.finish_meta_model)"
+    )
+
+
+def custom_sig(d: dict) -> str:
+    ok = all((p or {}).get("custom_forward", {}).get("status") == "ok" for p in (d.get("presets") or {}).values())
+    return "custom forward ok on every tiny preset" if ok else "custom forward fails somewhere"
+
+
+# name -> (title, signature, describe); the names are scripts/bisect_boundary.py's --behaviour values
+BEHAVIOURS = {
+    "kwarg_conflict": ("Kwarg conflict (library forward through PEFT task wrappers)", kwarg_sig, kwarg_describe),
+    "native_convention": ("Native input convention", conv_sig, lambda s: " / ".join(s)),
+    "adapter_dtype": ("Adapter dtype on an fp16 base (default get_peft_model)", dtype_sig, lambda s: ", ".join(s)),
+    "nan_default": (
+        "NaN under default settings (per-step loss finite)",
+        nan_sig,
+        lambda s: " ".join("finite" if f else "NaN" for f in s) or "not observed",
+    ),
+    "lora_counts": ("LoRA / parameter counts", count_sig, count_describe),
+    "meta_device": (f"{FULL_PRESET} built on the meta device", meta_sig, str),
+    "custom_forward": ("Custom forward", custom_sig, str),
+}
+
+
+def changes(rows: list[dict], signature) -> list[tuple[dict, dict]]:
+    """(last row with the old behaviour, first row with the new one) for each change between usable rows."""
+    out, previous = [], None
+    for row in rows:
+        if not usable(row):
+            continue
+        if previous is not None and signature(row) != signature(previous):
+            out.append((previous, row))
+        previous = row
+    return out
+
+
+def pair_name(d: dict) -> str:
+    return f"{d['_t']}-{d['_p']}"
+
+
+def exact_text(found: dict | None) -> str:
+    """The bisected release of one boundary (scripts/bisect_boundary.py), or why there is none."""
+    if found is None:
+        return ""
+    if found.get("status") != "bisected":
+        return f" — not bisected: {found.get('reason', 'no reason recorded')}"
+    held = ", ".join(f"{name} held at {version}" for name, version in (found.get("held") or {}).items())
+    return (
+        f" — first at {found['bisected']} {found['first_changed']} (last before: {found['last_before']}; "
+        f"bisected over {found['candidates'][0]}…{found['candidates'][-1]}, {held}, "
+        f"{len(found.get('probes', []))} releases probed)"
+    )
+
+
+def section_boundaries(rows: list[dict], exact: dict | None = None) -> list[str]:
+    """``exact``: (behaviour, from pair, to pair) -> the bisection record (reports/compat/boundaries.json)."""
+    exact = exact or {}
+    lines = [
+        "## Boundaries (first release in the matrix where a behaviour changes)",
+        "",
+        "Where `scripts/bisect_boundary.py` (`nox -s bisect`) has bisected the releases in between, the exact "
+        "first release follows the boundary (reports/compat/boundaries.json has the releases observed).",
+        "",
+    ]
+    for name, (title, sig, describe) in BEHAVIOURS.items():
         lines.append(f"* **{title}**:")
         first = next((r for r in rows if usable(r)), None)
         if first is not None:
             lines.append(f"  * at {release(first)}: {describe(sig(first))}")
-        lines += [f"  * {b}" for b in boundaries(rows, sig, describe)]
+        found = changes(rows, sig)
+        for old, new in found:
+            lines.append(
+                f"  * between {release(old)} and **{release(new)}**: {describe(sig(old))} → {describe(sig(new))}"
+                + exact_text(exact.get((name, pair_name(old), pair_name(new))))
+            )
+        if not found:
+            lines.append("  * no change across the releases run")
     return lines
 
 
-def render(rows: list[dict]) -> str:
+def load_exact(folder: Path) -> dict:
+    """(behaviour, from pair, to pair) -> bisection record, from ``folder``/boundaries.json if it exists."""
+    path = folder / BOUNDARIES_FILE
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {(b["behaviour"], b["from_pair"], b["to_pair"]): b for b in data.get("boundaries", [])}
+
+
+def render(rows: list[dict], exact: dict | None = None) -> str:
     header = [
         "# Compatibility across transformers × peft releases",
         "",
@@ -426,10 +486,8 @@ def render(rows: list[dict]) -> str:
         "are in the first table.",
         "",
     ]
-    body = []
+    body = section_pairs(rows) + [""] + section_boundaries(rows, exact) + [""]
     for section in (
-        section_pairs,
-        section_boundaries,
         section_kwarg_conflict,
         section_convention,
         section_counts,
@@ -450,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compat_report: no JSON files in {args.folder}; run a compat session first", file=sys.stderr)
         return 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(rows), encoding="utf-8")
+    args.out.write_text(render(rows, load_exact(args.folder)), encoding="utf-8")
     print(f"compat_report: {len(rows)} release pair(s) -> {args.out}")
     return 0
 

@@ -1,0 +1,129 @@
+"""scripts/bisect_boundary.py's pure part: the binary search over releases and the PyPI release list.
+
+The venv / pip plumbing is exercised by running the script (reports/compat/boundaries.json), not here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bisect_boundary.py"
+_spec = importlib.util.spec_from_file_location("bisect_boundary", SCRIPT)
+bisect = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = bisect  # dataclasses look their module up there
+_spec.loader.exec_module(bisect)
+
+
+class Counting:
+    """probe(candidate) -> values[index], counting calls per candidate."""
+
+    def __init__(self, candidates, values):
+        self.index = {c: i for i, c in enumerate(candidates)}
+        self.values = values
+        self.calls: list = []
+
+    def __call__(self, candidate):
+        self.calls.append(candidate)
+        return self.values[self.index[candidate]]
+
+
+def releases(n: int) -> list[str]:
+    return [f"4.{i}.0" for i in range(n)]
+
+
+@given(n=st.integers(1, 300), data=st.data())
+def test_a_step_is_found_within_log2_n_plus_one_probes(n, data):
+    # the step can sit at any of n positions: 1..n-1, or n meaning "no change"
+    step = data.draw(st.integers(1, n), label="step")
+    candidates = releases(n)
+    probe = Counting(candidates, ["old"] * step + ["new"] * (n - step))
+    found = bisect.first_change(candidates, probe)
+    assert found.first == (step if step < n else None)
+    assert len(probe.calls) == len(set(probe.calls)) == len(found.probed)  # nothing probed twice
+    assert len(probe.calls) <= math.ceil(math.log2(n)) + 1
+
+
+@given(n=st.integers(2, 300), data=st.data())
+def test_known_ends_are_not_probed_again(n, data):
+    # both ends known (the matrix pair and the decider): only the interior is probed,
+    # n - 1 positions for the step -> at most ceil(log2(n - 1)) probes
+    step = data.draw(st.integers(1, n - 1), label="step")
+    candidates = releases(n)
+    values = ["old"] * step + ["new"] * (n - step)
+    probe = Counting(candidates, values)
+    found = bisect.first_change(candidates, probe, known={0: "old", n - 1: "new"})
+    assert found.first == step
+    assert candidates[0] not in probe.calls and candidates[-1] not in probe.calls
+    assert len(probe.calls) <= math.ceil(math.log2(n - 1))
+
+
+@given(values=st.lists(st.sampled_from("abc"), min_size=1, max_size=40))
+def test_what_it_returns_agrees_with_every_observation_and_what_it_refuses_is_a_real_contradiction(values):
+    candidates = releases(len(values))
+    probe = Counting(candidates, values)
+    try:
+        found = bisect.first_change(candidates, probe)
+    except bisect.NonMonotone as err:
+        # the message names the releases; they must witness a real non-step in the true values
+        named = [c for c in candidates if f"{c} shows" in str(err)]
+        assert len(named) == 3, str(err)
+        first, changed, later = (values[candidates.index(c)] for c in named)
+        assert changed != first and later != changed
+        return
+    for i, value in found.observations.items():
+        before = found.first is None or i < found.first
+        assert (value == values[0]) == before
+        assert value == values[i]
+    if found.first is not None:
+        assert values[found.first] != values[0] and values[found.first - 1] == values[0]
+
+
+def test_a_third_behaviour_it_sees_is_refused_naming_the_releases():
+    # n = 4: probe 4.0.0 (a), lo=0 hi=4 -> mid 2 = "c" (changed, hi=2) -> mid 1 = "b" (changed, hi=1):
+    # 4.1.0 shows b and 4.2.0 shows c, two different new behaviours
+    candidates = releases(4)
+    with pytest.raises(bisect.NonMonotone, match=r"4\.1\.0 shows 'b', then 4\.2\.0 shows 'c' \(a third behaviour\)"):
+        bisect.first_change(candidates, Counting(candidates, ["a", "b", "c", "c"]))
+
+
+def test_known_observations_that_go_back_are_refused_before_any_search():
+    # known: 4.1.0 changed, 4.2.0 back to the first behaviour; the reference probe of 4.0.0 is the only call
+    candidates = releases(3)
+    probe = Counting(candidates, ["old", "new", "old"])
+    with pytest.raises(bisect.NonMonotone, match=r"4\.1\.0 shows 'new', then 4\.2\.0 shows 'old' \(back to"):
+        bisect.first_change(candidates, probe, known={1: "new", 2: "old"})
+    assert probe.calls == ["4.0.0"]
+
+
+def test_no_candidates_is_an_error():
+    with pytest.raises(ValueError, match="no candidates"):
+        bisect.first_change([], lambda c: c)
+
+
+def test_final_releases_leave_out_pre_dev_and_yanked_releases():
+    # 4.52.0: both files yanked -> out; 4.52.1: one of two yanked -> in; 5.0.0rc1 / 4.53.0.dev0 -> out
+    page = {
+        "versions": ["4.51.3", "4.52.0", "4.52.1", "4.53.0.dev0", "5.0.0rc1", "not-a-version"],
+        "files": [
+            {"filename": "transformers-4.51.3-py3-none-any.whl"},
+            {"filename": "transformers-4.52.0-py3-none-any.whl", "yanked": "broken"},
+            {"filename": "transformers-4.52.0.tar.gz", "yanked": True},
+            {"filename": "transformers-4.52.1-py3-none-any.whl", "yanked": "oops"},
+            {"filename": "transformers-4.52.1.tar.gz", "yanked": False},
+            {"filename": "transformers-5.0.0rc1-py3-none-any.whl"},
+        ],
+    }
+    assert [str(v) for v in bisect.final_releases(page)] == ["4.51.3", "4.52.1"]
+
+
+def test_between_keeps_both_ends_and_orders_by_version_not_text():
+    # "4.10.0" sorts before "4.9.0" as text; by version it comes after
+    listed = [bisect.Version(v) for v in ("4.8.0", "4.9.0", "4.10.0", "4.11.0")]
+    assert bisect.between(listed, "4.8.5", "4.10.0") == ["4.8.5", "4.9.0", "4.10.0"]
