@@ -2,6 +2,11 @@
 
 Everything else in the package is written against one idea of the model; every
 ``if version >= ...`` lives here, with the reason next to it.
+
+Functions marked ``# pragma: no mutate block`` decide by the installed release: the mutation
+session (``nox -s mutation``) leaves them out, because on any one release only one branch runs;
+the compat sessions test each branch on the release that takes it. The rest is release-independent
+and mutated like the core.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
 
-def from_pretrained_dtype_kwarg(dtype: torch.dtype) -> dict:
+def from_pretrained_dtype_kwarg(dtype: torch.dtype) -> dict:  # pragma: no mutate block
     return {"dtype": dtype} if TRANSFORMERS >= DTYPE_KWARG_RENAMED else {"torch_dtype": dtype}
 
 
@@ -67,7 +72,7 @@ def image_token_index(config) -> int | None:
     return getattr(config, "image_token_index", None)
 
 
-def native_convention(config) -> str:
+def native_convention(config) -> str:  # pragma: no mutate block
     """Which input convention the installed library's own forward expects for ``config``."""
     if TRANSFORMERS >= PLACEHOLDERS_REQUIRED:
         return PLACEHOLDERS
@@ -99,7 +104,7 @@ def native_inputs(model, batch: dict) -> dict:
     # Decoder-only labels: the old forward slices the logits to the last labels.size(1)
     # positions, so text-length labels are right; otherwise they must span query + text.
     full_length = placeholders or (
-        config.model_type == "instructblip" and TRANSFORMERS >= INSTRUCTBLIP_FULL_LENGTH_LABELS
+        config.model_type == "instructblip" and TRANSFORMERS >= INSTRUCTBLIP_FULL_LENGTH_LABELS  # pragma: no mutate
     )
     if config.use_decoder_only_language_model and "labels" in kwargs and full_length:
         kwargs["labels"] = torch.cat(
@@ -108,7 +113,7 @@ def native_inputs(model, batch: dict) -> dict:
     return kwargs
 
 
-def image_text_auto_class():
+def image_text_auto_class():  # pragma: no mutate block
     """The Auto class that maps an InstructBLIP / BLIP-2 config to its generating model class.
 
     Older 4.x releases have AutoModelForVision2Seq only; later 4.x releases added
@@ -141,7 +146,7 @@ def _target_modules_as_regex(names) -> str:
 PEFT_WRAPS_BASE_LAYER = Version("0.7.0")
 
 
-def _creation_device(model):
+def _creation_device(model):  # pragma: no mutate block
     """A torch.device('meta') context when peft < 0.7 would re-create ``model``'s meta layers."""
     first = next(iter(model.parameters()), None)
     if PEFT < PEFT_WRAPS_BASE_LAYER and first is not None and first.is_meta:
@@ -149,7 +154,7 @@ def _creation_device(model):
     return contextlib.nullcontext()
 
 
-def get_peft_model(model, lora_config):
+def get_peft_model(model, lora_config):  # pragma: no mutate block
     """peft.get_peft_model, recording nothing version-specific beyond what peft does by default.
 
     Adapter dtype: peft >= 0.12 upcasts adapters of fp16/bf16 base layers to fp32
@@ -195,7 +200,7 @@ def unwrap(model):
 T5_LM_HEAD_ALWAYS_TIED = Version("5.0.0.dev0")
 
 
-def parameter_count_regime(text_model_type: str) -> str:
+def parameter_count_regime(text_model_type: str) -> str:  # pragma: no mutate block
     """Which pinned total applies: 'standard' or 't5-lm-head-tied'."""
     if text_model_type == "t5" and TRANSFORMERS >= T5_LM_HEAD_ALWAYS_TIED:
         return "t5-lm-head-tied"
@@ -211,13 +216,13 @@ PEFT_ADAPTERS_IN_BASE_DTYPE = (Version("0.7.0"), Version("0.12.0"))
 PEFT_AUTOCAST_ADAPTER_DTYPE = Version("0.12.0")
 
 
-def peft_default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+def peft_default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:  # pragma: no mutate block
     """LoRA weight dtype that the installed peft's default get_peft_model gives on a ``base_dtype`` base."""
     low, high = PEFT_ADAPTERS_IN_BASE_DTYPE
     return base_dtype if low <= PEFT < high else torch.float32
 
 
-def get_peft_model_in_base_dtype(model, lora_config):
+def get_peft_model_in_base_dtype(model, lora_config):  # pragma: no mutate block
     """get_peft_model with the adapters left in the base weights' dtype, as peft 0.7-0.11 do by
     default (to reproduce that behaviour on any release): >= 0.12 with autocast_adapter_dtype=False;
     0.5/0.6 create fp32 adapters, which are cast to the base dtype here."""
@@ -253,7 +258,7 @@ def _saved_by_transformers_5(directory) -> bool:
     return isinstance(json.loads(config.read_text(encoding="utf-8")).get("image_processor"), dict)
 
 
-def load_processor(processor_cls, directory):
+def load_processor(processor_cls, directory):  # pragma: no mutate block
     """``processor_cls.from_pretrained(directory)`` offline, also for 5.x-saved directories on 4.x."""
     from pathlib import Path
 
@@ -344,7 +349,7 @@ def _write_json(path: Path, value) -> None:
 META_CONSTRUCTION_LEAVES_UNTIED = (Version("5.0.0"), Version("5.1.0"))  # observed: 5.0.0 only
 
 
-def finish_meta_model(model):
+def finish_meta_model(model):  # pragma: no mutate block
     """Call on a model just constructed on the meta device (presets.build_model)."""
     first = next(iter(model.parameters()), None)
     if first is not None and first.is_meta:
@@ -374,7 +379,7 @@ def fused_adamw_unavailable_reason(params) -> str | None:
     return None
 
 
-def torch_compile_unavailable_reason(device_type: str) -> str | None:
+def torch_compile_unavailable_reason(device_type: str) -> str | None:  # pragma: no mutate block
     """Why torch.compile cannot work for ``device_type`` here, or None (it may still fail later)."""
     if not hasattr(torch, "compile"):
         return f"torch {torch.__version__} has no torch.compile (added in 2.0)"
@@ -399,7 +404,7 @@ def torch_compile_unavailable_reason(device_type: str) -> str | None:
 CHECKPOINTING_KWARGS = Version("4.35.0")
 
 
-def set_activation_checkpointing(model, enabled: bool) -> None:
+def set_activation_checkpointing(model, enabled: bool) -> None:  # pragma: no mutate block
     """Activation checkpointing of a transformers model on or off; non-reentrant where the
     release lets us choose."""
     if not enabled:
@@ -437,7 +442,7 @@ def checkpointing_switches(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def raise_recompile_limit(minimum: int) -> int:
+def raise_recompile_limit(minimum: int) -> int:  # pragma: no mutate block
     """Let dynamo keep at least ``minimum`` compiled variants of one function; returns the limit.
 
     transformers 5 wraps every checkpointable layer class's forward in one shared function
@@ -458,7 +463,7 @@ def raise_recompile_limit(minimum: int) -> int:
 AUTOCAST_BY_DEVICE_TYPE = Version("2.4.0")
 
 
-def autocast_state(device_type: str) -> str:
+def autocast_state(device_type: str) -> str:  # pragma: no mutate block
     """ "no-autocast" or e.g. "autocast-torch.float16": the autocast mode ``device_type`` runs in now."""
     if TORCH >= AUTOCAST_BY_DEVICE_TYPE:
         enabled, dtype = torch.is_autocast_enabled(device_type), lambda: torch.get_autocast_dtype(device_type)
