@@ -97,6 +97,8 @@ def cmd_doctor(args) -> int:
     )
     device = resolve_device(args.device)
     findings = doctor.examine(config, device=device)
+    if config.base_checkpoint:  # the checkpoint's files: weights that will not load, pre-4.45 configs
+        findings += doctor.checkpoint_findings(config.base_checkpoint)
     summary = doctor.summary(config, device, findings)
     print(jsonio.dumps(summary, indent=2) if args.json else doctor.format_summary(summary))
     fatal = summary["fatal"]
@@ -536,9 +538,15 @@ def _add_bench_sizes(p: argparse.ArgumentParser) -> None:
 def cmd_reproduce(args) -> int:
     from .repro import reproduce
 
-    report = reproduce.run(args.only)
+    if args.base_checkpoint is not None:  # every item on the user's checkpoint, its own report file
+        from .repro import user_checkpoint
+
+        report = user_checkpoint.run(args.base_checkpoint, resolve_device(args.device), args.precision, args.only)
+        stem = user_checkpoint.report_stem(report)
+    else:
+        report, stem = reproduce.run(args.only), "REPRODUCTION"
     if not args.only:  # a partial run does not overwrite the full report
-        md, js = reproduce.write(report, args.out)
+        md, js = reproduce.write(report, args.out, stem)
     if args.json:
         print(jsonio.dumps(report, indent=2, default=str))
     else:
@@ -561,10 +569,19 @@ def add_reproduce_parser(sub) -> None:
     p.add_argument(
         "--only",
         nargs="+",
-        choices=list(reproduce.ITEMS),
+        choices=list(reproduce.ITEMS),  # --base-checkpoint runs all but task-gain (the shapes task's own base)
         metavar="ITEM",
         help=f"run only these items, of {', '.join(reproduce.ITEMS)} (default: all; a partial run writes no report)",
     )
+    p.add_argument(
+        "--base-checkpoint",
+        metavar=metavar("base_checkpoint"),
+        help="run the items on this local InstructBLIP/BLIP-2 checkpoint with the installed releases: scope and "
+        "counts on the meta device, the others on --device where the model fits (each item says where it ran); "
+        "writes REPRODUCTION-<name>-<config hash>.md (default: none, the embedded tiny presets)",
+    )
+    config_option(p, "precision")
+    add_device_option(p)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument(
         "--out", default=str(reproduce.REPORTS_DIR), metavar="DIR", help="report folder (default: %(default)s)"

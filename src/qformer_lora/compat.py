@@ -81,6 +81,12 @@ def native_convention(config) -> str:  # pragma: no mutate block
     return PREPEND
 
 
+def native_forward_needs_image_token() -> bool:
+    """Whether the installed library's own forward fails on a config without ``image_token_index``
+    (checkpoints saved before 4.45, such as the 2023 hub repositories)."""
+    return TRANSFORMERS >= PLACEHOLDERS_REQUIRED
+
+
 def native_inputs(model, batch: dict) -> dict:
     """Keyword arguments for the library's own ``model(**kwargs)`` equivalent to ``batch``.
 
@@ -95,6 +101,12 @@ def native_inputs(model, batch: dict) -> dict:
     num_queries = config.num_query_tokens
     batch_size = kwargs["input_ids"].shape[0]
     placeholders = native_convention(config) == PLACEHOLDERS
+    if placeholders and image_token_index(config) is None:
+        raise ValueError(
+            f"config has no image_token_index (saved before transformers 4.45): the own forward of transformers "
+            f"{TRANSFORMERS} needs image placeholder tokens from {PLACEHOLDERS_REQUIRED} on; this package's forward "
+            f"does not"
+        )
     if placeholders:
         ids = kwargs["input_ids"].new_full((batch_size, num_queries), image_token_index(config))
         kwargs["input_ids"] = torch.cat([ids, kwargs["input_ids"]], dim=1)
@@ -472,3 +484,28 @@ def autocast_state(device_type: str) -> str:  # pragma: no mutate block
     else:
         enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype
     return f"autocast-{dtype()}" if enabled else "no-autocast"
+
+
+# ----------------------------------------------------------------------------- .bin weights (pickle files)
+# A pytorch_model*.bin is a pickle: loading it without torch's weights_only unpickler runs whatever
+# it names. transformers passes weights_only=True to torch.load from 4.37 (read in the wheels'
+# modeling_utils.py: 4.36.2 calls torch.load(checkpoint_file, map_location=...) alone, 4.37.2 adds
+# weights_only=True; 4.38.2 to 5.24 keep it). Before that the call is safe only where torch itself
+# defaults to weights_only=True: torch 2.6 and later, unless TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set
+# (torch/serialization.py reads it when the caller does not pass weights_only).
+BIN_LOADED_WEIGHTS_ONLY = Version("4.37.0")
+TORCH_LOAD_WEIGHTS_ONLY_DEFAULT = Version("2.6.0")
+
+
+def bin_weights_unsafe_reason() -> str | None:
+    """Why the installed transformers would unpickle ``.bin`` weights without weights_only, or None."""
+    if TRANSFORMERS >= BIN_LOADED_WEIGHTS_ONLY:
+        return None
+    forced = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true")
+    if TORCH >= TORCH_LOAD_WEIGHTS_ONLY_DEFAULT and not forced:
+        return None
+    why = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set" if forced else f"torch {TORCH} defaults to full unpickling"
+    return (
+        f"transformers {TRANSFORMERS} calls torch.load without weights_only (it passes weights_only=True "
+        f"from {BIN_LOADED_WEIGHTS_ONLY}) and {why}"
+    )

@@ -24,7 +24,7 @@ from transformers import (
     InstructBlipForConditionalGeneration,
 )
 
-from . import compat
+from . import base_weights, compat
 
 # The data the package ships (presets, the tiny base checkpoint, the shapes data, tokenizers,
 # per-release expectations) lives inside the package, so a wheel works from any directory.
@@ -163,10 +163,25 @@ def family_of_checkpoint(checkpoint_dir: str | os.PathLike) -> str:
 def load_model(
     checkpoint_dir: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = torch.float32
 ):
-    """Load a real checkpoint from a local directory (never from a hub)."""
+    """Load a real checkpoint from a local directory (never from a hub).
+
+    Its weight files are checked first (base_weights.check_loadable): ``.bin`` weights load only
+    where they are read with weights_only=True, and a shard holding anything but tensors is refused
+    (base_weights.WeightsError, naming the file)."""
     family = family_of_checkpoint(checkpoint_dir)
+    base_weights.check_loadable(checkpoint_dir)
     _, model_cls = FAMILIES[family]
     model = model_cls.from_pretrained(
         str(checkpoint_dir), local_files_only=True, **compat.from_pretrained_dtype_kwarg(resolve_dtype(dtype))
     )
     return model.to(device).eval()
+
+
+def build_from_checkpoint_config(checkpoint_dir: str | os.PathLike, *, device: str | torch.device = "meta"):
+    """The model a checkpoint's config.json describes, without its weights: on ``meta`` nothing is
+    allocated (parameter counts and LoRA scope of a full-size checkpoint on any machine)."""
+    config_cls, model_cls = FAMILIES[family_of_checkpoint(checkpoint_dir)]
+    config = config_cls.from_pretrained(str(checkpoint_dir), local_files_only=True)
+    with _default_dtype(torch.float32), torch.device(device):
+        model = model_cls(config)
+    return compat.finish_meta_model(model).eval()

@@ -22,7 +22,8 @@ DIFFERENT_DEFAULTS = {
     "tiny model the embedded default run trains",
     "out": "each subcommand writes its own kind of report (reproduce: reports/, bench: reports/gpu)",
     "base_checkpoint": "train and doctor start from the tiny pretrained base; evaluate scores the run it is given "
-    "unless --base-checkpoint names a base; generate has no base of its own (--adapter's is the one its "
+    "unless --base-checkpoint names a base; reproduce runs its items on the embedded tiny presets unless "
+    "--base-checkpoint names the user's checkpoint; generate has no base of its own (--adapter's is the one its "
     "adapter_config.json records, and alone it names the model to answer with)",
     "limit": "generate prints a few answers to read; evaluate scores the whole set",
 }

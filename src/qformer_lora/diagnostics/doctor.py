@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .. import compat, precision, presets
+from .. import base_weights, compat, precision, presets
 
 FATAL, WARNING = "fatal", "warning"
 FP16 = torch.float16
@@ -219,6 +219,37 @@ def examine(config, model=None, optimizer=None, device: str | torch.device = "cp
     if model is not None:
         findings += check_model(model, optimizer)
     return _unique(findings)
+
+
+def checkpoint_findings(directory) -> list[Finding]:
+    """What a base checkpoint's files mean here (`doctor --base-checkpoint`): weights that will not be
+    loaded (fatal, base_weights.check_loadable's reason), ``.bin`` weights (read with weights_only=True),
+    a config from before the image placeholder token that the library's own forward needs."""
+    try:
+        found = base_weights.check_loadable(directory)
+    except base_weights.WeightsError as err:
+        fix = "give a checkpoint directory with safetensors weights, or convert these: " + (
+            base_weights.CONVERT_COMMAND.format(src=directory)
+        )
+        return [Finding(FATAL, "weights-refused", str(err), fix)]
+    findings = []
+    if found["format"] == "bin":
+        findings.append(Finding(
+            WARNING, "bin-weights",
+            f"{directory}: .bin weights ({len(found['files'])} file(s)) are pickles; they are read with "
+            f"weights_only=True (tensors only, anything else refused)",
+            "convert them once to safetensors (no unpickler): " + base_weights.CONVERT_COMMAND.format(src=directory),
+        ))  # fmt: skip
+    saved = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    if saved.get("image_token_index") is None and compat.native_forward_needs_image_token():
+        findings.append(Finding(
+            WARNING, "no-image-token",
+            f"{directory}/config.json has no image_token_index (saved by transformers "
+            f"{saved.get('transformers_version')}): this transformers' own forward and processor(text=...) "
+            f"fail on it; training here uses its own forward and is unaffected",
+            "nothing for training; `qformer-lora export` adds the image token to the merged model it writes",
+        ))  # fmt: skip
+    return findings
 
 
 def _unique(findings: list[Finding]) -> list[Finding]:

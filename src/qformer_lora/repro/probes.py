@@ -52,11 +52,19 @@ def wrap_like_the_seed(model, task_type: str | None, r: int = 8):
 
 def kwarg_conflict(preset_name: str, task_type: str | None, seed: int = 0) -> dict:
     """The library's own forward called through a PEFT wrapper, and the custom forward beside it."""
-    model = presets.build_model(preset_name, seed=seed)
-    batch = synthetic.random_batch(model, seed=seed)
+    return kwarg_conflict_on(presets.build_model(preset_name, seed=seed), task_type, seed)
+
+
+def kwarg_conflict_on(model, task_type: str | None, seed: int = 0) -> dict:
+    """:func:`kwarg_conflict` on a given model (a user's checkpoint, on its device); the wrapper is
+    unloaded afterwards, so the same model serves the next task type."""
+    batch = synthetic.random_batch(model, seed=seed, device=next(model.parameters()).device)
     peft_model = wrap_like_the_seed(model, task_type)
-    native, native_loss = _run(lambda: peft_model(**compat.native_inputs(model, batch)))
-    custom, custom_loss = _run(lambda: forward.custom_forward(peft_model, batch))
+    try:
+        native, native_loss = _run(lambda: peft_model(**compat.native_inputs(model, batch)))
+        custom, custom_loss = _run(lambda: forward.custom_forward(peft_model, batch))
+    finally:
+        compat.unload(peft_model)
     result = {"native": native, "custom": custom, "wrapper": type(peft_model).__name__}
     if native_loss is not None and custom_loss is not None:
         result["loss_difference"] = abs(native_loss - custom_loss)

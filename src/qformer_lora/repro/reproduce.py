@@ -287,9 +287,14 @@ def run(only: list[str] | None = None) -> dict:
 def format_summary(report: dict) -> str:
     """One line per item with its status and whether the fix holds, then why: what the CLI prints."""
     return "\n".join(
-        f"{name:<15} {item['status']:<17} fix holds: {'yes' if item['fix_holds'] else 'NO'}\n{'':<15} {item['why']}"
+        f"{name:<15} {_status_text(item):<17} fix holds: {'yes' if item['fix_holds'] else 'NO'}\n{'':<15} {item['why']}"
         for name, item in report["items"].items()
     )
+
+
+def _status_text(item: dict) -> str:
+    """The status, with where the item ran when it says so (reproduce --base-checkpoint: meta, cpu, cuda)."""
+    return item["status"] + (f" ({item['ran_on']})" if "ran_on" in item else "")
 
 
 def markdown(report: dict) -> str:
@@ -300,11 +305,21 @@ def markdown(report: dict) -> str:
         f"{report['date']} — Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
         f"peft {env['peft']}, device {env['device']}",
         "",
+    ]
+    if report.get("checkpoint"):  # reproduce --base-checkpoint: the user's checkpoint, by path and config hash
+        info, place = report["checkpoint"], report["placement"]
+        lines += [
+            f"Checkpoint {info['path']} (config sha256 {info['config_sha256']}, {info['parameters']:,} parameters, "
+            f"{info['weights']['format']} weights{', sharded' if info['weights']['sharded'] else ''}); "
+            f"values on {place['values_on']}: {place['why']}; precision {place['precision']}",
+            "",
+        ]
+    lines += [
         "| item | status | fix holds | why |",
         "|---|---|---|---|",
     ]
     for name, item in report["items"].items():
-        lines.append(f"| {name} | {item['status']} | {'yes' if item['fix_holds'] else 'NO'} | {item['why']} |")
+        lines.append(f"| {name} | {_status_text(item)} | {'yes' if item['fix_holds'] else 'NO'} | {item['why']} |")
     for name, item in report["items"].items():
         lines += ["", f"## {name}", "", "```json", jsonio.dumps(item["evidence"], indent=2, default=str), "```"]
     if report.get("hidden_warnings"):
@@ -315,11 +330,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(report: dict, out_dir: str | os.PathLike = REPORTS_DIR) -> tuple[Path, Path]:
-    """REPRODUCTION.md and REPRODUCTION.json (strict JSON: jsonio) under ``out_dir``, each atomically."""
+def write(report: dict, out_dir: str | os.PathLike = REPORTS_DIR, stem: str = "REPRODUCTION") -> tuple[Path, Path]:
+    """<stem>.md and <stem>.json (strict JSON: jsonio) under ``out_dir``, each atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    md, js = out_dir / "REPRODUCTION.md", out_dir / "REPRODUCTION.json"
+    md, js = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
     writes.atomic(md, markdown(report), "the reproduction report")
     jsonio.write(js, report, default=str)
     return md, js
