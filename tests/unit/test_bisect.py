@@ -192,6 +192,7 @@ def test_the_record_lists_the_yanked_releases_the_search_skipped():
     assert (record["last_before"], record["first_changed"]) == ("4.51.3", "4.52.1")
     report = bisect.compat_report_module()
     assert "yanked and skipped: 4.52.0, 2 releases probed)" in report.exact_text(record)
+    assert report.exact_text(record | {"probes": record["probes"][:1]}).endswith(", 1 release probed)")
 
 
 def test_a_search_that_cannot_observe_a_release_records_why_and_what_it_searched():
