@@ -24,7 +24,8 @@ between two pairs, anything from A's pin to B's (pip picks within them what the 
 and A's numpy cap is kept (releases before transformers 4.39 were compiled against numpy 1).
 
 Output: reports/compat/boundaries.json, one record per boundary: the pairs, the library bisected and
-the one held (and why), the candidates, the last release before the change and the first with it,
+the one held (and why), the candidates and the yanked releases among them left out (yanked_skipped,
+with PyPI's reason), the last release before the change and the first with it,
 and every release observed with what it showed; or why it could not be bisected.
 """
 
@@ -142,25 +143,53 @@ def first_change(
 
 
 # ============================================================================ releases (PyPI)
-def final_releases(simple_json: dict) -> list[Version]:
-    """Sorted final releases from a PEP 691 project page: pre-, dev- and yanked releases left out
-    (yanked = every file of the release yanked). Unparseable version strings are skipped."""
-    files: dict[str, list[bool]] = {}
+def _yank_flags(simple_json: dict) -> dict[str, list]:
+    """Version text (as in the file names) -> each of its files' ``yanked`` value (False, True or a reason)."""
+    files: dict[str, list] = {}
     for f in simple_json.get("files", []):
         match = re.match(r"^[^-]+-([^-]+?)(?:-|\.tar\.gz$|\.zip$)", f.get("filename", ""))
         if match:
-            files.setdefault(match.group(1), []).append(bool(f.get("yanked")))
-    out = set()
+            files.setdefault(match.group(1), []).append(f.get("yanked") or False)
+    return files
+
+
+def _listed_versions(simple_json: dict) -> list[tuple[Version, list]]:
+    """(version, its files' yanked values) for each parseable version string of a PEP 691 project page."""
+    files, out = _yank_flags(simple_json), []
     for text in simple_json.get("versions", []):
         try:
             version = Version(text)
         except InvalidVersion:
             continue
-        yanked = [y for name, ys in files.items() if _same_version(name, version) for y in ys]
-        if version.is_prerelease or version.is_devrelease or (yanked and all(yanked)):
-            continue
-        out.add(version)
-    return sorted(out)
+        out.append((version, [y for name, ys in files.items() if _same_version(name, version) for y in ys]))
+    return out
+
+
+def _is_final(version: Version) -> bool:
+    return not (version.is_prerelease or version.is_devrelease)
+
+
+def final_releases(simple_json: dict) -> list[Version]:
+    """Sorted final releases from a PEP 691 project page: pre-, dev- and yanked releases left out
+    (yanked = every file of the release yanked). Unparseable version strings are skipped."""
+    return sorted({v for v, yanked in _listed_versions(simple_json) if _is_final(v) and not (yanked and all(yanked))})
+
+
+def yanked_releases(simple_json: dict) -> dict[Version, str]:
+    """The final releases of a PEP 691 project page that final_releases leaves out as yanked (every file
+    yanked) -> the reason PyPI gives ("" when none is given)."""
+    return {
+        v: "; ".join(sorted({y for y in yanked if isinstance(y, str)}))
+        for v, yanked in _listed_versions(simple_json)
+        if _is_final(v) and yanked and all(yanked)
+    }
+
+
+def yanked_between(yanked: Mapping[Version, str], low: str, high: str) -> list[dict]:
+    """The yanked releases strictly between ``low`` and ``high`` (the ones a search over them skips),
+    sorted by version, each as {"version", "reason"}."""
+    lo, hi = Version(low), Version(high)
+    return [{"version": str(v), "reason": yanked[v]} for v in sorted(yanked) if lo < v < hi]
 
 
 def _same_version(text: str, version: Version) -> bool:
@@ -170,12 +199,26 @@ def _same_version(text: str, version: Version) -> bool:
         return False
 
 
-def pypi_releases(name: str) -> list[Version]:
+@dataclasses.dataclass(frozen=True)
+class Releases:
+    """One project's releases on PyPI: ``final`` (sorted; pre-, dev- and yanked releases left out) and
+    ``yanked`` (the final releases left out as yanked -> PyPI's reason, "" when none is given)."""
+
+    final: list
+    yanked: dict
+
+    @classmethod
+    def from_page(cls, simple_json: dict) -> Releases:
+        return cls(final_releases(simple_json), yanked_releases(simple_json))
+
+
+def pypi_page(name: str) -> dict:
+    """PyPI's PEP 691 JSON project page for ``name`` (versions, and files with their yanked flags)."""
     request = urllib.request.Request(
         SIMPLE_API.format(name=name), headers={"Accept": "application/vnd.pypi.simple.v1+json"}
     )
     with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 - PyPI's own index
-        return final_releases(json.load(response))
+        return json.load(response)
 
 
 def between(releases: list[Version], low: str, high: str) -> list[str]:
@@ -442,8 +485,9 @@ class Boundary:
         return value
 
 
-def _plan(boundary: Boundary, releases: dict[str, list[Version]]) -> dict:
-    """Observe the decider and choose the library to bisect, the one held, and the search's endpoints."""
+def _plan(boundary: Boundary, releases: Mapping[str, Releases]) -> dict:
+    """Observe the decider and choose the library to bisect, the one held, and the search's endpoints;
+    yanked_skipped: the bisected library's yanked releases between them, which the search leaves out."""
     a, b = boundary.a, boundary.b
     first, second = BEHAVIOUR_DRIVERS[boundary.behaviour]
     decider = {first: boundary.release(first, a), second: boundary.release(second, b)}
@@ -466,12 +510,20 @@ def _plan(boundary: Boundary, releases: dict[str, list[Version]]) -> dict:
         known_ends = (old, value)
     else:
         raise ProbeFailed(f"{said} shows a third behaviour ({boundary.describe(value)}): neither library alone")
-    candidates = between(releases[lib], boundary.release(lib, a), boundary.release(lib, b))
-    return {"bisected": lib, "held": held, "why_held": why, "candidates": candidates, "known_ends": known_ends}
+    low, high = boundary.release(lib, a), boundary.release(lib, b)
+    return {
+        "bisected": lib,
+        "held": held,
+        "why_held": why,
+        "candidates": between(releases[lib].final, low, high),
+        "yanked_skipped": yanked_between(releases[lib].yanked, low, high),
+        "known_ends": known_ends,
+    }
 
 
-def bisect_boundary(boundary: Boundary, releases: dict[str, list[Version]]) -> dict:
-    """The boundary's record for boundaries.json: bisected, or why not."""
+def bisect_boundary(boundary: Boundary, releases: Mapping[str, Releases]) -> dict:
+    """The boundary's record for boundaries.json: bisected, or why not (with the plan once the decider
+    has chosen the library, so a search that fails still says what it was searching)."""
     a, b = boundary.a, boundary.b
     record = {
         "behaviour": boundary.behaviour,
@@ -484,6 +536,7 @@ def bisect_boundary(boundary: Boundary, releases: dict[str, list[Version]]) -> d
     try:
         plan = _plan(boundary, releases)
         lib, held, candidates = plan["bisected"], plan["held"], plan["candidates"]
+        record |= {k: v for k, v in plan.items() if k != "known_ends"}
 
         def probe(version: str) -> Hashable:
             pair = {lib: version, **held}
@@ -493,7 +546,6 @@ def bisect_boundary(boundary: Boundary, releases: dict[str, list[Version]]) -> d
         found = first_change(candidates, probe, known)
         if found.first is None:  # cannot happen with ends that differ; kept as a guard
             raise ProbeFailed("no change between the ends of the search")
-        record |= {k: v for k, v in plan.items() if k != "known_ends"}
         record |= {
             "status": "bisected",
             "last_before": candidates[found.first - 1],
@@ -552,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     report = compat_report_module()
     rows = report.load_reports(args.folder)
     todo = boundaries_to_run(report, rows, args.behaviour or list(BEHAVIOUR_DRIVERS))
-    releases = {lib: pypi_releases(lib) for lib in LIBRARIES}
+    releases = {lib: Releases.from_page(pypi_page(lib)) for lib in LIBRARIES}
     records = []
     for name, a, b in todo:
         _, signature, describe = report.BEHAVIOURS[name]
@@ -560,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             for lib in LIBRARIES:
                 column = "_t" if lib == "transformers" else "_p"
-                print(f"  {lib}: {' '.join(between(releases[lib], a[column], b[column]))}")
+                print(f"  {lib}: {' '.join(between(releases[lib].final, a[column], b[column]))}")
             continue
         boundary = Boundary(name, a, b, signature, describe, args.root, args.python)
         records.append(bisect_boundary(boundary, releases))

@@ -432,12 +432,17 @@ def exact_text(found: dict | None) -> str:
     if found is None:
         return ""
     if found.get("status") != "bisected":
-        return f" — not bisected: {found.get('reason', 'no reason recorded')}"
+        # first line only: an install failure's reason goes on with pip's last lines (kept in the JSON)
+        lines = str(found.get("reason") or "no reason recorded").splitlines()
+        return f" — not bisected: {lines[0]}" + (" (pip's last lines in boundaries.json)" if len(lines) > 1 else "")
     held = ", ".join(f"{name} held at {version}" for name, version in (found.get("held") or {}).items())
+    yanked = ", ".join(y["version"] for y in found.get("yanked_skipped") or [])
+    probed = len(found.get("probes", []))
     return (
         f" — first at {found['bisected']} {found['first_changed']} (last before: {found['last_before']}; "
         f"bisected over {found['candidates'][0]}…{found['candidates'][-1]}, {held}, "
-        f"{len(found.get('probes', []))} releases probed)"
+        + (f"yanked and skipped: {yanked}, " if yanked else "")
+        + f"{probed} {'release' if probed == 1 else 'releases'} probed)"
     )
 
 

@@ -127,3 +127,82 @@ def test_between_keeps_both_ends_and_orders_by_version_not_text():
     # "4.10.0" sorts before "4.9.0" as text; by version it comes after
     listed = [bisect.Version(v) for v in ("4.8.0", "4.9.0", "4.10.0", "4.11.0")]
     assert bisect.between(listed, "4.8.5", "4.10.0") == ["4.8.5", "4.9.0", "4.10.0"]
+
+
+YANKED_PAGE = {
+    # 4.52.0: both files yanked, one with a reason -> yanked, reason kept; 4.52.1: one of two yanked -> a
+    # release; 4.50.0: yanked without a reason -> yanked, reason ""; 5.0.0rc1: yanked but a pre-release,
+    # which the search never considers -> not listed
+    "versions": ["4.50.0", "4.51.3", "4.52.0", "4.52.1", "4.53.3", "5.0.0rc1"],
+    "files": [
+        {"filename": "transformers-4.50.0-py3-none-any.whl", "yanked": True},
+        {"filename": "transformers-4.51.3-py3-none-any.whl", "yanked": False},
+        {"filename": "transformers-4.52.0-py3-none-any.whl", "yanked": "broken import"},
+        {"filename": "transformers-4.52.0.tar.gz", "yanked": True},
+        {"filename": "transformers-4.52.1-py3-none-any.whl", "yanked": "oops"},
+        {"filename": "transformers-4.52.1.tar.gz"},
+        {"filename": "transformers-4.53.3-py3-none-any.whl"},
+        {"filename": "transformers-5.0.0rc1-py3-none-any.whl", "yanked": True},
+    ],
+}
+
+
+def test_yanked_releases_are_the_final_ones_left_out_with_their_reasons():
+    releases = bisect.Releases.from_page(YANKED_PAGE)
+    assert {str(v): r for v, r in releases.yanked.items()} == {"4.50.0": "", "4.52.0": "broken import"}
+    # every listed final release is either searched or yanked, never both
+    assert [str(v) for v in releases.final] == ["4.51.3", "4.52.1", "4.53.3"]
+    assert not set(releases.final) & set(releases.yanked)
+    # strictly between the ends: 4.50.0 lies below 4.51.3, so only 4.52.0 was skipped
+    assert bisect.yanked_between(releases.yanked, "4.51.3", "4.53.3") == [
+        {"version": "4.52.0", "reason": "broken import"}
+    ]
+    assert bisect.yanked_between(releases.yanked, "4.52.0", "4.53.3") == []  # an end is not "skipped"
+
+
+class TableBoundary(bisect.Boundary):
+    """A Boundary whose releases are observed from ``table`` ((t, p) -> signature); a pair missing from it
+    fails as an uninstallable release does (ProbeFailed)."""
+
+    def __init__(self, table: dict, a: dict, b: dict):
+        super().__init__("kwarg_conflict", a, b, lambda row: row["sig"], str, Path("unused"), "unused")
+        self.table = table
+
+    def value(self, t: str, p: str):
+        self.observed.append({"transformers": t, "peft": p})
+        if (t, p) not in self.table:
+            raise bisect.ProbeFailed(f"transformers {t} / peft {p} could not be observed: pip install failed")
+        return self.table[(t, p)]
+
+
+A = {"_t": "4.51.3", "_p": "0.15.2", "sig": "old"}
+B = {"_t": "4.53.3", "_p": "0.16.0", "sig": "new"}
+
+
+def test_the_record_lists_the_yanked_releases_the_search_skipped():
+    # decider transformers 4.51.3 + peft 0.16.0 shows "old" -> transformers bisected, peft held at 0.16.0;
+    # candidates 4.51.3, 4.52.1, 4.53.3 (4.52.0 yanked); ends known, so mid = (0 + 2) // 2 = 1 -> 4.52.1: new
+    table = {("4.51.3", "0.16.0"): "old", ("4.52.1", "0.16.0"): "new"}
+    releases = {"transformers": bisect.Releases.from_page(YANKED_PAGE), "peft": bisect.Releases([], {})}
+    record = bisect.bisect_boundary(TableBoundary(table, A, B), releases)
+    assert record["status"] == "bisected", record
+    assert (record["bisected"], record["held"]) == ("transformers", {"peft": "0.16.0"})
+    assert record["candidates"] == ["4.51.3", "4.52.1", "4.53.3"]
+    assert record["yanked_skipped"] == [{"version": "4.52.0", "reason": "broken import"}]
+    assert (record["last_before"], record["first_changed"]) == ("4.51.3", "4.52.1")
+    report = bisect.compat_report_module()
+    assert "yanked and skipped: 4.52.0, 2 releases probed)" in report.exact_text(record)
+    assert report.exact_text(record | {"probes": record["probes"][:1]}).endswith(", 1 release probed)")
+
+
+def test_a_search_that_cannot_observe_a_release_records_why_and_what_it_searched():
+    # 4.52.1 cannot be installed: the record says so, and still names the library, held release and yanked one
+    table = {("4.51.3", "0.16.0"): "old"}
+    releases = {"transformers": bisect.Releases.from_page(YANKED_PAGE), "peft": bisect.Releases([], {})}
+    record = bisect.bisect_boundary(TableBoundary(table, A, B), releases)
+    assert record["status"] == "not bisected"
+    assert record["reason"] == "transformers 4.52.1 / peft 0.16.0 could not be observed: pip install failed"
+    assert (record["bisected"], record["yanked_skipped"][0]["version"]) == ("transformers", "4.52.0")
+    assert "first_changed" not in record
+    text = bisect.compat_report_module().exact_text(record | {"reason": record["reason"] + "\npip tail"})
+    assert text == f" — not bisected: {record['reason']} (pip's last lines in boundaries.json)"
