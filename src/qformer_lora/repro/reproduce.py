@@ -247,6 +247,49 @@ def item_task_gain() -> dict:
     }
 
 
+def _attention_summary(observed: dict) -> dict:
+    """One preset's attention() reduced to what the report shows: implementations in use and the differences."""
+    row = probes.attention_row(observed)
+    return {k: row[k] for k in ("default", "default_from_pretrained", "eager", "sdpa")} | {
+        k: observed[k] for k in ("loss_difference", "grad_relative_difference", "bitwise_equal") if k in observed
+    }
+
+
+def item_attention() -> dict:
+    """transformers#40952: eager and SDPA attention gave different InstructBLIP outputs. Which implementation
+    each component runs here by default, and the loss / LoRA-gradient difference between the two."""
+    observed = {p: probes.attention(p) for p in TINY_PRESETS}
+    measured = {p: o for p, o in observed.items() if "loss_difference" in o}
+    bound = probes.ATTENTION_RELATIVE_BOUND
+    beyond = sorted(
+        p
+        for p, o in measured.items()
+        if o["loss_difference"] > bound * abs(o["eager"]["loss"]) or o["grad_relative_difference"] > bound
+    )
+    sdpa_somewhere = sorted({c for o in observed.values() for c, v in o["default"].items() if v["in_use"] == "sdpa"})
+    if not measured:
+        refusal = next(iter(observed.values()))
+        refused = {i: refusal[i]["message"] for i in probes.ATTENTION_IMPLEMENTATIONS if refusal[i]["status"] != "ok"}
+        why = (
+            f"default implementation sdpa in {sdpa_somewhere or 'no component'}; this release does not build "
+            f"both implementations, so nothing to compare ({refused})"
+        )
+    else:
+        worst_loss = max(o["loss_difference"] / abs(o["eager"]["loss"]) for o in measured.values())
+        worst_grad = max(o["grad_relative_difference"] for o in measured.values())
+        why = (
+            f"default implementation sdpa in {sdpa_somewhere or 'no component'}; eager vs sdpa under Q-Former LoRA on "
+            f"{len(measured)} tiny presets: loss within {worst_loss:.1e}, LoRA gradients within {worst_grad:.1e} "
+            f"relative (bound {bound:g}: fp32 rounding)" + (f"; BEYOND the bound on {beyond}" if beyond else "")
+        )
+    return {
+        "status": "differs" if beyond else ("agrees" if measured else "not measured"),
+        "fix_holds": not beyond,  # the custom forward must not depend on the kernel beyond rounding
+        "why": why,
+        "evidence": {p: _attention_summary(o) for p, o in observed.items()} | {"relative_bound": bound},
+    }
+
+
 ITEMS = {
     "kwarg-conflict": item_kwarg_conflict,
     "lora-scope": item_lora_scope,
@@ -254,6 +297,7 @@ ITEMS = {
     "checkpoints": item_checkpoints,
     "memory": item_memory,
     "task-gain": item_task_gain,
+    "attention": item_attention,
 }
 
 
