@@ -60,7 +60,7 @@ def test_every_item_matches_the_installed_release(report):
         p: r["default"] for p, r in pinned_attention.items()
     }
     assert items["attention"]["status"] == (
-        "agrees" if any("bitwise_equal" in r for r in pinned_attention.values()) else "not measured"
+        "agrees" if any(r["bitwise_equal_to_eager"] for r in pinned_attention.values()) else "not measured"
     )
 
 
