@@ -68,7 +68,7 @@ EDGES = {f"{COMPAT_PAIRS[0][0]}-{COMPAT_PAIRS[0][1]}", f"{COMPAT_PAIRS[-1][0]}-{
 PROJECT_DEPS = ("pillow", "safetensors", "tqdm", "packaging")
 TEST_DEPS = ("pytest>=7.4", "hypothesis>=6.80", "pytest-benchmark>=4.0")
 # What each pair runs: the seed's failure modes (regression), the NaN (stability), LoRA
-# scope and counts, the custom forward against the native one, and the step options
+# scope and counts, the custom forward against the native one, eager vs SDPA attention, and the step options
 # (checkpointing, fused AdamW, static shapes, compile through aot_eager; inductor's C++
 # builds are left to the default suite: they test torch, not the pair).
 COMPAT_RUNS = {
@@ -76,6 +76,8 @@ COMPAT_RUNS = {
     "scope+forward": ("tests/unit/test_lora_scope.py", "tests/unit/test_forward_equivalence.py"),
     # -m "not gpu" overrides pyproject's -m "not long": the compile equivalence runs (aot_eager) count here
     "step-options": ("tests/unit/test_step_options.py", "-k", "not inductor", "-m", "not gpu"),
+    # eager vs SDPA: the implementation each component runs, pinned per release (issue 20, item 4)
+    "attention": ("tests/unit/test_attention.py",),
 }
 COMPAT_DIR = Path("reports/compat")
 

@@ -281,6 +281,75 @@ def section_dtype_and_nan(rows: list[dict]) -> list[str]:
     return lines
 
 
+ATTENTION_COMPONENTS = (("vision_model", "vision"), ("qformer", "Q-Former"), ("language_model", "LM"))
+
+
+def _attention_cell(components: dict | None) -> str:
+    """{"vision_model": {"in_use": "sdpa"}, ...} or {"vision_model": "sdpa", ...} -> "vision sdpa, Q-Former
+    eager, LM sdpa" ("all sdpa" when the three agree); a refusal -> its exception and message."""
+    if not components:
+        return "not observed"
+    if "status" in components:  # a refusal or an error
+        return outcome_text({**components, "status": "error"})
+    values = {c: (v.get("in_use") if isinstance(v, dict) else v) for c, v in components.items()}
+    if len(set(values.values())) == 1:
+        return f"all {next(iter(values.values()))}"
+    return ", ".join(f"{label} {values.get(c, '?')}" for c, label in ATTENTION_COMPONENTS)
+
+
+def _attention_run(run: dict | None) -> dict | None:
+    return run.get("components") if run and run.get("status") == "ok" else run
+
+
+def section_attention(rows: list[dict]) -> list[str]:
+    messages = Messages()
+    lines = [
+        "## 6. Attention: eager against SDPA (transformers#40952)",
+        "",
+        "Which implementation the vision tower, Q-Former and language model run on the tiny presets, observed "
+        "by counting `torch.nn.functional.scaled_dot_product_attention` calls during one custom forward "
+        "(`probes.attention`): with the constructor's default (as `presets.build_model`), and built with "
+        '`attn_implementation="eager"` / `"sdpa"` (or the release\'s refusal). Then the sdpa build and the '
+        "default build against the eager one (the default against eager is transformers#40952's comparison, "
+        "measurable where sdpa is refused): same weights, Q-Former LoRA adapters (r = 8) and batch in fp32; "
+        "max over presets of |Δ loss| / loss and of max |Δ LoRA gradient| / max |LoRA gradient|. Bound: 1e-5 "
+        "(fp32 rounding; `probes.ATTENTION_RELATIVE_BOUND`).",
+        "",
+        "| transformers / peft | default | from_pretrained default | eager | sdpa | sdpa − eager: loss / gradient | "
+        "default − eager: loss / gradient |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for d in rows:
+        attention = d.get("attention") or {}
+        if not usable(d) or not attention or "status" in attention:
+            lines.append(f"| {release(d)} | {cell(outcome_text(attention)) if attention else 'not run'} | | | | | |")
+            continue
+        cells = []
+        for key in ("default", "default_from_pretrained", "eager", "sdpa"):
+            outcomes = {}
+            for preset, o in attention.items():
+                value = (o or {}).get(key) if "status" not in (o or {}) else o
+                value = _attention_run(value) if key in ("eager", "sdpa") else value
+                text = _attention_cell(value)
+                refused = not value or "status" in value  # a message: numbered below the table
+                outcomes[preset] = messages.code(text) if refused else text
+            cells.append(cell(grouped(outcomes)))
+        figures = []
+        for other in ("sdpa", "default"):
+            found = [(o.get("differences") or {}).get(other) for o in attention.values() if isinstance(o, dict)]
+            found = [f for f in found if f]
+            figures.append(
+                f"{max(f['loss_relative_difference'] for f in found):.1e} / "
+                f"{max(f['grad_relative_difference'] for f in found):.1e}"
+                if found
+                else "—"
+            )
+        lines.append(f"| {release(d)} | " + " | ".join(cells + figures) + " |")
+    if messages.codes:
+        lines += ["", *messages.render()]
+    return lines
+
+
 def section_tests(rows: list[dict]) -> list[str]:
     lines = [
         "## 5. Test results per pair",
@@ -289,7 +358,8 @@ def section_tests(rows: list[dict]) -> list[str]:
         "tests/unit/test_forward_equivalence.py` against the pair's rows in "
         "`src/qformer_lora/resources/expectations/`, "
         'and `pytest tests/unit/test_step_options.py -k "not inductor"` (step options; pairs '
-        "recorded before it was added lack that run).",
+        "recorded before it was added lack that run), and `pytest tests/unit/test_attention.py` (attention, "
+        "section 6).",
         "",
     ]
     for d in rows:
@@ -390,6 +460,15 @@ def meta_sig(d: dict) -> str:
     )
 
 
+def attention_sig(d: dict) -> tuple:
+    """(preset, implementation each component runs by default) for every tiny preset."""
+    out = []
+    for preset, o in (d.get("attention") or {}).items():
+        default = (o or {}).get("default") if isinstance(o, dict) else None
+        out.append((PRESET_LABELS.get(preset, preset), _attention_cell(default)))
+    return tuple(sorted(out))
+
+
 def custom_sig(d: dict) -> str:
     ok = all((p or {}).get("custom_forward", {}).get("status") == "ok" for p in (d.get("presets") or {}).values())
     return "custom forward ok on every tiny preset" if ok else "custom forward fails somewhere"
@@ -408,6 +487,11 @@ BEHAVIOURS = {
     "lora_counts": ("LoRA / parameter counts", count_sig, count_describe),
     "meta_device": (f"{FULL_PRESET} built on the meta device", meta_sig, str),
     "custom_forward": ("Custom forward", custom_sig, str),
+    "attention": (
+        "Default attention implementation (vision / Q-Former / LM)",
+        attention_sig,
+        lambda s: grouped({p: v for p, v in s}) if s else "not observed",
+    ),
 }
 
 
@@ -498,6 +582,7 @@ def render(rows: list[dict], exact: dict | None = None) -> str:
         section_counts,
         section_dtype_and_nan,
         section_tests,
+        section_attention,
     ):
         body += section(rows) + [""]
     return "\n".join(header + body).rstrip() + "\n"

@@ -53,6 +53,15 @@ def test_every_item_matches_the_installed_release(report):
     # compat session): the status must say which, from the two figures it reports
     improved = gain["fine_tuned_exact_match"] > gain["zero_shot_exact_match"]
     assert items["task-gain"]["status"] == ("improved" if improved else "not improved")
+    # the attention item reports the implementations the per-release table pins (tests/unit/test_attention.py)
+    pinned_attention = expectations.for_release("attention")
+    attention = items["attention"]["evidence"]
+    assert {p: attention[p]["default"] for p in pinned_attention} == {
+        p: r["default"] for p, r in pinned_attention.items()
+    }
+    assert items["attention"]["status"] == (
+        "agrees" if any(r["bitwise_equal_to_eager"] for r in pinned_attention.values()) else "not measured"
+    )
 
 
 @pytest.mark.regression

@@ -16,6 +16,10 @@ Sections:
   adapter_dtype  dtype of the LoRA weights get_peft_model gives on an fp16 base by default
   nan_default  the seed's NaN recipe under default settings: fp16 base, default
                get_peft_model, AdamW(eps=1e-8), 3 steps of the custom forward
+  attention    per tiny preset: the attention implementation the vision tower, Q-Former and
+               language model run by default (constructor and from_pretrained), and with
+               attn_implementation="eager" / "sdpa" (or the release's refusal); the loss and
+               LoRA-gradient difference between the two (probes.attention, transformers#40952)
 """
 
 from __future__ import annotations
@@ -200,6 +204,12 @@ def probe_nan_default(steps: int = 3, lr: float = 1e-4) -> dict:
     }
 
 
+def probe_attention() -> dict:
+    from . import probes
+
+    return {name: _section(probes.attention, name) for name in TINY_PRESETS}
+
+
 def probe() -> dict:
     torch.set_num_threads(1)  # tiny models: more threads only add spin-waiting on shared cores
     started = time.monotonic()
@@ -217,6 +227,7 @@ def probe() -> dict:
         result["lora_counts"] = _section(probe_lora_counts)
         result["adapter_dtype"] = _section(probe_adapter_dtype)
         result["nan_default"] = _section(probe_nan_default)
+        result["attention"] = _section(probe_attention)
     result["probe_seconds"] = round(time.monotonic() - started, 1)
     return result
 

@@ -247,6 +247,49 @@ def item_task_gain() -> dict:
     }
 
 
+def _attention_summary(observed: dict) -> dict:
+    """One preset's attention() reduced to what the report shows: implementations in use and the differences."""
+    row = probes.attention_row(observed)
+    return {k: row[k] for k in ("default", "default_from_pretrained", "eager", "sdpa")} | {
+        "differences_from_eager": observed["differences"]
+    }
+
+
+def item_attention() -> dict:
+    """transformers#40952: eager and SDPA attention gave different InstructBLIP outputs. Which implementation
+    each component runs here by default, and the loss / LoRA-gradient difference of the sdpa build and of
+    the default build from the eager one."""
+    observed = {p: probes.attention(p) for p in TINY_PRESETS}
+    bound = probes.ATTENTION_RELATIVE_BOUND
+    compared = [(p, k, d) for p, o in observed.items() for k, d in o["differences"].items()]
+    beyond = sorted(
+        f"{p} ({k})"
+        for p, k, d in compared
+        if d["loss_relative_difference"] > bound or d["grad_relative_difference"] > bound
+    )
+    sdpa_default = sorted({c for o in observed.values() for c, v in o["default"].items() if v["in_use"] == "sdpa"})
+    sdpa_built = sorted(p for p, o in observed.items() if o["sdpa"]["status"] == "ok")
+    why = f"sdpa by default in: {', '.join(sdpa_default) or 'no component'}; attn_implementation='sdpa' builds on " + (
+        f"{len(sdpa_built)} of {len(observed)} tiny presets" if sdpa_built else "none (refused)"
+    )
+    if compared:
+        worst_loss = max(d["loss_relative_difference"] for _, _, d in compared)
+        worst_grad = max(d["grad_relative_difference"] for _, _, d in compared)
+        why += (
+            f"; against eager (sdpa and default builds, Q-Former LoRA): loss within {worst_loss:.1e}, LoRA "
+            f"gradients within {worst_grad:.1e} relative (bound {bound:g}: fp32 rounding)"
+            + (f"; BEYOND the bound: {beyond}" if beyond else "")
+        )
+    else:
+        why += "; this release builds no eager model to compare with"
+    return {
+        "status": "differs" if beyond else ("agrees" if compared else "not measured"),
+        "fix_holds": not beyond,  # the custom forward must not depend on the kernel beyond rounding
+        "why": why,
+        "evidence": {p: _attention_summary(o) for p, o in observed.items()} | {"relative_bound": bound},
+    }
+
+
 ITEMS = {
     "kwarg-conflict": item_kwarg_conflict,
     "lora-scope": item_lora_scope,
@@ -254,6 +297,7 @@ ITEMS = {
     "checkpoints": item_checkpoints,
     "memory": item_memory,
     "task-gain": item_task_gain,
+    "attention": item_attention,
 }
 
 
