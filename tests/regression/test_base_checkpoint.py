@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from qformer_lora import cli, lora, presets
-from qformer_lora.repro import era_layouts
+from qformer_lora.repro import era_layouts, reproduce
 from qformer_lora.training.run_config import TINY_BASE_CHECKPOINT
 
 from ..conftest import check_against_release
@@ -106,3 +106,30 @@ def test_values_run_on_the_cpu_and_fixes_hold(reports, layout):
             "statuses": {name: item["status"] for name, item in items.items()},
         },
     )
+
+
+@pytest.mark.regression
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kwarg_conflict_status_follows_its_cases(reports, layout):
+    """Status "reproduced" exactly where a wrapper case failed with a TypeError over inputs_embeds: the seed's
+    "unexpected keyword argument" (transformers up to 4.51) or "got multiple values for keyword argument"
+    (4.52-4.53). A config without an image token failing the native forward (ValueError, 4.55 on) is no conflict."""
+    item = reports[layout][1]["items"]["kwarg-conflict"]
+    native = {case: v["native"] for case, v in item["evidence"]["cases"].items()}
+    typeerrors = sorted(
+        case for case, n in native.items() if n.get("exception") == "TypeError" and "'inputs_embeds'" in n["message"]
+    )
+    assert item["evidence"]["kwarg_conflict_cases"] == typeerrors
+    assert item["status"] == ("reproduced" if typeerrors else "not applicable")
+
+
+def test_both_messages_of_the_conflict_are_recognised():
+    """The native outcomes observed on 4.33-4.51, on 4.52-4.53 and on 4.55+ for a 2023 config
+    (resources/expectations/checkpoint_layouts.json); only the first two are the conflict."""
+    seed = "InstructBlipForConditionalGeneration.forward() got an unexpected keyword argument 'inputs_embeds'"
+    later = "T5ForConditionalGeneration(\u2026) got multiple values for keyword argument 'inputs_embeds'"
+    no_token = "config has no image_token_index (saved before transformers 4.45)"
+    assert reproduce.is_kwarg_conflict({"status": "error", "exception": "TypeError", "message": seed})
+    assert reproduce.is_kwarg_conflict({"status": "error", "exception": "TypeError", "message": later})
+    assert not reproduce.is_kwarg_conflict({"status": "error", "exception": "ValueError", "message": no_token})
+    assert not reproduce.is_kwarg_conflict({"status": "ok", "loss_finite": True})

@@ -34,6 +34,18 @@ from . import expectations, probes, trials
 REPORTS_DIR = Path("reports")
 TINY_PRESETS = ("tiny-instructblip-flan-t5", "tiny-instructblip-vicuna", "tiny-blip2-flan-t5", "tiny-blip2-opt")
 SEED_TYPEERROR = "got an unexpected keyword argument 'inputs_embeds'"
+# The same conflict in its other message: transformers 4.52-4.53 accept **kwargs in the model's forward and
+# pass them on to the language model, where the wrapper's inputs_embeds meets the model's own
+# ("T5ForConditionalGeneration(…) got multiple values for keyword argument 'inputs_embeds'"; reports/COMPAT.md
+# E3-E5). From 4.54 the forward takes the wrappers' keywords.
+KWARG_CONFLICT_TYPEERRORS = (SEED_TYPEERROR, "got multiple values for keyword argument 'inputs_embeds'")
+
+
+def is_kwarg_conflict(native: dict) -> bool:
+    """Whether a native-forward outcome of probes.kwarg_conflict is the wrappers' inputs_embeds conflict
+    (a TypeError in either message above), not some other failure such as a missing image token."""
+    message = native.get("message", "")
+    return native.get("exception") == "TypeError" and any(m in message for m in KWARG_CONFLICT_TYPEERRORS)
 
 
 def _status(failure_seen: bool, fix_holds: bool) -> str:

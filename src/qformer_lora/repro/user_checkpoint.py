@@ -112,16 +112,23 @@ def item_kwarg_conflict(t: Target) -> dict:
     model = presets.load_model(t.directory, device=_device(t))
     cases = {str(task): probes.kwarg_conflict_on(model, task) for task in probes.TASK_TYPES}
     failures = {k: v["native"] for k, v in cases.items() if v["native"]["status"] != "ok"}
-    # the seed's TypeError is the conflict; a config without an image token fails otherwise (compat.native_inputs)
-    seed_like = sorted(k for k, v in failures.items() if reproduce.SEED_TYPEERROR in v.get("message", ""))
+    # the inputs_embeds TypeError (either message) is the conflict; a config without an image token fails
+    # otherwise (compat.native_inputs)
+    conflicts = sorted(k for k, v in failures.items() if reproduce.is_kwarg_conflict(v))
+    seed_like = [k for k in conflicts if reproduce.SEED_TYPEERROR in failures[k]["message"]]
     fix_holds = all(v["custom"] == {"status": "ok", "loss_finite": True} for v in cases.values())
     return {
-        "status": reproduce._status(bool(seed_like), fix_holds),
+        "status": reproduce._status(bool(conflicts), fix_holds),
         "fix_holds": fix_holds,
         "why": f"the library's own forward fails in {len(failures)} of {len(cases)} wrapper cases on this checkpoint "
-        f"({len(seed_like)} with the seed's TypeError); the custom forward works in "
-        f"{sum(v['custom'].get('loss_finite', False) for v in cases.values())}",
-        "evidence": {"cases": cases, "native_failures": failures, "seed_typeerror_cases": seed_like},
+        f"({len(conflicts)} with the wrappers' inputs_embeds conflict, {len(seed_like)} of them in the seed's "
+        f"TypeError); the custom forward works in {sum(v['custom'].get('loss_finite', False) for v in cases.values())}",
+        "evidence": {
+            "cases": cases,
+            "native_failures": failures,
+            "kwarg_conflict_cases": conflicts,
+            "seed_typeerror_cases": seed_like,
+        },
         "ran_on": t.where,
     }
 
