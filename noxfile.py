@@ -7,6 +7,7 @@ before pytest runs so every log says what it tested.
     nox -s lint                       ruff check + ruff format --check
     nox -s stability                  pytest -m stability
     nox -s long                       pytest -m long: the compile runs left out of the default run for time
+    nox -s mutation                   mutation testing of the core -> reports/mutation/ (mutation_sample: the CI sample)
     nox -s gpu_tests                  GPU tests in the machine's own environment (no venv)
     nox -s "compat(4.33.3-0.5.0)"     one transformers x peft pair (nox -l lists them all;
     nox -t compat                     every pair; -t compat-edges: the oldest and the newest)
@@ -119,6 +120,25 @@ def lint(session: nox.Session) -> None:
     session.install(*nox.project.load_toml("pyproject.toml")["project"]["optional-dependencies"]["lint"])
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python="3.11")
+def mutation(session: nox.Session) -> None:
+    """Mutation testing of the core (issue 22): mutmut over pyproject's [tool.mutmut], each mutant against
+    the tests that reach it, then reports/mutation/ (score per module, every survivor); fails when a core
+    module kills under 90 % of its non-equivalent mutants (reports/mutation/equivalent.toml)."""
+    _install(session)
+    started = time.monotonic()
+    session.run("mutmut", "run", "--max-children", str(os.cpu_count() or 1))
+    wall_s = f"{time.monotonic() - started:.0f}"
+    session.run("python", "scripts/mutation_report.py", "--wall-s", wall_s, "--check")
+
+
+@nox.session(python="3.11")
+def mutation_sample(session: nox.Session) -> None:
+    """The fixed mutation sample .ci/run runs (tests/mutation_sample.toml): fails on any surviving mutant."""
+    _install(session)
+    session.run("python", "scripts/mutation_sample.py")
 
 
 @nox.session(venv_backend="none")

@@ -50,9 +50,13 @@ def strict(value, default: Callable | None = None):
     return strict(default(value), None)
 
 
-def dumps(value, *, indent: int | None = None, default: Callable | None = None, sort_keys: bool = False) -> str:
-    """JSON text of ``value`` that any strict parser reads (non-finite floats as strings)."""
-    return json.dumps(strict(value, default), indent=indent, sort_keys=sort_keys, allow_nan=False)
+def dumps(
+    value, *, indent: int | None = None, default: Callable | None = None, sort_keys: bool = False, compact=False
+) -> str:
+    """JSON text of ``value`` that any strict parser reads (non-finite floats as strings). ``compact``:
+    no spaces after separators and non-ASCII kept as is (a canonical form to hash, with ``sort_keys``)."""
+    extra = {"separators": (",", ":"), "ensure_ascii": False} if compact else {}
+    return json.dumps(strict(value, default), indent=indent, sort_keys=sort_keys, allow_nan=False, **extra)
 
 
 def write(path: str | os.PathLike, value, *, indent: int | None = 2, default: Callable | None = None) -> Path:

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .. import base_weights, checkpoint, compat, data, known_warnings, lora, presets, synthetic
+from .. import base_weights, checkpoint, compat, data, jsonio, known_warnings, lora, presets, synthetic
 from ..inference import generate
 from ..training import train
 from ..training.run_config import TrainConfig
@@ -55,7 +55,7 @@ class Target:
 def config_sha256(directory: str | Path) -> str:
     """sha256 of config.json in canonical form (sorted keys, compact separators, UTF-8)."""
     config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = jsonio.dumps(config, sort_keys=True, compact=True)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
