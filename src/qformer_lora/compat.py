@@ -489,7 +489,7 @@ def autocast_state(device_type: str) -> str:  # pragma: no mutate block
 # ----------------------------------------------------------------------------- .bin weights (pickle files)
 # A pytorch_model*.bin is a pickle: loading it without torch's weights_only unpickler runs whatever
 # it names. transformers passes weights_only=True to torch.load from 4.37 (read in the wheels'
-# modeling_utils.py: 4.36.2 calls torch.load(checkpoint_file, map_location=...) alone, 4.37.2 adds
+# modeling_utils.py: 4.36.2 passes torch.load the checkpoint file and map_location alone, 4.37.2 adds
 # weights_only=True; 4.38.2 to 5.24 keep it). Before that the call is safe only where torch itself
 # defaults to weights_only=True: torch 2.6 and later, unless TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set
 # (torch/serialization.py reads it when the caller does not pass weights_only).
