@@ -314,7 +314,7 @@ class InstallFailed(RuntimeError):
 def project_dependencies() -> list[str]:
     """pyproject's runtime dependencies other than torch / transformers / peft (installed next to the pair,
     since the project itself goes in with --no-deps)."""
-    import tomllib
+    import tomllib  # novm: run by `nox -s bisect` on the matrix interpreter, Python 3.11 (noxfile PY311)
 
     deps = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     return [d for d in deps if re.split(r"[<>=!~ ;\[]", d)[0] not in ("torch", *LIBRARIES)]
