@@ -163,3 +163,17 @@ def test_an_answer_does_not_depend_on_its_batch_mates(preset, pairs):
     for i in range(len(pairs)):
         alone = first_token_logits(model, builder.prompts(examples_of(pairs)[i : i + 1]))
         torch.testing.assert_close(alone[0], together[i], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["tiny-instructblip-flan-t5", "tiny-blip2-opt"])
+def test_truncation_warnings_name_the_sample_in_training_and_in_generation(preset):
+    """A prompt over budget is cut with a warning naming the sample and the part, whichever batch
+    builds it: 'sample 's1': instruction has N tokens, truncated to B' (B = budget - 1 for the T5
+    prompt's eos, the whole budget for a decoder-only prompt)."""
+    collator = collator_for(preset, max_prompt_tokens=4)
+    long_text = " ".join(WORDS[:12])
+    examples = examples_of([("short", "a"), (long_text, "b")])
+    budget = 4 if collator.decoder_only else 3
+    for build in (collator, collator.prompts):
+        with pytest.warns(UserWarning, match=rf"^sample 's1': instruction has \d+ tokens, truncated to {budget}$"):
+            build(examples)
