@@ -150,12 +150,7 @@ def item_lora_scope(t: Target) -> dict:
         figures[scope], peft_model = _scope_figures(model, scope)
         model = compat.unload(peft_model)
     _, leaky = _scope_figures(model, "qformer")
-    dict(leaky.named_parameters())["base_model.model.language_projection.weight"].requires_grad_(True)
-    try:
-        lora.check_trainable_scope(leaky, "qformer")
-        leak_refused = False
-    except lora.ScopeError:
-        leak_refused = True
+    leak_refused = reproduce.refuses_a_leak(leaky)
     outside = {c: n for c, n in figures["qformer"]["trainable_by_component"].items() if c != "qformer" and n}
     fix_holds = not outside and figures["qformer"]["lora_tensors"] > 0 and leak_refused
     q = figures["qformer"]
