@@ -60,6 +60,7 @@ BEHAVIOUR_DRIVERS = {
     "lora_counts": ("transformers", "peft"),
     "meta_device": ("transformers", "peft"),
     "custom_forward": ("transformers", "peft"),
+    "attention": ("transformers", "peft"),  # the attention code (attn_implementation) is transformers'
 }
 # probe sections each behaviour needs (see observe())
 BEHAVIOUR_SECTIONS = {
@@ -70,6 +71,7 @@ BEHAVIOUR_SECTIONS = {
     "lora_counts": ("lora_counts",),
     "meta_device": ("lora_counts",),
     "custom_forward": ("presets",),
+    "attention": ("attention",),
 }
 SIMPLE_API = "https://pypi.org/simple/{name}/"  # PEP 691 JSON: what pip reads, with yanked flags
 
@@ -280,6 +282,9 @@ def observe(sections: Sequence[str]) -> dict:
         "lora_counts": lambda: {"lora_counts": compat_probe.probe_lora_counts()},
         "adapter_dtype": lambda: {"adapter_dtype": compat_probe.probe_adapter_dtype()},
         "nan_default": lambda: {"nan_default": compat_probe.probe_nan_default()},
+        # the whole matrix section (under a second per preset): compat_report.attention_sig reads its
+        # "default" runs, the implementation each component actually ran, counted as the matrix counts it
+        "attention": lambda: {"attention": compat_probe.probe_attention()},
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # old releases' deprecation chatter; outcomes are recorded

@@ -206,3 +206,65 @@ def test_a_search_that_cannot_observe_a_release_records_why_and_what_it_searched
     assert "first_changed" not in record
     text = bisect.compat_report_module().exact_text(record | {"reason": record["reason"] + "\npip tail"})
     assert text == f" — not bisected: {record['reason']} (pip's last lines in boundaries.json)"
+
+
+def test_every_behaviour_of_the_report_has_a_driver_order_and_probe_sections():
+    # a Boundaries row the script cannot bisect is a boundary COMPAT.md cannot name the release of
+    names = set(bisect.compat_report_module().BEHAVIOURS)
+    assert set(bisect.BEHAVIOUR_DRIVERS) == names
+    assert set(bisect.BEHAVIOUR_SECTIONS) == names
+    for name, drivers in bisect.BEHAVIOUR_DRIVERS.items():
+        assert sorted(drivers) == sorted(bisect.LIBRARIES), name
+        assert bisect.BEHAVIOUR_SECTIONS[name], name
+
+
+def _attention_row(t: str, p: str, lm_in_use: str, *, lm_configured: str = "sdpa", sdpa_run: str = "ok") -> dict:
+    """A compat_probe-shaped row (the "attention" section, as --observe writes it) for every tiny preset:
+    vision and Q-Former run eager by default, the LM runs ``lm_in_use``."""
+    default = {
+        "vision_model": {"configured": "eager", "in_use": "eager"},
+        "qformer": {"configured": "eager", "in_use": "eager"},
+        "language_model": {"configured": lm_configured, "in_use": lm_in_use},
+    }
+    preset = {"default": default, "sdpa": {"status": sdpa_run}, "eager": {"status": "ok"}}
+    names = ("tiny-instructblip-flan-t5", "tiny-instructblip-vicuna", "tiny-blip2-flan-t5", "tiny-blip2-opt")
+    return {"_t": t, "_p": p, "attention": {n: preset for n in names}}
+
+
+class AttentionBoundary(bisect.Boundary):
+    """The "attention" Boundary with compat_report's own signature and description, observing rows from
+    ``rows`` ((t, p) -> probe-shaped row) instead of venvs."""
+
+    def __init__(self, rows: dict, a: dict, b: dict):
+        _, signature, describe = bisect.compat_report_module().BEHAVIOURS["attention"]
+        super().__init__("attention", a, b, signature, describe, Path("unused"), "unused")
+        self.rows = rows
+
+    def value(self, t: str, p: str):
+        self.observed.append({"transformers": t, "peft": p})
+        return self.signature(self.rows[(t, p)])
+
+
+def test_attention_is_bisected_on_the_implementation_each_component_runs_by_default():
+    # A (4.45.2 / 0.13.2): every component runs eager; B (4.48.3 / 0.14.0): the LM runs sdpa.
+    # Decider = transformers A + peft B = 4.45.2 / 0.14.0: eager like A -> transformers bisected, peft held
+    # at 0.14.0. Candidates 4.45.2, 4.46.1, 4.47.0, 4.48.3 with both ends known: mid (0 + 3) // 2 = 1 ->
+    # 4.46.1, eager (lo = 1); mid (1 + 3) // 2 = 2 -> 4.47.0, sdpa (hi = 2): first changed 4.47.0.
+    # 4.46.1 differs from A in what the LM's config *says* (sdpa configured, eager run) and in the explicit
+    # sdpa build being refused: neither is the default that runs, so it must still count as "old".
+    a, b = _attention_row("4.45.2", "0.13.2", "eager"), _attention_row("4.48.3", "0.14.0", "sdpa")
+    rows = {
+        ("4.45.2", "0.14.0"): _attention_row("4.45.2", "0.14.0", "eager"),
+        ("4.46.1", "0.14.0"): _attention_row("4.46.1", "0.14.0", "eager", lm_configured="sdpa", sdpa_run="refused"),
+        ("4.47.0", "0.14.0"): _attention_row("4.47.0", "0.14.0", "sdpa"),
+    }
+    releases = {
+        "transformers": bisect.Releases([bisect.Version(v) for v in ("4.45.2", "4.46.1", "4.47.0", "4.48.3")], {}),
+        "peft": bisect.Releases([], {}),
+    }
+    record = bisect.bisect_boundary(AttentionBoundary(rows, a, b), releases)
+    assert record["status"] == "bisected", record
+    assert (record["bisected"], record["held"]) == ("transformers", {"peft": "0.14.0"})
+    assert (record["last_before"], record["first_changed"]) == ("4.46.1", "4.47.0")
+    assert [o["transformers"] for o in record["probes"]] == ["4.45.2", "4.46.1", "4.47.0"]
+    assert (record["old"], record["new"]) == ("all eager", "vision eager, Q-Former eager, LM sdpa")
