@@ -25,8 +25,11 @@ and A's numpy cap is kept (releases before transformers 4.39 were compiled again
 
 Output: reports/compat/boundaries.json, one record per boundary: the pairs, the library bisected and
 the one held (and why), the candidates and the yanked releases among them left out (yanked_skipped,
-with PyPI's reason), the last release before the change and the first with it,
-and every release observed with what it showed; or why it could not be bisected.
+with PyPI's reason), the last release before the change and the first with it (``steps``: one per
+change, from / to behaviour, last before, first changed; a boundary holding several changes, such as
+two components moving in different releases, is split into single steps, each searched from the
+previous one's first release), and every release observed with what it showed; or why it could not be
+bisected. last_before / first_changed repeat the first step.
 """
 
 from __future__ import annotations
@@ -108,6 +111,34 @@ def _check_step(candidates: Sequence, seen: Mapping[int, Hashable], reference: H
             )
 
 
+def _search(candidates: Sequence, seen: Mapping[int, Hashable], observe: Callable, start: int) -> int:
+    """Binary search from ``start`` for the first index whose observation differs from ``start``'s;
+    len(candidates) when none does. Observations in ``seen`` narrow it first (they are assumed to be
+    runs of one value each, which the callers check)."""
+    reference = observe(start)
+    lo = max(i for i, v in seen.items() if i >= start and v == reference)  # last known to behave as start
+    hi = min((i for i, v in seen.items() if i > lo and v != reference), default=len(candidates))
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if observe(mid) == reference:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def _observer(candidates: Sequence, probe: Callable, seen: dict, probed: list) -> Callable[[int], Hashable]:
+    """observe(i): ``seen[i]``, probing ``candidates[i]`` (and noting i in ``probed``) the first time."""
+
+    def observe(i: int) -> Hashable:
+        if i not in seen:
+            seen[i] = probe(candidates[i])
+            probed.append(i)
+        return seen[i]
+
+    return observe
+
+
 def first_change(
     candidates: Sequence, probe: Callable[[object], Hashable], known: Mapping[int, Hashable] | None = None
 ) -> Bisection:
@@ -121,27 +152,67 @@ def first_change(
     """
     if not candidates:
         raise ValueError("first_change: no candidates")
-    seen = dict(known or {})
-    probed = []
-
-    def observe(i: int) -> Hashable:
-        if i not in seen:
-            seen[i] = probe(candidates[i])
-            probed.append(i)
-        return seen[i]
-
+    seen, probed = dict(known or {}), []
+    observe = _observer(candidates, probe, seen, probed)
     reference = observe(0)
     _check_step(candidates, seen, reference)
-    lo = max(i for i, v in seen.items() if v == reference)  # last index known to behave as the first
-    hi = min((i for i, v in seen.items() if v != reference), default=len(candidates))
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if observe(mid) == reference:
-            lo = mid
-        else:
-            hi = mid
+    hi = _search(candidates, seen, observe, 0)
     _check_step(candidates, seen, reference)
     return Bisection(None if hi == len(candidates) else hi, seen, tuple(probed))
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """firsts: index of the first candidate of each new behaviour, in order (empty when none changes);
+    observations: index -> observed value (probed or known); probed: indices probed, in order."""
+
+    firsts: tuple
+    observations: dict
+    probed: tuple
+
+
+def _check_runs(candidates: Sequence, seen: Mapping[int, Hashable]) -> None:
+    """Refuse observations where a behaviour comes back after another one (a, b, a), naming the releases:
+    a sequence of steps shows each behaviour in one run."""
+    runs: list[tuple[int, Hashable]] = []  # (first index, value) of each run, in order
+    for i in sorted(seen):
+        if runs and seen[i] == runs[-1][1]:
+            continue
+        earlier = next((run for run in runs if run[1] == seen[i]), None)
+        if earlier is not None:
+            between_ = runs[-1]
+            raise NonMonotone(
+                f"not a sequence of steps: {candidates[earlier[0]]} shows {earlier[1]!r}, "
+                f"{candidates[between_[0]]} shows {between_[1]!r}, then {candidates[i]} shows {seen[i]!r} "
+                "(back to an earlier behaviour)"
+            )
+        runs.append((i, seen[i]))
+
+
+def changes(
+    candidates: Sequence, probe: Callable[[object], Hashable], known: Mapping[int, Hashable] | None = None
+) -> Steps:
+    """Every change along ``candidates`` (sorted): the first change from the first's behaviour, then,
+    from that release on, the first change from its behaviour, and so on (each one single-step binary
+    search, reusing every observation made so far) until no later one differs.
+
+    ``known`` as for first_change. A behaviour that comes back after another (a, b, a) among the
+    observations raises NonMonotone naming the releases; a third behaviour is the next step. Each step is
+    exact when every behaviour shows in one run of releases (one that comes back between two probes goes
+    unseen, as for first_change). Raises ValueError for an empty list.
+    """
+    if not candidates:
+        raise ValueError("changes: no candidates")
+    seen, probed = dict(known or {}), []
+    observe = _observer(candidates, probe, seen, probed)
+    firsts: list[int] = []
+    while True:
+        _check_runs(candidates, seen)
+        hi = _search(candidates, seen, observe, firsts[-1] if firsts else 0)
+        _check_runs(candidates, seen)
+        if hi == len(candidates):
+            return Steps(tuple(firsts), seen, tuple(probed))
+        firsts.append(hi)
 
 
 # ============================================================================ releases (PyPI)
@@ -548,14 +619,21 @@ def bisect_boundary(boundary: Boundary, releases: Mapping[str, Releases]) -> dic
             return boundary.value(pair["transformers"], pair["peft"])
 
         known = {0: plan["known_ends"][0], len(candidates) - 1: plan["known_ends"][1]}
-        found = first_change(candidates, probe, known)
-        if found.first is None:  # cannot happen with ends that differ; kept as a guard
+        found = changes(candidates, probe, known)
+        if not found.firsts:  # cannot happen with ends that differ; kept as a guard
             raise ProbeFailed("no change between the ends of the search")
-        record |= {
-            "status": "bisected",
-            "last_before": candidates[found.first - 1],
-            "first_changed": candidates[found.first],
-        }
+        steps = [
+            {
+                "from": boundary.describe(found.observations[start]),
+                "to": boundary.describe(found.observations[first]),
+                "last_before": candidates[first - 1],
+                "first_changed": candidates[first],
+            }
+            for start, first in zip((0, *found.firsts), found.firsts, strict=False)
+        ]
+        # last_before / first_changed: the first step (the only one for a single-step boundary)
+        record |= {"status": "bisected", **{k: steps[0][k] for k in ("last_before", "first_changed")}}
+        record["steps"] = steps
     except (ProbeFailed, NonMonotone) as err:
         record |= {"status": "not bisected", "reason": str(err)}
     record["probes"] = boundary.observed
@@ -622,7 +700,8 @@ def main(argv: list[str] | None = None) -> int:
         boundary = Boundary(name, a, b, signature, describe, args.root, args.python)
         records.append(bisect_boundary(boundary, releases))
         last = records[-1]
-        print(f"  -> {last.get('first_changed') or last.get('reason')} ({len(last['probes'])} observed)", flush=True)
+        found = ", then ".join(step["first_changed"] for step in last.get("steps", [])) or last.get("reason")
+        print(f"  -> {found} ({len(last['probes'])} observed)", flush=True)
         write_records(args.out or args.folder / report.BOUNDARIES_FILE, records)  # kept as it goes
     return 0
 

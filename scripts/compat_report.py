@@ -511,6 +511,18 @@ def pair_name(d: dict) -> str:
     return f"{d['_t']}-{d['_p']}"
 
 
+def _steps_text(found: dict) -> str:
+    """ "5.13.0 (last before: 5.12.1)" for one step; for several, each with what it changed to:
+    "5.13.0 (→ <behaviour>; last before: 5.12.1), then 5.16.0 (→ …; last before: 5.15.1)" (the
+    last parenthesis left open for exact_text's search details). Records written before steps were
+    recorded have last_before / first_changed only: one step."""
+    steps = found.get("steps") or [{"last_before": found["last_before"], "first_changed": found["first_changed"]}]
+    if len(steps) == 1:
+        return f"{steps[0]['first_changed']} (last before: {steps[0]['last_before']}"
+    parts = [f"{s['first_changed']} (→ {s['to']}; last before: {s['last_before']}" for s in steps]
+    return "), then ".join(parts)
+
+
 def exact_text(found: dict | None) -> str:
     """The bisected release of one boundary (scripts/bisect_boundary.py), or why there is none."""
     if found is None:
@@ -523,7 +535,7 @@ def exact_text(found: dict | None) -> str:
     yanked = ", ".join(y["version"] for y in found.get("yanked_skipped") or [])
     probed = len(found.get("probes", []))
     return (
-        f" — first at {found['bisected']} {found['first_changed']} (last before: {found['last_before']}; "
+        f" — first at {found['bisected']} {_steps_text(found)}; "
         f"bisected over {found['candidates'][0]}…{found['candidates'][-1]}, {held}, "
         + (f"yanked and skipped: {yanked}, " if yanked else "")
         + f"{probed} {'release' if probed == 1 else 'releases'} probed)"

@@ -268,3 +268,93 @@ def test_attention_is_bisected_on_the_implementation_each_component_runs_by_defa
     assert (record["last_before"], record["first_changed"]) == ("4.46.1", "4.47.0")
     assert [o["transformers"] for o in record["probes"]] == ["4.45.2", "4.46.1", "4.47.0"]
     assert (record["old"], record["new"]) == ("all eager", "vision eager, Q-Former eager, LM sdpa")
+
+
+@given(n=st.integers(3, 200), data=st.data())
+def test_a_two_step_boundary_is_split_into_both_steps_each_found_exactly(n, data):
+    # a ... a b ... b c ... c: the first change (a -> b at s1) is not the newer end's behaviour, so the
+    # search goes on from s1 to the end (b -> c at s2). With both ends known, each step is one binary
+    # search over at most n - 1 positions: at most 2 * ceil(log2(n - 1)) probes, none twice
+    s1 = data.draw(st.integers(1, n - 2), label="s1")
+    s2 = data.draw(st.integers(s1 + 1, n - 1), label="s2")
+    candidates = releases(n)
+    values = ["a"] * s1 + ["b"] * (s2 - s1) + ["c"] * (n - s2)
+    probe = Counting(candidates, values)
+    found = bisect.changes(candidates, probe, known={0: "a", n - 1: "c"})
+    assert found.firsts == (s1, s2)
+    assert len(probe.calls) == len(set(probe.calls)) == len(found.probed)
+    assert len(probe.calls) <= 2 * math.ceil(math.log2(n - 1))
+
+
+@given(n=st.integers(1, 300), data=st.data())
+def test_one_step_is_one_step_for_changes_too(n, data):
+    # the boundaries bisected before steps were recorded: same answer as first_change
+    step = data.draw(st.integers(1, n), label="step")
+    candidates = releases(n)
+    values = ["old"] * step + ["new"] * (n - step)
+    found = bisect.changes(candidates, Counting(candidates, values))
+    assert found.firsts == ((step,) if step < n else ())
+    first = bisect.first_change(candidates, Counting(candidates, values)).first
+    assert found.firsts == (() if first is None else (first,))
+
+
+@given(values=st.lists(st.sampled_from("abc"), min_size=1, max_size=40))
+def test_changes_agree_with_every_observation_and_refuse_only_a_behaviour_that_comes_back(values):
+    candidates = releases(len(values))
+    try:
+        found = bisect.changes(candidates, Counting(candidates, values))
+    except bisect.NonMonotone as err:
+        # three releases named: the first and the last show the same behaviour, the middle one another
+        named = [c for c in candidates if f"{c} shows" in str(err)]
+        assert len(named) == 3, str(err)
+        first, middle, later = (values[candidates.index(c)] for c in named)
+        assert first == later != middle
+        return
+    starts = (0, *found.firsts)
+    for f in found.firsts:  # each first change is exact: it differs from the release right before it
+        assert values[f] != values[f - 1]
+    for i, value in found.observations.items():
+        assert value == values[i]
+        run = max(s for s in starts if s <= i)  # the step this release falls in shows the run's behaviour
+        assert value == values[run]
+
+
+def test_a_behaviour_that_comes_back_is_still_refused_naming_the_releases():
+    # known a, b, a: not a sequence of steps; refused before any search (only the reference is read,
+    # and it is known, so nothing is probed)
+    candidates = releases(3)
+    probe = Counting(candidates, ["a", "b", "a"])
+    with pytest.raises(bisect.NonMonotone, match=r"4\.1\.0 shows 'b', then 4\.2\.0 shows 'a' \(back to an earlier"):
+        bisect.changes(candidates, probe, known={0: "a", 1: "b", 2: "a"})
+    assert probe.calls == []
+
+
+def test_a_two_step_record_lists_both_steps_and_the_report_names_both_releases():
+    # A 5.0.0 / 0.18.1 "old", B 5.3.0 / 0.21.2 "new". Decider 5.0.0 / 0.21.2: old -> transformers
+    # bisected, peft held at 0.21.2. Candidates 5.0.0, 5.1.0, 5.2.0, 5.3.0, ends known (0 old, 3 new).
+    # Step 1: mid (0 + 3) // 2 = 1 -> 5.1.0 "mid" (differs: hi = 1): first change 5.1.0, last before 5.0.0.
+    # "mid" is not B's behaviour, so step 2 from 5.1.0: lo = 1, hi = 3 -> mid 2 -> 5.2.0 "mid" (lo = 2):
+    # first changed 5.3.0, last before 5.2.0. Observed: the decider, 5.1.0, 5.2.0 (B is the matrix's).
+    a, b = {"_t": "5.0.0", "_p": "0.18.1", "sig": "old"}, {"_t": "5.3.0", "_p": "0.21.2", "sig": "new"}
+    table = {("5.0.0", "0.21.2"): "old", ("5.1.0", "0.21.2"): "mid", ("5.2.0", "0.21.2"): "mid"}
+    releases_ = {
+        "transformers": bisect.Releases([bisect.Version(v) for v in ("5.0.0", "5.1.0", "5.2.0", "5.3.0")], {}),
+        "peft": bisect.Releases([], {}),
+    }
+    record = bisect.bisect_boundary(TableBoundary(table, a, b), releases_)
+    assert record["status"] == "bisected", record
+    assert record["steps"] == [
+        {"from": "old", "to": "mid", "last_before": "5.0.0", "first_changed": "5.1.0"},
+        {"from": "mid", "to": "new", "last_before": "5.2.0", "first_changed": "5.3.0"},
+    ]
+    assert (record["last_before"], record["first_changed"]) == ("5.0.0", "5.1.0")
+    assert [(o["transformers"], o["peft"]) for o in record["probes"]] == [
+        ("5.0.0", "0.21.2"),
+        ("5.1.0", "0.21.2"),
+        ("5.2.0", "0.21.2"),
+    ]
+    text = bisect.compat_report_module().exact_text(record)
+    assert text == (
+        " — first at transformers 5.1.0 (→ mid; last before: 5.0.0), then 5.3.0 (→ new; last before: 5.2.0; "
+        "bisected over 5.0.0…5.3.0, peft held at 0.21.2, 3 releases probed)"
+    )
