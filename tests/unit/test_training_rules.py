@@ -84,3 +84,25 @@ def test_unknown_precision_is_refused_naming_every_known_one():
     with pytest.raises(ValueError) as refused:
         precision.get("fp8")
     assert str(refused.value) == "unknown precision 'fp8'; expected one of fp32, bf16, fp16-amp, fp16-pure"
+
+
+def test_majority_baseline_is_the_commonest_answers_share():
+    """Answers compared stripped and case-folded: 'Red', ' red ', 'RED', 'blue', 'green' -> red 3 of 5 = 0.6."""
+    from types import SimpleNamespace
+
+    from qformer_lora.training import validation
+
+    samples = [SimpleNamespace(answer=a) for a in ("Red", " red ", "RED", "blue", "green")]
+    assert validation.majority_baseline(samples) == pytest.approx(0.6)
+    # str.lower, not upper: 'straße'.upper() is 'STRASSE', which would merge it with 'strasse' (3 of 3)
+    samples = [SimpleNamespace(answer=a) for a in ("straße", "Strasse", "STRASSE")]
+    assert validation.majority_baseline(samples) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize(("name", "state"), [("fp16-amp", "autocast-torch.float16"), ("fp32", "no-autocast")])
+def test_autocast_computes_in_the_precisions_dtype(name, state):
+    """fp16-amp autocasts to fp16 on every device (the CPU's own autocast default is bf16); fp32 does not autocast."""
+    from qformer_lora import compat
+
+    with precision.autocast(name, "cpu"):
+        assert compat.autocast_state("cpu") == state
