@@ -74,6 +74,16 @@ REQUIRED_KEYS = ("image", "instruction", "answer")
 OPTIONAL_KEYS = ("id",)
 
 
+def shapes_subset(directory: str | Path, split: str, n: int) -> Path:
+    """The first ``n`` samples of the shipped shapes manifest ``split`` ("train" / "val"), written to
+    ``directory/<split>-subset.jsonl`` (image paths stay relative to SHAPES_DIR): a run of a few steps
+    for reproduce's items and the tests."""
+    lines = (SHAPES_DIR / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+    path = Path(directory) / f"{split}-subset.jsonl"
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
 def read_manifest(path: str | Path, image_root: str | Path | None = None) -> list[Sample]:
     """Read and validate a JSONL manifest.
 

@@ -124,11 +124,7 @@ def small_run(tmp_path: Path) -> list[str]:
     """A one-epoch train on 8 + 8 shapes samples: one optimizer step and one validation pass."""
     flags = []
     for split in ("train", "val"):
-        path = tmp_path / f"{split}.jsonl"
-        path.write_text(
-            "".join(line + "\n" for line in (data.SHAPES_DIR / f"{split}.jsonl").read_text().splitlines()[:8])
-        )
-        flags += [f"--{split}-manifest", str(path)]
+        flags += [f"--{split}-manifest", str(data.shapes_subset(tmp_path, split, 8))]
     return ["train", *flags, "--image-root", str(data.SHAPES_DIR), "--epochs", "1", "--batch-size", "8"]
 
 

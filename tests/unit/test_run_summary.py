@@ -109,11 +109,7 @@ def short_run(tmp_path: Path) -> list[str]:
     """One epoch on 8 training and 8 validation shapes samples, batch 4: 2 optimizer steps."""
     flags = []
     for split in ("train", "val"):
-        path = tmp_path / f"{split}.jsonl"
-        path.write_text(
-            "".join(line + "\n" for line in (data.SHAPES_DIR / f"{split}.jsonl").read_text().splitlines()[:8])
-        )
-        flags += [f"--{split}-manifest", str(path)]
+        flags += [f"--{split}-manifest", str(data.shapes_subset(tmp_path, split, 8))]
     return ["train", *flags, "--image-root", str(data.SHAPES_DIR), "--epochs", "1", "--batch-size", "4",
             "--progress", "false", "--output-dir", str(tmp_path / "run")]  # fmt: skip
 

@@ -28,9 +28,7 @@ def small_data(tmp_path: Path, train_samples: int = 32, val_samples: int = 16) -
     """The first samples of the shapes manifests: resume and crash checks need a few steps, not the whole set."""
     options = {"image_root": str(data.SHAPES_DIR)}
     for split, n in (("train", train_samples), ("val", val_samples)):
-        lines = (data.SHAPES_DIR / f"{split}.jsonl").read_text().splitlines()[:n]
-        (tmp_path / f"{split}-small.jsonl").write_text("".join(line + "\n" for line in lines))
-        options[f"{split}_manifest"] = str(tmp_path / f"{split}-small.jsonl")
+        options[f"{split}_manifest"] = str(data.shapes_subset(tmp_path, split, n))
     return options
 
 

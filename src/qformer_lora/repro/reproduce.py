@@ -161,8 +161,8 @@ def item_checkpoints() -> dict:
             save_every=2,
             keep_last=0,
             progress=False,
-            train_manifest=str(_subset(tmp, "train", 32)),
-            val_manifest=str(_subset(tmp, "val", 16)),
+            train_manifest=str(data.shapes_subset(tmp, "train", 32)),
+            val_manifest=str(data.shapes_subset(tmp, "val", 16)),
             image_root=str(data.SHAPES_DIR),
             base_checkpoint=None,
             preset="tiny-instructblip-flan-t5",
@@ -188,14 +188,6 @@ def item_checkpoints() -> dict:
         "bitwise the same adapter as 4 epochs straight",
         "evidence": {"checkpoints": saved, "resume_bitwise_identical": identical},
     }
-
-
-def _subset(tmp: str, split: str, n: int) -> Path:
-    """The first n shapes samples of ``split`` (keeps this item to seconds)."""
-    lines = (data.SHAPES_DIR / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
-    path = Path(tmp) / f"{split}-subset.jsonl"
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
 
 
 def item_memory() -> dict:
