@@ -61,17 +61,26 @@ def mutant_diffs(mutated_source: Path) -> dict[str, str]:
     return diffs
 
 
-def collect(mutants: Path) -> dict[str, list[dict]]:
-    """{module: [{name, status, diff}]} from mutmut's .meta files under ``mutants``."""
+def status_of(name: str, code, diff: str, equivalent: dict[str, dict]) -> str:
+    """mutmut's exit code as a status; a mutant not killed but listed in ``equivalent`` is "equivalent" while
+    the diff it was judged on still matches, "stale equivalent" once it does not."""
+    status = STATUS.get(code, "suspicious")
+    if status == "killed" or name not in equivalent:
+        return status
+    return "equivalent" if equivalent[name].get("diff") == diff else "stale equivalent"
+
+
+def collect(mutants: Path, equivalent: dict[str, dict]) -> dict[str, list[dict]]:
+    """{module: [{name, status, diff}]} from mutmut's .meta files under ``mutants`` (status_of)."""
     modules: dict[str, list[dict]] = {}
     for meta in sorted(mutants.glob("src/**/*.py.meta")):
         source = meta.with_suffix("")  # x.py.meta -> x.py
         module = ".".join(source.relative_to(mutants / "src").with_suffix("").parts)
         diffs = mutant_diffs(source)
         exit_codes = json.loads(meta.read_text(encoding="utf-8"))["exit_code_by_key"]
+        rows = [(name, code, diffs.get(name.rsplit(".", 1)[-1], "?")) for name, code in sorted(exit_codes.items())]
         modules[module] = [
-            {"name": name, "status": STATUS.get(code, "suspicious"), "diff": diffs.get(name.rsplit(".", 1)[-1], "?")}
-            for name, code in sorted(exit_codes.items())
+            {"name": name, "status": status_of(name, code, diff, equivalent), "diff": diff} for name, code, diff in rows
         ]
     return modules
 
@@ -82,12 +91,10 @@ def load_equivalent(path: Path = EQUIVALENT) -> dict[str, dict]:
     return tomllib.loads(path.read_text(encoding="utf-8")).get("mutant", {})
 
 
-def score(rows: list[dict], equivalent: dict[str, dict]) -> dict:
+def score(rows: list[dict]) -> dict:
     """Counts by status for one module; equivalent survivors are taken out of the denominator."""
     counts: dict[str, int] = {}
     for row in rows:
-        if row["status"] != "killed" and row["name"] in equivalent:
-            row["status"] = "equivalent" if equivalent[row["name"]].get("diff") == row["diff"] else "stale equivalent"
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     # a mutant not checked (an interrupted run) counts as not killed: the score never flatters a partial run
     judged = len(rows) - counts.get("equivalent", 0) - counts.get("skipped", 0)
@@ -134,7 +141,7 @@ def main(argv=None) -> int:
     from importlib.metadata import version
 
     equivalent = load_equivalent()
-    modules = collect(args.mutants)
+    modules = collect(args.mutants, equivalent)
     if not modules:
         print(f"no mutmut results under {args.mutants}/src: run `mutmut run` first", file=sys.stderr)
         return 2
@@ -143,7 +150,7 @@ def main(argv=None) -> int:
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}",
         "wall_s": args.wall_s,
         "target": TARGET,
-        "modules": {module: score(rows, equivalent) for module, rows in modules.items()},
+        "modules": {module: score(rows) for module, rows in modules.items()},
     }
     from qformer_lora import writes  # all-or-nothing writes: a report is never left half-written
 

@@ -66,12 +66,10 @@ def survivors(work: Path, patterns: list[str]) -> tuple[list[dict], int]:
     equivalent = mutation_report.load_equivalent(ROOT / mutation_report.EQUIVALENT)
     rows = [
         row
-        for module_rows in mutation_report.collect(work / "mutants").values()
+        for module_rows in mutation_report.collect(work / "mutants", equivalent).values()
         for row in module_rows
         if any(fnmatch.fnmatch(row["name"], p) for p in patterns)
     ]
-    for row in rows:
-        mutation_report.score([row], equivalent)  # marks listed equivalents
     return [r for r in rows if r["status"] not in ("killed", "equivalent")], len(rows)
 
 
