@@ -177,3 +177,24 @@ def test_truncation_warnings_name_the_sample_in_training_and_in_generation(prese
     for build in (collator, collator.prompts):
         with pytest.warns(UserWarning, match=rf"^sample 's1': instruction has \d+ tokens, truncated to {budget}$"):
             build(examples)
+
+
+@pytest.mark.parametrize("preset", ("tiny-instructblip-vicuna", "tiny-blip2-opt"))
+def test_generation_moves_left_padding_before_the_query_tokens(preset):
+    """A decoder-only row [query tokens, left padding, prompt] goes to generate() as [padding,
+    query tokens, prompt], each part in its own order (forward.generation_inputs). The expected
+    order is written out per row from the training mask; the rows are long (a 24-word prompt
+    beside a one-word one), since torch's CPU sort keeps ties in order for short rows even
+    without stable=True and reorders them from about 17 positions on."""
+    model, _ = model_and_processor(preset)
+    batch = collator_for(preset, 32).prompts(examples_of([(" ".join(WORDS[:24]), "red"), ("what", "red")]))
+    embeds, mask, _, _ = forward.embed_inputs(model, batch)
+    moved_embeds, moved_mask = forward.generation_inputs(model, batch)
+    queries = model.config.num_query_tokens
+    assert mask.shape[1] >= 17 and not mask[1].all(), f"no long, padded row to test: {mask.tolist()}"
+    for row, m in enumerate(mask.tolist()):
+        padding = [i for i in range(queries, len(m)) if m[i] == 0]
+        prompt = [i for i in range(queries, len(m)) if m[i] == 1]
+        expected = padding + list(range(queries)) + prompt
+        assert moved_mask[row].tolist() == [0] * len(padding) + [1] * (len(m) - len(padding)), f"row {row}"
+        assert torch.equal(moved_embeds[row], embeds[row, expected]), f"row {row}: not padding, queries, prompt"

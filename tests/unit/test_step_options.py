@@ -167,6 +167,16 @@ def test_fused_request_falls_back_to_foreach_with_the_reason(monkeypatch):
     assert choice.used == "default" and not opt.defaults["fused"] and opt.defaults["eps"] == 1e-6
 
 
+def test_fused_adamw_reason_names_a_device_without_a_kernel():
+    """CPU has fused AdamW kernels since torch 2.4 (compat.fused_adamw_unavailable_reason's source; the
+    CI's torch is 2.13); the meta device has none in any release, and the reason names it."""
+    if compat.TORCH < compat.Version("2.4"):
+        pytest.skip(f"torch {compat.TORCH} predates CPU fused AdamW (2.4)")
+    assert compat.fused_adamw_unavailable_reason([torch.zeros(1)]) is None
+    reason = compat.fused_adamw_unavailable_reason([torch.zeros(1, device="meta")])
+    assert reason is not None and "for meta" in reason, reason
+
+
 def test_integer_parameters_are_reported_unfused():
     reason = compat.fused_adamw_unavailable_reason([torch.zeros(2, dtype=torch.long)])
     assert reason is not None and "floating-point" in reason
