@@ -203,4 +203,6 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def generation_options(args):
+    if args.batch_size == run_config.AUTO_BATCH:  # the word train's flag also takes
+        raise run_config.ConfigError("--batch-size auto sizes training batches only; give a number here")
     return tasks.GenerationOptions(args.max_new_tokens, args.num_beams, args.length_penalty, args.batch_size)

@@ -84,6 +84,8 @@ def summarise(directory: str | Path) -> dict:
         "wall_s": sum(r["wall_s"] for r in ends) if ends else None,
         "samples_per_s": samples / seconds if seconds > 0 else None,
         "hidden_warnings": [r["name"] for r in records if r.get("type") == "warning"],
+        # --batch-size auto: what it chose and why (the first part's; a resumed part keeps it)
+        "batch_size_auto": next((r["why"] for r in records if r.get("type") == "auto_batch" and "why" in r), None),
     }
 
 
@@ -116,6 +118,8 @@ def format_summary(summary: dict) -> str:
         + _figure(summary["best_val_accuracy"], last["val_accuracy"], last["epoch"], ".3f")
         + (f"; majority answer {summary['majority_baseline']:.3f}" if summary["majority_baseline"] is not None else ""),
     ]
+    if summary.get("batch_size_auto"):
+        lines.append(summary["batch_size_auto"])
     if summary["wall_s"] is not None:
         rate = f", {summary['samples_per_s']:.1f} samples/s in training steps" if summary["samples_per_s"] else ""
         lines.append(f"time: {summary['wall_s']:.1f} s wall{rate}")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint, data, formats, forward, inputs, known_warnings, lora, pause_points, precision, presets, tasks
 from ..diagnostics import doctor
-from . import distributed, feature_cache, metrics_log, run_dir, run_lock, step_options, validation
+from . import auto_batch, distributed, feature_cache, metrics_log, run_dir, run_lock, step_options, validation
 from .loader import EpochLoader, default_workers
 from .run_config import TrainConfig  # the options; what callers pass to train()
 from .step import StepParts, linear_warmup_decay, make_step, training_step
@@ -187,6 +187,7 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
     lora.check_trainable_scope(model, spec.scope)  # refuse to train anything outside the scope
     choices = [step_options.set_lm_checkpointing(model, config.lm_checkpointing)]
     collator, train_set, val_set = _datasets(config, model)
+    config, auto_record = auto_batch.resolve(config, model, collator, train_set, device, resume_from)  # auto: a number
 
     optimizer, scheduler, steps_per_epoch = _optimizer(config, model, len(train_set), choices)
     scaler = precision.grad_scaler(config.precision, device)
@@ -228,6 +229,8 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
     for name, count in (state.get("guard") or {}).items():  # the guard's counters go on where they stood
         setattr(parts.guard, name, count)
     log.record({"type": "step_options", "step": global_step, "choices": [c.as_dict() for c in choices]})
+    if auto_record is not None:  # what --batch-size auto chose, and why
+        log.record(auto_record | {"step": global_step})
     baseline = validation.majority_baseline(val_set.samples)
     sets = (collator, train_set, val_set, *_loaders(config, train_set, val_set, collator, device), baseline)
     position = state.get("position")
