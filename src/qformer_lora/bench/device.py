@@ -1,10 +1,11 @@
 """The CUDA device as a benchmark sees it: out-of-memory errors, peaks, caps and card facts.
 
-Split from bench/measurement.py, which measures steps: ``is_oom`` tells an allocation failure from
-any other error, ``free_memory`` empties the allocator's cache between measurements,
-``memory_stats`` reads the peaks since the last reset, ``memory_cap`` limits the allocator
-to a budget (how a 24 GiB card is simulated on a larger one), ``device_info`` describes the
-card for the report. On a CPU each is a no-op or reports None.
+Split from bench/measurement.py, which measures steps: ``is_oom`` (training/auto_batch.py's, which
+--batch-size auto uses too) tells an allocation failure from any other error, ``free_memory``
+empties the allocator's cache between measurements, ``memory_stats`` reads the peaks since the
+last reset, ``memory_cap`` limits the allocator to a budget (how a 24 GiB card is simulated on a
+larger one), ``device_info`` describes the card for the report. On a CPU each is a no-op or
+reports None.
 """
 
 from __future__ import annotations
@@ -16,15 +17,8 @@ import subprocess
 
 import torch
 
+from ..training.auto_batch import is_oom  # noqa: F401 - re-exported: sweep and measurement import it from here
 from .capacity import GIB
-
-
-def is_oom(err: BaseException) -> bool:
-    # cuBLAS / cuDNN report a failed workspace allocation as their own status, not as an OOM
-    message = str(err)
-    return isinstance(err, torch.cuda.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and ("out of memory" in message.lower() or "_STATUS_ALLOC_FAILED" in message)
-    )
 
 
 def free_memory(collect: bool = True) -> None:

@@ -23,8 +23,7 @@ accumulate into the same buffers, so one micro-batch's step is the memory to mea
 Refused, with the reason: on a CPU (torch measures no per-step peak of host memory, which the
 process shares with everything else), under torchrun (each process would probe alone and could
 choose another batch). A resumed run keeps its checkpoint's batch size, so it replays the same
-batches. bench/device.py's ``is_oom`` is the benchmark's copy of the out-of-memory test below
-(the layering keeps training from importing bench).
+batches. :func:`is_oom` is also the benchmark's out-of-memory test (bench/device.py).
 """
 
 from __future__ import annotations
@@ -175,7 +174,7 @@ def _fit(probes: list, target: Fraction) -> tuple[dict, int]:
 # ----------------------------------------------------------------------------- the device
 
 
-def _is_oom(err: BaseException) -> bool:
+def is_oom(err: BaseException) -> bool:
     # cuBLAS / cuDNN report a failed workspace allocation as their own status, not as an OOM
     message = str(err)
     return isinstance(err, torch.cuda.OutOfMemoryError) or (
@@ -216,7 +215,7 @@ class CudaMemory:
             run_step()
             torch.cuda.synchronize(self.device)
         except RuntimeError as err:  # torch.cuda.OutOfMemoryError is a RuntimeError
-            if not _is_oom(err):
+            if not is_oom(err):
                 raise
             return None
         return torch.cuda.max_memory_allocated(self.device)
