@@ -155,7 +155,8 @@ def nan_gradient_at(parts, step: int):
 def test_a_non_finite_step_changes_nothing_under_skip(plant):
     """Step 2 of 6 non-finite (a NaN gradient, or NaN pixels in one micro-batch): after step 2 the
     adapter and AdamW's exp_avg, exp_avg_sq and step are bitwise as after step 1, and the later
-    steps are taken (AdamW's step count is 5 = 6 attempted - 1 skipped)."""
+    steps are taken (AdamW's step count is 5 = 6 attempted - 1 skipped). The schedule counts
+    attempted steps: the learning rates are those of 6 scheduler steps on a fresh optimizer."""
     bad = 2
     parts = parts_for(True, guard="skip")
     step_groups = groups(parts.model)
@@ -170,6 +171,10 @@ def test_a_non_finite_step_changes_nothing_under_skip(plant):
     before, after = states[bad - 1], states[bad]
     assert not [k for k in before if not torch.equal(before[k], after[k])], "the skipped step changed state"
     assert {int(v) for k, v in states[-1].items() if k.endswith("/step")} == {STEPS - 1}
+    fresh = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    schedule = linear_warmup_decay(fresh, 2, 20)
+    attempted = [(fresh.step(), schedule.step(), schedule.get_last_lr()[0])[2] for _ in range(STEPS)]
+    assert [p.lr for p in pending] == attempted
     results = read_steps(parts, pending)
     expected = "skip" if plant == "gradient" else "inputs"
     assert [r.action for r in results] == ["step"] * bad + [expected] + ["step"] * (STEPS - bad - 1)
