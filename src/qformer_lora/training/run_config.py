@@ -82,10 +82,28 @@ class TrainConfig:
     feature_cache: str = "off"
     feature_cache_dir: str | None = None
     log: str = "jsonl"
+    sync_every: int = 0  # 0: the step reads its results on the host every step (training/step.py)
 
     def __post_init__(self):
         if self.lora_alpha is None:  # the same default as verify's (lora.default_alpha: 2r)
             self.lora_alpha = lora.default_alpha(self.lora_r)
+        if self.sync_every > 0:
+            self.check_deferred_reads()
+
+    def check_deferred_reads(self) -> None:
+        """ConfigError naming the options that deferred host reads (sync_every > 0) cannot run with,
+        before anything is built (step.check_deferred checks the built optimizer and process count too)."""
+        why = []
+        if self.guard == "rollback":
+            why.append("guard 'rollback' decides on the host before every step; use guard 'skip' or 'raise'")
+        if self.fused_optimizer is not True:
+            why.append("a non-finite step is skipped on the device by fused AdamW; set fused_optimizer to true")
+        if self.precision == "fp16-amp":
+            why.append("fp16-amp's GradScaler decisions need host reads; use bf16 or fp32")
+        if why:
+            raise ConfigError(
+                f"option 'sync_every' is {self.sync_every} (deferred host reads), refused: " + "; ".join(why)
+            )
 
 
 # The word --help shows for an option's value where the type alone says too little: a path, a
@@ -180,6 +198,11 @@ HELP = {
     "feature_cache": "off | memory | disk: compute the frozen vision encoder's features once per image and reuse "
     "them (exact; refused with image augmentation or a trainable vision encoder)",
     "feature_cache_dir": "directory of the disk feature cache (default: <output_dir>/feature_cache)",
+    "sync_every": "deferred host reads: the step keeps its loss, gradient norm and finite flag on the device "
+    "(no host sync inside it) and the loop reads them once every N optimizer steps, logging each step then; a "
+    "non-finite step is skipped on the device by fused AdamW (exact), guard=raise raises at the read naming that "
+    "step; the schedule and the step numbers count attempted steps, skipped ones too. Needs fused_optimizer true, "
+    "guard skip or raise, bf16 or fp32, one process. 0: read every step (no fused AdamW needed)",
     "log": "jsonl: metrics.jsonl alone | tensorboard: also TensorBoard event files in the run directory, the "
     "step and epoch numbers as scalars (train/*, val/*, epoch/*; needs qformer-lora[tensorboard])",
 }
@@ -203,6 +226,7 @@ MINIMUMS = {
     "stop_after_epochs": 1,
     "num_workers": 0,
     "eval_every": 0,
+    "sync_every": 0,
 }
 
 

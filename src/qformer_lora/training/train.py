@@ -33,7 +33,7 @@ from ..diagnostics import doctor
 from . import auto_batch, distributed, feature_cache, metrics_log, run_dir, run_lock, step_options, validation
 from .loader import EpochLoader, default_workers
 from .run_config import TrainConfig  # the options; what callers pass to train()
-from .step import StepParts, linear_warmup_decay, make_step, training_step
+from .step import StepParts, linear_warmup_decay, make_step, read_steps, training_step
 
 # ----------------------------------------------------------------------------- set-up
 
@@ -225,6 +225,7 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
         max_rollbacks=config.max_rollbacks,
         rollback_lr_factor=config.rollback_lr_factor,
         on_event=log.record,
+        deferred=config.sync_every > 0,
     )
     for name, count in (state.get("guard") or {}).items():  # the guard's counters go on where they stood
         setattr(parts.guard, name, count)
@@ -306,47 +307,79 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, int]:
     config = run.config
     # resumed from a step checkpoint: skip the micro-batches it had consumed (never loaded) and
     # go on with the epoch's running totals
-    position, run.position = run.position or {"batches": 0, "loss_sum": 0.0, "tokens": 0}, None
-    batches, loss_sum, tokens = position["batches"], position["loss_sum"], position["tokens"]
-    loader = run.train_loader.epoch(epoch, skip_batches=batches)
+    position, run.position = dict(run.position or {"batches": 0, "loss_sum": 0.0, "tokens": 0}), None
+    loader = run.train_loader.epoch(epoch, skip_batches=position["batches"])
     bar = tqdm(
         groups_of(loader, config.grad_accum),
         total=run.steps_per_epoch,
-        initial=batches // config.grad_accum,
+        initial=position["batches"] // config.grad_accum,
         disable=not (config.progress and distributed.is_main()),
         desc=f"epoch {epoch}/{config.epochs}",
         leave=False,
     )
     epoch_started = time.perf_counter()
+    pending, interval_started = [], epoch_started  # deferred host reads: steps not read yet
     for group in bar:
-        batches += len(group)
+        position["batches"] += len(group)
         started = time.perf_counter()
         if run.cache is not None:  # hash the pixels on the CPU copy, before the transfer
             for b in group:
                 b["image_keys"] = feature_cache.pixel_keys(b["pixel_values"])
         result = training_step(run.parts, [inputs.to_device(b, run.device) for b in group], run.global_step)
-        if not result.stepped:
+        if run.parts.deferred:  # the schedule counted it; its results are read once per interval
+            run.global_step += 1
+            pause_points.reached("step")
+            pending.append(result)
+            if len(pending) < config.sync_every and not _save_due(run):
+                continue
+            _read_pending(run, epoch, bar, position, pending, interval_started)
+            pending, interval_started = [], time.perf_counter()
+        elif result.stepped:
+            run.global_step += 1
+            pause_points.reached("step")
+            lr = run.parts.scheduler.get_last_lr()[0]
+            sps = result.samples / (time.perf_counter() - started)
+            _log_step(run, epoch, bar, position, result, run.global_step, lr, sps)
+        else:
             continue
-        run.global_step += 1
-        pause_points.reached("step")
-        record = {
-            "type": "step",
-            "epoch": epoch,
-            "step": run.global_step,
-            "loss": result.loss,
-            "lr": run.parts.scheduler.get_last_lr()[0],
-            "grad_norm": float(result.grad_norm),
-            "samples_per_s": result.samples / (time.perf_counter() - started),
-        }
-        run.log.record(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
-        loss_sum += result.loss_sum
-        tokens += result.tokens
-        run.train_samples += result.samples
-        if config.save_steps and run.global_step % config.save_steps == 0 and distributed.is_main():
-            _save(run, epoch, position={"batches": batches, "loss_sum": loss_sum, "tokens": tokens})
+        if _save_due(run):  # never with unread deferred steps: they were read above
+            _save(run, epoch, position=dict(position))
+    _read_pending(run, epoch, bar, position, pending, interval_started)
     run.train_s += time.perf_counter() - epoch_started
-    return loss_sum, tokens
+    return position["loss_sum"], position["tokens"]
+
+
+def _save_due(run: Run) -> bool:
+    """A step checkpoint is taken after this optimizer step (--save-steps)."""
+    return bool(run.config.save_steps) and run.global_step % run.config.save_steps == 0 and distributed.is_main()
+
+
+def _log_step(run: Run, epoch: int, bar, position: dict, result, step: int, lr: float, samples_per_s: float) -> None:
+    """Optimizer step ``step``'s log record, the progress bar, and the epoch's running totals."""
+    record = {
+        "type": "step",
+        "epoch": epoch,
+        "step": step,
+        "loss": result.loss,
+        "lr": lr,
+        "grad_norm": float(result.grad_norm),
+        "samples_per_s": samples_per_s,
+    }
+    run.log.record(record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
+    position["loss_sum"] += result.loss_sum
+    position["tokens"] += result.tokens
+    run.train_samples += result.samples
+
+
+def _read_pending(run: Run, epoch: int, bar, position: dict, pending: list, started: float) -> None:
+    """Deferred host reads: the interval's steps read at once (step.read_steps, where the guard acts)
+    and logged as training_step's would be, each at its own step number; samples/s is the interval's."""
+    results = read_steps(run.parts, pending)
+    samples_per_s = sum(r.samples for r in results) / max(time.perf_counter() - started, 1e-9)
+    for step, result in zip(pending, results):
+        if result.stepped:  # numbered as the schedule counts: step.index + 1
+            _log_step(run, epoch, bar, position, result, step.index + 1, step.lr, samples_per_s)
 
 
 def _save(run: Run, epoch: int, **where) -> None:
