@@ -430,15 +430,24 @@ def bench_points(args, measurement) -> list:
     )
 
 
-def cmd_bench(args) -> int:
-    from .bench import measurement, report_files, sweep
-
+def _bench_device(args) -> str:
+    """--device resolved; a full-size default on a CPU is refused."""
     device = resolve_device(args.device)
     if args.preset is None and torch.device(device).type == "cpu":
         raise ValueError(
-            f"--device {args.device}: the built-in grid builds full-size models (about 4B parameters "
-            f"each) for a GPU; on a CPU pass --preset with a tiny preset (tiny-instructblip-flan-t5)"
+            f"--device {args.device}: without --preset the built-in grid builds full-size models (about 4B "
+            f"parameters each; --end-to-end, InstructBLIP-FlanT5-XL) for a GPU; on a CPU pass --preset with a tiny "
+            f"preset (tiny-instructblip-flan-t5)"
         )
+    return device
+
+
+def cmd_bench(args) -> int:
+    from .bench import measurement, report_files, sweep
+
+    if args.end_to_end:
+        return cmd_bench_end_to_end(args)
+    device = _bench_device(args)
     points = bench_points(args, measurement)
     shape = measurement.SequenceShape(args.prompt_len, args.answer_len, args.instruction_len)
     report, paths = sweep.run_benchmark(
@@ -446,6 +455,45 @@ def cmd_bench(args) -> int:
     )
     print(report["paragraph"])
     report_files.print_paths(paths)
+    return 0
+
+
+def cmd_bench_end_to_end(args) -> int:
+    from .bench import end_to_end, measurement, report_files
+
+    device = _bench_device(args)
+    sweep_only = [
+        flag
+        for flag, given in (
+            ("--options-batch", args.options_batch is not None),
+            ("--validate-budget-gib", args.validate_budget_gib is not None),
+            ("--family", args.family is not None),
+            ("--forwards", args.forwards != ["custom"]),  # end to end measures both forwards
+            ("--scopes", len(args.scopes) > 1),
+            ("--instruction-len", args.instruction_len != args.prompt_len),  # padded to the prompt budget
+        )
+        if given
+    ]
+    if sweep_only:
+        raise ValueError(f"--end-to-end: {', '.join(sweep_only)} apply to the sweep only (see --help)")
+    configs = end_to_end.configs(
+        args.preset or measurement.FULL_INSTRUCTBLIP,
+        args.precisions,
+        args.batch_sizes,
+        scope=args.scopes[0],
+        num_workers=args.num_workers,
+        lm_checkpointing=args.lm_checkpointing,
+        fused_optimizer=args.fused_optimizer,
+        compile_qformer=args.compile_qformer,
+        compile_frozen=args.compile_frozen,
+        feature_cache=args.feature_cache,
+        max_prompt_tokens=args.prompt_len,
+        max_answer_tokens=args.answer_len,
+    )
+    for config in configs:
+        report = end_to_end.run(config, device=device, steps=args.steps)
+        paths = report_files.write_end_to_end(report, args.out)
+        print(f"{report['paragraph']}\njson: {paths['json']}\nmd: {paths['md']}")
     return 0
 
 
@@ -490,6 +538,19 @@ def add_bench_parser(sub) -> None:
     )
     for name in ("lm_checkpointing", "feature_cache", "fused_optimizer", "compile_qformer", "compile_frozen"):
         config_option(p, name)
+    p.add_argument(
+        "--end-to-end",
+        type=boolean,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="{true,false}",
+        help="instead of the sweep, time the trainer's loop from generated COCO-sized JPEG files (the data "
+        "pipeline with --num-workers workers, then the trainer's step) and the step alone, against HF's forward "
+        "through PEFT on the same data, for each of --precisions x --batch-sizes with the step options above; "
+        "writes end-to-end-<card>-<date>-<precision>-b<batch>.json/.md (default: false)",
+    )
+    config_option(p, "num_workers")
     _add_bench_sizes(p)
     add_device_option(p)
     p.add_argument(

@@ -3,7 +3,8 @@
 ``<stem>.json`` (strict JSON, jsonio), ``<stem>.md`` and ``<stem>-<figure>.png`` for each
 figure of bench/figures.py the report has data for; the Markdown shows each figure under its
 section. Files are written atomically (temporary file, then os.replace); without matplotlib
-the figures are skipped with a note. The numbers come from bench/reporting.py.
+the figures are skipped with a note. The numbers come from bench/reporting.py. The end-to-end
+benchmark (bench/end_to_end.py) writes ``end-to-end-<stem>-<precision>-b<batch>.json`` / ``.md``.
 
 ``python -m qformer_lora.bench.report_files REPORT.json [--out DIR]`` re-summarises a saved
 report (e.g. after a summary was added) and rewrites its Markdown and figures.
@@ -225,6 +226,53 @@ def markdown(report: dict, figures: dict[str, str] | None = None) -> str:
         if figure in (figures or {}):
             lines += ["", f"![{figure}]({figures[figure]})"]
     return "\n".join(lines + ["", "## Summary", "", report["paragraph"], ""])
+
+
+# ----------------------------------------------------------------------------- end-to-end reports
+
+
+def end_to_end_stem(report: dict) -> str:
+    """``end-to-end-<card>-<date>-<precision>-b<batch>``: one file per measured configuration."""
+    config = report["config"]
+    return f"end-to-end-{report_stem(report)}-{config['precision']}-b{config['batch_size']}"
+
+
+def end_to_end_markdown(report: dict) -> str:
+    """A bench/end_to_end.py report as Markdown: one row per forward and mode, then the summary."""
+    dev, seq, v, s = report["device"], report["sequence"], report["versions"], report["settings"]
+    lines = [
+        f"# The training loop end to end, from JPEG files: {dev['name']}",
+        "",
+        f"{report['created']}; torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}. "
+        f"Prompt {seq['prompt_len']}, answer {seq['answer_len']}, instruction {seq['instruction_len']} tokens; "
+        f"{s['measured_steps']} measured steps after {s['warmup_steps']} warm-up.",
+        "",
+        "| forward | measured | samples/s | step ms | loader wait ms/batch | peak allocated GiB | MFU |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, modes in report["results"].items():
+        for mode, t in modes.items():
+            if "error" in t:
+                lines.append(f"| {name} | {mode} | failed: {t['error']} | | | | |")
+                continue
+            lines.append(
+                f"| {name} | {mode} | {_num(t['samples_per_s'], '.1f')} | {_num(t['step_ms'], '.1f')} | "
+                f"{_num(t['loader_wait_ms_per_batch'], '.1f')} | {_num(t['peak_allocated_gib'])} | "
+                f"{_num(t.get('mfu'), '.1%')} |"
+            )
+    return "\n".join(lines + ["", "## Summary", "", report["paragraph"], ""])
+
+
+def write_end_to_end(report: dict, out_dir: str | os.PathLike | None = None) -> dict:
+    """<end_to_end_stem>.json and .md under ``out_dir`` (default: default_report_dir()), atomically;
+    returns {"json": path, "md": path}."""
+    out_dir = Path(out_dir) if out_dir is not None else default_report_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = end_to_end_stem(report)
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
+    jsonio.write(paths["json"], report)
+    writes.atomic(paths["md"], end_to_end_markdown(report), "the Markdown report")
+    return paths
 
 
 def main(argv=None) -> int:
