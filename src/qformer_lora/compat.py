@@ -145,7 +145,7 @@ def image_text_auto_class():  # pragma: no mutate block
 PEFT_FAST_TARGET_MATCHING = Version("0.6.0")
 
 
-def _target_modules_as_regex(names) -> str:
+def _target_modules_as_regex(names) -> str:  # pragma: no mutate block (called for peft < 0.8 only)
     return r"(?:.*\.)?(?:" + "|".join(re.escape(n) for n in sorted(set(names))) + ")"
 
 
@@ -260,7 +260,7 @@ def get_peft_model_in_base_dtype(model, lora_config):  # pragma: no mutate block
 PROCESSOR_CONFIG_NESTED = Version("5.0.0.dev0")
 
 
-def _saved_by_transformers_5(directory) -> bool:
+def _saved_by_transformers_5(directory) -> bool:  # pragma: no mutate block (called on transformers 4.x only)
     import json
     from pathlib import Path
 
