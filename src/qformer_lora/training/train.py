@@ -175,9 +175,8 @@ def _check_model(findings, model, optimizer, allow_unsafe: bool) -> None:
     doctor.enforce([f for f in doctor.check_model(model, optimizer) if f.code not in reported], allow_unsafe)
 
 
-def setup(config: TrainConfig, resume, device: torch.device) -> Run:
-    """Everything the loop needs, built in order; nothing is written before the checks pass."""
-    resume_from, findings = _check_before_building(config, resume, device)
+def _seeded_model(config: TrainConfig, device: torch.device) -> tuple:
+    """(the adapter model on ``device``, seeded and scope-checked; [its LM checkpointing choice])."""
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -185,7 +184,13 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
     model, spec = build_adapter_model(config)
     model.to(device)
     lora.check_trainable_scope(model, spec.scope)  # refuse to train anything outside the scope
-    choices = [step_options.set_lm_checkpointing(model, config.lm_checkpointing)]
+    return model, [step_options.set_lm_checkpointing(model, config.lm_checkpointing)]
+
+
+def setup(config: TrainConfig, resume, device: torch.device) -> Run:
+    """Everything the loop needs, built in order; nothing is written before the checks pass."""
+    resume_from, findings = _check_before_building(config, resume, device)
+    model, choices = _seeded_model(config, device)
     collator, train_set, val_set = _datasets(config, model)
     config, auto_record = auto_batch.resolve(config, model, collator, train_set, device, resume_from)  # auto: a number
 
