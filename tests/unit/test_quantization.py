@@ -231,7 +231,7 @@ def test_nf4_training_is_the_fp32_training_of_its_dequantized_weights(bnb, runs)
 
 
 @pytest.mark.slow
-def test_quantized_losses_against_fp32_on_the_same_batches(runs):
+def test_quantized_losses_against_fp32_on_the_same_batches(bnb, runs):
     """Four steps, same batches, quantized LM against the fp32 LM.
 
     Tolerances are the measured gaps with room for other bitsandbytes releases, not derived bounds:
