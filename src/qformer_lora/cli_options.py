@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from . import formats, lora, precision, presets, tasks
+from . import formats, lora, precision, presets, quantization, tasks
 from .training import run_config, step_options
 
 AUTO = "auto"  # --device: cuda when available, else cpu
@@ -75,6 +75,7 @@ CHOICES = {
     "log": run_config.LOGS,
     "data_format": formats.CHOICES,
     "image_decode": run_config.IMAGE_DECODES,
+    "quantize_language_model": quantization.MODES,
 }
 
 

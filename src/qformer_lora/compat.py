@@ -185,6 +185,38 @@ def get_peft_model(model, lora_config):  # pragma: no mutate block
         return peft.get_peft_model(model, lora_config)
 
 
+# bitsandbytes (the optional `quant` extra) lists the torch device types it has kernels for in
+# bitsandbytes.supported_torch_devices from 0.46 on, its multi-backend releases (the attribute
+# transformers' validate_bnb_backend_availability reads). Checked here: 0.45.5 has no such
+# attribute and its int8/nf4 layers fail on CPU tensors ("All input tensors need to be on the same
+# GPU"); 0.46.1 to 0.50.2 quantize and run nf4 and LLM.int8 layers on the CPU, backward included.
+BITSANDBYTES_EXTRA = "quant"
+
+
+def bitsandbytes_for(device_type: str):  # pragma: no mutate block
+    """The bitsandbytes module, if installed and with kernels for ``device_type`` ("cpu", "cuda", ...).
+
+    Raises ModuleNotFoundError naming the extra when it is missing, RuntimeError naming the release
+    and the device types it supports when it has no backend for ``device_type``."""
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            f"quantizing the language model needs bitsandbytes, which is not installed ({err}); install the "
+            f"extra: pip install 'qformer-lora[{BITSANDBYTES_EXTRA}]'"
+        ) from err
+    supported = getattr(bitsandbytes, "supported_torch_devices", None)
+    if supported is None and device_type == "cuda":
+        return bitsandbytes  # before 0.46: CUDA was its one backend
+    if supported is None or device_type not in supported:
+        raise RuntimeError(
+            f"bitsandbytes {bitsandbytes.__version__} has no {device_type} backend (it supports "
+            f"{sorted(supported or {'cuda'})}); bitsandbytes >= 0.46 runs int8 and nf4 layers on the CPU too: "
+            f"pip install -U 'qformer-lora[{BITSANDBYTES_EXTRA}]'"
+        )
+    return bitsandbytes
+
+
 def unload(peft_model):
     """peft_model.unload(): the base model with the LoRA layers removed (not merged).
 

@@ -4,12 +4,16 @@ Pure arithmetic on measured peaks (bench/measurement.py measures them): ``fit_li
 ``peak = a + b * batch``, ``predict_max_batch`` inverts it for a budget, ``memory_model``
 does both for a sweep's results, ``find_limit`` searches the real limit with a probe
 (bench_sweep.validate_prediction supplies one that runs a step under a memory cap).
+``quantization_saving`` and ``shift_intercept`` carry a fit measured with an unquantized
+language model over to a quantized one (quantization.py holds the bytes per weight).
 """
 
 from __future__ import annotations
 
 import math
 from fractions import Fraction
+
+from .. import quantization
 
 GIB = 1024**3
 BUDGETS_GIB = (24, 40, 80)
@@ -30,6 +34,25 @@ def predict_max_batch(a: float, b: float, budget_bytes: float) -> int | None:
     if b <= 0:
         return None
     return max(0, math.floor((Fraction(budget_bytes) - Fraction(a)) / Fraction(b)))
+
+
+def quantization_saving(shapes, mode: str, dtype_bytes: int) -> int:
+    """Bytes the quantized weights of ``shapes`` ((out_features, in_features) per linear layer) take less
+    than the same weights in a ``dtype_bytes``-byte dtype (quantization.weight_bytes: int8 1 B per weight +
+    a 4 B scale per row, nf4 0.5 B + a 4 B absmax per 64 weights); 0 for mode "none"."""
+    return sum(
+        quantization.weight_bytes(o, i, "none", dtype_bytes) - quantization.weight_bytes(o, i, mode, dtype_bytes)
+        for o, i in shapes
+    )
+
+
+def shift_intercept(a: float, saving: int) -> float:
+    """The intercept of ``peak = a + b * batch`` once the weights take ``saving`` bytes less.
+
+    The frozen weights are resident before the first batch, so they sit in ``a``; the slope ``b``
+    (activations, their gradients, per-sample workspaces) is assumed unchanged: bitsandbytes
+    dequantizes one layer's weight at a time, a transient of the size of the largest layer."""
+    return a - saving
 
 
 def budgets(total_memory_bytes: int | None) -> dict[str, int]:

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import data, formats, lora, precision, presets, tasks
+from .. import data, formats, lora, precision, presets, quantization, tasks
 from . import step_options
 
 # A random frozen language model cannot be steered by a Q-Former adapter, so the embedded
@@ -83,6 +83,7 @@ class TrainConfig:
     feature_cache_dir: str | None = None
     log: str = "jsonl"
     sync_every: int = 0  # 0: the step reads its results on the host every step (training/step.py)
+    quantize_language_model: str = "none"
 
     def __post_init__(self):
         if self.lora_alpha is None:  # the same default as verify's (lora.default_alpha: 2r)
@@ -205,6 +206,10 @@ HELP = {
     "guard skip or raise, bf16 or fp32, one process. 0: read every step (no fused AdamW needed)",
     "log": "jsonl: metrics.jsonl alone | tensorboard: also TensorBoard event files in the run directory, the "
     "step and epoch numbers as scalars (train/*, val/*, epoch/*; needs qformer-lora[tensorboard])",
+    "quantize_language_model": "none | int8 (bitsandbytes LLM.int8: 1 byte per weight + a scale per row) | nf4 "
+    "(4-bit NormalFloat as in QLoRA: 0.5 byte per weight + a scale per 64): quantize the frozen language model's "
+    "linear layers (not lm_head, nor T5's wo) to save memory; the adapters stay fp32; the loss differs from the "
+    "unquantized model's by the quantization error; needs qformer-lora[quant]",
 }
 
 
@@ -316,6 +321,7 @@ def load_run_config(path: str | os.PathLike | None, overrides: dict | None = Non
         ("log", LOGS),
         ("data_format", formats.CHOICES),
         ("image_decode", IMAGE_DECODES),
+        ("quantize_language_model", quantization.MODES),
     ):
         if getattr(config, name) not in allowed:
             refuse(name, f"expected one of {allowed}")

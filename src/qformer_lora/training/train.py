@@ -28,7 +28,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import checkpoint, data, formats, forward, inputs, known_warnings, lora, pause_points, precision, presets, tasks
+from .. import (
+    checkpoint,
+    data,
+    formats,
+    forward,
+    inputs,
+    known_warnings,
+    lora,
+    pause_points,
+    precision,
+    presets,
+    quantization,
+    tasks,
+)
 from ..diagnostics import doctor
 from . import auto_batch, distributed, feature_cache, metrics_log, run_dir, run_lock, step_options, validation
 from .loader import EpochLoader, default_workers
@@ -50,7 +63,8 @@ def adapter_model(base, spec: lora.LoraSpec, precision_name: str):
 
 
 def build_adapter_model(config: TrainConfig, device: str | torch.device = "cpu"):
-    """Base model in the precision's weight dtype, LoRA in the chosen scope, adapters per the precision table.
+    """Base model in the precision's weight dtype (its language model quantized per
+    ``config.quantize_language_model``), LoRA in the chosen scope, adapters per the precision table.
 
     ``device``: where the base model is built or loaded (a 4B model initialised on the CPU
     first takes minutes; the trial runs build full-size presets directly on the GPU)."""
@@ -59,6 +73,7 @@ def build_adapter_model(config: TrainConfig, device: str | torch.device = "cpu")
         base = presets.load_model(config.base_checkpoint, device=device, dtype=weights)
     else:
         base = presets.build_model(config.preset, device=device, dtype=weights, seed=config.seed)
+    quantization.quantize_language_model(base, config.quantize_language_model, compute_dtype=weights)
     torch.manual_seed(config.seed)  # LoRA's random A init
     spec = lora.LoraSpec(
         r=config.lora_r,
