@@ -36,8 +36,8 @@ from qformer_lora.bench import end_to_end, report_files  # noqa: E402
 PRESET = "instructblip-flan-t5-xl"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="gpu_end_to_end.py", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The run's options (scripts/gpu_issue19.py takes them too)."""
     p.add_argument("--preset", default=PRESET, help=f"architecture preset (default: {PRESET})")
     p.add_argument("--device", default="cuda", help="cuda[:N] or cpu (default: cuda)")
     p.add_argument("--precision", default="bf16", help="precision (default: bf16)")
@@ -48,7 +48,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--num-workers", type=int, default=None, help="loader workers (default: the trainer's, up to 8 on CUDA)"
     )
     p.add_argument("--out", default=None, help="report folder (default: $OUT, else reports/gpu)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gpu_end_to_end.py", description=__doc__.split("\n\n")[0])
+    return add_arguments(p).parse_args(argv)
+
+
+def default_config(args: argparse.Namespace):
+    """The issue's configuration with the trainer's default step options: run_config.TrainConfig."""
+    [config] = end_to_end.configs(
+        args.preset,
+        [args.precision],
+        [args.batch_size],
+        lora_r=8,
+        num_workers=args.num_workers,
+        max_prompt_tokens=32,  # the Q-Former instruction is padded to the same budget
+        max_answer_tokens=16,
+    )
+    return config
 
 
 def measure(config, args) -> dict:
@@ -66,15 +85,7 @@ def measure(config, args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    [config] = end_to_end.configs(
-        args.preset,
-        [args.precision],
-        [args.batch_size],
-        lora_r=8,
-        num_workers=args.num_workers,
-        max_prompt_tokens=32,  # the Q-Former instruction is padded to the same budget
-        max_answer_tokens=16,
-    )
+    config = default_config(args)
     started = time.perf_counter()
     with known_warnings.Recorder():  # upstream deprecation notices stay off the log
         report = measure(config, args)

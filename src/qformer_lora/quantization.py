@@ -86,7 +86,7 @@ def language_model_of(model):
 
 def _quantized_linear(bnb, linear: torch.nn.Linear, mode: str, compute_dtype: torch.dtype, device):
     """The bitsandbytes layer for ``linear``, its weight quantized on ``device`` (bitsandbytes
-    quantizes a fresh Int8Params / Params4bit when it is moved to a device)."""
+    quantizes a fresh Params4bit when it is moved to a device, an Int8Params when moved from the CPU)."""
     has_bias = linear.bias is not None
     with torch.device("meta"):  # the layer's own empty weight is replaced below: allocate nothing
         if mode == "int8":
@@ -99,7 +99,9 @@ def _quantized_linear(bnb, linear: torch.nn.Linear, mode: str, compute_dtype: to
             )
     weight = linear.weight.data
     if mode == "int8":
-        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
+        # Int8Params quantizes only when moved from the CPU: built from a weight already on the GPU,
+        # .to(device) would keep it in 16 bit (bitsandbytes then quantizes a second copy per forward)
+        layer.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False).to(device)
     else:
         layer.weight = bnb.nn.Params4bit(
             weight, requires_grad=False, blocksize=NF4_BLOCKSIZE, compress_statistics=False, quant_type="nf4"
