@@ -22,7 +22,7 @@ from qformer_lora import presets, quantization
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_end_to_end.py"
 
 
-@pytest.mark.slow
+@pytest.mark.long  # whole-script runs (1-2.5 min each on 2 cores): .ci/run's pytest -m long
 def test_the_gpu_script_runs_on_cpu_and_writes_its_report(tmp_path):
     argv = ["--preset", "tiny-instructblip-flan-t5", "--device", "cpu", "--steps", "2", "--out", str(tmp_path)]
     # one intra-op thread, as conftest sets for the tests in this process: on a shared 2-core machine
@@ -59,7 +59,7 @@ def test_the_gpu_script_runs_on_cpu_and_writes_its_report(tmp_path):
             assert len(timing["losses"]) == 4 and timing["mfu"] is None  # no 16-bit peak for a CPU
     assert report["flops_per_sample"] > 0
     assert set(report["custom_vs_native"]) == {"loop", "step"} and report["targets"]["met"] is None
-    assert report["wall_s"] < 60 and "deterministic_failed" not in report
+    assert "deterministic_failed" not in report
     assert (tmp_path / written.name.replace(".json", ".md")).is_file()
     assert report["paragraph"] in done.stdout
 
@@ -87,7 +87,7 @@ def _tiny_language_model_linears() -> tuple[int, int]:
     return len(shapes), sum(o * i for o, i in shapes)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_the_issue19_script_runs_every_phase_on_cpu(tmp_path):
     argv = ["--preset", TINY, "--device", "cpu", "--steps", "2", "--out", str(tmp_path)]
     env = os.environ | {"OMP_NUM_THREADS": "1"}  # as above: one intra-op thread on a shared machine
