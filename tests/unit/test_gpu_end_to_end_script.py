@@ -1,5 +1,5 @@
 """The prepared GPU runs, run as the GPU machine runs them but on a CPU with the tiny preset:
-scripts/gpu_end_to_end.py (a fresh process, its report under --out, in well under a minute) and
+scripts/gpu_end_to_end.py (a fresh process, its report under --out) and
 scripts/gpu_issue19.py (every phase in a fresh process; the time guard and the missing-bitsandbytes
 path in this one)."""
 
