@@ -152,3 +152,16 @@ def test_a_checkpoint_of_a_newer_format_is_refused(two_epochs):
         match=rf"epoch-0002/trainer_state\.json: checkpoint format {checkpoint.FORMAT_VERSION + 1}, .*upgrade",
     ):
         train.train(quiet(**options), resume=path)
+
+
+def test_latest_checkpoint_is_none_until_a_complete_one_exists(tmp_path):
+    """No checkpoints directory, then one holding only a half-written epoch (no state file): nothing to resume.
+    Once step 6 is saved mid-epoch and epoch 1 ends at that same step 6, the epoch's is the latest
+    (validation ran after the step's save)."""
+    assert checkpoint.latest_checkpoint(tmp_path) is None
+    checkpoint.checkpoint_dir(tmp_path, 1).mkdir(parents=True)  # killed before trainer_state.json was written
+    assert checkpoint.latest_checkpoint(tmp_path) is None, "a checkpoint without its state file was offered"
+    for path in (checkpoint.step_checkpoint_dir(tmp_path, 6), checkpoint.checkpoint_dir(tmp_path, 1)):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / checkpoint.STATE_FILE).write_text(json.dumps({"global_step": 6}))
+    assert checkpoint.latest_checkpoint(tmp_path) == checkpoint.checkpoint_dir(tmp_path, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import types
 
 import pytest
 import torch
@@ -275,6 +276,29 @@ def test_image_embeds_of_the_wrong_width_are_refused():
     batch["image_embeds"] = torch.zeros(1, 5, 7)
     with pytest.raises(ValueError, match=r"\(batch, tokens, 32\)"):
         forward.custom_forward(model, batch)
+
+
+def vision_stub(device: str, hidden: int = 4):
+    """Just what precomputed_image_embeds reads: the vision width and a vision encoder's parameters."""
+    config = types.SimpleNamespace(vision_config=types.SimpleNamespace(hidden_size=hidden))
+    return types.SimpleNamespace(config=config, vision_model=torch.nn.Linear(hidden, hidden, device=device))
+
+
+def test_precomputed_image_embeds_move_to_the_vision_encoder_device():
+    """Features cached on the CPU follow the encoder (here on the meta device, which needs no accelerator)."""
+    embeds = torch.zeros(2, 5, 4)
+    moved = forward.precomputed_image_embeds(vision_stub("meta"), embeds, trainable=False)
+    assert moved.device.type == "meta" and moved.shape == (2, 5, 4), (moved.device, moved.shape)
+
+
+def test_precomputed_image_embeds_refused_for_a_trainable_encoder_with_the_way_out():
+    with pytest.raises(ValueError) as caught:
+        forward.precomputed_image_embeds(vision_stub("cpu"), torch.zeros(2, 5, 4), trainable=True)
+    assert str(caught.value) == (
+        "the batch carries precomputed image_embeds but the vision encoder has trainable parameters: the features "
+        "would be stale and get no gradient; drop image_embeds (turn the feature cache off) or freeze the "
+        "vision encoder"
+    ), str(caught.value)
 
 
 # ----------------------------------------------------------------------------- files

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import warnings
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -120,6 +122,144 @@ def test_guard_rejects_unknown_policy():
     model = torch.nn.Linear(1, 1)
     with pytest.raises(ValueError, match="unknown guard policy"):
         numerics.Guard("ignore", model, torch.optim.AdamW(model.parameters()))
+
+
+def handled(guard, diagnosis):
+    """guard.handle(diagnosis), the warnings it issued (every one kept: "always") and the line that called it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 2
+        # stacklevel=3: warn in _record (1), _record's call in handle (2), this call of handle (3)
+        action = guard.handle(diagnosis)
+    return action, caught, (__file__, line)
+
+
+def assert_one_warning(caught, text: str, call_site: tuple[str, int]):
+    assert [w.category for w in caught] == [RuntimeWarning], [(w.category, str(w.message)) for w in caught]
+    assert str(caught[0].message) == text, str(caught[0].message)
+    # the user is pointed at the code that called handle (the training loop), not at numerics.py
+    at = (caught[0].filename, caught[0].lineno)
+    assert at == call_site, f"warning attributed to {at}, not to the call of handle at {call_site}"
+
+
+def test_guard_skip_counts_records_and_warns_each_skip():
+    """Two skipped failures: skipped == 2 (one per skip), each recorded with lr and rollbacks unchanged."""
+    model = torch.nn.Linear(3, 2)
+    guard = numerics.Guard("skip", model, torch.optim.AdamW(model.parameters(), lr=0.1))
+    first, second = numerics.Diagnosis(4, "loss", first_module="fc"), numerics.Diagnosis(5, "gradient")
+    action, caught, call_site = handled(guard, first)
+    assert action == "skip"
+    # Diagnosis.describe: "non-finite <kind> at optimizer step <step>" then "; first non-finite module output: fc";
+    # _record appends "; guard=<policy>: <action>" and, for a skip, nothing more
+    assert_one_warning(
+        caught, "non-finite loss at optimizer step 4; first non-finite module output: fc; guard=skip: skip", call_site
+    )
+    assert guard.events == [
+        {"type": "guard", "action": "skip", "step": 4, "lr": 0.1, "rollbacks": 0, "diagnosis": asdict(first)}
+    ], guard.events
+    assert handled(guard, second)[0] == "skip"
+    assert guard.skipped == 2 and guard.rollbacks == 0, (guard.skipped, guard.rollbacks)
+
+
+def test_guard_rollback_is_recorded_with_the_new_lr_and_not_counted_as_a_skip():
+    """lr 0.1 * rollback_lr_factor 0.5 = 0.05, shown as "lr now 0.05" (3 significant digits), rollback 1 of 3."""
+    model = torch.nn.Linear(3, 2)
+    guard = numerics.Guard("rollback", model, torch.optim.AdamW(model.parameters(), lr=0.1), rollback_lr_factor=0.5)
+    diagnosis = numerics.Diagnosis(2, "loss")
+    action, caught, call_site = handled(guard, diagnosis)
+    assert action == "skip"
+    assert_one_warning(
+        caught, "non-finite loss at optimizer step 2; guard=rollback: rollback (lr now 0.05, rollback 1/3)", call_site
+    )
+    assert guard.events == [
+        {"type": "guard", "action": "rollback", "step": 2, "lr": 0.05, "rollbacks": 1, "diagnosis": asdict(diagnosis)}
+    ], guard.events
+    assert guard.skipped == 0 and guard.rollbacks == 1, (guard.skipped, guard.rollbacks)
+
+
+def test_guard_rollback_skips_bad_inputs_without_rolling_back():
+    """Bad data breaks nothing in the model: the batch is skipped, lr (0.1) and the adapter stay as they are."""
+    model = torch.nn.Linear(3, 2)
+    guard = numerics.Guard("rollback", model, torch.optim.AdamW(model.parameters(), lr=0.1))
+    before = [p.detach().clone() for p in model.parameters()]
+    action, caught, call_site = handled(guard, numerics.Diagnosis(3, "input", sample_ids=["q7"]))
+    assert action == "skip"
+    assert_one_warning(caught, "non-finite input at optimizer step 3; samples: q7; guard=rollback: skip", call_site)
+    assert (guard.skipped, guard.rollbacks, guard.optimizer.param_groups[0]["lr"]) == (1, 0, 0.1), guard.events
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("kind", ["loss", "input"])
+def test_guard_raise_raises_with_the_diagnosis_own_message(kind):
+    """policy "raise" neither skips (even bad inputs) nor adds a note: the message is the diagnosis' alone."""
+    model = torch.nn.Linear(3, 2)
+    guard = numerics.Guard("raise", model, torch.optim.AdamW(model.parameters(), lr=0.1))
+    with pytest.raises(numerics.NonFiniteError) as caught:
+        guard.handle(numerics.Diagnosis(1, kind))
+    assert str(caught.value) == f"non-finite {kind} at optimizer step 1", str(caught.value)
+    assert guard.events == [] and guard.skipped == 0
+
+
+@pytest.mark.parametrize(
+    ("parameter", "note"),
+    [
+        (
+            "0.weight",
+            "guard=skip cannot continue: a frozen base-model parameter is non-finite, no policy can repair it",
+        ),
+        (
+            "1.weight",
+            "guard=skip cannot continue: the parameters themselves are non-finite, every later step would fail",
+        ),
+    ],
+)
+def test_guard_skip_refuses_non_finite_parameters_and_says_why(parameter, note):
+    """Layer 0 is frozen (not in the optimizer), layer 1 is trained: skipping repairs neither."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    guard = numerics.Guard("skip", model, torch.optim.AdamW(model[1].parameters(), lr=0.1))
+    with pytest.raises(numerics.NonFiniteError) as caught:
+        guard.handle(numerics.Diagnosis(2, "parameter", first_parameter=parameter))
+    # NonFiniteError: the diagnosis' message, then " (<note>)"
+    expected = f"non-finite parameter at optimizer step 2; first non-finite parameter: {parameter} ({note})"
+    assert str(caught.value) == expected, str(caught.value)
+
+
+def sparse_model():
+    return torch.nn.Embedding(4, 2, sparse=True)
+
+
+@pytest.mark.parametrize(
+    ("build", "optimizer_class"),
+    [(lambda: torch.nn.Linear(3, 2), torch.optim.AdamW), (sparse_model, torch.optim.SparseAdam)],
+    ids=["adamw", "sparse_adam"],
+)
+def test_guard_restores_the_same_snapshot_twice(build, optimizer_class):
+    """A restore copies the snapshot's optimizer state: the next step's in-place moment updates must not
+    reach the snapshot, so a second restore gives the snapshot's values again. SparseAdam keeps its step
+    as a Python int (AdamW: a tensor), which the restore passes on as it is."""
+    model = build()
+    optimizer = optimizer_class(model.parameters(), lr=0.1)
+    guard = numerics.Guard("rollback", model, optimizer)
+    weight = next(model.parameters())
+
+    def train_step():
+        out = model(torch.tensor([0, 2])) if isinstance(model, torch.nn.Embedding) else model(torch.ones(1, 3))
+        out.sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    train_step()
+    guard.healthy()
+    saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[weight].items()}
+    for attempt in ("first", "second"):
+        guard.restore()
+        state = optimizer.state[weight]
+        assert state.keys() == saved.keys(), (attempt, state.keys())
+        for key, value in saved.items():
+            same = torch.equal(state[key], value) if torch.is_tensor(value) else state[key] == value
+            assert same, f"{attempt} restore: optimizer state {key!r} is {state[key]}, the snapshot held {value}"
+        train_step()  # updates the restored moments in place
+        assert not torch.equal(optimizer.state[weight]["exp_avg"], saved["exp_avg"]), "the step changed nothing"
 
 
 # ----------------------------------------------------------------------------- doctor
