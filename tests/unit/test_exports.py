@@ -21,6 +21,7 @@ import functools
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -349,6 +350,83 @@ def assert_layout_older_releases_read(directory: Path, processor_class: str) -> 
     config = json.loads((directory / "config.json").read_text())
     lm = {"t5": "T5ForConditionalGeneration", "llama": "LlamaForCausalLM", "opt": "OPTForCausalLM"}
     assert config["text_config"]["architectures"] == [lm[config["text_config"]["model_type"]]]
+
+
+def write_files(directory: Path, files: dict[str, dict]) -> None:
+    """JSON files as transformers 5 might leave them: one line, keys in insertion order."""
+    for name, value in files.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8")
+
+
+def test_make_readable_by_every_release_rewrites_exactly_the_5x_layout(tmp_path):
+    """compat.make_readable_by_every_release on a hand-built export: two tokenizer_config.json files in
+    subfolders name the 5.x-only "TokenizersBackend" and become "PreTrainedTokenizerFast"; a third, at the
+    top, names "BertTokenizer" and is left byte for byte; processor_config.json's nested image_processor
+    moves to preprocessor_config.json. Rewritten files are compat._write_json's: indent 2, sorted keys,
+    non-ASCII escaped, a final newline. Changed files: the tokenizer files in sorted path order, then the
+    two processor files. A second call finds the layout done and changes nothing."""
+    untouched = json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True})
+    write_files(
+        tmp_path,
+        {
+            "tokenizer/tokenizer_config.json": {"tokenizer_class": "TokenizersBackend", "model_max_length": 512},
+            "qformer_tokenizer/tokenizer_config.json": {"tokenizer_class": "TokenizersBackend", "pad": "\u2581é"},
+            "processor_config.json": {
+                "processor_class": "InstructBlipProcessor",
+                "image_processor": {"size": {"width": 30, "height": 30}, "image_processor_type": "BlipImageProcessor"},
+                "num_query_tokens": 4,
+            },
+        },
+    )
+    (tmp_path / "tokenizer_config.json").write_text(untouched, encoding="utf-8")
+    changed = compat.make_readable_by_every_release(tmp_path)
+    assert changed == [
+        str(Path("qformer_tokenizer", "tokenizer_config.json")),
+        str(Path("tokenizer", "tokenizer_config.json")),
+        "preprocessor_config.json",
+        "processor_config.json",
+    ], f"changed files reported: {changed}"
+    expected = {
+        "qformer_tokenizer/tokenizer_config.json": '{\n  "pad": "\\u2581\\u00e9",\n  "tokenizer_class": '
+        '"PreTrainedTokenizerFast"\n}\n',
+        "tokenizer/tokenizer_config.json": '{\n  "model_max_length": 512,\n  "tokenizer_class": '
+        '"PreTrainedTokenizerFast"\n}\n',
+        "tokenizer_config.json": untouched,
+        "preprocessor_config.json": '{\n  "image_processor_type": "BlipImageProcessor",\n  "size": {\n'
+        '    "height": 30,\n    "width": 30\n  }\n}\n',
+        "processor_config.json": '{\n  "num_query_tokens": 4,\n  "processor_class": "InstructBlipProcessor"\n}\n',
+    }
+    files = {str(p.relative_to(tmp_path).as_posix()): p for p in tmp_path.rglob("*") if p.is_file()}
+    assert sorted(files) == sorted(expected), f"files after the rewrite (a temporary file left?): {sorted(files)}"
+    for name, text in expected.items():
+        assert files[name].read_text(encoding="utf-8") == text, f"{name} reads {files[name].read_text()!r}"
+    assert compat.make_readable_by_every_release(tmp_path) == [], "a second call must find nothing to change"
+    assert {name: files[name].read_text(encoding="utf-8") for name in expected} == expected
+
+
+def test_make_readable_by_every_release_without_a_processor_file(tmp_path):
+    """A directory holding a tokenizer alone (no processor_config.json) is not a processor to split: only
+    the tokenizer file changes, and no processor file appears."""
+    write_files(tmp_path, {"tokenizer_config.json": {"tokenizer_class": "TokenizersBackend"}})
+    assert compat.make_readable_by_every_release(tmp_path) == ["tokenizer_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer_config.json"]
+
+
+def test_name_text_architecture_fills_a_missing_name_and_keeps_a_given_one():
+    """A config built from a preset has text_config.architectures None: it gets [the LM's class name]
+    (OPTForCausalLM for tiny-blip2-opt); a name already there is kept; a config object without the
+    attribute at all gets it too (here the LM is an nn.Identity, so ["Identity"])."""
+    model = presets.build_model("tiny-blip2-opt")
+    assert model.config.text_config.architectures is None
+    compat.name_text_architecture(model)
+    assert model.config.text_config.architectures == ["OPTForCausalLM"], model.config.text_config.architectures
+    model.config.text_config.architectures = ["MyCausalLM"]
+    compat.name_text_architecture(model)
+    assert model.config.text_config.architectures == ["MyCausalLM"], "a recorded architecture must be kept"
+    bare = SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace()), language_model=torch.nn.Identity())
+    compat.name_text_architecture(bare)
+    assert bare.config.text_config.architectures == ["Identity"]
 
 
 def test_exports_and_the_shipped_base_use_the_layout_older_releases_read(round_trip):

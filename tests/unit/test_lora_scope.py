@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from peft import IA3Config, LoraConfig, get_peft_model
 
 from qformer_lora import compat, lora, presets
 from qformer_lora.repro import expectations
@@ -129,3 +130,61 @@ def test_adapter_dtype_on_a_half_precision_base_is_reported():
     report = lora.scope_report(lora.apply_lora(model, spec), spec)
     assert len(report["adapter_dtypes"]) == 1
     check_against_release("adapter_dtype", "fp16_base_default", report["adapter_dtypes"][0])
+
+
+# ----------------------------------------------------------------------------- adapters trained elsewhere
+
+
+def plain_peft_model(config):
+    """A fresh tiny BLIP-2 OPT wrapped by plain PEFT (not lora.apply_lora). Its layer names: the Q-Former's
+    query / key / value / dense, OPT's q_proj / k_proj / v_proj / out_proj / fc1 / fc2 / final_layer_norm,
+    the vision encoder's qkv, and language_projection: each bare name lies in one component only."""
+    return get_peft_model(presets.build_model("tiny-blip2-opt"), config)
+
+
+def test_adapter_spec_reads_the_adapters_lora_config_and_names_the_narrowest_scope():
+    """lora.adapter_spec on plain PEFT adapters; each expected spec is read off the LoraConfig built here.
+
+    alpha 12 is not the default 2 x r = 8 and dropout 0.05 not the default 0.0, so a spec that fell back
+    to a default shows. Scope: the first of SCOPES ("qformer", then "qformer+llm") holding every component
+    with a LoRA layer or a modules_to_save module; an adapter in the Q-Former alone is "qformer" (its
+    components are exactly that scope's set), one reaching OPT too is "qformer+llm" (exactly that set)."""
+    qformer = lora.LoraSpec(r=4, alpha=12, dropout=0.05, targets=("query", "value"), scope="qformer")
+    config = LoraConfig(r=4, lora_alpha=12, lora_dropout=0.05, target_modules=["query", "value"])
+    model = plain_peft_model(config)
+    assert lora.adapter_spec(model) == qformer, "the Q-Former-only adapter read back wrong (scope must be 'qformer')"
+    # peft's PeftConfig annotates peft_type as str or PeftType: the plain string reads the same
+    model.peft_config["default"].peft_type = "LORA"
+    assert lora.adapter_spec(model) == qformer, "peft_type given as the string 'LORA' must be read as LoRA"
+
+    broad = plain_peft_model(LoraConfig(r=2, lora_alpha=3, lora_dropout=0.1, target_modules=["query", "q_proj"]))
+    expected = lora.LoraSpec(r=2, alpha=3, dropout=0.1, targets=("q_proj", "query"), scope="qformer+llm")
+    assert lora.adapter_spec(broad) == expected, (
+        "the adapter in the Q-Former and OPT read back wrong (scope 'qformer+llm')"
+    )
+
+    # a fully trained LM module (modules_to_save) moves the scope although every LoRA layer is in the Q-Former;
+    # it is no LoRA layer, so the targets stay the LoRA layers' names
+    saved = plain_peft_model(LoraConfig(r=4, target_modules=["query"], modules_to_save=["final_layer_norm"]))
+    expected = lora.LoraSpec(r=4, alpha=8, targets=("query",), scope="qformer+llm")
+    assert lora.adapter_spec(saved) == expected, "a modules_to_save module in the LM must widen the scope"
+
+
+def test_adapter_spec_refuses_other_adapters_and_components_outside_every_scope():
+    """A non-LoRA adapter (IA3) is refused by type; LoRA on the vision encoder's qkv plus a fully trained
+    language_projection lies outside both SCOPES, and the message names both components (sorted, ", ")
+    and every known scope as "name: component + component", "; " between scopes (lora.SCOPES)."""
+    ia3 = plain_peft_model(IA3Config(target_modules=["query", "value"], feedforward_modules=[]))
+    # the enum is formatted as "PeftType.IA3" from Python 3.11 on, as "IA3" before
+    with pytest.raises(lora.ScopeError, match=r"^adapter 'default' is a (PeftType\.)?IA3 adapter; only LoRA "
+                                              r"adapters are read here$"):  # fmt: skip
+        lora.adapter_spec(ia3)
+    outside = plain_peft_model(
+        LoraConfig(r=2, target_modules=["query", "qkv"], modules_to_save=["language_projection"])
+    )
+    with pytest.raises(lora.ScopeError) as refused:
+        lora.adapter_spec(outside)
+    assert str(refused.value) == (
+        "adapter 'default' has LoRA layers or trained modules in language_projection, vision_model, outside every "
+        "scope this project knows (qformer: qformer; qformer+llm: qformer + language_model)"
+    ), "the refusal must name the components outside every scope and the scopes there are"
