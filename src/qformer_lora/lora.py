@@ -172,8 +172,9 @@ def adapter_spec(model, adapter_name: str = "default") -> LoraSpec:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     config = model.peft_config[adapter_name]
-    if str(getattr(config.peft_type, "value", config.peft_type)) != "LORA":
-        raise ScopeError(f"adapter {adapter_name!r} is a {config.peft_type} adapter; only LoRA adapters are read here")
+    kind = str(getattr(config.peft_type, "value", config.peft_type))  # PeftType or its name: one spelling everywhere
+    if kind != "LORA":
+        raise ScopeError(f"adapter {adapter_name!r} is a {kind} adapter; only LoRA adapters are read here")
     wrapped = [
         (name.split(".")[0], name.split(".")[-1])
         for name, module in compat.unwrap(model).named_modules()
