@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import warnings
 from dataclasses import asdict
 
@@ -137,9 +138,12 @@ def handled(guard, diagnosis):
 def assert_one_warning(caught, text: str, call_site: tuple[str, int]):
     assert [w.category for w in caught] == [RuntimeWarning], [(w.category, str(w.message)) for w in caught]
     assert str(caught[0].message) == text, str(caught[0].message)
-    # the user is pointed at the code that called handle (the training loop), not at numerics.py
+    # the user is pointed at the code that called handle (the training loop), not at numerics.py. Not
+    # under mutmut: its trampolines add frames between handle and its caller, so the stacklevel line is
+    # left out of the mutation run ("# pragma: no mutate" in numerics.Guard._record)
     at = (caught[0].filename, caught[0].lineno)
-    assert at == call_site, f"warning attributed to {at}, not to the call of handle at {call_site}"
+    if "MUTANT_UNDER_TEST" not in os.environ:
+        assert at == call_site, f"warning attributed to {at}, not to the call of handle at {call_site}"
 
 
 def test_guard_skip_counts_records_and_warns_each_skip():

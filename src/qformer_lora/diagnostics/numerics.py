@@ -408,5 +408,5 @@ class Guard:
             f"{diagnosis.message}; guard={self.policy}: {action}"
             + (f" (lr now {lr:.3g}, rollback {self.rollbacks}/{self.max_rollbacks})" if action == "rollback" else ""),
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=3,  # pragma: no mutate (mutmut's trampolines add frames: tests/unit/test_numerics.py)
         )
