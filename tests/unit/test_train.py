@@ -290,11 +290,14 @@ def test_resume_refuses_options_its_checkpoint_overrides(tmp_path):
     run = tmp_path / "run"
     common = dict(output_dir=str(run), epochs=2, save_every=1, **_few(tmp_path))
     train.train(quiet(**common, stop_after_epochs=1))
-    # lora_r: a size-mismatch traceback; lr: silently replaced by the restored optimizer's
+    # lora_r: a size-mismatch traceback; lr: silently replaced by the restored optimizer's; the
+    # language model's quantization: the adapter would go on against other frozen weights
     for option, message in (
         ({"lora_r": 4}, "lora_r=8 (this run: 4)"),
         ({"lr": 1e-9}, "lr=0.006 (this run: 1e-09)"),
         ({"targets": ("query",)}, "targets=['query', 'key', 'value', 'dense']"),
+        # refused before anything is built, so bitsandbytes is not needed to see it
+        ({"quantize_language_model": "nf4"}, "quantize_language_model='none' (this run: 'nf4')"),
     ):
         with pytest.raises(checkpoint.CheckpointError, match=re.escape(message)):
             train.train(quiet(**common | option), resume="latest")

@@ -96,11 +96,14 @@ def resume_point(run_dir: Path, resume) -> Path:
     raise checkpoint.CheckpointError(f"{run_dir}: no checkpoint to resume from")
 
 
-# What a resumed run takes from its checkpoint: the adapter's shape (another one cannot load)
-# and the optimizer settings its restored state carries (another --lr was silently overridden).
+# What a resumed run takes from its checkpoint: the adapter's shape (another one cannot load),
+# the frozen forward it was trained against (another quantization of the language model would
+# silently continue against other weights) and the optimizer settings its restored state carries
+# (another --lr was silently overridden).
 RESUME_KEEPS = (
     "preset",
     "base_checkpoint",
+    "quantize_language_model",
     "scope",
     "targets",
     "exclude_untrainable",
