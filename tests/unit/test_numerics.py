@@ -6,6 +6,7 @@ import inspect
 import json
 import math
 import os
+import types
 import warnings
 from dataclasses import asdict
 
@@ -353,3 +354,61 @@ def test_peft_default_adapter_dtype_is_what_peft_does():
         warnings.simplefilter("ignore")
         model = lora.apply_lora(presets.build_model("tiny-blip2-opt", dtype=torch.float16), lora.LoraSpec(r=2))
     assert {p.dtype for p in lora.adapter_parameters(model)} == {compat.peft_default_adapter_dtype(torch.float16)}
+
+
+# ----------------------------------------------------------------------------- the localiser, by hand
+
+
+def test_all_finite_looks_inside_dicts_and_tuples():
+    """A module output is a tensor, a tuple/list or a dict (ModelOutput); one NaN anywhere inside is non-finite."""
+    nan = torch.tensor([1.0, float("nan")])
+    assert not numerics.all_finite({"logits": nan}) and not numerics.all_finite((torch.ones(2), nan))
+    assert numerics.all_finite({"logits": torch.ones(2), "ids": torch.tensor([1, 2])})
+
+
+class _ScaledLoss:
+    """run_forward for a Linear: loss = sum(linear(x)) * scale; a non-finite scale poisons the loss only
+    after every module has returned finite outputs (so no module is to blame). Records the batches run."""
+
+    def __init__(self, model):
+        self.model, self.ran = model, []
+
+    def __call__(self, batch):
+        self.ran.append(batch["ids"][0])
+        return types.SimpleNamespace(loss=self.model(batch["x"]).sum() * batch["scale"])
+
+
+def _batch(name: str, scale: float = 1.0, pixel: float = 0.0) -> dict:
+    return {"ids": [name], "x": torch.ones(1, 2), "scale": scale, "pixel_values": torch.full((1, 3), pixel)}
+
+
+def test_localise_reruns_the_non_finite_batch_first_and_names_it():
+    """losses [1.0, inf]: the re-run starts with batch "b" (non-finite loss first) and stops there, since its
+    loss is non-finite again; no module output is, so the kind is "loss" (the summed loss is inf), not "gradient"."""
+    model = torch.nn.Linear(2, 2)
+    run = _ScaledLoss(model)
+    batches = [_batch("a"), _batch("b", scale=float("inf"))]
+    found = numerics.localise(model, batches, 7, run, losses=[1.0, float("inf")], grad_norm=torch.tensor(3.0))
+    assert run.ran == ["b"], f"re-ran {run.ran}: the batch with the non-finite loss goes first, and alone"
+    assert (found.step, found.kind, found.sample_ids, found.first_module) == (7, "loss", ["b"], None), found
+    assert (found.loss, found.grad_norm) == (float("inf"), 3.0), found
+
+
+def test_localise_without_losses_reruns_in_order_until_a_batch_fails():
+    """No losses given (every entry None): the batches re-run in their order; "a" is finite, "b" is not, so
+    "b" is named. The summed loss is unknown (None), and with nothing non-finite but the re-run the kind
+    is "gradient"."""
+    model = torch.nn.Linear(2, 2)
+    run = _ScaledLoss(model)
+    found = numerics.localise(model, [_batch("a"), _batch("b", scale=float("nan"))], 2, run)
+    assert run.ran == ["a", "b"] and found.sample_ids == ["b"], (run.ran, found)
+    assert (found.kind, found.loss) == ("gradient", None), found
+
+
+def test_localise_names_non_finite_pixels_before_anything_else():
+    """A NaN pixel in the second batch: the diagnosis is that batch's input, at this step, and nothing re-runs."""
+    model = torch.nn.Linear(2, 2)
+    run = _ScaledLoss(model)
+    found = numerics.localise(model, [_batch("a"), _batch("b", pixel=float("nan"))], 5, run, losses=[1.0, 1.0])
+    assert (found.step, found.kind, found.sample_ids, found.first_module) == (5, "input", ["b"], "pixel_values")
+    assert run.ran == [], f"re-ran {run.ran} although an input was already non-finite"
