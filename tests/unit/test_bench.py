@@ -24,16 +24,6 @@ SHAPE = measurement.SequenceShape(prompt_len=6, answer_len=3, instruction_len=4)
 OOM_MESSAGE = "CUDA out of memory. Tried to allocate 2.00 GiB"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
-    # spin-waiting made each step ~20x slower (4 s instead of 0.2 s).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def cpu_report(tmp_path_factory):
     """One real run_benchmark (what the CLI and GPU tests call): custom and native forward on a

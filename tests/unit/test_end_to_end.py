@@ -20,15 +20,6 @@ PRESET = "tiny-instructblip-flan-t5"
 BATCH, WARMUP, STEPS = 2, 1, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models gain nothing from intra-op threads; on a busy 2-core machine they thrash
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_config(**fields):
     """fp32 (bitwise-reproducible on a CPU), answer budget 16 as on the GPU run."""
     [config] = end_to_end.configs(PRESET, ["fp32"], [BATCH], num_workers=0, max_answer_tokens=16)

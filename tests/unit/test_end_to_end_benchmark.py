@@ -31,14 +31,6 @@ VARIANTS = {  # name -> (loader workers, forward, mode)
 pytestmark = pytest.mark.long  # a benchmark, not a correctness check: run by .ci/run (pytest -m long)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def benches(tmp_path_factory):
     """A prepared benchmark per worker count over one set of STEPS batches of JPEGs, and those
