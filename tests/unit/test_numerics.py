@@ -412,3 +412,68 @@ def test_localise_names_non_finite_pixels_before_anything_else():
     found = numerics.localise(model, [_batch("a"), _batch("b", pixel=float("nan"))], 5, run, losses=[1.0, 1.0])
     assert (found.step, found.kind, found.sample_ids, found.first_module) == (5, "input", ["b"], "pixel_values")
     assert run.ran == [], f"re-ran {run.ran} although an input was already non-finite"
+
+
+def _two_layer_guard(policy: str):
+    """Linear(2, 2) -> Linear(2, 2) with the first layer frozen, as the base model around an adapter is."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.SGD(model[1].parameters(), lr=0.1)
+    return model, numerics.Guard(policy, model, optimizer, run_forward=_ScaledLoss(model))
+
+
+def test_fp16_scaler_overflow_ignores_frozen_weights_but_not_trainable_ones():
+    """scaler_enabled with finite losses: GradScaler owns the step ("scaler") unless a *trainable* parameter is
+    non-finite. A NaN in the frozen layer is not one (trainable_only=True), so "scaler" comes back; a NaN in the
+    trainable layer is, and the step is localised: a non-finite parameter ends a skip run with NonFiniteError."""
+    model, guard = _two_layer_guard("skip")
+    model[0].weight.data[0, 0] = math.nan  # after Guard's own check of the weights at construction
+    assert guard.non_finite(3, [_batch("a")], [1.0], torch.tensor(math.inf), scaler_enabled=True) == "scaler"
+    model, guard = _two_layer_guard("skip")
+    model[1].weight.data[0, 0] = math.nan
+    with pytest.raises(numerics.NonFiniteError) as caught:
+        guard.non_finite(3, [_batch("a")], [1.0], torch.tensor(math.inf), scaler_enabled=True)
+    assert (caught.value.diagnosis.kind, caught.value.diagnosis.first_parameter) == ("parameter", "1.weight")
+
+
+def test_non_finite_without_a_scaler_localises_and_records_the_step_figures():
+    """scaler_enabled defaults to False: with every parameter finite the step is localised (not left to a
+    scaler), and the loss and gradient norm the loop saw reach the recorded diagnosis: losses [1.0, 2.0] sum
+    to 3.0, grad norm inf. Nothing is non-finite on re-run, so the kind is "gradient" and the message says
+    that the gradients are finite and their norm overflowed."""
+    model, guard = _two_layer_guard("skip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the skip announces itself
+        action = guard.non_finite(4, [_batch("a"), _batch("b")], [1.0, 2.0], torch.tensor(math.inf))
+    assert action == "skip" and len(guard.events) == 1, guard.events
+    recorded = guard.events[0]["diagnosis"]
+    assert (recorded["step"], recorded["kind"], recorded["loss"], recorded["grad_norm"]) == (
+        4,
+        "gradient",
+        3.0,
+        math.inf,
+    )
+    assert recorded["message"] == (
+        "non-finite gradient at optimizer step 4; loss 3.0; gradient norm inf; every gradient is finite: "
+        "their norm overflowed the gradient dtype (use fp32 adapters)"
+    ), recorded["message"]
+
+
+def test_non_finite_error_adds_a_note_in_parentheses_and_nothing_without_one():
+    """NonFiniteError(diagnosis) is the diagnosis' message alone; a note is appended as " (note)"."""
+    diagnosis = numerics.Diagnosis(2, "loss")
+    assert str(numerics.NonFiniteError(diagnosis)) == "non-finite loss at optimizer step 2"
+    noted = numerics.NonFiniteError(diagnosis, "why")
+    assert str(noted) == "non-finite loss at optimizer step 2 (why)" and noted.diagnosis is diagnosis
+
+
+def test_rollback_without_a_snapshot_refuses_with_the_diagnosis():
+    """A rollback guard whose snapshot is gone (none taken yet) cannot roll back: it raises with the
+    diagnosis attached and says why, instead of restoring nothing."""
+    model, guard = _two_layer_guard("rollback")
+    guard._snapshot = None
+    diagnosis = numerics.Diagnosis(6, "loss")
+    with pytest.raises(numerics.NonFiniteError) as caught:
+        guard.handle(diagnosis)
+    assert caught.value.diagnosis is diagnosis
+    assert str(caught.value) == "non-finite loss at optimizer step 6 (guard=rollback has no finite state to return to)"
