@@ -248,3 +248,31 @@ def test_collation_round_trips(config, pairs):
         if family == "instructblip":
             q = batch["qformer_input_ids"][i][batch["qformer_attention_mask"][i].bool()]
             assert proc.qformer_tokenizer.decode(q, skip_special_tokens=True) == instruction, q.tolist()
+
+
+def test_collator_defaults_are_the_documented_budgets():
+    """Prompt budget 32 and answer budget 16 tokens (the issue's prompt 32 / answer 16), shapes padded per
+    batch unless asked (static_shapes=False): a caller relying on the defaults gets exactly these."""
+    collate = Collator(processor("blip2"), "blip2", decoder_only=True)
+    assert (collate.max_prompt_tokens, collate.max_answer_tokens, collate.static_shapes) == (32, 16, False)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "answer", "accepted"),
+    # the smallest budgets hold "[CLS] x [SEP]" (3) and one answer token + eos (2); one less in either is refused
+    [(3, 2, True), (2, 2, False), (3, 1, False), (2, 1, False)],
+)
+def test_collator_refuses_budgets_below_the_special_tokens(prompt: int, answer: int, accepted: bool):
+    build = functools.partial(Collator, processor("instructblip"), "instructblip", False, prompt, answer)
+    if accepted:
+        assert (build().max_prompt_tokens, build().max_answer_tokens) == (prompt, answer)
+        return
+    with pytest.raises(ValueError) as caught:
+        build()
+    assert str(caught.value) == "max_prompt_tokens must be >= 3 and max_answer_tokens >= 2"
+
+
+def test_collator_names_an_unknown_family_and_the_known_ones():
+    with pytest.raises(ValueError) as caught:
+        Collator(processor("blip2"), "llava", decoder_only=True)
+    assert str(caught.value) == "unknown family 'llava'; expected one of ('instructblip', 'blip2')"
