@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import re
 import shutil
 from pathlib import Path
@@ -165,3 +166,63 @@ def test_latest_checkpoint_is_none_until_a_complete_one_exists(tmp_path):
         path.mkdir(parents=True, exist_ok=True)
         (path / checkpoint.STATE_FILE).write_text(json.dumps({"global_step": 6}))
     assert checkpoint.latest_checkpoint(tmp_path) == checkpoint.checkpoint_dir(tmp_path, 1)
+
+
+# ----------------------------------------------------------------------------- the parts, without a training run
+
+
+def test_rng_state_survives_json_and_replays_python_and_torch_draws():
+    """The saved generator states, written to JSON and read back, replay the same draws from Python's
+    ``random`` and torch's CPU generator: what a resumed run needs to draw as the first run did."""
+    saved = json.loads(json.dumps(checkpoint.rng_state()))
+    first = (random.random(), torch.rand(3))
+    checkpoint.set_rng_state(saved)
+    second = (random.random(), torch.rand(3))
+    assert first[0] == second[0] and torch.equal(first[1], second[1]), (first, second)
+
+
+def test_optimizer_state_round_trips_tensors_scalars_and_param_groups():
+    """SGD with momentum after one step holds a momentum tensor; a plain number is added to the state (as some
+    optimizers keep, e.g. LBFGS' n_iter) to go the JSON way. Restored into a fresh optimizer, the state dict is
+    the same: tensors, numbers and the param groups' lr and momentum."""
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.5, momentum=0.9)
+    weight.sum().backward()
+    optimizer.step()
+    optimizer.state[weight]["n_iter"] = 7
+    tensors, meta = checkpoint._optimizer_tensors(optimizer)
+    assert sorted(tensors) == ["state.0.momentum_buffer"] and meta["scalars"] == {"state.0.n_iter": 7}, meta
+    fresh = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1, momentum=0.0)
+    checkpoint._restore_optimizer(fresh, tensors, json.loads(json.dumps(meta)))
+    restored, original = fresh.state_dict(), optimizer.state_dict()
+    assert torch.equal(restored["state"][0]["momentum_buffer"], original["state"][0]["momentum_buffer"])
+    assert restored["state"][0]["n_iter"] == 7
+    assert (restored["param_groups"][0]["lr"], restored["param_groups"][0]["momentum"]) == (0.5, 0.9)
+
+
+def bare_checkpoint(root: Path, state) -> Path:
+    """A checkpoint directory with the three parts verify requires and ``state`` as its state file."""
+    root.mkdir()
+    (root / checkpoint.STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+    (root / checkpoint.OPTIMIZER_FILE).write_bytes(b"")
+    (root / checkpoint.ADAPTER_DIR).mkdir()
+    return root
+
+
+def test_verify_reads_a_state_without_format_or_files_as_format_1(tmp_path):
+    """A format-1 state (before "format_version" and "files" existed) verifies as it is."""
+    assert checkpoint.verify(bare_checkpoint(tmp_path / "old", {"global_step": 3})) == {"global_step": 3}
+
+
+def test_verify_refuses_a_state_that_is_not_an_object(tmp_path):
+    path = bare_checkpoint(tmp_path / "list", [1, 2])
+    with pytest.raises(checkpoint.CheckpointError) as caught:
+        checkpoint.verify(path)
+    assert str(caught.value).startswith(f"{path / checkpoint.STATE_FILE}: checkpoint format None,"), caught.value
+
+
+def test_verify_names_a_recorded_file_that_is_missing(tmp_path):
+    path = bare_checkpoint(tmp_path / "torn", {"format_version": 2, "files": {"adapter/x.bin": {"size": 1}}})
+    with pytest.raises(checkpoint.CheckpointError) as caught:
+        checkpoint.verify(path)
+    assert str(caught.value) == f"{path / 'adapter/x.bin'}: missing checkpoint file"
