@@ -316,31 +316,10 @@ def compile_optimizer_step(optimizer: torch.optim.Optimizer, enabled: bool, *, m
     kwargs, _ = compile_mode_kwargs(mode, device_type)
     had_own_step = "step" in vars(optimizer)  # an LR scheduler wraps the step in an instance attribute
     eager_step = optimizer.step
-    lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=g["params"][0].device) for g in groups]
-    on_cuda = [all(p.is_cuda for p in g["params"]) for g in groups]
 
     def compile_():
-        compiled = torch.compile(_call, fullgraph=False, **kwargs)
-
-        # as the step it calls: an LR scheduler recognises its own wrapper (else it warns that
-        # optimizer.step was replaced after it was built)
-        @functools.wraps(eager_step)
-        def step(closure=None):
-            if closure is not None:
-                raise TypeError("the compiled AdamW step takes no closure")
-            floats = [group["lr"] for group in groups]
-            for group, lr, cuda in zip(groups, lrs, on_cuda):
-                lr.fill_(group["lr"])
-                group["lr"] = lr
-                group["capturable"] = group["capturable"] or cuda
-            try:
-                compiled(eager_step)
-            finally:
-                for group, value in zip(groups, floats):
-                    group["lr"] = value
-
-        optimizer.step = step
-        return step
+        optimizer.step = _tensor_lr_step(groups, eager_step, torch.compile(_call, fullgraph=False, **kwargs))
+        return optimizer.step
 
     def undo():
         if had_own_step:
@@ -351,6 +330,31 @@ def compile_optimizer_step(optimizer: torch.optim.Optimizer, enabled: bool, *, m
     probe = functools.partial(_probe_optimizer_step, optimizer, params)
     unavailable = compat.compiled_optimizer_unavailable_reason
     return _compile_or_fall_back("compile_optimizer", device_type, compile_, undo, probe, unavailable)[1]
+
+
+def _tensor_lr_step(groups: list, eager_step, compiled):
+    """``compiled(eager_step)`` as an optimizer step, the groups' learning rates tensors during the call."""
+    lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=g["params"][0].device) for g in groups]
+    on_cuda = [all(p.is_cuda for p in g["params"]) for g in groups]
+
+    # as the step it calls: an LR scheduler recognises its own wrapper (else it warns that
+    # optimizer.step was replaced after it was built)
+    @functools.wraps(eager_step)
+    def step(closure=None):
+        if closure is not None:
+            raise TypeError("the compiled AdamW step takes no closure")
+        floats = [group["lr"] for group in groups]
+        for group, lr, cuda in zip(groups, lrs, on_cuda):
+            lr.fill_(group["lr"])
+            group["lr"] = lr
+            group["capturable"] = group["capturable"] or cuda
+        try:
+            compiled(eager_step)
+        finally:
+            for group, value in zip(groups, floats):
+                group["lr"] = value
+
+    return step
 
 
 def _call(fn):  # what torch.compile traces for compile_optimizer_step: the optimizer's own step
