@@ -144,12 +144,16 @@ def _check_graphs(graphs: dict, e2e: dict) -> None:
     assert graphs["compile"][0]["option"] == "compile_mode" and graphs["compile"][0]["used"] == "default"
     assert [c["used"] for c in graphs["compile"][1:]] == ["compiled", "compiled"], graphs["compile"]
     eager_first = e2e["results"]["custom"]["step"]["losses"][0]
+    firsts = set()
     for name, reads in (("graphs_deferred", 1), ("graphs_compiled_optimizer", None)):
         for mode in ("loop", "step"):
             timing = graphs["results"][name][mode]
             assert (timing["samples"], timing["host_reads"], timing["actions"]) == (128, reads, {"step": 4}), timing
-            # before any update: the compiled model's first loss is eager's within the compile tolerance
-            assert abs(timing["losses"][0] - eager_first) <= 1e-4 * abs(eager_first)
+            firsts.add(timing["losses"][0])
+    # before any update: one compiled model, one batch, one adapter state, so one first loss; against eager
+    # (bf16) within two bf16 roundings (2 x 2^-8): the fused kernels round to bf16 at other points
+    [first] = firsts
+    assert abs(first - eager_first) <= 2 * 2**-8 * abs(eager_first), (first, eager_first)
     used = {c["option"]: c["used"] for c in graphs["results"]["graphs_compiled_optimizer"]["step"]["step_options"]}
     assert used["compile_optimizer"] == "compiled"
 
