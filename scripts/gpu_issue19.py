@@ -12,6 +12,9 @@ Phases, in order (PHASES), each timed (``phases_s``):
 3. ``deferred``: the same loop and step with deferred host reads (sync_every 10, fused AdamW,
    guard skip: training/step.deferred_step, read once per interval as train_epoch reads),
    against phase 1's default and native figures: what the host syncs cost;
+   ``graphs``: the compiled Q-Former and frozen blocks as CUDA graphs (compile_mode reduce-overhead)
+   with deferred host reads, and with the compiled AdamW step instead; the model compiled once, then
+   uncompiled for the later phases (its compile time is ``compile_s``);
 4. ``quantized``: the frozen language model unquantized, int8 and nf4 (quantization.py), the
    same batches from the same adapter weights: losses against bf16, peak memory, the LM's bytes;
 5. ``auto_batch``: ``--batch-size auto``'s own machinery (training/auto_batch.resolve: probe
@@ -54,12 +57,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_end_to_end, besi
 import gpu_end_to_end  # noqa: E402
 import torch  # noqa: E402 - after the path set-up above
 
-from qformer_lora import compat, inputs, jsonio, known_warnings, precision, quantization  # noqa: E402
+from qformer_lora import compat, jsonio, known_warnings, precision, quantization  # noqa: E402
 from qformer_lora.bench import end_to_end, flops, report_files  # noqa: E402
 from qformer_lora.bench.capacity import GIB  # noqa: E402
-from qformer_lora.bench.device import device_info, free_memory, is_oom, memory_cap, memory_stats  # noqa: E402
-from qformer_lora.bench.measurement import synchronize  # noqa: E402
-from qformer_lora.training import auto_batch, step, step_options  # noqa: E402
+from qformer_lora.bench.device import device_info, free_memory, memory_cap  # noqa: E402
+from qformer_lora.training import auto_batch, step_options  # noqa: E402
 
 TIME_LIMIT_S = 420  # no phase starts after this: the slowest (auto_batch) then still ends inside 8 minutes
 FAKE_BYTES_PER_SAMPLE = GIB  # the CPU stand-in for the allocator's peak: 1 GiB per sample, nothing fixed
@@ -203,58 +205,13 @@ def needs_bench(state: State) -> dict | None:
 # ----------------------------------------------------------------------------- 3. deferred host reads
 
 
-def time_deferred(bench, parts, source, from_loader: bool, warmup: int, steps: int, sync_every: int) -> dict:
-    """Deferred steps over ``source`` (the loader's epoch, or batches on the device), read once per
-    ``sync_every`` steps and at the end as train_epoch reads them; the first ``warmup`` untimed."""
-    device, pending, results, waits, reads = bench.device, [], [], [], 0
-    started = time.perf_counter()
-    for index in range(warmup + steps):
-        if index == warmup:
-            synchronize(device)
-            started = time.perf_counter()
-        asked = time.perf_counter()
-        batch = next(source)
-        waits.append(time.perf_counter() - asked)
-        batch = inputs.to_device(batch, device) if from_loader else batch
-        pending.append(step.training_step(parts, [batch], index))
-        if len(pending) == sync_every or index == warmup + steps - 1:
-            results, pending, reads = results + step.read_steps(parts, pending), [], reads + 1
-    synchronize(device)
-    elapsed = time.perf_counter() - started
-    for _ in source:  # the loader's epoch ends cleanly (its workers persist)
-        pass
-    samples = sum(r.samples for r in results[warmup:])
-    return {
-        "samples": samples,
-        "elapsed_s": elapsed,
-        "samples_per_s": samples / elapsed,
-        "step_ms": 1000 * elapsed / steps,
-        "loader_wait_ms_per_batch": 1000 * sum(waits[warmup:]) / steps if from_loader else None,
-        "losses": [r.loss for r in results],
-        "actions": dict(Counter(r.action for r in results)),
-        "host_reads": reads,
-        **memory_stats(device),
-    }
-
-
 def measure_deferred(state: State, mode: str) -> dict:
-    """One deferred measurement (loop or step) from the initial adapter weights; errors recorded."""
+    """One deferred measurement (loop or step) from the initial adapter weights (end_to_end.measure with
+    sync_every: read once per interval as train_epoch reads); errors recorded."""
     args = state.args
     config = dataclasses.replace(state.config, sync_every=args.sync_every, fused_optimizer=True, guard="skip")
     bench = dataclasses.replace(state.bench, config=config)
-    try:
-        parts, choices = end_to_end.step_parts(bench, "custom")
-        step.check_deferred(parts)
-        parts.deferred = True  # what make_step(deferred=True) sets once check_deferred passed
-        if bench.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(bench.device)
-        source = iter(bench.loader.epoch(1)) if mode == "loop" else iter(state.batches)
-        timing = time_deferred(bench, parts, source, mode == "loop", args.warmup, args.steps, args.sync_every)
-        return timing | {"step_options": [c.as_dict() for c in choices]}
-    except Exception as err:  # noqa: BLE001 - recorded in the report
-        message, oom = f"{type(err).__name__}: {str(err).strip()[:300]}", is_oom(err)
-    free_memory()  # outside the except block: the traceback no longer holds the step's tensors
-    return {"error": message, "oom": oom}
+    return end_to_end.measure(bench, "custom", mode, args.warmup, args.steps, state.batches)
 
 
 def _ratio(a, b) -> float | None:
@@ -296,6 +253,69 @@ def phase_deferred(state: State) -> dict:
     )
     options = {"sync_every": state.args.sync_every, "fused_optimizer": True, "guard": "skip"}
     return {"options": options, "results": results, "versus": compared, "target_met": met}
+
+
+# ----------------------------------------------------------------------------- 3b. CUDA graphs
+
+
+def graph_configs(state: State) -> dict:
+    """The CUDA-graph configurations: the compiled Q-Former and frozen blocks replayed as CUDA graphs
+    (compile_mode reduce-overhead), with deferred host reads (no host sync inside the step, so the
+    replays run back to back: what should remove the host bound), and with the AdamW step compiled
+    instead (it reads every step: fused AdamW's found_inf, which deferred reads need, is not compiled)."""
+    graphs = dict(compile_mode="reduce-overhead", compile_qformer=True, compile_frozen=True)
+    return {
+        "graphs_deferred": dataclasses.replace(
+            state.config, **graphs, sync_every=state.args.sync_every, fused_optimizer=True, guard="skip"
+        ),
+        "graphs_compiled_optimizer": dataclasses.replace(
+            state.config, **graphs, compile_optimizer=True, fused_optimizer=False
+        ),
+    }
+
+
+def phase_graphs(state: State) -> dict:
+    """Each of graph_configs, loop and step, against phase 1's default and native; the model is
+    compiled once (probed on the first batch: the compile time is ``compile_s``) and uncompiled after."""
+    skipped = needs_bench(state)
+    if skipped:
+        return skipped
+    e2e = (state.report.get("end_to_end") or {}).get("report") or {}
+    peak = flops.peak_flops(state.report["device"]["name"], state.config.precision)
+    configs = graph_configs(state)
+    began = time.perf_counter()
+    first = dataclasses.replace(state.bench, config=next(iter(configs.values())))
+    try:
+        choices = [c.as_dict() for c in end_to_end.compile_model(first, state.batches[0])]
+        compile_s = time.perf_counter() - began
+        results, compared = {}, {}
+        for name, config in configs.items():
+            bench = dataclasses.replace(state.bench, config=config)
+            results[name], compared[name] = {}, {}
+            for mode in end_to_end.MODES:
+                timing = results[name][mode] = end_to_end.measure(
+                    bench, "custom", mode, state.args.warmup, state.args.steps, state.batches
+                )
+                if "error" not in timing:
+                    timing["mfu"] = flops.mfu(timing["samples_per_s"], e2e.get("flops_per_sample"), peak)
+                compared[name][mode] = {
+                    ref: versus(timing, e2e.get("results", {}).get(ref, {}).get(mode)) for ref in end_to_end.FORWARDS
+                }
+    finally:
+        step_options.uncompile_step_modules(state.bench.model)  # the later phases measure the eager model
+        torch._dynamo.reset()  # and the graphs' memory pools go
+    options = {name: {k: getattr(c, k) for k in OPTIONS_SHOWN} for name, c in configs.items()}
+    return {"options": options, "compile": choices, "compile_s": compile_s, "results": results, "versus": compared}
+
+
+OPTIONS_SHOWN = (
+    "compile_mode",
+    "compile_qformer",
+    "compile_frozen",
+    "compile_optimizer",
+    "sync_every",
+    "fused_optimizer",
+)
 
 
 # ----------------------------------------------------------------------------- 4. the quantized LM
@@ -429,6 +449,7 @@ PHASES = {
     "end_to_end": phase_end_to_end,
     "bench": phase_bench,
     "deferred": phase_deferred,
+    "graphs": phase_graphs,
     "quantized": phase_quantized,
     "auto_batch": phase_auto_batch,
 }
@@ -452,9 +473,19 @@ def targets(report: dict) -> dict:
         "deferred_loop_speedup": ((deferred.get("versus") or {}).get("loop") or {}).get("native", {}).get("speedup"),
         "deferred_2x_native_at_half_memory": deferred.get("target_met"),
         "deferred_loop_mfu": deferred_loop.get("mfu"),
+        **{
+            f"{name}_loop_speedup": _native_speedup(report, name)
+            for name in ("graphs_deferred", "graphs_compiled_optimizer")
+        },
         "auto_batch_on_budget": auto.get("batch_size"),
         "nf4_batch_at_least_128_on_24_gib": auto.get("target_met"),
     }
+
+
+def _native_speedup(report: dict, name: str) -> float | None:
+    """The graphs phase's configuration ``name``: its loop's samples/s over the native loop's."""
+    versus_native = ((report.get("graphs") or {}).get("versus") or {}).get(name, {}).get("loop", {})
+    return versus_native.get("native", {}).get("speedup")
 
 
 def output_path(report: dict, out: str | None) -> Path:

@@ -447,6 +447,8 @@ def cmd_bench(args) -> int:
 
     if args.end_to_end:
         return cmd_bench_end_to_end(args)
+    if args.sync_every:
+        raise ValueError(f"--sync-every {args.sync_every} applies to --end-to-end only (see --help)")
     device = _bench_device(args)
     points = bench_points(args, measurement)
     shape = measurement.SequenceShape(args.prompt_len, args.answer_len, args.instruction_len)
@@ -487,6 +489,7 @@ def cmd_bench_end_to_end(args) -> int:
         compile_qformer=args.compile_qformer,
         compile_frozen=args.compile_frozen,
         feature_cache=args.feature_cache,
+        sync_every=args.sync_every,
         max_prompt_tokens=args.prompt_len,
         max_answer_tokens=args.answer_len,
     )
@@ -495,6 +498,17 @@ def cmd_bench_end_to_end(args) -> int:
         paths = report_files.write_end_to_end(report, args.out)
         print(f"{report['paragraph']}\njson: {paths['json']}\nmd: {paths['md']}")
     return 0
+
+
+# the run-config options bench takes; sync_every with --end-to-end only (the sweep's step reads every step)
+BENCH_STEP_OPTIONS = (
+    "lm_checkpointing",
+    "feature_cache",
+    "fused_optimizer",
+    "compile_qformer",
+    "compile_frozen",
+    "sync_every",
+)
 
 
 def add_bench_parser(sub) -> None:
@@ -536,7 +550,7 @@ def add_bench_parser(sub) -> None:
         default=["custom"],
         help="custom forward or the library's own (through a plain PeftModel) (default: custom)",
     )
-    for name in ("lm_checkpointing", "feature_cache", "fused_optimizer", "compile_qformer", "compile_frozen"):
+    for name in BENCH_STEP_OPTIONS:
         config_option(p, name)
     p.add_argument(
         "--end-to-end",

@@ -441,6 +441,29 @@ def torch_compile_unavailable_reason(device_type: str) -> str | None:  # pragma:
     return None
 
 
+# PyTorch's recipes for a compiled optimizer step: "Compiling the optimizer with torch.compile" needs
+# torch 2.2, "Running the compiled optimizer with an LR Scheduler" (a tensor learning rate, so a new
+# rate is a new value rather than a new constant that recompiles the step) 2.3.
+COMPILED_OPTIMIZER = Version("2.3.0")
+
+
+def compiled_optimizer_unavailable_reason(device_type: str) -> str | None:  # pragma: no mutate block
+    """Why an AdamW step compiled with a tensor learning rate cannot work here, or None."""
+    if TORCH < COMPILED_OPTIMIZER:
+        return f"torch {TORCH} cannot compile AdamW's step with a tensor learning rate (needs {COMPILED_OPTIMIZER})"
+    return torch_compile_unavailable_reason(device_type)
+
+
+def cudagraph_mark_step_begin() -> None:  # pragma: no mutate block
+    """Tell torch.compile's CUDA graph trees that a new training step starts, so the outputs of
+    the last step's graphs may be overwritten (torch.compiler.cudagraph_mark_step_begin; before
+    that name existed, inductor's own mark_step_begin)."""
+    mark = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None)
+    if mark is None:
+        from torch._inductor.cudagraph_trees import mark_step_begin as mark
+    mark()
+
+
 # transformers 4.35 added gradient_checkpointing_kwargs (before it, always torch's reentrant
 # checkpoint, whose gradients still reach inputs that require grad, as the LM's input embeddings
 # do); transformers 5 renamed the methods activation_checkpointing_enable / _disable (the old

@@ -182,3 +182,30 @@ def test_cli_refuses_sweep_only_flags(capsys):
     argv = ["bench", "--end-to-end", "true", "--preset", PRESET, "--device", "cpu", "--options-batch", "4"]
     assert cli.main(argv) == 2
     assert "--options-batch apply to the sweep only" in capsys.readouterr().err
+
+
+def test_cli_honours_sync_every_with_deferred_reads(tmp_path):
+    """--sync-every 2 over 1 warm-up + 2 timed steps: reads after step 2 and at the end (step 3), as
+    train_epoch reads; the losses are the per-step reading's (deferred_step is bitwise training_step)."""
+    argv = ["bench", "--end-to-end", "--preset", PRESET, "--device", "cpu", "--precisions", "fp32", "--batch-sizes"]
+    argv += ["2", "--steps", "2", "--num-workers", "0", "--fused-optimizer", "true", "--out", str(tmp_path)]
+    assert cli.main([*argv, "--sync-every", "2"]) == 0
+    [written] = tmp_path.glob("end-to-end-cpu-*-fp32-b2.json")
+    deferred = json.loads(written.read_text())
+    written.unlink()
+    assert cli.main(argv) == 0
+    [written] = tmp_path.glob("end-to-end-cpu-*-fp32-b2.json")
+    every_step = json.loads(written.read_text())
+    assert (deferred["config"]["sync_every"], every_step["config"]["sync_every"]) == (2, 0)
+    for mode in ("loop", "step"):
+        custom = deferred["results"]["custom"][mode]
+        assert (custom["host_reads"], custom["actions"], custom["samples"]) == (2, {"step": 3}, 2 * 2)
+        assert custom["losses"] == every_step["results"]["custom"][mode]["losses"]
+        assert every_step["results"]["custom"][mode]["host_reads"] is None
+        assert deferred["results"]["native"][mode]["host_reads"] is None  # the baseline reads every step
+
+
+def test_the_sweep_refuses_sync_every(capsys):
+    argv = ["bench", "--preset", PRESET, "--device", "cpu", "--sync-every", "2"]
+    assert cli.main(argv) == 2
+    assert "--sync-every 2 applies to --end-to-end only" in capsys.readouterr().err

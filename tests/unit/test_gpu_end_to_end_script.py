@@ -43,6 +43,9 @@ def test_the_gpu_script_runs_on_cpu_and_writes_its_report(tmp_path):
         "scope": "qformer",
         "lm_checkpointing": True,
         "fused_optimizer": False,
+        "compile_optimizer": False,
+        "compile_mode": "default",
+        "sync_every": 0,
         "deterministic": True,
         "seed": 0,
         "num_workers": None,
@@ -97,8 +100,8 @@ def test_the_issue19_script_runs_every_phase_on_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     [written] = tmp_path.glob("issue19-cpu-*.json")
     report = json.loads(written.read_text())
-    phases = ("end_to_end", "bench", "deferred", "quantized", "auto_batch")
-    assert [report[name]["status"] for name in phases] == ["done"] * 5, [report[n].get("traceback") for n in phases]
+    phases = ("end_to_end", "bench", "deferred", "graphs", "quantized", "auto_batch")
+    assert [report[name]["status"] for name in phases] == ["done"] * 6, [report[n].get("traceback") for n in phases]
     assert list(report["phases_s"]) == list(phases) and min(report["phases_s"].values()) > 0
     assert sum(report["phases_s"].values()) <= report["wall_s"]
     e2e = report["end_to_end"]["report"]
@@ -107,6 +110,7 @@ def test_the_issue19_script_runs_every_phase_on_cpu(tmp_path):
     # the shared bench: max(warmup 2 + steps 2, 4 quantized batches) = 4 batches of 64, as phase 1's
     assert (report["bench"]["batches"], report["bench"]["samples"]) == (4, 256)
     _check_deferred(report["deferred"], e2e)
+    _check_graphs(report["graphs"], e2e)
     _check_quantized(report["quantized"], custom_step, report["bitsandbytes"].startswith("installed "))
     _check_auto_batch(report["auto_batch"], "nf4" if report["bitsandbytes"].startswith("installed ") else "none")
     assert report["targets"]["default_loop_speedup"] == e2e["custom_vs_native"]["loop"]["speedup"]
@@ -133,6 +137,25 @@ def _check_deferred(deferred: dict, e2e: dict) -> None:
     assert deferred["results"]["loop"]["losses"] == deferred["results"]["step"]["losses"]
     # before any update the deferred step's first loss is phase 1's (same seed, same build, same batch)
     assert deferred["results"]["step"]["losses"][0] == e2e["results"]["custom"]["step"]["losses"][0]
+
+
+def _check_graphs(graphs: dict, e2e: dict) -> None:
+    """The CUDA-graph configurations on a CPU: compiled as default (recorded), measured as deferred's are."""
+    assert graphs["compile"][0]["option"] == "compile_mode" and graphs["compile"][0]["used"] == "default"
+    assert [c["used"] for c in graphs["compile"][1:]] == ["compiled", "compiled"], graphs["compile"]
+    eager_first = e2e["results"]["custom"]["step"]["losses"][0]
+    firsts = set()
+    for name, reads in (("graphs_deferred", 1), ("graphs_compiled_optimizer", None)):
+        for mode in ("loop", "step"):
+            timing = graphs["results"][name][mode]
+            assert (timing["samples"], timing["host_reads"], timing["actions"]) == (128, reads, {"step": 4}), timing
+            firsts.add(timing["losses"][0])
+    # before any update: one compiled model, one batch, one adapter state, so one first loss; against eager
+    # (bf16) within two bf16 roundings (2 x 2^-8): the fused kernels round to bf16 at other points
+    [first] = firsts
+    assert abs(first - eager_first) <= 2 * 2**-8 * abs(eager_first), (first, eager_first)
+    used = {c["option"]: c["used"] for c in graphs["results"]["graphs_compiled_optimizer"]["step"]["step_options"]}
+    assert used["compile_optimizer"] == "compiled"
 
 
 def _check_quantized(quantized: dict, custom_step: dict, installed: bool) -> None:

@@ -32,7 +32,8 @@ import datetime
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ from .. import compat, data, formats, forward, inputs, lora, precision, syntheti
 from ..training import step_options, train
 from ..training.loader import EpochLoader, default_workers
 from ..training.run_config import TrainConfig
-from ..training.step import StepParts, linear_warmup_decay, make_step, training_step
+from ..training.step import StepParts, linear_warmup_decay, make_step, read_steps, training_step
 from . import flops
 from .device import device_info, free_memory, is_oom, memory_stats
 from .measurement import SequenceShape, synchronize
@@ -58,6 +59,9 @@ REPORTED_OPTIONS = (
     "scope",
     "lm_checkpointing",
     "fused_optimizer",
+    "compile_optimizer",
+    "compile_mode",
+    "sync_every",
     "deterministic",
     "seed",
 )
@@ -80,8 +84,9 @@ class Bench:
 def check_config(config: TrainConfig) -> None:
     """ValueError for the step options this benchmark does not measure.
 
-    Compiling rewrites the model in place, so the native baseline would run compiled modules
-    too; a feature cache is all misses in the single epoch measured here."""
+    Compiling the model rewrites it in place, so the native baseline would run compiled modules
+    too (the custom step's optimizer may be compiled: compile_optimizer); a feature cache is all
+    misses in the single epoch measured here."""
     refused = [
         f"--{name.replace('_', '-')}"
         for name, off in (("compile_qformer", False), ("compile_frozen", False), ("feature_cache", "off"))
@@ -162,7 +167,9 @@ def native_forward(model, precision_name: str, device: torch.device):
 
 def step_parts(bench: Bench, forward_name: str) -> tuple[StepParts, list]:
     """The step's pieces for one measurement, from the initial adapter weights with a fresh AdamW
-    and schedule; returns them and the step options used (step_options.Choice)."""
+    and schedule; returns them and the step options used (step_options.Choice). The custom step
+    takes the configuration's deferred host reads (sync_every > 0), compiled optimizer step and the
+    CUDA graphs of a model compiled beforehand (compile_mode; :func:`compile_model`)."""
     config, model = bench.config, bench.model
     params = lora.adapter_parameters(model)
     with torch.no_grad():
@@ -178,34 +185,92 @@ def step_parts(bench: Bench, forward_name: str) -> tuple[StepParts, list]:
         weight_decay=config.weight_decay,
         fused=config.fused_optimizer if custom else False,
     )
+    scheduler = linear_warmup_decay(optimizer, config.warmup_steps, SCHEDULE_STEPS)
+    choices = [checkpointing, choice]
+    if custom and config.compile_optimizer:
+        choices.append(step_options.compile_optimizer_step(optimizer, True, mode=config.compile_mode))
     parts = make_step(
         model,
         optimizer,
-        linear_warmup_decay(optimizer, config.warmup_steps, SCHEDULE_STEPS),
+        scheduler,
         precision_name=config.precision,
         device=bench.device,
         guard=config.guard,
         max_grad_norm=config.max_grad_norm,
         run_forward=None if custom else native_forward(model, config.precision, bench.device),
+        deferred=custom and config.sync_every > 0,
+        cudagraphs=custom and train.uses_cudagraphs(config, bench.device),
     )
-    return parts, [checkpointing, choice]
+    return parts, choices
 
 
-def _timing(samples: int, elapsed: float, steps: int, losses: list, waits: list | None, device) -> dict:
+def compile_model(bench: Bench, batch: dict) -> list:
+    """The configuration's model compiles (compile_qformer, compile_frozen in compile_mode) on
+    ``bench.model``, in place, probed on ``batch``; their Choices. Every later measurement of
+    either forward runs them: :func:`run` refuses them for that reason, scripts/gpu_issue19.py
+    measures them after the native baseline and undoes them (step_options.uncompile_step_modules)."""
+    config, model = bench.config, bench.model
+
+    def probe(_compiled):
+        with precision.autocast(config.precision, bench.device):
+            forward.custom_forward(model, batch, reduction="sum").loss.backward()
+        for param in lora.adapter_parameters(model):
+            param.grad = None
+
+    return step_options.compile_step_modules(
+        model,
+        qformer=config.compile_qformer,
+        frozen=config.compile_frozen,
+        mode=config.compile_mode,
+        probe=probe,
+        device_type=bench.device.type,
+    )
+
+
+@dataclass
+class Results:
+    """The results of a measurement's steps, in order: a deferred step's are read every ``sync_every``
+    steps and at the end (:meth:`finish`), as train_epoch reads them (step.read_steps)."""
+
+    parts: StepParts
+    sync_every: int
+    done: list = field(default_factory=list)  # StepResults, in step order
+    pending: list = field(default_factory=list)  # PendingSteps not read yet
+    host_reads: int = 0  # read_steps calls (deferred steps only)
+
+    def add(self, result) -> None:
+        if not self.parts.deferred:
+            self.done.append(result)
+            return
+        self.pending.append(result)
+        if len(self.pending) >= self.sync_every:
+            self.finish()
+
+    def finish(self) -> None:
+        if self.pending:
+            self.done += read_steps(self.parts, self.pending)
+            self.pending, self.host_reads = [], self.host_reads + 1
+
+
+def _timing(results: Results, warmup: int, elapsed: float, steps: int, waits: list | None, device) -> dict:
+    samples = sum(r.samples for r in results.done[warmup:])
     return {
         "samples": samples,
         "elapsed_s": elapsed,
         "samples_per_s": samples / elapsed,
         "step_ms": 1000 * elapsed / steps,
         "loader_wait_ms_per_batch": None if waits is None else 1000 * sum(waits) / len(waits),
-        "losses": losses,  # per step, warm-up included: the same batches give the same losses
+        "losses": [r.loss for r in results.done],  # per step, warm-up included: same batches, same losses
+        "actions": dict(Counter(r.action for r in results.done)),
+        "host_reads": results.host_reads if results.parts.deferred else None,  # None: every step reads
         **memory_stats(device),
     }
 
 
 def time_loop(bench: Bench, parts: StepParts, warmup: int, steps: int) -> dict:
-    """One epoch of the loader through the step, as train_epoch runs it; the first ``warmup`` steps untimed."""
-    device, losses, waits, samples = bench.device, [], [], 0
+    """One epoch of the loader through the step, as train_epoch runs it (deferred steps read every
+    sync_every steps and at the end); the first ``warmup`` steps untimed."""
+    device, waits, results = bench.device, [], Results(parts, bench.config.sync_every)
     batches = iter(bench.loader.epoch(1))
     started = time.perf_counter()
     for index in range(warmup + steps):
@@ -215,16 +280,15 @@ def time_loop(bench: Bench, parts: StepParts, warmup: int, steps: int) -> dict:
         asked = time.perf_counter()
         batch = next(batches)
         waited = time.perf_counter() - asked
-        result = training_step(parts, [inputs.to_device(batch, device)], index)
-        losses.append(result.loss)
+        results.add(training_step(parts, [inputs.to_device(batch, device)], index))
         if index >= warmup:
             waits.append(waited)
-            samples += result.samples
+    results.finish()
     synchronize(device)
     elapsed = time.perf_counter() - started
     for _ in batches:  # the epoch holds exactly warmup + steps batches; ends the workers' epoch cleanly
         pass
-    return _timing(samples, elapsed, steps, losses, waits, device)
+    return _timing(results, warmup, elapsed, steps, waits, device)
 
 
 def collated(bench: Bench) -> list[dict]:
@@ -235,18 +299,18 @@ def collated(bench: Bench) -> list[dict]:
 
 
 def time_step(bench: Bench, parts: StepParts, batches: list[dict], warmup: int, steps: int) -> dict:
-    """The step alone on ``batches`` (already on the device); the first ``warmup`` steps untimed."""
-    device, losses, samples = bench.device, [], 0
+    """The step alone on ``batches`` (already on the device), deferred steps read as in
+    :func:`time_loop`; the first ``warmup`` steps untimed."""
+    device, results = bench.device, Results(parts, bench.config.sync_every)
     started = time.perf_counter()
     for index, batch in enumerate(batches[: warmup + steps]):
         if index == warmup:
             synchronize(device)
             started = time.perf_counter()
-        result = training_step(parts, [batch], index)
-        losses.append(result.loss)
-        samples += result.samples if index >= warmup else 0
+        results.add(training_step(parts, [batch], index))
+    results.finish()
     synchronize(device)
-    return _timing(samples, time.perf_counter() - started, steps, losses, None, device)
+    return _timing(results, warmup, time.perf_counter() - started, steps, None, device)
 
 
 def measure(bench: Bench, forward_name: str, mode: str, warmup: int, steps: int, batches=None) -> dict:

@@ -79,6 +79,8 @@ class TrainConfig:
     fused_optimizer: bool | None = False
     compile_qformer: bool = False
     compile_frozen: bool = False
+    compile_mode: str = "default"  # step_options.COMPILE_MODES; "reduce-overhead": CUDA graphs
+    compile_optimizer: bool = False
     feature_cache: str = "off"
     feature_cache_dir: str | None = None
     log: str = "jsonl"
@@ -90,6 +92,7 @@ class TrainConfig:
             self.lora_alpha = lora.default_alpha(self.lora_r)
         if self.sync_every > 0:
             self.check_deferred_reads()
+        self.check_compile_options()
 
     def check_deferred_reads(self) -> None:
         """ConfigError naming the options that deferred host reads (sync_every > 0) cannot run with,
@@ -104,6 +107,30 @@ class TrainConfig:
         if why:
             raise ConfigError(
                 f"option 'sync_every' is {self.sync_every} (deferred host reads), refused: " + "; ".join(why)
+            )
+
+    def check_compile_options(self) -> None:
+        """ConfigError naming the option for compile settings that cannot work together."""
+        compiled = self.compile_qformer or self.compile_frozen or self.compile_optimizer
+        # an unknown mode is load_run_config's to refuse (with the file or flag that gave it)
+        if self.compile_mode in step_options.COMPILE_MODES[1:] and not compiled:
+            raise ConfigError(
+                f"option 'compile_mode' is {self.compile_mode!r}, but nothing is compiled: it applies to "
+                "compile_qformer, compile_frozen and compile_optimizer; set one of them to true"
+            )
+        if not self.compile_optimizer:
+            return
+        if self.sync_every > 0:
+            raise ConfigError(
+                f"option 'compile_optimizer' is true with 'sync_every' {self.sync_every}, refused: deferred host "
+                "reads skip a non-finite step on the device through fused AdamW's found_inf, which the compiled "
+                "AdamW step has no input for; drop one of them"
+            )
+        if self.fused_optimizer is not False:
+            raise ConfigError(
+                f"option 'compile_optimizer' is true with 'fused_optimizer' {self.fused_optimizer}, refused: it "
+                "compiles torch's default AdamW into fused kernels, and fused AdamW is one kernel already; set "
+                "fused_optimizer to false"
             )
 
 
@@ -196,6 +223,16 @@ HELP = {
     "falls back to eager, with the reason logged, if compiling fails",
     "compile_frozen": "torch.compile each block of the frozen vision encoder and language model (static shapes "
     "as for compile_qformer; falls back to eager, with the reason logged)",
+    "compile_mode": "default | reduce-overhead: the torch.compile mode of compile_qformer, compile_frozen and "
+    "compile_optimizer. reduce-overhead is torch.compile's CUDA graphs: each compiled graph of the fixed-shape step "
+    "(the collator pads every text to its budget) is recorded once and replayed with one launch, removing the "
+    "per-kernel launch cost that leaves the step host-bound; it costs memory (each graph keeps its own pool) and "
+    "a longer first step. A host read inside the step (the loss and the finite checks read every step unless "
+    "--sync-every) splits the replays, so it pairs with --sync-every. On a CPU it compiles as default (recorded). "
+    "Needs one of the compile options on",
+    "compile_optimizer": "torch.compile the AdamW step (torch's default AdamW, fused_optimizer false) into a few "
+    "fused kernels, the learning rate passed as a tensor so the schedule does not recompile it; falls back to "
+    "eager, with the reason logged, if compiling fails. Not with --sync-every (its skip needs fused AdamW)",
     "feature_cache": "off | memory | disk: compute the frozen vision encoder's features once per image and reuse "
     "them (exact; refused with image augmentation or a trainable vision encoder)",
     "feature_cache_dir": "directory of the disk feature cache (default: <output_dir>/feature_cache)",
@@ -318,6 +355,7 @@ def load_run_config(path: str | os.PathLike | None, overrides: dict | None = Non
         ("guard", GUARDS),
         ("scope", tuple(lora.SCOPES)),
         ("feature_cache", step_options.FEATURE_CACHE_MODES),
+        ("compile_mode", step_options.COMPILE_MODES),
         ("log", LOGS),
         ("data_format", formats.CHOICES),
         ("image_decode", IMAGE_DECODES),

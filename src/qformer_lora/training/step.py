@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import forward, precision
+from .. import compat, forward, precision
 from ..diagnostics import numerics
 from . import distributed, feature_cache
 
@@ -70,6 +70,7 @@ class StepParts:
     trainer: torch.nn.Module | None = None  # DDP wrapper: all-reduce after the group's last micro-batch
     params: list = field(default_factory=list)
     deferred: bool = False  # deferred host reads: training_step is deferred_step (check_deferred)
+    cudagraphs: bool = False  # compiled with CUDA graphs (compile_mode reduce-overhead): each step marks its start
 
     def __post_init__(self):
         if not self.params:
@@ -117,12 +118,15 @@ def make_step(
     max_rollbacks: int = 3,
     rollback_lr_factor: float = 0.5,
     deferred: bool = False,
+    cudagraphs: bool = False,
 ) -> StepParts:
     """The step's pieces. The forward is the custom forward (in DDP under torchrun) inside the
     precision's autocast, with cached vision features when ``cache`` is given; ``run_forward``
     replaces it (the benchmark's native baseline). ``guard``: a policy name (numerics.POLICIES)
     or a ready policy object. ``scaler``: a restored GradScaler (default: a new one for the precision).
-    ``deferred``: deferred host reads (the module docstring); ValueError where they cannot be exact."""
+    ``deferred``: deferred host reads (the module docstring); ValueError where they cannot be exact.
+    ``cudagraphs``: parts of the step run as CUDA graphs (step_options.compile_mode_kwargs); every step
+    then tells them a new step starts (the last step's graph outputs are no longer read)."""
     device = torch.device(device)
     trainer = None
     if run_forward is None:
@@ -146,6 +150,7 @@ def make_step(
         )
     scaler = scaler if scaler is not None else precision.grad_scaler(precision_name, device)
     parts = StepParts(model, run_forward, optimizer, scheduler, scaler, guard, device, max_grad_norm, trainer)
+    parts.cudagraphs = cudagraphs
     if deferred:
         check_deferred(parts)
         parts.deferred = True
@@ -180,6 +185,8 @@ def training_step(parts: StepParts, group: list[dict], index: int) -> StepResult
     """One optimizer step over ``group`` (micro-batches already on the device); ``index``: the
     optimizer step it would be, for diagnoses. Raises numerics.NonFiniteError per the guard.
     With deferred host reads (``parts.deferred``) it is :func:`deferred_step`: a PendingStep."""
+    if parts.cudagraphs:  # CUDA graph trees cannot tell a step's start from a second micro-batch
+        compat.cudagraph_mark_step_begin()
     if parts.deferred:
         return deferred_step(parts, group, index)
     inputs_ok = parts.guard.inputs_ok(group, index)

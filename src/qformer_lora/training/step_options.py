@@ -11,7 +11,9 @@ it differs (a ``Choice``), so a run log says "fused AdamW requested, foreach use
 3. ``maybe_compile``: torch.compile of a module (in place, state_dict keys unchanged) or
    a function, with a probe call that turns a compile failure into a recorded fallback;
    ``compile_frozen_blocks``: the same for each repeated block of the frozen vision
-   encoder and language model (regional compilation).
+   encoder and language model (regional compilation); ``compile_mode_kwargs``: CUDA graphs
+   ("reduce-overhead") or not; ``compile_step_modules``: the trainer's model compiles in one call;
+   ``compile_optimizer_step``: AdamW's step compiled, with tensor learning rates.
 4. ``build_feature_cache``: the vision-feature cache (training/feature_cache.py) from an option.
 
 What the installed torch can do (fused kernels, compile) is asked of compat.py.
@@ -19,6 +21,7 @@ What the installed torch can do (fused kernels, compile) is asked of compat.py.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -29,6 +32,8 @@ import torch
 from .. import compat
 
 FEATURE_CACHE_MODES = ("off", "memory", "disk")
+# torch.compile modes the compile options take: "reduce-overhead" adds CUDA graphs (compile_mode_kwargs)
+COMPILE_MODES = ("default", "reduce-overhead")
 
 
 @dataclass(frozen=True)
@@ -217,10 +222,13 @@ def _compile_modules_or_fall_back(option: str, modules, probe, device_type, comp
     return _compile_or_fall_back(option, device_type, compile_all, undo, probe)[1]
 
 
-def _compile_or_fall_back(option: str, device_type: str, compile_, undo, probe) -> tuple[object, Choice]:
+def _compile_or_fall_back(
+    option: str, device_type: str, compile_, undo, probe, unavailable=None
+) -> tuple[object, Choice]:
     """(what compile_() returned, Choice "compiled"), or (None, Choice "eager" with the reason:
-    compile unavailable here, or compile_ / probe raised, after which undo() ran)."""
-    reason = compat.torch_compile_unavailable_reason(device_type)
+    compile unavailable here (``unavailable(device_type)``, default compat.torch_compile_unavailable_reason),
+    or compile_ / probe raised, after which undo() ran)."""
+    reason = (unavailable or compat.torch_compile_unavailable_reason)(device_type)
     if reason is None:
         try:
             compiled = compile_()
@@ -232,6 +240,147 @@ def _compile_or_fall_back(option: str, device_type: str, compile_, undo, probe) 
             reason = f"torch.compile failed: {type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
     warnings.warn(f"{option} requested but not used ({reason}); running eager", stacklevel=3)
     return None, Choice(option, True, "eager", reason)
+
+
+def compile_mode_kwargs(mode: str, device_type: str) -> tuple[dict, Choice]:
+    """torch.compile's keyword arguments for ``mode`` (COMPILE_MODES) on ``device_type``, and the mode used.
+
+    "reduce-overhead" is torch.compile's CUDA graphs: each compiled graph is recorded once and
+    replayed with one launch, which removes the per-kernel launch cost of a fixed-shape step
+    (the collator pads every text to its budget) for more memory (the graphs' private pools).
+    CUDA graphs exist on CUDA alone: on another device the mode is recorded as compiled
+    "default" (the reason says why). ValueError for a mode not in COMPILE_MODES.
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r}; expected one of {COMPILE_MODES}")
+    if mode != "default" and device_type != "cuda":
+        return {}, Choice(
+            "compile_mode", mode, "default", f"CUDA graphs need a CUDA device; {device_type} compiles as default"
+        )
+    return ({"mode": mode} if mode != "default" else {}), Choice("compile_mode", mode, mode)
+
+
+def compile_step_modules(
+    model, *, qformer: bool, frozen: bool, mode: str, probe, device_type: str, **compile_kwargs
+) -> list[Choice]:
+    """The trainer's model compiles (compile_qformer, compile_frozen) in ``mode``, each in place with
+    static shapes and ``probe`` (as maybe_compile); their Choices, the mode's first when any is on.
+    ``compile_kwargs`` go to torch.compile too (a test's backend)."""
+    if not (qformer or frozen):
+        return []
+    kwargs, mode_choice = compile_mode_kwargs(mode, device_type)
+    kwargs |= compile_kwargs
+    # static shapes: the collator pads every text to one length; a smaller last batch compiles
+    # once more. Dynamic-shape recompiles failed in inductor (torch 2.11, H200).
+    choices = [mode_choice]
+    if qformer:
+        base = compat.unwrap(model)
+        choices.append(maybe_compile(base.qformer, True, probe=probe, dynamic=False, **kwargs)[1])
+    if frozen:
+        choices.append(compile_frozen_blocks(model, True, probe=probe, dynamic=False, **kwargs))
+    return choices
+
+
+def uncompile_step_modules(model) -> None:
+    """Undo :func:`compile_step_modules`: the Q-Former and the frozen blocks run their class's forward again."""
+    for module in (compat.unwrap(model).qformer, *frozen_blocks(model)):
+        _uncompile(module)
+
+
+def compile_optimizer_step(optimizer: torch.optim.Optimizer, enabled: bool, *, mode: str = "default") -> Choice:
+    """AdamW's step compiled in place (PyTorch's recipe "Compiling the optimizer with torch.compile"):
+    ``optimizer.step`` becomes a call of the compiled step, so GradScaler and the step call it as before.
+
+    Each call runs the step with every group's learning rate as a 0-dim float32 tensor on its
+    parameters' device, refilled from ``group["lr"]`` first and swapped back for the float after
+    (the recipe "Running the compiled optimizer with an LR Scheduler"): a scheduler's new rate is a
+    new value of a graph input, not a new constant that recompiles the step, while the scheduler,
+    the guard, checkpoints and logs keep seeing a float. On CUDA the groups are made capturable
+    (what dynamo sets on a fresh optimizer; a resumed one loads its saved flag): torch's foreach
+    AdamW takes a tensor learning rate only so. fullgraph=False: the optimizer's hooks may break
+    the graph. ``mode``: as compile_mode_kwargs.
+
+    torch.compile is lazy, so one compiled step runs here on zero gradients (the probe); the
+    parameters, gradients and state are put back in place after it (a fresh AdamW's state is
+    zeros, step 0, as its first step would create it), so a compile failure is recorded here
+    (Choice "eager" with the reason) and the step stays eager. Not for fused AdamW, which is
+    one kernel per group already (recorded, eager).
+    """
+    if not enabled:
+        return Choice("compile_optimizer", False, "eager")
+    groups = optimizer.param_groups
+    if any(group.get("fused") for group in groups):
+        return Choice("compile_optimizer", True, "eager", "fused AdamW is one kernel per parameter group already")
+    params = [p for group in groups for p in group["params"]]
+    device_type = params[0].device.type if params else "cpu"
+    kwargs, _ = compile_mode_kwargs(mode, device_type)
+    had_own_step = "step" in vars(optimizer)  # an LR scheduler wraps the step in an instance attribute
+    eager_step = optimizer.step
+
+    def compile_():
+        optimizer.step = _tensor_lr_step(groups, eager_step, torch.compile(_call, fullgraph=False, **kwargs))
+        return optimizer.step
+
+    def undo():
+        if had_own_step:
+            optimizer.step = eager_step
+        elif "step" in vars(optimizer):
+            del optimizer.step
+
+    probe = functools.partial(_probe_optimizer_step, optimizer, params)
+    unavailable = compat.compiled_optimizer_unavailable_reason
+    return _compile_or_fall_back("compile_optimizer", device_type, compile_, undo, probe, unavailable)[1]
+
+
+def _tensor_lr_step(groups: list, eager_step, compiled):
+    """``compiled(eager_step)`` as an optimizer step, the groups' learning rates tensors during the call."""
+    lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=g["params"][0].device) for g in groups]
+    on_cuda = [all(p.is_cuda for p in g["params"]) for g in groups]
+
+    # as the step it calls: an LR scheduler recognises its own wrapper (else it warns that
+    # optimizer.step was replaced after it was built)
+    @functools.wraps(eager_step)
+    def step(closure=None):
+        if closure is not None:
+            raise TypeError("the compiled AdamW step takes no closure")
+        floats = [group["lr"] for group in groups]
+        for group, lr, cuda in zip(groups, lrs, on_cuda):
+            lr.fill_(group["lr"])
+            group["lr"] = lr
+            group["capturable"] = group["capturable"] or cuda
+        try:
+            compiled(eager_step)
+        finally:
+            for group, value in zip(groups, floats):
+                group["lr"] = value
+
+    return step
+
+
+def _call(fn):  # what torch.compile traces for compile_optimizer_step: the optimizer's own step
+    return fn()
+
+
+def _probe_optimizer_step(optimizer, params: list, step) -> None:
+    """One ``step`` on zero gradients; parameters, gradients and optimizer state put back in place
+    (tensors keep their identity, which the compiled step's guards check)."""
+    grads = [p.grad for p in params]
+    values = [p.detach().clone() for p in params]
+    state = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in params if p in optimizer.state}
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    try:
+        step()
+    finally:
+        with torch.no_grad():
+            for p, grad, value in zip(params, grads, values):
+                p.copy_(value)
+                p.grad = grad
+                for key, tensor in optimizer.state.get(p, {}).items():
+                    if p in state:
+                        tensor.copy_(state[p][key])
+                    else:
+                        tensor.zero_()
 
 
 # ----------------------------------------------------------------------------- 4. the feature cache

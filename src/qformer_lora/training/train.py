@@ -150,22 +150,34 @@ def _datasets(config: TrainConfig, model):
     return collator, *datasets
 
 
-def _compile(config: TrainConfig, model, optimizer, probe_batch: dict, device: torch.device) -> list:
-    """The compile step options; the probe compiles forward and backward on one batch (gradients dropped)."""
+def _compile(config: TrainConfig, model, optimizer, probe_batch: dict | None, device: torch.device) -> list:
+    """The compile step options (compile_mode's Choice first); the model's probe compiles forward and
+    backward on one batch (gradients dropped), the optimizer's one step on zero gradients (undone)."""
 
     def probe(_compiled):
         with precision.autocast(config.precision, device):
             forward.custom_forward(model, probe_batch, reduction="sum").loss.backward()
         optimizer.zero_grad(set_to_none=True)
 
-    # static shapes: the collator pads every text to one length; a smaller last batch
-    # compiles once more. Dynamic-shape recompiles failed in inductor (torch 2.11, H200).
-    choices = []
-    if config.compile_qformer:
-        choices.append(step_options.maybe_compile(model.get_base_model().qformer, True, probe=probe, dynamic=False)[1])
-    if config.compile_frozen:
-        choices.append(step_options.compile_frozen_blocks(model, True, probe=probe, dynamic=False))
+    choices = step_options.compile_step_modules(
+        model,
+        qformer=config.compile_qformer,
+        frozen=config.compile_frozen,
+        mode=config.compile_mode,
+        probe=probe,
+        device_type=device.type,
+    )
+    if config.compile_optimizer:
+        if not choices:  # the mode's Choice, once
+            choices.append(step_options.compile_mode_kwargs(config.compile_mode, device.type)[1])
+        choices.append(step_options.compile_optimizer_step(optimizer, True, mode=config.compile_mode))
     return choices
+
+
+def uses_cudagraphs(config: TrainConfig, device: torch.device) -> bool:
+    """Whether the step runs CUDA graphs: compile_mode reduce-overhead with something compiled, on CUDA."""
+    compiled = config.compile_qformer or config.compile_frozen or config.compile_optimizer
+    return compiled and device.type == "cuda" and config.compile_mode == "reduce-overhead"
 
 
 def _optimizer(config: TrainConfig, model, train_samples: int, choices: list):
@@ -218,10 +230,11 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
     cache = step_options.build_feature_cache(
         model, config.feature_cache, config.feature_cache_dir or out_dir / "feature_cache"
     )
+    probe_batch = None
     if config.compile_qformer or config.compile_frozen:
         first = EpochLoader(train_set, collator, config.batch_size, config.seed, shuffle=False).epoch(0)
         probe_batch = inputs.to_device(next(iter(first)), device)
-        choices += _compile(config, model, optimizer, probe_batch, device)
+    choices += _compile(config, model, optimizer, probe_batch, device)
     start_epoch, global_step, state = 1, 0, {}
     if resume_from is not None:
         state = checkpoint.restore(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
@@ -246,6 +259,7 @@ def setup(config: TrainConfig, resume, device: torch.device) -> Run:
         rollback_lr_factor=config.rollback_lr_factor,
         on_event=log.record,
         deferred=config.sync_every > 0,
+        cudagraphs=uses_cudagraphs(config, device),
     )
     for name, count in (state.get("guard") or {}).items():  # the guard's counters go on where they stood
         setattr(parts.guard, name, count)
