@@ -182,20 +182,6 @@ def test_reduce_overhead_qformer_on_cpu_gives_eager_losses():
     assert "forward" not in vars(compat.unwrap(compiled_model).qformer)
 
 
-def test_cudagraph_steps_mark_their_start(monkeypatch):
-    """With CUDA graphs every step (deferred or not) tells the graph trees a new step starts; without, none."""
-    marks = []
-    monkeypatch.setattr(compat, "cudagraph_mark_step_begin", lambda: marks.append(1))
-    model = copy.deepcopy(_adapter_model())
-    parts, _ = _parts(model)
-    [batch] = _batches(model, 1)
-    step.training_step(parts, [batch], 0)
-    assert marks == []
-    parts.cudagraphs = True
-    step.training_step(parts, [batch], 1)
-    assert marks == [1]
-
-
 # ----------------------------------------------------------------------------- refusals
 
 

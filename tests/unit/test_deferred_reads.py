@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from qformer_lora import lora, synthetic
+from qformer_lora import compat, lora, synthetic
 from qformer_lora.diagnostics import numerics
 from qformer_lora.training import run_config, train
 from qformer_lora.training.step import linear_warmup_decay, make_step, read_steps, training_step
@@ -227,3 +227,20 @@ def test_a_deferred_run_logs_and_resumes_as_the_default_run(tmp_path, monkeypatc
     monkeypatch.undo()
     train.train(quiet(output_dir=str(resumed), sync_every=3, **common), resume="latest")
     assert log_records(resumed) == log_records(default)
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_cudagraph_steps_mark_their_start_and_others_do_not(monkeypatch, deferred):
+    """With CUDA graphs (compile_mode reduce-overhead) every step, deferred or not, tells the graph trees a new
+    step starts, once; without them no step does (the mark is a CUDA-graph notion). Here in the step's
+    mutation selection, so that the cudagraphs branch of training_step is checked both ways."""
+    marks = []
+    monkeypatch.setattr(compat, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    model = adapter_model()
+    parts = parts_for(deferred, model=model)
+    [group, second, *_] = groups(model)
+    take_steps(parts, [group], deferred)
+    assert marks == [], "a step without CUDA graphs marked a graph step"
+    parts.cudagraphs = True
+    take_steps(parts, [second], deferred)
+    assert marks == [1], marks
