@@ -226,3 +226,88 @@ def test_verify_names_a_recorded_file_that_is_missing(tmp_path):
     with pytest.raises(checkpoint.CheckpointError) as caught:
         checkpoint.verify(path)
     assert str(caught.value) == f"{path / 'adapter/x.bin'}: missing checkpoint file"
+
+
+class _OneLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.query = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.query(x)
+
+
+def _trainer_parts(seed: int, steps: int = 1):
+    """A LoRA r=2 adapter on one 3x3 layer, AdamW and a LambdaLR (lr 0.1 / (step + 1)) after ``steps`` steps."""
+    import peft
+
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(_OneLayer(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    for _ in range(steps):
+        model(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+    return model, optimizer, scheduler
+
+
+def _adapter(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PEFT: a custom module has no config to save
+def test_save_then_restore_gives_back_the_adapter_optimizer_schedule_and_draws(tmp_path):
+    """Save epoch 2 at global step 5, then restore into parts built from another seed and stepped twice:
+    the adapter, AdamW's moments and step, the schedule's position and the next random draws are the saved
+    ones. The state records what the loop reads back, under these names."""
+    model, optimizer, scheduler = _trainer_parts(seed=0)
+    saved_adapter, saved_optimizer = _adapter(model), optimizer.state_dict()
+    path = checkpoint.save(
+        tmp_path, 2, model=model, optimizer=optimizer, scheduler=scheduler, scaler=None, global_step=5,
+        config={"lr": 0.1}, guard={"rollbacks": 1, "skipped": 0},
+    )  # fmt: skip
+    assert path == tmp_path / "checkpoints" / f"{checkpoint.PREFIX}0002"
+    draws = (random.random(), torch.rand(2))
+    other, other_optimizer, other_scheduler = _trainer_parts(seed=1, steps=2)
+    state = checkpoint.restore(path, model=other, optimizer=other_optimizer, scheduler=other_scheduler, scaler=None)
+    again = (random.random(), torch.rand(2))
+    assert again[0] == draws[0] and torch.equal(again[1], draws[1]), (again, draws)
+    assert {k: torch.equal(v, saved_adapter[k]) for k, v in _adapter(other).items()} == dict.fromkeys(
+        saved_adapter, True
+    )
+    restored = other_optimizer.state_dict()
+    for index, entries in saved_optimizer["state"].items():
+        assert {k: torch.equal(v, restored["state"][index][k]) for k, v in entries.items()} == dict.fromkeys(
+            entries, True
+        )
+    # one step of the schedule: lr 0.1 / (1 + 1) = 0.05 (the other parts stood at 0.1 / 3 after two)
+    assert other_scheduler.state_dict()["last_epoch"] == 1 and other_optimizer.param_groups[0]["lr"] == 0.05
+    picked = {k: state[k] for k in ("format_version", "epoch", "global_step", "config", "metrics", "guard", "scaler")}
+    assert picked == {
+        "format_version": checkpoint.FORMAT_VERSION,
+        "epoch": 2,
+        "global_step": 5,
+        "config": {"lr": 0.1},
+        "metrics": {},
+        "guard": {"rollbacks": 1, "skipped": 0},
+        "scaler": None,
+    }, picked
+    assert "position" not in state
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_keep_last_prunes_the_oldest_in_training_order_but_spares_the_best(tmp_path):
+    """Epoch 1 (step 2), a step checkpoint at step 3 inside epoch 2, epoch 2 (step 4), epoch 3 (step 6),
+    keep_last=2 and keep=1 (the best epoch): the step checkpoint goes, epoch 1 stays as the best, and the
+    two newest stay; nothing staged or half-deleted is left."""
+    model, optimizer, scheduler = _trainer_parts(seed=0)
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": None, "config": {}}
+    checkpoint.save(tmp_path, 1, global_step=2, **parts)
+    step = checkpoint.save(tmp_path, 2, global_step=3, position={"batches": 1, "loss_sum": 0.5, "tokens": 4}, **parts)
+    assert checkpoint.load_state(step)[0]["position"] == {"batches": 1, "loss_sum": 0.5, "tokens": 4}
+    checkpoint.save(tmp_path, 2, global_step=4, **parts)
+    checkpoint.save(tmp_path, 3, global_step=6, keep_last=2, keep=1, **parts)
+    names = [p.name for p in checkpoint.list_checkpoints(tmp_path)]
+    assert names == [f"{checkpoint.PREFIX}0001", f"{checkpoint.PREFIX}0002", f"{checkpoint.PREFIX}0003"], names
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == names

@@ -477,3 +477,16 @@ def test_rollback_without_a_snapshot_refuses_with_the_diagnosis():
         guard.handle(diagnosis)
     assert caught.value.diagnosis is diagnosis
     assert str(caught.value) == "non-finite loss at optimizer step 6 (guard=rollback has no finite state to return to)"
+
+
+def test_check_parameters_before_a_save_looks_at_the_trainable_weights_only():
+    """Before evaluation and checkpoints: a NaN in a frozen weight is not the adapter's (no error; the
+    frozen model was checked at construction), a NaN in a trainable one is named, at the step given."""
+    model, guard = _two_layer_guard("raise")
+    model[0].weight.data[0, 0] = math.nan
+    guard.check_parameters(9)  # nothing raised: only trainable parameters are checked here
+    model, guard = _two_layer_guard("raise")
+    model[1].bias.data[1] = math.nan
+    with pytest.raises(numerics.NonFiniteError) as caught:
+        guard.check_parameters(9)
+    assert str(caught.value) == "non-finite parameter at optimizer step 9; first non-finite parameter: 1.bias"
