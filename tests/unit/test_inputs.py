@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import processors
 
-from qformer_lora import data, forward, presets
+from qformer_lora import data, forward, inputs, presets
 from qformer_lora.data import Example
 from qformer_lora.forward import IGNORE_INDEX
 from qformer_lora.inputs import Collator
@@ -198,3 +198,16 @@ def test_generation_moves_left_padding_before_the_query_tokens(preset):
         expected = padding + list(range(queries)) + prompt
         assert moved_mask[row].tolist() == [0] * len(padding) + [1] * (len(m) - len(padding)), f"row {row}"
         assert torch.equal(moved_embeds[row], embeds[row, expected]), f"row {row}: not padding, queries, prompt"
+
+
+def test_to_device_moves_every_tensor_and_keeps_the_rest():
+    """The meta device stands in for an accelerator (the copy is visible without one): every tensor of the
+    batch lands there, with its dtype and shape; the sample ids (a list) come back as they were."""
+    batch = {"pixel_values": torch.zeros(2, 3), "labels": torch.ones(2, 4, dtype=torch.long), "ids": ["a", "b"]}
+    moved = inputs.to_device(batch, "meta")
+    assert {k: v.device.type for k, v in moved.items() if torch.is_tensor(v)} == {
+        "pixel_values": "meta",
+        "labels": "meta",
+    }
+    assert (moved["labels"].dtype, tuple(moved["pixel_values"].shape)) == (torch.long, (2, 3))
+    assert moved["ids"] == ["a", "b"]
