@@ -490,3 +490,56 @@ def test_check_parameters_before_a_save_looks_at_the_trainable_weights_only():
     with pytest.raises(numerics.NonFiniteError) as caught:
         guard.check_parameters(9)
     assert str(caught.value) == "non-finite parameter at optimizer step 9; first non-finite parameter: 1.bias"
+
+
+def test_inputs_ok_skips_or_raises_on_non_finite_pixels_and_passes_finite_ones():
+    """One NaN pixel in the second of two batches at step 4: "skip" records one skip naming that batch's
+    sample and tells the loop not to step (False); "raise" raises with the same diagnosis and no note.
+    Finite batches pass (True) and record nothing."""
+    good, bad = _batch("a"), _batch("b", pixel=math.nan)
+    model, guard = _two_layer_guard("skip")
+    assert guard.inputs_ok([good], 4) is True and guard.events == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the skip announces itself
+        assert guard.inputs_ok([good, bad], 4) is False
+    [event] = guard.events
+    assert (event["action"], event["step"], guard.skipped) == ("skip", 4, 1), event
+    assert (event["diagnosis"]["kind"], event["diagnosis"]["sample_ids"]) == ("input", ["b"]), event
+    model, guard = _two_layer_guard("raise")
+    with pytest.raises(numerics.NonFiniteError) as caught:
+        guard.inputs_ok([good, bad], 4)
+    assert (
+        str(caught.value)
+        == "non-finite input at optimizer step 4; first non-finite module output: pixel_values; samples: b"
+    )
+    assert guard.events == []
+
+
+def test_rollback_snapshot_reuses_its_buffers_and_holds_the_latest_state():
+    """healthy() after every finite step copies into the buffers of the previous snapshot (no new
+    allocation per step) once AdamW has state: the same tensor objects, holding the newest values."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    guard = numerics.Guard("rollback", model, optimizer)
+
+    def step_and_snapshot():
+        model(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        guard.healthy()
+        return {p: (copy, dict(state)) for p, (copy, state) in guard._snapshot.items()}
+
+    first, second = step_and_snapshot(), step_and_snapshot()
+    for p, (copy, state) in second.items():
+        assert copy is first[p][0] and torch.equal(copy, p), "parameter snapshot not reused or not updated"
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert state[key] is first[p][1][key], f"{key}: a new buffer instead of the previous snapshot's"
+            assert torch.equal(state[key], optimizer.state[p][key]), f"{key}: the snapshot is not the latest state"
+
+
+def test_a_loss_diagnosis_gets_no_overflow_note():
+    """The overflow note is for a "gradient" diagnosis with every gradient finite; a non-finite loss
+    (no gradient computed yet: all None) is described as it is."""
+    model = torch.nn.Linear(2, 2)
+    found = numerics.localise(model, [_batch("a", scale=math.inf)], 3, _ScaledLoss(model), losses=[math.inf])
+    assert found.message == "non-finite loss at optimizer step 3; loss inf; samples: a", found.message
