@@ -6,6 +6,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+import types
+import warnings
 
 import pytest
 import torch
@@ -13,8 +15,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from qformer_lora import compat, lora, synthetic
 from qformer_lora.diagnostics import numerics
-from qformer_lora.training import run_config, train
-from qformer_lora.training.step import linear_warmup_decay, make_step, read_steps, training_step
+from qformer_lora.training import distributed, run_config, train
+from qformer_lora.training.step import (
+    PendingStep,
+    check_deferred,
+    linear_warmup_decay,
+    make_step,
+    read_steps,
+    training_step,
+)
 
 from .test_step_options import adapter_model
 from .test_step_resume import Interrupted, interrupt_at, log_records
@@ -244,3 +253,101 @@ def test_cudagraph_steps_mark_their_start_and_others_do_not(monkeypatch, deferre
     parts.cudagraphs = True
     take_steps(parts, [second], deferred)
     assert marks == [1], marks
+
+
+# ----------------------------------------------------------------------------- the read and the refusals, by hand
+
+AFTER = "; found by the deferred host read after optimizer step 6: fused AdamW skipped step {} on the device "
+AFTER += "(parameters and optimizer state unchanged)"
+
+
+def hand_read(policy: str, nan_weight: bool = False):
+    """read_steps over four pending steps written by hand ([inputs finite, tokens, grad norm, *losses]):
+    3 finite; 4 with an infinite gradient norm; 5 with a NaN loss; 6 with non-finite pixels. The guard
+    guards a Linear(2, 2) (its weight NaN when ``nan_weight``)."""
+    model = torch.nn.Linear(2, 2)
+    guard = numerics.Guard(policy, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    if nan_weight:
+        model.weight.data[0, 0] = math.nan
+    pending = [
+        PendingStep(3, 4, 0.1, torch.tensor([1, 10, 0.5, 1.25, 2.5], dtype=torch.float64)),
+        PendingStep(4, 4, 0.1, torch.tensor([1, 12, math.inf, 1.0, 2.0], dtype=torch.float64)),
+        PendingStep(5, 2, 0.1, torch.tensor([1, 6, 0.7, math.nan, 1.0], dtype=torch.float64)),
+        PendingStep(6, 2, 0.1, torch.tensor([0, 6, math.nan, math.nan], dtype=torch.float64)),
+    ]
+    parts = types.SimpleNamespace(model=model, guard=guard)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # each skip announces itself
+        return guard, read_steps(parts, pending)
+
+
+def test_read_steps_unpacks_each_step_and_diagnoses_the_non_finite_ones_from_the_read():
+    """Step 3: 10 tokens, 4 samples, losses 1.25 + 2.5 = 3.75, norm 0.5, stepped. Step 4: a finite loss (3.0)
+    with an infinite norm is a "gradient" failure; step 5's NaN loss a "loss" one (norm 0.7 kept); step 6's
+    pixels an "input" one (its loss is not reported: nothing meaningful ran), whose action is "inputs"."""
+    guard, results = hand_read("skip")
+    first = results[0]
+    assert (first.action, first.tokens, first.samples, first.loss_sum) == ("step", 10, 4, 3.75), first
+    assert (first.batch_losses, first.grad_norm) == ([1.25, 2.5], 0.5), first
+    assert [r.action for r in results] == ["step", "skip", "skip", "inputs"]
+    diagnoses = [event["diagnosis"] for event in guard.events]
+    picked = [(d["step"], d["kind"], d["loss"], d["grad_norm"]) for d in diagnoses]
+    assert picked[0] == (4, "gradient", 3.0, math.inf) and picked[1][:2] == (5, "loss"), picked
+    assert math.isnan(picked[1][2]) and picked[1][3] == 0.7, picked
+    assert picked[2][:3] == (6, "input", None) and math.isnan(picked[2][3]), picked
+    assert diagnoses[0][
+        "message"
+    ] == "non-finite gradient at optimizer step 4; loss 3.0; gradient norm inf" + AFTER.format(4)
+
+
+def test_read_steps_names_a_non_finite_weight_before_the_step_figures():
+    """A NaN weight outranks the read figures: the first bad step (4) is diagnosed "parameter", naming the
+    weight, and no policy goes on (skip cannot repair weights)."""
+    with pytest.raises(numerics.NonFiniteError) as caught:
+        hand_read("skip", nan_weight=True)
+    diagnosis = caught.value.diagnosis
+    assert (diagnosis.step, diagnosis.kind, diagnosis.first_parameter) == (4, "parameter", "weight"), diagnosis
+    assert (
+        diagnosis.message
+        == "non-finite parameter at optimizer step 4; first non-finite parameter: weight" + AFTER.format(4)
+    )
+
+
+def refusal(monkeypatch, *, policy="skip", fused=True, scaler=False, processes=1) -> str:
+    """check_deferred's message for parts described by hand ('' when accepted)."""
+    monkeypatch.setattr(distributed, "world_size", lambda: processes)
+    guard = types.SimpleNamespace() if policy is None else types.SimpleNamespace(policy=policy)
+    parts = types.SimpleNamespace(
+        guard=guard,
+        optimizer=types.SimpleNamespace(param_groups=[{"fused": True}, {"fused": fused}]),
+        scaler=types.SimpleNamespace(is_enabled=lambda: scaler),
+    )
+    try:
+        check_deferred(parts)
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
+def test_check_deferred_names_every_reason_at_once(monkeypatch):
+    """Each reason is one sentence, all joined by "; " after one prefix; one process, fused AdamW in every
+    group, no GradScaler and guard skip or raise are accepted. Two processes are already refused."""
+    prefix = "deferred host reads (sync_every > 0) refused: "
+    rollback = (
+        "guard=rollback decides on the host before every step whether to restore the last finite state; "
+        "use guard=skip (skipped on the device, exact) or guard=raise (raises at the next read, naming the step)"
+    )
+    not_fused = (
+        "the non-finite step is skipped on the device by fused AdamW's found_inf; this optimizer is not "
+        "fused (fused_optimizer=true, on a device torch has a fused AdamW kernel for)"
+    )
+    scaler = (
+        "fp16-amp's GradScaler skips gradient overflows itself and the guard tells them from bad data "
+        "on the host; use bf16 or fp32"
+    )
+    processes = "the token and loss totals over processes are all-reduced on the host; run one process"
+    everything = refusal(monkeypatch, policy="rollback", fused=False, scaler=True, processes=2)
+    assert everything == prefix + "; ".join([rollback, not_fused, scaler, processes]), everything
+    assert refusal(monkeypatch, policy=None) == prefix + rollback  # a guard object without a policy
+    assert refusal(monkeypatch, processes=2) == prefix + processes
+    assert [refusal(monkeypatch, policy=p) for p in ("skip", "raise")] == ["", ""]
