@@ -110,6 +110,7 @@ def markdown(summary: dict, modules: dict[str, list[dict]], equivalent: dict[str
         f"whole run {summary['wall_s']:.0f} s. Score = killed / (mutants - equivalent); "
         f"target {TARGET:.0%} per module (issue 22). Do not edit by hand.",
         "",
+        *([summary["how"], ""] if summary.get("how") else []),
         "| module | mutants | killed | survived | no tests | timeout | not checked | equivalent | score |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -137,6 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("reports/mutation"), help="where the report goes")
     parser.add_argument("--wall-s", type=float, default=float("nan"), help="the run's wall time, seconds")
     parser.add_argument("--check", action="store_true", help=f"exit 1 when a module scores below {TARGET:.0%}")
+    parser.add_argument("--how", default="", help="how the verdicts were reached, when not by one `nox -s mutation`")
     args = parser.parse_args(argv)
     from importlib.metadata import version
 
@@ -149,6 +151,7 @@ def main(argv=None) -> int:
         "mutmut": version("mutmut"),
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}",
         "wall_s": args.wall_s,
+        "how": args.how,
         "target": TARGET,
         "modules": {module: score(rows) for module, rows in modules.items()},
     }
