@@ -220,10 +220,10 @@ def bitsandbytes_for(device_type: str):  # pragma: no mutate block
 def unload(peft_model):
     """peft_model.unload(): the base model with the LoRA layers removed (not merged).
 
-    peft (0.5 to 0.21 at least) leaves its ``peft_config`` attribute on the returned model, and
-    from about 0.14 a later get_peft_model on it warns "Already found a `peft_config` attribute
-    in the model. This will lead to having multiple adapters"; it is removed here so the model
-    is the plain one again.
+    Older peft releases leave its ``peft_config`` attribute on the returned model, and from about
+    0.14 a later get_peft_model on it warns "Already found a `peft_config` attribute in the model.
+    This will lead to having multiple adapters"; it is removed here so the model is the plain one
+    again. peft removes it itself since huggingface/peft#3067 (merged 2026-02; 0.21.2 does).
     """
     with _creation_device(peft_model):
         base = peft_model.unload()
