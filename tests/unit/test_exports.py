@@ -525,24 +525,3 @@ def test_evaluate_scores_a_plain_peft_adapter_as_generate_answers(plain_peft_ada
     assert cli.main(["generate", "--adapter", str(plain_peft_adapter), "--manifest", manifest, "--limit", "3"]) == 0
     answers = [line.split(" -> ")[1].split("   (expected")[0] for line in capsys.readouterr().out.splitlines()]
     assert predictions == answers and len(answers) == 3
-
-
-class _Layer(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.query = torch.nn.Linear(2, 2)
-
-    def forward(self, x):
-        return self.query(x)
-
-
-def test_unload_gives_back_the_plain_model_without_peft_config():
-    """compat.unload removes the LoRA layers (not merged: the base weight is untouched) and no peft_config is
-    left on the model: older peft releases leave it (compat removes it; the version matrix runs this test
-    on them), newer ones remove it themselves (huggingface/peft#3067)."""
-    model = get_peft_model(_Layer(), LoraConfig(r=1, lora_alpha=2, target_modules=["query"]))
-    weight = model.base_model.model.query.base_layer.weight.detach().clone()
-    base = compat.unload(model)
-    assert type(base) is _Layer and type(base.query) is torch.nn.Linear, base
-    assert "peft_config" not in vars(base), "PEFT's peft_config attribute was left on the unloaded model"
-    assert torch.equal(base.query.weight, weight)

@@ -188,3 +188,24 @@ def test_adapter_spec_refuses_other_adapters_and_components_outside_every_scope(
         "adapter 'default' has LoRA layers or trained modules in language_projection, vision_model, outside every "
         "scope this project knows (qformer: qformer; qformer+llm: qformer + language_model)"
     ), "the refusal must name the components outside every scope and the scopes there are"
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.query = torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.query(x)
+
+
+def test_unload_gives_back_the_plain_model_without_peft_config():
+    """compat.unload removes the LoRA layers (not merged: the base weight is untouched) and no peft_config is
+    left on the model: older peft releases leave it (compat removes it; the version matrix runs this test
+    on them), newer ones remove it themselves (huggingface/peft#3067)."""
+    model = get_peft_model(_Layer(), LoraConfig(r=1, lora_alpha=2, target_modules=["query"]))
+    weight = model.base_model.model.query.base_layer.weight.detach().clone()
+    base = compat.unload(model)
+    assert type(base) is _Layer and type(base.query) is torch.nn.Linear, base
+    assert "peft_config" not in vars(base), "PEFT's peft_config attribute was left on the unloaded model"
+    assert torch.equal(base.query.weight, weight)
