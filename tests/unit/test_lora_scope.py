@@ -203,8 +203,9 @@ def test_unload_gives_back_the_plain_model_without_peft_config():
     """compat.unload removes the LoRA layers (not merged: the base weight is untouched) and no peft_config is
     left on the model: older peft releases leave it (compat removes it; the version matrix runs this test
     on them), newer ones remove it themselves (huggingface/peft#3067)."""
-    model = get_peft_model(_Layer(), LoraConfig(r=1, lora_alpha=2, target_modules=["query"]))
-    weight = model.base_model.model.query.base_layer.weight.detach().clone()
+    layer = _Layer()
+    weight = layer.query.weight.detach().clone()  # read before wrapping: peft < 0.7 has no base_layer
+    model = get_peft_model(layer, LoraConfig(r=1, lora_alpha=2, target_modules=["query"]))
     base = compat.unload(model)
     assert type(base) is _Layer and type(base.query) is torch.nn.Linear, base
     assert "peft_config" not in vars(base), "PEFT's peft_config attribute was left on the unloaded model"
