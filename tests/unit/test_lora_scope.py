@@ -210,3 +210,78 @@ def test_unload_gives_back_the_plain_model_without_peft_config():
     assert type(base) is _Layer and type(base.query) is torch.nn.Linear, base
     assert "peft_config" not in vars(base), "PEFT's peft_config attribute was left on the unloaded model"
     assert torch.equal(base.query.weight, weight)
+
+
+# ----------------------------------------------------------------------------- messages and options, by hand
+
+
+def leaking_model(leaks: int) -> torch.nn.Module:
+    """A Q-Former layer and ``leaks`` trainable language-model parameters named language_model.0, .1, ..."""
+    model = torch.nn.Module()
+    model.qformer = torch.nn.Linear(1, 1)
+    model.language_model = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(1)) for _ in range(leaks)])
+    return model
+
+
+@pytest.mark.parametrize(("leaks", "suffix"), [(10, ""), (12, " (and 2 more)")])
+def test_a_scope_leak_names_the_first_ten_parameters_and_counts_the_rest(leaks, suffix):
+    """Ten leaks are all named; twelve name the first ten and say "(and 2 more)"."""
+    with pytest.raises(lora.ScopeError) as caught:
+        lora.check_trainable_scope(leaking_model(leaks), "qformer")
+    shown = ", ".join(f"language_model.{i}" for i in range(10))
+    assert str(caught.value) == (
+        f"{leaks} trainable parameter(s) outside scope 'qformer' (allowed: qformer): {shown}{suffix}"
+    ), str(caught.value)
+
+
+def test_the_broad_scope_allows_the_language_model_and_names_both_components():
+    model = leaking_model(1)
+    lora.check_trainable_scope(model, "qformer+llm")  # the language model is inside this scope
+    model.vision_model = torch.nn.Linear(1, 1)
+    with pytest.raises(lora.ScopeError) as caught:
+        lora.check_trainable_scope(model, "qformer+llm")
+    assert str(caught.value) == (
+        "2 trainable parameter(s) outside scope 'qformer+llm' (allowed: qformer, language_model): "
+        "vision_model.weight, vision_model.bias"
+    ), str(caught.value)
+
+
+def test_lora_spec_refusals_name_the_value_and_what_is_allowed():
+    with pytest.raises(lora.ScopeError) as caught:
+        lora.LoraSpec(scope="everything")
+    assert str(caught.value) == "unknown scope 'everything'; expected one of ['qformer', 'qformer+llm']"
+    with pytest.raises(lora.ScopeError) as caught:
+        lora.LoraSpec(r=0)
+    assert str(caught.value) == "LoRA rank r must be >= 1, got 0"
+
+
+def test_broad_scope_refuses_a_language_model_it_has_no_layer_names_for(tiny_preset):
+    """The broad scope translates the generic names per language model type (t5, opt, llama); any other
+    type is refused with the known ones listed, before anything is wrapped."""
+    model = presets.build_model(tiny_preset)
+    model.config.text_config.model_type = "gpt2"
+    with pytest.raises(lora.ScopeError) as caught:
+        lora.resolve_target_modules(model, lora.LoraSpec(scope="qformer+llm"))
+    assert str(caught.value) == (
+        "scope 'qformer+llm' does not know the layer names of language model type 'gpt2'; known: ['llama', 'opt', 't5']"
+    ), str(caught.value)
+
+
+def test_an_unknown_target_on_a_wrapped_model_lists_only_the_qformer_linear_layer_names(tiny_preset):
+    """On a model LoRA already wraps, the layers inside an adapter (base_layer, lora_A/B.default) are not
+    layers of their own: the names listed are the Q-Former's own four, as on the plain model."""
+    model = lora.apply_lora(presets.build_model(tiny_preset), lora.LoraSpec(r=2))
+    with pytest.raises(lora.ScopeError) as caught:
+        lora.resolve_target_modules(model, lora.LoraSpec(targets=("nope",)))
+    assert str(caught.value) == (
+        "LoRA target(s) ['nope'] match no linear layer in the Q-Former; its linear layers are named "
+        "['dense', 'key', 'query', 'value']"
+    ), str(caught.value)
+
+
+def test_the_spec_reaches_peft_config_as_given(tiny_preset):
+    """r, alpha, dropout, bias "none" and the extra options (here init_lora_weights=False, in PEFT since 0.5) reach the LoraConfig."""
+    spec = lora.LoraSpec(r=2, alpha=6, dropout=0.25, extra={"init_lora_weights": False})
+    config = lora.apply_lora(presets.build_model(tiny_preset), spec).peft_config["default"]
+    picked = (config.r, config.lora_alpha, config.lora_dropout, config.bias, config.init_lora_weights)
+    assert picked == (2, 6, 0.25, "none", False), picked

@@ -65,3 +65,10 @@ def test_blip2_has_no_qformer_text():
     kwargs = compat.native_inputs(model("blip-2", False), b)
     assert "qformer_input_ids" not in kwargs and "qformer_attention_mask" not in kwargs
     assert kwargs["labels"].tolist() == [[-100, 12, 13]]
+
+
+def test_image_token_index_is_none_for_a_config_without_one():
+    """Configs written before the field existed (transformers < 4.46's InstructBLIP/BLIP-2) have no
+    image_token_index: the answer is None (the caller then uses the old convention), not an AttributeError."""
+    assert compat.image_token_index(SimpleNamespace()) is None
+    assert compat.image_token_index(SimpleNamespace(image_token_index=32100)) == 32100
