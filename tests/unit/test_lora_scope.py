@@ -280,7 +280,8 @@ def test_an_unknown_target_on_a_wrapped_model_lists_only_the_qformer_linear_laye
 
 
 def test_the_spec_reaches_peft_config_as_given(tiny_preset):
-    """r, alpha, dropout, bias "none" and the extra options (here init_lora_weights=False, in PEFT since 0.5) reach the LoraConfig."""
+    """r, alpha, dropout, bias "none" and the extra options (here init_lora_weights=False, in PEFT since 0.5)
+    reach the LoraConfig."""
     spec = lora.LoraSpec(r=2, alpha=6, dropout=0.25, extra={"init_lora_weights": False})
     config = lora.apply_lora(presets.build_model(tiny_preset), spec).peft_config["default"]
     picked = (config.r, config.lora_alpha, config.lora_dropout, config.bias, config.init_lora_weights)
