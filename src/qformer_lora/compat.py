@@ -486,7 +486,7 @@ def set_activation_checkpointing(model, enabled: bool) -> None:  # pragma: no mu
         model.gradient_checkpointing_enable()
 
 
-def checkpointing_switches(model) -> list[torch.nn.Module]:
+def checkpointing_switches(model) -> list[torch.nn.Module]:  # pragma: no mutate block
     """The modules of ``model`` whose ``training`` flag decides whether checkpointing acts.
 
     From transformers 4.53 each layer (a GradientCheckpointingLayer) checkpoints itself;

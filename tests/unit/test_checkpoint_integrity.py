@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
@@ -311,3 +312,222 @@ def test_keep_last_prunes_the_oldest_in_training_order_but_spares_the_best(tmp_p
     names = [p.name for p in checkpoint.list_checkpoints(tmp_path)]
     assert names == [f"{checkpoint.PREFIX}0001", f"{checkpoint.PREFIX}0002", f"{checkpoint.PREFIX}0003"], names
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == names
+
+
+def test_optimizer_state_names_may_hold_dots():
+    """An optimizer's state names are free-form strings; one with dots ("ema.decay", as an optimizer author may
+    choose) keeps its whole name through save and restore: only the first two fields of "state.<index>.<name>"
+    are split off."""
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.5)
+    optimizer.state[weight].update({"ema.decay": 3, "ema.buffer.0": torch.full((2,), 4.0)})
+    tensors, meta = checkpoint._optimizer_tensors(optimizer)
+    assert sorted(tensors) == ["state.0.ema.buffer.0"] and meta["scalars"] == {"state.0.ema.decay": 3}, meta
+    fresh = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    checkpoint._restore_optimizer(fresh, tensors, json.loads(json.dumps(meta)))
+    restored = fresh.state_dict()["state"][0]
+    assert sorted(restored) == ["ema.buffer.0", "ema.decay"] and restored["ema.decay"] == 3, restored
+    assert torch.equal(restored["ema.buffer.0"], torch.full((2,), 4.0))
+
+
+def test_load_state_revives_non_finite_numbers_in_the_numeric_parts_only(tmp_path):
+    """jsonio writes a non-finite float as the string "NaN" / "Infinity" (strict JSON). ReduceLROnPlateau's
+    "best" starts at inf, a GradScaler's scale can be any float: load_state turns those strings back into floats
+    in the optimizer, scheduler and scaler state, and leaves the same string in the config as text (a user's
+    value that means it literally)."""
+    state = {
+        "optimizer": {"scalars": {"state.0.best": "NaN"}, "param_groups": []},
+        "scheduler": {"best": "Infinity"},
+        "scaler": {"scale": "-Infinity"},
+        "config": {"note": "NaN"},
+    }
+    path = bare_checkpoint(tmp_path / "nonfinite", state)
+    checkpoint.save_file({"state.0.exp_avg": torch.ones(1)}, str(path / checkpoint.OPTIMIZER_FILE))
+    loaded, tensors = checkpoint.load_state(path)
+    assert math.isnan(loaded["optimizer"]["scalars"]["state.0.best"]), loaded["optimizer"]
+    assert (loaded["scheduler"]["best"], loaded["scaler"]["scale"]) == (math.inf, -math.inf), loaded
+    assert loaded["config"] == {"note": "NaN"} and list(tensors) == ["state.0.exp_avg"], (loaded, tensors)
+
+
+def test_load_state_keeps_a_missing_scaler_state_as_none(tmp_path):
+    """A run without a GradScaler (fp32, bf16) saves "scaler": null; it loads as None, not revived into anything."""
+    path = bare_checkpoint(tmp_path / "noscaler", {"optimizer": None, "scheduler": {}, "scaler": None})
+    checkpoint.save_file({}, str(path / checkpoint.OPTIMIZER_FILE))
+    loaded, _ = checkpoint.load_state(path)
+    assert (loaded["optimizer"], loaded["scheduler"], loaded["scaler"]) == (None, {}, None), loaded
+
+
+def _cpu_scaler(scale: float):
+    return torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=7)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_an_enabled_grad_scaler_is_saved_and_restored(tmp_path):
+    """fp16 runs carry a GradScaler whose scale has moved during training (here 8.0, growth interval 7): the
+    checkpoint records it and restore sets a fresh scaler (65536.0, torch's default) back to 8.0. A disabled
+    scaler and no scaler record null, and restoring null leaves the live scaler as it is."""
+    model, optimizer, scheduler = _trainer_parts(seed=0)
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "config": {}}
+    path = checkpoint.save(tmp_path, 1, global_step=1, scaler=_cpu_scaler(8.0), **parts)
+    assert checkpoint.load_state(path)[0]["scaler"]["scale"] == 8.0
+    fresh = _cpu_scaler(65536.0)
+    state = checkpoint.restore(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=fresh)
+    assert (fresh.get_scale(), fresh.get_growth_interval(), state["scaler"]["growth_interval"]) == (8.0, 7, 7)
+    checkpoint.restore(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=None)  # fp32 resume
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    bare = checkpoint.save(tmp_path, 2, global_step=2, scaler=disabled, **parts)
+    assert checkpoint.load_state(bare)[0]["scaler"] is None
+    live = _cpu_scaler(16.0)
+    checkpoint.restore(bare, model=model, optimizer=optimizer, scheduler=scheduler, scaler=live)
+    assert live.get_scale() == 16.0
+
+
+def test_gpu_generator_states_are_restored_on_a_gpu_and_ignored_without_one(monkeypatch):
+    """A checkpoint written on a GPU holds one "cuda" state per device: restored on a machine with CUDA it goes
+    to torch.cuda.set_rng_state_all as uint8 tensors; on a CPU-only machine, or from a CPU checkpoint, no CUDA
+    call is made (torch.cuda here is replaced by a recorder: this machine may have no GPU)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", calls.append)
+    saved = json.loads(json.dumps(checkpoint.rng_state()))
+    saved.pop("cuda", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    checkpoint.set_rng_state(saved)  # a CPU checkpoint on a GPU machine
+    assert calls == []
+    checkpoint.set_rng_state({**saved, "cuda": [[1, 2, 255], [7]]})
+    assert [[(t.dtype, t.tolist()) for t in states] for states in calls] == [
+        [(torch.uint8, [1, 2, 255]), (torch.uint8, [7])]
+    ], calls
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    checkpoint.set_rng_state({**saved, "cuda": [[1, 2, 255]]})  # a GPU checkpoint on a CPU machine
+    assert len(calls) == 1, calls
+
+
+def test_removing_a_checkpoint_clears_a_half_deleted_one_of_the_same_name(tmp_path):
+    """A crash mid-delete leaves checkpoints/.del-epoch-0001; when epoch-0001 is written again and deleted, the
+    leftover is cleared first (os.replace cannot move a directory onto a non-empty one)."""
+    path = tmp_path / "checkpoints" / f"{checkpoint.PREFIX}0001"
+    leftover = path.with_name(f"{checkpoint.REMOVING}{path.name}")
+    for directory in (path, leftover):
+        directory.mkdir(parents=True)
+        (directory / "adapter_model.safetensors").write_bytes(b"x")
+    checkpoint._remove(path)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def _fail_with(error: OSError):
+    def fail(*args, **kwargs):
+        raise error
+
+    return fail
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_failed_save_or_prune_names_the_path_and_what_was_written(tmp_path, monkeypatch):
+    """A full disk while the optimizer file is written: WriteError "<checkpoint>: cannot write the checkpoint:
+    No space left on device", nothing staged left behind. Then a prune that cannot delete (read-only):
+    "<checkpoints/>: cannot write (prune) the checkpoints: ..." with the file that failed."""
+    import errno
+
+    from qformer_lora import writes
+
+    model, optimizer, scheduler = _trainer_parts(seed=0)
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": None, "config": {}}
+    checkpoint.save(tmp_path, 1, global_step=1, **parts)
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "save_file", _fail_with(OSError(errno.ENOSPC, "No space left on device")))
+        with pytest.raises(writes.WriteError) as caught:
+            checkpoint.save(tmp_path, 2, global_step=2, **parts)
+    final = checkpoint.checkpoint_dir(tmp_path, 2)
+    assert str(caught.value) == f"{final}: cannot write the checkpoint: No space left on device", caught.value
+    doomed = checkpoint.checkpoint_dir(tmp_path, 1)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [doomed.name]
+    monkeypatch.setattr(checkpoint, "_remove", _fail_with(OSError(errno.EROFS, "Read-only file system", "x")))
+    with pytest.raises(writes.WriteError) as caught:
+        checkpoint.save(tmp_path, 2, global_step=2, keep_last=1, **parts)
+    assert str(caught.value) == f"{final.parent}: cannot write (prune) the checkpoints: Read-only file system (x)"
+    assert doomed.is_dir() and final.is_dir()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_save_stages_every_file_then_renames_in_the_order_the_crash_test_pauses_at(tmp_path, monkeypatch):
+    """Into a run directory that does not exist yet: at "checkpoint.adapter" only the adapter is staged, in
+    checkpoints/.tmp-epoch-0002-*; at "checkpoint.staged" the optimizer and state files are there too and no
+    epoch-0002 exists; at "checkpoint.renamed" epoch-0002 holds them and nothing is staged; "checkpoint.pruning"
+    follows each removal of an old checkpoint (keep_last=1). The names are those pause_points documents and
+    tests/unit/test_crash.py stops a process at."""
+    from qformer_lora import pause_points
+
+    run = tmp_path / "new" / "run"
+    root = run / "checkpoints"
+    model, optimizer, scheduler = _trainer_parts(seed=0)
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": None, "config": {}}
+    checkpoint.save(run, 1, global_step=1, **parts)
+    seen = []
+
+    def reached(point):
+        staged = sorted(root.glob(f"{checkpoint.STAGING}epoch-0002-*"))
+        content = sorted(p.name for p in staged[0].iterdir()) if staged else None
+        seen.append((point, len(staged), content, sorted(p.name for p in root.glob("epoch-*"))))
+
+    monkeypatch.setattr(checkpoint.pause_points, "reached", reached)
+    checkpoint.save(run, 2, global_step=2, keep_last=1, **parts)
+    files = sorted([checkpoint.ADAPTER_DIR, checkpoint.OPTIMIZER_FILE, checkpoint.STATE_FILE])
+    assert seen == [
+        ("checkpoint.adapter", 1, [checkpoint.ADAPTER_DIR], ["epoch-0001"]),
+        ("checkpoint.staged", 1, files, ["epoch-0001"]),
+        ("checkpoint.renamed", 0, None, ["epoch-0001", "epoch-0002"]),
+        ("checkpoint.pruning", 0, None, ["epoch-0002"]),
+    ], seen
+    assert {point for point, *_ in seen} <= set(pause_points.POINTS)
+    assert sorted(p.name for p in (root / "epoch-0002").iterdir()) == files
+
+
+def _rmtree_on_a_failing_disk(path, ignore_errors=False):
+    """shutil.rmtree where every delete fails: raises, as rmtree does, unless told to ignore errors."""
+    if not ignore_errors:
+        raise OSError(5, "Input/output error", str(path))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_leftovers_of_killed_saves_are_cleared_and_never_stop_a_save(tmp_path, monkeypatch):
+    """A killed save leaves checkpoints/.tmp-epoch-0001-x, a killed prune .del-epoch-0000: the next save clears
+    both, and a save that fails while staging removes what it staged. On a failing disk, where nothing can be
+    deleted, a leftover does not stop a save, and a failed save raises its own error, not the clean-up's."""
+    model, optimizer, scheduler = _trainer_parts(seed=0)
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": None, "config": {}}
+    root = tmp_path / "checkpoints"
+    for leftover in (f"{checkpoint.STAGING}epoch-0001-x", f"{checkpoint.REMOVING}epoch-0000"):
+        (root / leftover).mkdir(parents=True)
+        (root / leftover / "optimizer.safetensors").write_bytes(b"half")
+    checkpoint.save(tmp_path, 1, global_step=1, **parts)
+    assert sorted(p.name for p in root.iterdir()) == ["epoch-0001"]
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "save_file", _fail_with(ValueError("a tensor is not contiguous")))
+        with pytest.raises(ValueError, match="not contiguous"):
+            checkpoint.save(tmp_path, 2, global_step=2, **parts)
+    assert sorted(p.name for p in root.iterdir()) == ["epoch-0001"]
+    (root / f"{checkpoint.REMOVING}epoch-0000").mkdir()
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", _rmtree_on_a_failing_disk)
+    checkpoint.save(tmp_path, 2, global_step=2, **parts)
+    assert sorted(p.name for p in root.iterdir()) == [f"{checkpoint.REMOVING}epoch-0000", "epoch-0001", "epoch-0002"]
+    monkeypatch.setattr(checkpoint, "save_file", _fail_with(ValueError("a tensor is not contiguous")))
+    with pytest.raises(ValueError, match="not contiguous"):
+        checkpoint.save(tmp_path, 3, global_step=3, **parts)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_state_file_rewritten_with_its_keys_in_another_order_still_verifies(tmp_path):
+    """``state_sha256`` is a digest of the content, keys sorted: a state file re-serialised by a JSON tool in
+    another key order (jq -S sorts them) verifies, and a changed value still does not."""
+    model, optimizer, scheduler = _trainer_parts(seed=0)
+    path = checkpoint.save(
+        tmp_path, 1, global_step=4, model=model, optimizer=optimizer, scheduler=scheduler, scaler=None, config={}
+    )
+    state_file = path / checkpoint.STATE_FILE
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    reordered = dict(reversed(list(state.items())))
+    state_file.write_text(json.dumps(reordered, sort_keys=False), encoding="utf-8")
+    assert checkpoint.verify(path)["global_step"] == state["global_step"]
+    state_file.write_text(json.dumps({**reordered, "global_step": state["global_step"] + 1}), encoding="utf-8")
+    with pytest.raises(checkpoint.CheckpointError, match="does not match its sha256"):
+        checkpoint.verify(path)

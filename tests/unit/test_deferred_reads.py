@@ -69,12 +69,12 @@ def host_reads(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "tolist", real_tolist)
 
 
-def parts_for(deferred: bool, guard: str = "skip", model=None, **options):
+def parts_for(deferred: bool, guard: str = "skip", model=None, max_grad_norm: float | None = 0.5, **options):
     model = model or adapter_model()
     optimizer = torch.optim.AdamW(lora.adapter_parameters(model), lr=1e-2, fused=True)
     scheduler = linear_warmup_decay(optimizer, 2, 20)
     return make_step(
-        model, optimizer, scheduler, precision_name="fp32", device="cpu", guard=guard, max_grad_norm=0.5,
+        model, optimizer, scheduler, precision_name="fp32", device="cpu", guard=guard, max_grad_norm=max_grad_norm,
         deferred=deferred, **options,
     )  # fmt: skip
 
@@ -119,6 +119,20 @@ def test_finite_steps_are_bitwise_those_of_the_default_step():
     assert any(float(r.grad_norm) > 0.5 for r in a), "no step was clipped: the test would miss the clip"
     x, y = adapter_and_state(default), adapter_and_state(deferred)
     assert x.keys() == y.keys() and not [k for k in x if not torch.equal(x[k], y[k])]
+
+
+def test_without_clipping_the_deferred_step_still_reports_the_norm_and_drops_the_gradients():
+    """max_grad_norm None: nothing is clipped, but the deferred step reports the same gradient norm as the
+    default step (clip_grad_norm_ with an infinite maximum measures it), takes the same update, and leaves
+    every gradient None afterwards (set_to_none), as the default step does."""
+    default, deferred = parts_for(False, max_grad_norm=None), parts_for(True, max_grad_norm=None)
+    step_groups = groups(default.model)[:2]
+    a, _ = take_steps(default, step_groups, False)
+    b, _ = take_steps(deferred, step_groups, True)
+    assert [r.grad_norm for r in b] == [float(r.grad_norm) for r in a] and all(r.grad_norm > 0 for r in b)
+    x, y = adapter_and_state(default), adapter_and_state(deferred)
+    assert not [k for k in x if not torch.equal(x[k], y[k])]
+    assert [p.grad for p in deferred.params] == [None] * len(deferred.params)
 
 
 def test_the_deferred_step_reads_nothing_on_the_host(monkeypatch):

@@ -11,7 +11,9 @@ accumulation loss"). The tests here give the micro-batches 1 and 3 (or 1 and 4) 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -140,3 +142,80 @@ def test_two_micro_batches_of_unequal_answers_step_like_one_batch(preset):
     g = [adapter_step([row])[1] for row in rows]  # each row alone: its own loss mean's gradient
     mean_of_means = (g[0] + g[1]) / 2
     assert relative(mean_of_means, update_single) > 1e-2, "the data cannot tell the two normalisations apart"
+
+
+class _RecordingGuard:
+    """A guard (make_step takes any object with inputs_ok / healthy / non_finite) that records its calls and
+    skips every non-finite step."""
+
+    def __init__(self):
+        self.calls = []
+
+    def inputs_ok(self, group, step):
+        self.calls.append(("inputs_ok", len(group), step))
+        return True
+
+    def healthy(self):
+        self.calls.append(("healthy",))
+
+    def non_finite(self, step, batches, losses, grad_norm, scaler_enabled=False):
+        self.calls.append(("non_finite", step, len(batches), losses, float(grad_norm), scaler_enabled))
+        return "skip"
+
+
+def _recorded_parts(guard):
+    model = _LinearLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    parts = step.make_step(
+        model, optimizer, scheduler, precision_name="fp32", device="cpu", guard=guard,
+        run_forward=lambda b: SimpleNamespace(loss=model.w * b["c"]),
+    )  # fmt: skip
+    return model, parts
+
+
+def test_the_guard_hears_the_step_index_and_the_non_finite_figures():
+    """Step 5 finite, then step 6 with a NaN loss in its second micro-batch: the guard is asked about the inputs
+    of each (with its step index), told step 5 was healthy, and handed step 6's index, its per-micro-batch
+    summed losses at w = -1.75 ([-1.75, NaN]) and the NaN gradient norm; "skip" drops the gradients
+    (None, as after every step: set_to_none, so a parameter without a gradient is left alone by AdamW)."""
+    guard = _RecordingGuard()
+    model, parts = _recorded_parts(guard)
+    step.training_step(parts, [_micro_batch(1, 1.0), _micro_batch(3, 6.0)], index=5)
+    assert model.w.grad is None and float(model.w.detach()) == pytest.approx(-1.75)
+    result = step.training_step(parts, [_micro_batch(1, 1.0), _micro_batch(3, float("nan"))], index=6)
+    assert result.action == "skip" and model.w.grad is None
+    (_, nan_step, batches, losses, grad_norm, scaler_enabled) = guard.calls[-1]
+    assert guard.calls[:3] == [("inputs_ok", 2, 5), ("healthy",), ("inputs_ok", 2, 6)], guard.calls
+    assert (nan_step, batches, losses[0], scaler_enabled) == (6, 2, -1.75, False) and math.isnan(losses[1])
+    assert math.isnan(grad_norm) and float(model.w.detach()) == pytest.approx(-1.75)
+
+
+def test_under_torchrun_the_loss_is_summed_over_processes_and_divided_by_their_tokens(monkeypatch):
+    """DDP averages the processes' gradients; the step multiplies each micro-batch's loss by the world size so
+    that average becomes their sum, and divides by the token count summed over processes (distributed.all_sum).
+    Two processes holding the same micro-batches (1 and 3 answer tokens, summed losses w and 6w) must then take
+    the one-process step: 2 x 7/8 = 1.75, w 0 -> -1.75. The totals are reduced on the step's device (NCCL
+    needs CUDA tensors), and the gradient all-reduce waits for the group's last micro-batch (no_sync before)."""
+    calls = {"all_sum": [], "accumulating": []}
+
+    def all_sum(values, device):
+        calls["all_sum"].append((list(values), device))
+        return [2 * v for v in values]  # the other process holds the same values
+
+    def accumulating(trainer, last):
+        calls["accumulating"].append((trainer, last))
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(step.distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(step.distributed, "all_sum", all_sum)
+    monkeypatch.setattr(step.distributed, "accumulating", accumulating)
+    model, parts = _recorded_parts("raise")
+    parts.trainer = ddp = torch.nn.Identity()  # stands for the DDP wrapper accumulating() is given
+    batches = [_micro_batch(1, 1.0), _micro_batch(3, 6.0), _micro_batch(0, 0.0)]
+    result = step.training_step(parts, batches, index=0)
+    assert float(model.w.detach()) == pytest.approx(-1.75), "the loss must be x world size / global tokens"
+    assert (result.tokens, result.samples) == (8, 6)
+    cpu = torch.device("cpu")
+    assert calls["all_sum"] == [([0, 4, 3], cpu), ([0.0], cpu)], calls["all_sum"]
+    assert calls["accumulating"] == [(ddp, False), (ddp, False), (ddp, True)], calls["accumulating"]
