@@ -70,3 +70,15 @@ def test_main_writes_the_report_says_how_and_fails_below_the_target(report, tmp_
     assert (
         summary["modules"]["pkg.m"]["score"] == pytest.approx(1 / 3) and summary["how"] == "Staged: fast tests first."
     )
+
+
+def test_a_timeout_is_detected_and_a_mutant_without_tests_is_not(report, tmp_path):
+    """Mutant 2 ran past mutmut's CPU limit (exit -24, SIGXCPU: an endless loop), mutant 3 reached by no test
+    (exit 33): detected 2 of 3 (killed + timeout, PIT's and Stryker's rule), 66.7 %."""
+    mutants = tree(tmp_path)
+    meta = mutants / "src/pkg/m.py.meta"
+    codes = {"pkg.m.x_f__mutmut_1": 1, "pkg.m.x_f__mutmut_2": -24, "pkg.m.x_f__mutmut_3": 33}
+    meta.write_text(json.dumps({"exit_code_by_key": codes}), encoding="utf-8")
+    rows = report.collect(mutants, {})["pkg.m"]
+    assert [r["status"] for r in rows] == ["killed", "timeout", "no tests"], rows
+    assert report.score(rows)["score"] == pytest.approx(2 / 3)
