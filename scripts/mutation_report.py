@@ -13,9 +13,9 @@ Score = detected / (mutants - equivalent), detected = killed + timeout. A mutant
 run past mutmut's CPU-time limit (an endless loop: ``iter(read, None)``) is detected, as PIT
 ("TIMED_OUT") and Stryker ("Timeout") count it: the test run never passes. A mutant no test reaches
 ("no tests") or not run ("not checked") counts as not detected. Equivalent mutants are listed in
-``reports/mutation/equivalent.toml`` (name -> the diff it was judged on and the reason); an entry whose diff no longer matches the
-mutant is reported as stale and not applied. ``--check`` exits 1 when a module is below
-TARGET (issue 22: at least 90 % of non-equivalent mutants killed in each core module).
+``reports/mutation/equivalent.toml`` (name -> the diff it was judged on and the reason); an entry
+whose diff no longer matches the mutant is reported as stale and not applied. ``--check`` exits 1
+when a module is below TARGET (issue 22: at least 90 % of non-equivalent mutants killed in each core module).
 """
 
 from __future__ import annotations
