@@ -219,3 +219,28 @@ def test_under_torchrun_the_loss_is_summed_over_processes_and_divided_by_their_t
     cpu = torch.device("cpu")
     assert calls["all_sum"] == [([0, 4, 3], cpu), ([0.0], cpu)], calls["all_sum"]
     assert calls["accumulating"] == [(ddp, False), (ddp, False), (ddp, True)], calls["accumulating"]
+
+
+def _scaled_step(init_scale: float):
+    model = _LinearLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)  # no growth in one step
+    parts = step.make_step(
+        model, optimizer, scheduler, precision_name="fp32", device="cpu", scaler=scaler,
+        run_forward=lambda b: SimpleNamespace(loss=model.w * b["c"]),
+    )  # fmt: skip
+    result = step.training_step(parts, [_micro_batch(1, 1.0), _micro_batch(3, 6.0)], index=0)
+    return result, float(model.w.detach()), scaler.get_scale()
+
+
+def test_an_fp16_overflow_is_left_to_the_grad_scaler_and_reported_as_its_skip():
+    """An enabled GradScaler (fp16-amp's; on the CPU here) at scale 3e38: the scaled gradient, 3e38 x 7/4,
+    overflows float32 while the loss is finite, so the guard leaves it to the scaler (action "scaler"), which
+    skips the step and halves its scale: scaler_skipped, w still 0. At scale 4 the step is taken (w -> -1.75),
+    the scale stays 4 and nothing is reported skipped."""
+    overflow, w, scale = _scaled_step(3e38)
+    halved = float(torch.tensor(3e38) / 2)  # the scale is a float32 tensor: 3e38 is not exact in float32
+    assert (overflow.action, overflow.scaler_skipped, w, scale) == ("scaler", True, 0.0, halved), overflow
+    finite, w, scale = _scaled_step(4.0)
+    assert (finite.action, finite.scaler_skipped, scale) == ("step", False, 4.0) and w == pytest.approx(-1.75)
