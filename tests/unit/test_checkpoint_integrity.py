@@ -384,8 +384,9 @@ def test_an_enabled_grad_scaler_is_saved_and_restored(tmp_path):
 
 def test_gpu_generator_states_are_restored_on_a_gpu_and_ignored_without_one(monkeypatch):
     """A checkpoint written on a GPU holds one "cuda" state per device (a list of ints each, for JSON): restored
-    on a machine with CUDA it goes to torch.cuda.set_rng_state_all as uint8 tensors; on a CPU-only machine, or from a CPU checkpoint, no CUDA
-    call is made (torch.cuda here is replaced by a recorder: this machine may have no GPU)."""
+    on a machine with CUDA it goes to torch.cuda.set_rng_state_all as uint8 tensors; on a CPU-only machine, or
+    from a CPU checkpoint, no CUDA call is made (torch.cuda here is replaced by a recorder: this machine may have
+    no GPU)."""
     calls = []
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", calls.append)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
