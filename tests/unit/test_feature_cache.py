@@ -347,3 +347,21 @@ def test_a_damaged_file_is_a_miss_and_is_rewritten(tmp_path):
         got = fresh.features(model, pixels)
     assert fresh.stats.misses == 1 and torch.equal(got, expected), fresh.stats
     assert os.path.getsize(stored) > 40, "the damaged file was not rewritten"
+
+
+def test_the_training_step_takes_its_vision_features_from_the_cache():
+    """make_step(cache=...): the step's forward attaches the cached features, so two steps over one batch run
+    the vision encoder once (the first step's misses fill the cache through the step's own model)."""
+    from qformer_lora.training import step
+
+    model = adapter_model()
+    calls = []
+    compat.unwrap(model).vision_model.register_forward_hook(lambda *args: calls.append(1))
+    cache = FeatureCache(model)
+    optimizer = torch.optim.SGD(lora.adapter_parameters(model), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    parts = step.make_step(model, optimizer, scheduler, precision_name="fp32", device="cpu", cache=cache)
+    batch = synthetic.random_batch(model, batch_size=2)
+    first, second = (step.training_step(parts, [batch], index=i) for i in range(2))
+    assert len(calls) == 1, f"the vision encoder ran {len(calls)} times in two steps over one batch (expected 1)"
+    assert first.batch_losses == second.batch_losses  # lr 0: the same adapter, the same features

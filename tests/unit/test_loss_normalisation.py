@@ -244,3 +244,29 @@ def test_an_fp16_overflow_is_left_to_the_grad_scaler_and_reported_as_its_skip():
     assert (overflow.action, overflow.scaler_skipped, w, scale) == ("scaler", True, 0.0, halved), overflow
     finite, w, scale = _scaled_step(4.0)
     assert (finite.action, finite.scaler_skipped, scale) == ("step", False, 4.0) and w == pytest.approx(-1.75)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the guard warns at each rollback
+def test_the_default_rollback_halves_the_schedule_and_gives_up_after_three():
+    """make_step(guard="rollback") with its defaults: a NaN loss rolls back and halves the lr, on the optimizer
+    and on the schedule's base (LambdaLR recomputes the lr from it at the next step, so a finite step keeps
+    0.5); the fourth NaN group in a row is refused: "gave up after 3 rollback(s) (max_rollbacks=3)"."""
+    from qformer_lora.diagnostics import numerics
+
+    model = _LinearLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    parts = step.make_step(
+        model, optimizer, scheduler, precision_name="fp32", device="cpu", guard="rollback",
+        run_forward=lambda b: SimpleNamespace(loss=model.w * b["c"]),
+    )  # fmt: skip
+    finite, nan = [_micro_batch(1, 1.0), _micro_batch(3, 6.0)], [_micro_batch(1, float("nan"))]
+    assert step.training_step(parts, nan, index=0).action == "skip"
+    assert optimizer.param_groups[0]["lr"] == 0.5 and float(model.w.detach()) == 0.0
+    step.training_step(parts, finite, index=1)
+    assert optimizer.param_groups[0]["lr"] == 0.5 and float(model.w.detach()) == pytest.approx(-0.875)
+    for index in (2, 3):
+        step.training_step(parts, nan, index=index)
+    assert optimizer.param_groups[0]["lr"] == 0.125
+    with pytest.raises(numerics.NonFiniteError, match=r"gave up after 3 rollback\(s\) \(max_rollbacks=3\)"):
+        step.training_step(parts, nan, index=4)

@@ -543,3 +543,54 @@ def test_a_loss_diagnosis_gets_no_overflow_note():
     model = torch.nn.Linear(2, 2)
     found = numerics.localise(model, [_batch("a", scale=math.inf)], 3, _ScaledLoss(model), losses=[math.inf])
     assert found.message == "non-finite loss at optimizer step 3; loss inf; samples: a", found.message
+
+
+def test_clip_gradients_passes_on_a_runtime_error_that_is_not_about_the_norm(monkeypatch):
+    """clip_grad_norm_ raises RuntimeError for a non-finite norm (error_if_nonfinite) and for other faults
+    (a foreach kernel, mixed devices): with finite gradients the error is not the norm's and is raised as is."""
+    weight = torch.nn.Parameter(torch.ones(2))
+    weight.grad = torch.full((2,), 3.0)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("foreach kernel failed")
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", broken)
+    with pytest.raises(RuntimeError, match="foreach kernel failed"):
+        numerics.clip_gradients([weight], 1.0)
+    weight.grad = torch.tensor([3.0, math.inf])
+    assert float(numerics.clip_gradients([weight], 1.0)) == math.inf  # the norm's own error: the norm comes back
+
+
+def test_guard_refuses_a_model_with_non_finite_weights_before_the_first_step():
+    """Whatever the policy: NonFiniteError at step 0 naming the parameter, and why no step was taken."""
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.bias[1] = math.nan
+    with pytest.raises(numerics.NonFiniteError) as caught:
+        numerics.Guard("skip", model, torch.optim.SGD(model.parameters(), lr=0.1))
+    diagnosis = caught.value.diagnosis
+    assert (diagnosis.step, diagnosis.kind, diagnosis.first_parameter) == (0, "parameter", "bias"), diagnosis
+    assert str(caught.value).endswith(
+        " (before the first step: the model was built or loaded with non-finite weights)"
+    ), caught.value
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_guard_rollback_built_over_a_resumed_optimizer_returns_to_its_state():
+    """A resumed run builds the guard after restoring AdamW's moments: the first snapshot holds them (no
+    earlier snapshot to reuse buffers from), and a rollback returns to them, with lr x 0.5 (the default
+    rollback_lr_factor) on the optimizer and the scheduler's base."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    resumed = {k: v.clone() for k, v in optimizer.state[model.weight].items()}
+    weights = [p.detach().clone() for p in model.parameters()]
+    guard = numerics.Guard("rollback", model, optimizer, scheduler)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    assert guard.handle(numerics.Diagnosis(2, "loss")) == "skip"
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), weights))
+    assert all(torch.equal(optimizer.state[model.weight][k], v) for k, v in resumed.items())
+    assert (optimizer.param_groups[0]["lr"], scheduler.base_lrs) == (0.05, [0.05])
