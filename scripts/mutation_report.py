@@ -43,8 +43,8 @@ def mutant_diffs(mutated_source: Path) -> dict[str, str]:
     """{mutant function name: "old line -> new line"} for every mutant in one mutated file."""
     text = mutated_source.read_text(encoding="utf-8")
     lines = text.splitlines()
-    bodies = {  # a function's lines after its def line (ast.get_source_segment re-splits the file per call)
-        node.name: lines[node.lineno : node.end_lineno]
+    bodies = {  # a function's lines, its name taken out of the def line so a mutated default shows as a change
+        node.name: [lines[node.lineno - 1].replace(node.name, "f", 1), *lines[node.lineno : node.end_lineno]]
         for node in ast.walk(ast.parse(text))
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and "__mutmut_" in node.name
     }

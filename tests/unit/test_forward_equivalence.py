@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -86,3 +88,12 @@ def test_language_model_builds_no_kv_cache(preset, monkeypatch):
     with torch.no_grad():
         forward.custom_forward(model, synthetic.random_batch(model, batch_size=2))
     assert seen == [False]
+
+
+def test_token_cross_entropy_defaults_to_the_mean_over_answer_tokens():
+    """Uniform logits over a vocabulary of 4: every target costs ln 4. Three targets and three ignored
+    positions (-100): the default reduction is their mean, ln 4; "sum" gives 3 ln 4."""
+    logits = torch.zeros(2, 3, 4)
+    labels = torch.tensor([[1, forward.IGNORE_INDEX, 2], [forward.IGNORE_INDEX, forward.IGNORE_INDEX, 3]])
+    assert float(forward.token_cross_entropy(logits, labels)) == pytest.approx(math.log(4))
+    assert float(forward.token_cross_entropy(logits, labels, "sum")) == pytest.approx(3 * math.log(4))

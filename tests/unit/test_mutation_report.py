@@ -82,3 +82,18 @@ def test_a_timeout_is_detected_and_a_mutant_without_tests_is_not(report, tmp_pat
     rows = report.collect(mutants, {})["pkg.m"]
     assert [r["status"] for r in rows] == ["killed", "timeout", "no tests"], rows
     assert report.score(rows)["score"] == pytest.approx(2 / 3)
+
+
+def test_a_mutated_default_in_a_one_line_def_shows_in_the_diff(report, tmp_path):
+    """mutmut renames each copy (x_g__mutmut_1, ...): the def line is compared without the name, so a changed
+    default argument is the diff, and an unchanged def line is not."""
+    source = tmp_path / "m.py"
+    source.write_text(
+        'def x_g__mutmut_orig(a, r="mean"):\n    return a\n\n'
+        'def x_g__mutmut_1(a, r="XXmeanXX"):\n    return a\n\n'
+        'def x_g__mutmut_2(a, r="mean"):\n    return None\n',
+        encoding="utf-8",
+    )
+    diffs = report.mutant_diffs(source)
+    assert diffs["x_g__mutmut_1"] == '- def f(a, r="mean"):  + def f(a, r="XXmeanXX"):', diffs
+    assert diffs["x_g__mutmut_2"] == "- return a  + return None", diffs
