@@ -270,3 +270,21 @@ def test_the_default_rollback_halves_the_schedule_and_gives_up_after_three():
     assert optimizer.param_groups[0]["lr"] == 0.125
     with pytest.raises(numerics.NonFiniteError, match=r"gave up after 3 rollback\(s\) \(max_rollbacks=3\)"):
         step.training_step(parts, nan, index=4)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_make_step_passes_the_clipping_norm_and_the_rollback_factor_on():
+    """max_grad_norm=1: the group's gradient, 1.75, is clipped to 1, so SGD at lr 1 moves w to -1 (not -1.75),
+    and the reported norm is the one before clipping. rollback_lr_factor=0.25: a NaN group rolls back and the lr
+    becomes 0.25 (not the default 0.5)."""
+    model = _LinearLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    parts = step.make_step(
+        model, optimizer, scheduler, precision_name="fp32", device="cpu", guard="rollback", max_grad_norm=1.0,
+        rollback_lr_factor=0.25, run_forward=lambda b: SimpleNamespace(loss=model.w * b["c"]),
+    )  # fmt: skip
+    result = step.training_step(parts, [_micro_batch(1, 1.0), _micro_batch(3, 6.0)], index=0)
+    assert float(result.grad_norm) == pytest.approx(1.75) and float(model.w.detach()) == pytest.approx(-1.0)
+    step.training_step(parts, [_micro_batch(1, float("nan"))], index=1)
+    assert optimizer.param_groups[0]["lr"] == 0.25
