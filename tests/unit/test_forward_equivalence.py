@@ -97,3 +97,20 @@ def test_token_cross_entropy_defaults_to_the_mean_over_answer_tokens():
     labels = torch.tensor([[1, forward.IGNORE_INDEX, 2], [forward.IGNORE_INDEX, forward.IGNORE_INDEX, 3]])
     assert float(forward.token_cross_entropy(logits, labels)) == pytest.approx(math.log(4))
     assert float(forward.token_cross_entropy(logits, labels, "sum")) == pytest.approx(3 * math.log(4))
+
+
+def test_the_forward_without_labels_gives_logits_and_the_query_path_but_no_loss():
+    """A decoder-only model (OPT) runs the forward without labels (an encoder-decoder's decoder needs them):
+    loss None, logits over the vocabulary, and the query path the localiser reads: the Q-Former's output at the
+    query positions (batch, query tokens, Q-Former width) and its language projection (batch, query tokens,
+    LM width)."""
+    model = tiny_model("tiny-blip2-opt")
+    batch = synthetic.random_batch(model, batch_size=2, seed=0)
+    batch.pop("labels")
+    with torch.no_grad():
+        out = forward.custom_forward(model, batch)
+    config = model.config
+    queries = config.num_query_tokens
+    assert out.loss is None and out.logits.shape[-1] == config.text_config.vocab_size
+    assert tuple(out.query_output.shape) == (2, queries, config.qformer_config.hidden_size)
+    assert tuple(out.language_model_inputs.shape) == (2, queries, config.text_config.hidden_size)
