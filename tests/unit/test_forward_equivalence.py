@@ -114,3 +114,19 @@ def test_the_forward_without_labels_gives_logits_and_the_query_path_but_no_loss(
     assert out.loss is None and out.logits.shape[-1] == config.text_config.vocab_size
     assert tuple(out.query_output.shape) == (2, queries, config.qformer_config.hidden_size)
     assert tuple(out.language_model_inputs.shape) == (2, queries, config.text_config.hidden_size)
+
+
+def test_padding_of_the_instruction_does_not_reach_the_query_features():
+    """InstructBLIP's Q-Former reads the instruction beside the query tokens: an instruction padded with three
+    pad tokens (mask 0), as a batch pads its shorter rows, gives the query features of the unpadded one."""
+    model = tiny_model("tiny-instructblip-flan-t5")
+    batch = synthetic.random_batch(model, batch_size=1, seed=0)
+    padded = dict(batch)
+    pad = torch.full((1, 3), model.config.qformer_config.pad_token_id or 0, dtype=torch.long)
+    padded["qformer_input_ids"] = torch.cat([batch["qformer_input_ids"], pad], dim=1)
+    padded["qformer_attention_mask"] = torch.cat([batch["qformer_attention_mask"], torch.zeros_like(pad)], dim=1)
+    with torch.no_grad():
+        image_embeds = forward.encode_images(model, batch)
+        plain = forward.query_features(model, image_embeds, batch)
+        with_padding = forward.query_features(model, image_embeds, padded)
+    torch.testing.assert_close(with_padding, plain, rtol=1e-5, atol=1e-6)
