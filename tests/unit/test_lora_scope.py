@@ -223,15 +223,27 @@ def leaking_model(leaks: int) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize(("leaks", "suffix"), [(10, ""), (12, " (and 2 more)")])
+@pytest.mark.parametrize(("leaks", "suffix"), [(10, ""), (11, " (and 1 more)"), (12, " (and 2 more)")])
 def test_a_scope_leak_names_the_first_ten_parameters_and_counts_the_rest(leaks, suffix):
-    """Ten leaks are all named; twelve name the first ten and say "(and 2 more)"."""
-    with pytest.raises(lora.ScopeError) as caught:
-        lora.check_trainable_scope(leaking_model(leaks), "qformer")
+    """Ten leaks are all named; eleven and twelve name the first ten and say "(and 1 more)", "(and 2 more)".
+    Without a scope the check is the default one, "qformer"."""
     shown = ", ".join(f"language_model.{i}" for i in range(10))
-    assert str(caught.value) == (
-        f"{leaks} trainable parameter(s) outside scope 'qformer' (allowed: qformer): {shown}{suffix}"
-    ), str(caught.value)
+    for scope in (("qformer",), ()):
+        with pytest.raises(lora.ScopeError) as caught:
+            lora.check_trainable_scope(leaking_model(leaks), *scope)
+        assert str(caught.value) == (
+            f"{leaks} trainable parameter(s) outside scope 'qformer' (allowed: qformer): {shown}{suffix}"
+        ), str(caught.value)
+
+
+def test_the_broad_scope_refuses_a_target_the_qformer_does_not_have():
+    """scope qformer+llm maps Q-Former names to the language model's; a name in neither table is refused by
+    name, as in the narrow scope, not dropped or failed on."""
+    with pytest.raises(lora.ScopeError) as caught:
+        lora.resolve_target_modules(
+            tiny_model("tiny-blip2-opt"), lora.LoraSpec(scope="qformer+llm", targets=("query", "fc9"))
+        )
+    assert str(caught.value).startswith("LoRA target(s) ['fc9'] match no linear layer in the Q-Former;"), caught.value
 
 
 def test_the_broad_scope_allows_the_language_model_and_names_both_components():
