@@ -133,19 +133,21 @@ def test_padding_of_the_instruction_does_not_reach_the_query_features():
     torch.testing.assert_close(with_padding, plain, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("fp32_modules", [("qformer",), ("qformer", "language_projection")])
-def test_a_bf16_model_with_fp32_parts_runs_in_each_part_dtype(fp32_modules):
-    """transformers loads BLIP-2 in bf16 with the Q-Former and query tokens kept in fp32
-    (Blip2ForConditionalGeneration._keep_in_fp32_modules); a recipe may keep the language projection in fp32
-    too. The forward casts at each border: fp32 pixels to the vision tower's bf16, the Q-Former's fp32 output to
-    the projection's dtype, the projected queries to the language model's bf16. Loss in fp32 (as the libraries
-    compute it), logits in the language model's bf16."""
+@pytest.mark.parametrize("fp32_projection", [False, True])
+def test_a_bf16_model_with_fp32_parts_runs_in_each_part_dtype(fp32_projection):
+    """transformers loads BLIP-2 in bf16 but keeps the modules its class lists in ``_keep_in_fp32_modules`` in
+    fp32 (the installed release decides: 5.x keeps the Q-Former and the query tokens, 4.33 neither); a recipe
+    may keep the language projection in fp32 too. The forward casts at each border: fp32 pixels to the vision
+    tower's bf16, the Q-Former's output to the projection's dtype, the projected queries to the language
+    model's bf16. Loss in fp32 (as the libraries compute it), logits in the language model's bf16."""
     model = copy.deepcopy(tiny_model("tiny-blip2-opt")).to(torch.bfloat16)
-    for name in fp32_modules:
-        getattr(model, name).float()
-    model.query_tokens.data = model.query_tokens.data.float()
+    kept = [name for name in type(model)._keep_in_fp32_modules or () if name in ("qformer", "query_tokens")]
+    for name in kept + ["language_projection"] * fp32_projection:
+        part = getattr(model, name)
+        part.data = part.data.float() if isinstance(part, torch.nn.Parameter) else part.float()
     batch = synthetic.random_batch(model, batch_size=2, seed=0)
     with torch.no_grad():
         out = forward.custom_forward(model, batch)
-    assert (out.query_output.dtype, out.language_model_inputs.dtype) == (torch.float32, torch.bfloat16)
+    qformer_dtype = next(model.qformer.parameters()).dtype
+    assert (out.query_output.dtype, out.language_model_inputs.dtype) == (qformer_dtype, torch.bfloat16)
     assert (out.loss.dtype, out.logits.dtype) == (torch.float32, torch.bfloat16) and torch.isfinite(out.loss)
