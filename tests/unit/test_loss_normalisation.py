@@ -44,15 +44,21 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _hand_step(micro_batches: list[dict]):
+def _linear_parts(**options):
+    """(_LinearLoss model, make_step parts): SGD at lr 1 under a constant schedule, fp32 on the CPU, the forward
+    returning w * batch["c"]; ``options`` go to make_step (guard, scaler, max_grad_norm, ...)."""
     model = _LinearLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    parts = step.make_step(
+        model, optimizer, scheduler, precision_name="fp32", device="cpu",
+        run_forward=lambda b: SimpleNamespace(loss=model.w * b["c"]), **options,
+    )  # fmt: skip
+    return model, parts
 
-    def run_forward(batch):
-        return SimpleNamespace(loss=model.w * batch["c"])
 
-    parts = step.make_step(model, optimizer, scheduler, precision_name="fp32", device="cpu", run_forward=run_forward)
+def _hand_step(micro_batches: list[dict]):
+    model, parts = _linear_parts()
     result = step.training_step(parts, micro_batches, index=0)
     return result, float(model.w.detach())
 
@@ -77,13 +83,7 @@ def test_accumulated_loss_is_divided_by_the_groups_token_count():
 def test_reported_loss_is_per_answer_token_over_the_group():
     """Second step from w = -1.75: summed losses -1.75 and -10.5, 4 tokens: loss per token -3.0625."""
     micro_batches = [_micro_batch(1, 1.0), _micro_batch(3, 6.0)]
-    model = _LinearLoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    parts = step.make_step(
-        model, optimizer, scheduler, precision_name="fp32", device="cpu",
-        run_forward=lambda b: SimpleNamespace(loss=model.w * b["c"]),
-    )  # fmt: skip
+    model, parts = _linear_parts()
     step.training_step(parts, micro_batches, index=0)
     result = step.training_step(parts, micro_batches, index=1)
     assert result.batch_losses == pytest.approx([-1.75, -10.5])
@@ -163,24 +163,13 @@ class _RecordingGuard:
         return "skip"
 
 
-def _recorded_parts(guard):
-    model = _LinearLoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    parts = step.make_step(
-        model, optimizer, scheduler, precision_name="fp32", device="cpu", guard=guard,
-        run_forward=lambda b: SimpleNamespace(loss=model.w * b["c"]),
-    )  # fmt: skip
-    return model, parts
-
-
 def test_the_guard_hears_the_step_index_and_the_non_finite_figures():
     """Step 5 finite, then step 6 with a NaN loss in its second micro-batch: the guard is asked about the inputs
     of each (with its step index), told step 5 was healthy, and handed step 6's index, its per-micro-batch
     summed losses at w = -1.75 ([-1.75, NaN]) and the NaN gradient norm; "skip" drops the gradients
     (None, as after every step: set_to_none, so a parameter without a gradient is left alone by AdamW)."""
     guard = _RecordingGuard()
-    model, parts = _recorded_parts(guard)
+    model, parts = _linear_parts(guard=guard)
     step.training_step(parts, [_micro_batch(1, 1.0), _micro_batch(3, 6.0)], index=5)
     assert model.w.grad is None and float(model.w.detach()) == pytest.approx(-1.75)
     result = step.training_step(parts, [_micro_batch(1, 1.0), _micro_batch(3, float("nan"))], index=6)
@@ -210,7 +199,7 @@ def test_under_torchrun_the_loss_is_summed_over_processes_and_divided_by_their_t
     monkeypatch.setattr(step.distributed, "world_size", lambda: 2)
     monkeypatch.setattr(step.distributed, "all_sum", all_sum)
     monkeypatch.setattr(step.distributed, "accumulating", accumulating)
-    model, parts = _recorded_parts("raise")
+    model, parts = _linear_parts()
     parts.trainer = ddp = torch.nn.Identity()  # stands for the DDP wrapper accumulating() is given
     batches = [_micro_batch(1, 1.0), _micro_batch(3, 6.0), _micro_batch(0, 0.0)]
     result = step.training_step(parts, batches, index=0)
@@ -222,14 +211,8 @@ def test_under_torchrun_the_loss_is_summed_over_processes_and_divided_by_their_t
 
 
 def _scaled_step(init_scale: float):
-    model = _LinearLoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)  # no growth in one step
-    parts = step.make_step(
-        model, optimizer, scheduler, precision_name="fp32", device="cpu", scaler=scaler,
-        run_forward=lambda b: SimpleNamespace(loss=model.w * b["c"]),
-    )  # fmt: skip
+    model, parts = _linear_parts(scaler=scaler)
     result = step.training_step(parts, [_micro_batch(1, 1.0), _micro_batch(3, 6.0)], index=0)
     return result, float(model.w.detach()), scaler.get_scale()
 
@@ -253,13 +236,8 @@ def test_the_default_rollback_halves_the_schedule_and_gives_up_after_three():
     0.5); the fourth NaN group in a row is refused: "gave up after 3 rollback(s) (max_rollbacks=3)"."""
     from qformer_lora.diagnostics import numerics
 
-    model = _LinearLoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    parts = step.make_step(
-        model, optimizer, scheduler, precision_name="fp32", device="cpu", guard="rollback",
-        run_forward=lambda b: SimpleNamespace(loss=model.w * b["c"]),
-    )  # fmt: skip
+    model, parts = _linear_parts(guard="rollback")
+    optimizer = parts.optimizer
     finite, nan = [_micro_batch(1, 1.0), _micro_batch(3, 6.0)], [_micro_batch(1, float("nan"))]
     assert step.training_step(parts, nan, index=0).action == "skip"
     assert optimizer.param_groups[0]["lr"] == 0.5 and float(model.w.detach()) == 0.0
@@ -277,14 +255,8 @@ def test_make_step_passes_the_clipping_norm_and_the_rollback_factor_on():
     """max_grad_norm=1: the group's gradient, 1.75, is clipped to 1, so SGD at lr 1 moves w to -1 (not -1.75),
     and the reported norm is the one before clipping. rollback_lr_factor=0.25: a NaN group rolls back and the lr
     becomes 0.25 (not the default 0.5)."""
-    model = _LinearLoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    parts = step.make_step(
-        model, optimizer, scheduler, precision_name="fp32", device="cpu", guard="rollback", max_grad_norm=1.0,
-        rollback_lr_factor=0.25, run_forward=lambda b: SimpleNamespace(loss=model.w * b["c"]),
-    )  # fmt: skip
+    model, parts = _linear_parts(guard="rollback", max_grad_norm=1.0, rollback_lr_factor=0.25)
     result = step.training_step(parts, [_micro_batch(1, 1.0), _micro_batch(3, 6.0)], index=0)
     assert float(result.grad_norm) == pytest.approx(1.75) and float(model.w.detach()) == pytest.approx(-1.0)
     step.training_step(parts, [_micro_batch(1, float("nan"))], index=1)
-    assert optimizer.param_groups[0]["lr"] == 0.25
+    assert parts.optimizer.param_groups[0]["lr"] == 0.25
