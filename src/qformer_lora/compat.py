@@ -217,6 +217,47 @@ def bitsandbytes_for(device_type: str):  # pragma: no mutate block
     return bitsandbytes
 
 
+
+# bitsandbytes 0.49.0 added to Linear4bit.forward (read in the wheels: 0.47.0 and 0.48.2 lack it, 0.49.0 and 0.50.2
+# have it): on a CPU whose AVX512-BF16 bitsandbytes detects (functional.has_avx512bf16, kept per layer as
+# ``support_avx512bf16_for_cpu``), a forward in eval mode with an input that does not require grad repacks the nf4
+# weight in place into an inference-only layout (functional._convert_weight_packed_for_cpu, which sets
+# ``quant_state.packing_format_for_cpu``). Every later forward of that layer, training ones included, runs
+# F.gemv_4bit (autograd/_functions.py matmul_4bit), which computes in bf16 and has no backward: no gradient reaches
+# what lies before the layer. For in_features below the block size 64 the repack itself fails ("shape '[32, 0]' is
+# invalid for input of size 16"). The trainer keeps the frozen language model in eval mode and validates under
+# no_grad, so it takes that path. With the attribute False the layer keeps the dequantize-and-matmul path, which
+# has a backward. No release without the repack after 0.48 is known (0.50.2 has it).
+BITSANDBYTES_CPU_REPACK = Version("0.49.0")
+BITSANDBYTES_CPU_REPACK_SWITCH = "support_avx512bf16_for_cpu"
+
+
+def bitsandbytes_repacks_for_cpu(bnb) -> bool:  # pragma: no mutate block
+    """Whether the installed bitsandbytes' nf4 layers repack their weight for CPU inference on this machine:
+    a fresh Linear4bit (built on meta: nothing allocated) carries the switch, set (see above)."""
+    with torch.device("meta"):  # the switch is set in __init__, whatever the shape
+        layer = bnb.nn.Linear4bit(64, 64, bias=False)
+    return bool(getattr(layer, BITSANDBYTES_CPU_REPACK_SWITCH, False))
+
+
+def disable_bitsandbytes_cpu_repack(module) -> int:
+    """Turn bitsandbytes' AVX512-BF16 CPU repack off on every layer of ``module`` that has the switch (its
+    Linear4bit layers from 0.49 on; see above); the number of layers switched. Layers without it are left alone."""
+    layers = [m for m in module.modules() if hasattr(m, BITSANDBYTES_CPU_REPACK_SWITCH)]
+    for layer in layers:
+        setattr(layer, BITSANDBYTES_CPU_REPACK_SWITCH, False)
+    return len(layers)
+
+
+def bitsandbytes_backend(bnb, device: torch.device) -> str:  # pragma: no mutate block
+    """The bitsandbytes backend that runs layers on ``device``, in words: "cpu (avx512_bf16)" where its nf4
+    layers take the AVX512-BF16 CPU path (above), "cpu" otherwise, "cuda (<device name>)", or the device type."""
+    if device.type == "cpu":
+        return "cpu (avx512_bf16)" if bitsandbytes_repacks_for_cpu(bnb) else "cpu"
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
 def unload(peft_model):
     """peft_model.unload(): the base model with the LoRA layers removed (not merged).
 
@@ -564,3 +605,27 @@ def bin_weights_unsafe_reason() -> str | None:  # pragma: no mutate block
         f"transformers {TRANSFORMERS} calls torch.load without weights_only (it passes weights_only=True "
         f"from {BIN_LOADED_WEIGHTS_ONLY}) and {why}"
     )
+
+
+# CPU features that change results on the CPU (tests pin such results per feature, and every recorded
+# expectation row stores them): torch's ATen kernels dispatch per capability ("AVX2", "AVX512", ...;
+# ATEN_CPU_CAPABILITY=avx2 forces the older one), which changes float rounding, e.g. whether a gradient
+# that is zero in exact arithmetic comes out exactly zero; bitsandbytes >= 0.49 takes a CPU inference
+# path of its own when the CPU has avx512_bf16.
+CPU_FLAGS_THAT_MATTER = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_features() -> dict:
+    """{"capability": torch's ATen CPU capability (str), "flags": the CPU_FLAGS_THAT_MATTER this CPU has}.
+
+    The flags are read from /proc/cpuinfo (Linux); elsewhere the list is empty."""
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return {
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "flags": [f for f in CPU_FLAGS_THAT_MATTER if f in flags],
+    }

@@ -12,7 +12,7 @@ import torch
 from qformer_lora import cli, cli_options, compat, lora, presets, untrained
 from qformer_lora.training import run_config, run_dir, train
 
-from ..conftest import TINY_PRESETS
+from ..conftest import TINY_PRESETS, check_against_release
 
 R8 = lora.LoraSpec(r=8, alpha=16)
 LAST_TEXT_FFN_XL = ["qformer.encoder.layer.11.intermediate.dense", "qformer.encoder.layer.11.output.dense"]
@@ -240,4 +240,12 @@ def test_verify_reports_the_adapters_in_text_and_json(capsys):
     assert all(name in text for name in LAST_TEXT_FFN_XL)
     assert cli.main(["verify", "--preset", "tiny-blip2-opt", "--probe", "true", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)["untrainable"]
-    assert report["probe"] == "run" and report["count"] == 8
+    assert report["probe"] == "run" and report["count"] == len(report["adapters"]) > 0
+    # Depends on the CPU, so pinned per torch ATen CPU capability (and per release): which adapters the probe
+    # calls dead follows the float rounding (untrained.py: "exactly zero" is conservative). Layer 1's
+    # self-attention query and key of BLIP-2's Q-Former get a gradient that is zero in exact arithmetic (its
+    # query rows are identical): exactly 0.0 under torch's AVX2 kernels (8 adapters), a 1e-7 residue under
+    # AVX512 (6). ATEN_CPU_CAPABILITY=avx2 selects the AVX2 kernels on an AVX512 machine.
+    capability = compat.cpu_features()["capability"]
+    modules = [a["module"] for a in report["adapters"]]
+    check_against_release("untrainable_probe", f"tiny-blip2-opt, verify --probe true, cpu {capability}", modules)
