@@ -232,7 +232,7 @@ def _git(*args: str) -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return done.stdout.strip()
+    return done.stdout.rstrip()  # not lstrip: porcelain lines start with a status column that may be blank
 
 
 def dirty_paths(porcelain: str) -> list[str]:
