@@ -35,6 +35,9 @@ from ..presets import RESOURCES_DIR
 
 EXPECTATIONS_DIR = RESOURCES_DIR / "expectations"
 RECORD = os.environ.get("QFORMER_LORA_RECORD") == "1"
+# nox -s newest -- --against "transformers X / peft Y": compare with that recorded release instead, even
+# where the installed one is recorded (what a new release changed since X, asked after recording it)
+COMPARE_WITH = os.environ.get("QFORMER_LORA_COMPARE_WITH") or None
 # What a recording run may have changed in the checkout: the tables themselves and the reports the
 # compat sessions write before their tests run. Anything else is code the rows would not describe.
 RECORDING_MAY_CHANGE = ("src/qformer_lora/resources/expectations/", "reports/")
@@ -53,7 +56,7 @@ def release_key() -> str:
 
 
 def release_order(key: str) -> tuple[Version, ...]:
-    """"transformers 5.24.0 / peft 0.21.2" -> (Version("5.24.0"), Version("0.21.2")), for ordering rows."""
+    """ "transformers 5.24.0 / peft 0.21.2" -> (Version("5.24.0"), Version("0.21.2")), for ordering rows."""
     try:
         return tuple(Version(part.split()[-1]) for part in key.split(" / "))
     except (IndexError, InvalidVersion) as err:
@@ -86,6 +89,8 @@ def reference_release(recorded, release: str | None = None) -> tuple[str, str]:
     release", for a release older than every row). Raises UnknownRelease when nothing is recorded."""
     release = release or release_key()
     recorded = list(recorded)
+    if COMPARE_WITH in recorded and release == release_key():
+        return COMPARE_WITH, "asked for (QFORMER_LORA_COMPARE_WITH)"
     if release in recorded:
         return release, "recorded"
     if not recorded:
@@ -175,7 +180,7 @@ def lacking(release: str | None = None) -> dict[str, str]:
     out = {}
     for table in tables():
         releases = releases_of(table)
-        if releases and release not in releases:
+        if releases and (release not in releases or COMPARE_WITH in releases):
             out[table] = reference_release(releases, release)[0]
     return out
 

@@ -27,7 +27,7 @@ from .. import checkpoint, compat, data, jsonio, known_warnings, lora, presets, 
 from ..bench import measurement, sweep
 from ..training import run_dir, train
 from ..training.run_config import TrainConfig
-from . import expectations, probes, trials
+from . import expectations, probes, release_diff, trials
 
 # Under the current directory, never inside the installed package; `reproduce` also reads the
 # committed GPU sweeps from its gpu/ subfolder (run it from a checkout to see them).
@@ -79,6 +79,7 @@ def item_kwarg_conflict() -> dict:
                 (v.get("loss_difference", 0.0) for v in cases.values()), default=0.0
             ),
         },
+        "release_rows": {"kwarg_conflict": release_diff.kwarg_conflict_rows(cases)},
     }
 
 
@@ -297,6 +298,7 @@ def item_attention() -> dict:
         "fix_holds": not beyond,  # the custom forward must not depend on the kernel beyond rounding
         "why": why,
         "evidence": {p: _attention_summary(o) for p, o in observed.items()} | {"relative_bound": bound},
+        "release_rows": {"attention": {p: probes.attention_row(o) for p, o in observed.items()}},
     }
 
 
@@ -323,18 +325,21 @@ def run(only: list[str] | None = None) -> dict:
     unknown = [n for n in names if n not in ITEMS]
     if unknown:
         raise ValueError(f"unknown item(s) {unknown}; choose from {list(ITEMS)}")
-    results = {}
+    results, rows = {}, {}
     # upstream warnings the user cannot act on go into the report, not between the progress bar's lines
     with known_warnings.Recorder() as hidden, tqdm(names, desc="reproduce", unit="item") as bar:
         for name in bar:  # ~1 min on a CPU; the bar is on stderr, so --json stays clean
             bar.set_postfix_str(name)
             results[name] = ITEMS[name]()
+            rows |= results[name].pop("release_rows", {})  # observed table rows, compared below
     return {
         "date": datetime.date.today().isoformat(),
         "environment": environment(),
         "items": results,
         "all_fixes_hold": all(r["fix_holds"] for r in results.values()),
         "hidden_warnings": hidden.records,
+        # this release against the recorded ones, on what the items observed (release_diff)
+        "release": release_diff.compare(rows),
     }
 
 
@@ -351,6 +356,11 @@ def _status_text(item: dict) -> str:
     return item["status"] + (f" ({item['ran_on']})" if "ran_on" in item else "")
 
 
+def release_lines(report: dict) -> list[str]:
+    """The release comparison's lines (release_diff.lines); none for a recorded release behaving as recorded."""
+    return release_diff.lines(report["release"]) if report.get("release") else []
+
+
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [
@@ -360,6 +370,8 @@ def markdown(report: dict) -> str:
         f"peft {env['peft']}, device {env['device']}",
         "",
     ]
+    released = release_lines(report)
+    lines += [f"Release: {released[0]}", *(f"- {line.strip()}" for line in released[1:]), ""] if released else []
     if report.get("checkpoint"):  # reproduce --base-checkpoint: the user's checkpoint, by path and config hash
         info, place = report["checkpoint"], report["placement"]
         lines += [
