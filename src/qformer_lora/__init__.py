@@ -35,7 +35,8 @@ layers above it in this list (tests/unit/test_layout.py keeps it so, and finds n
                     (ratios, seed table), report_files.py (JSON / Markdown / figures),
                     figures.py (one figure per question)
     repro/          reproduce.py (`qformer-lora reproduce`), trials.py (trial runs of the step),
-                    probes.py, compat_probe.py, expectations.py (per-release pinned values)
+                    probes.py, compat_probe.py, expectations.py (per-release pinned values),
+                    release_diff.py (this release against the recorded ones)
     cli.py          argparse only; imports each workflow inside the command that runs it
     cli_options.py  the CLI's one vocabulary: shared options declared once, from the run config
 """

@@ -36,13 +36,17 @@ from .training import run_config
 
 def cmd_verify(args) -> int:
     from . import compat
+    from .repro import release_diff
 
+    release = release_diff.announce_if_unrecorded()  # stderr, once; None on a recorded release
     spec = lora_spec(args)
     preset = presets.load_preset(args.preset)
     model = presets.build_model(preset, device="cpu" if args.probe else "meta")
     peft_model = lora.apply_lora(model, spec)
     report = {"preset": preset.name, "versions": compat.versions()} | lora.scope_report(peft_model, spec)
     report["untrainable"] = untrained.untrainable_report(peft_model)  # the probe runs where there are values
+    if release is not None:
+        report["release"] = release
     if args.json:
         print(jsonio.dumps(report, indent=2))
     else:
@@ -86,6 +90,9 @@ def add_verify_parser(sub) -> None:
 def cmd_doctor(args) -> int:
     """Print the precision doctor's findings; exit status 1 if any finding is fatal."""
     from .diagnostics import doctor
+    from .repro import release_diff
+
+    release = release_diff.announce_if_unrecorded()  # stderr, once; None on a recorded release
 
     config = run_config.TrainConfig(
         preset=args.preset,
@@ -100,6 +107,8 @@ def cmd_doctor(args) -> int:
     if config.base_checkpoint:  # the checkpoint's files: weights that will not load, pre-4.45 configs
         findings += doctor.checkpoint_findings(config.base_checkpoint)
     summary = doctor.summary(config, device, findings)
+    if release is not None:
+        summary["release"] = release
     print(jsonio.dumps(summary, indent=2) if args.json else doctor.format_summary(summary))
     fatal = summary["fatal"]
     return 1 if fatal else 0
@@ -625,6 +634,8 @@ def cmd_reproduce(args) -> int:
     if args.json:
         print(jsonio.dumps(report, indent=2, default=str))
     else:
+        for line in reproduce.release_lines(report):  # once: an unrecorded release, compared with a recorded one
+            print(line)
         print(reproduce.format_summary(report))
         if not args.only:
             print(f"\nreport: {md} (and {js.name})")

@@ -23,7 +23,7 @@ from pathlib import Path
 import peft
 import torch
 import transformers
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
 from . import jsonio
 
@@ -57,6 +57,15 @@ PLACEHOLDERS_REQUIRED = Version("4.55.0")
 INSTRUCTBLIP_FULL_LENGTH_LABELS = Version("4.52.0")
 # from_pretrained(torch_dtype=...) was renamed dtype=... in 4.56.
 DTYPE_KWARG_RENAMED = Version("4.56.0")
+
+
+def release_versions(key: str) -> tuple[Version, ...]:
+    """The versions of a release key as the expectation tables write it: "transformers 5.24.0 / peft 0.21.2"
+    -> (Version("5.24.0"), Version("0.21.2")). Raises ValueError for anything else."""
+    try:
+        return tuple(Version(part.split()[-1]) for part in key.split(" / "))
+    except (IndexError, InvalidVersion) as err:
+        raise ValueError(f"{key!r} is not a release key ('transformers X / peft Y')") from err
 
 
 def versions() -> dict[str, str]:
@@ -217,7 +226,6 @@ def bitsandbytes_for(device_type: str):  # pragma: no mutate block
     return bitsandbytes
 
 
-
 # bitsandbytes 0.49.0 added to Linear4bit.forward (read in the wheels: 0.47.0 and 0.48.2 lack it, 0.49.0 and 0.50.2
 # have it): on a CPU whose AVX512-BF16 bitsandbytes detects (functional.has_avx512bf16, kept per layer as
 # ``support_avx512bf16_for_cpu``), a forward in eval mode with an input that does not require grad repacks the nf4
@@ -257,6 +265,7 @@ def bitsandbytes_backend(bnb, device: torch.device) -> str:  # pragma: no mutate
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return device.type
+
 
 def unload(peft_model):
     """peft_model.unload(): the base model with the LoRA layers removed (not merged).

@@ -28,8 +28,6 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from packaging.version import InvalidVersion, Version
-
 from .. import compat, jsonio
 from ..presets import RESOURCES_DIR
 
@@ -55,12 +53,9 @@ def release_key() -> str:
     return f"transformers {compat.TRANSFORMERS} / peft {compat.PEFT}"
 
 
-def release_order(key: str) -> tuple[Version, ...]:
-    """ "transformers 5.24.0 / peft 0.21.2" -> (Version("5.24.0"), Version("0.21.2")), for ordering rows."""
-    try:
-        return tuple(Version(part.split()[-1]) for part in key.split(" / "))
-    except (IndexError, InvalidVersion) as err:
-        raise ValueError(f"{key!r} is not a release key ('transformers X / peft Y')") from err
+def release_order(key: str) -> tuple:
+    """ "transformers 5.24.0 / peft 0.21.2" -> its versions (compat.release_versions), for ordering rows."""
+    return compat.release_versions(key)
 
 
 def tables() -> list[str]:
