@@ -3,8 +3,9 @@
 One private implementation (`_pytest`), thin public sessions. Versions are printed
 before pytest runs so every log says what it tested.
 
-    nox -s tests                      the default CPU suite (newest releases)
+    nox -s tests                      the default CPU suite, in the locked environment
     nox -s lint                       ruff check + ruff format --check
+    nox -s lock                       regenerate requirements/test-py3.1x.lock (the locked test environment)
     nox -s stability                  pytest -m stability
     nox -s long                       pytest -m long: the compile runs left out of the default run for time
     nox -s mutation                   mutation testing of the core -> reports/mutation/ (mutation_sample: the CI sample)
@@ -37,6 +38,11 @@ nox.options.reuse_existing_virtualenvs = True
 # resolve to a multi-gigabyte CUDA build. It is installed first, and named again in
 # every later install so no dependency can move it.
 CPU_TORCH = "torch==2.13.0"
+# The locked test environment (nox -s lock writes them): one constraints file per Python, every package of
+# the test and lint extras pinned. The tests, lint, long, stability and mutation sessions install through it;
+# the compat, newest, bisect and gpu_tests sessions install chosen releases on purpose and do not.
+LOCK_PYTHONS = ("3.10", "3.11")
+UV = "uv==0.13.10"  # what nox -s lock compiles with
 PYTEST_ARGS = ("--strict-markers", "--strict-config", "-ra")
 PRINT_VERSIONS = (
     "import sys, torch, transformers, peft; print('python', sys.version.split()[0], '| torch', "
@@ -61,7 +67,9 @@ COMPAT_PAIRS = (
     ("4.54.1", "0.17.0", ("accelerate==1.10.0", "huggingface_hub==0.34.3")),
     ("4.57.6", "0.17.1", ("accelerate==1.10.1", "huggingface_hub==0.36.0")),  # latest 4.x
     ("5.0.0", "0.18.1", ("accelerate==1.12.0", "huggingface_hub==1.3.0")),
-    ("5.24.0", "0.21.2", ()),  # the newest of both; neighbours as pip resolves them
+    ("5.24.0", "0.21.2", ("accelerate==1.15.0", "huggingface_hub==2.4.0")),
+    # the newest of both (the lock's pair); neighbours as the lock has them
+    ("5.25.0", "0.22.0", ("accelerate==1.16.0", "huggingface_hub==2.5.0")),
 )
 EDGES = {f"{COMPAT_PAIRS[0][0]}-{COMPAT_PAIRS[0][1]}", f"{COMPAT_PAIRS[-1][0]}-{COMPAT_PAIRS[-1][1]}"}
 # The project's runtime and test dependencies, installed explicitly next to the pair (the
@@ -83,9 +91,15 @@ COMPAT_RUNS = {
 COMPAT_DIR = Path("reports/compat")
 
 
+def _lock_file(python: object) -> str:
+    """The lock of the Python ``python`` ("3.11"): requirements/test-py3.11.lock."""
+    return f"requirements/test-py{python}.lock"
+
+
 def _install(session: nox.Session, *extra: str) -> None:
-    session.install(CPU_TORCH)
-    session.install(*extra, "-e", ".[test]")
+    lock = ("-c", _lock_file(session.python))
+    session.install(*lock, CPU_TORCH)
+    session.install(*lock, *extra, "-e", ".[test]")
 
 
 def _pytest(session: nox.Session, *args: str) -> None:
@@ -117,9 +131,59 @@ def long(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
     """ruff check + ruff format --check, with the ruff version pinned in pyproject.toml's lint extra."""
-    session.install(*nox.project.load_toml("pyproject.toml")["project"]["optional-dependencies"]["lint"])
+    lint_deps = nox.project.load_toml("pyproject.toml")["project"]["optional-dependencies"]["lint"]
+    session.install("-c", _lock_file(session.python), *lint_deps)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+def _lock_command(python: str) -> tuple[str, ...]:
+    """uv's command for the lock of ``python``, run from the repository root (the lock's header quotes it)."""
+    return (
+        "uv",
+        "pip",
+        "compile",
+        "pyproject.toml",
+        "--extra",
+        "test",
+        "--extra",
+        "lint",
+        "--config-file",
+        "requirements/uv-lock.toml",  # torch: 2.13.0, resolved with the CPU build's dependencies
+        "--python-version",
+        python,
+        "--python-platform",
+        "x86_64-manylinux_2_28",
+        "--no-header",
+        "--quiet",
+        "--output-file",
+        _lock_file(python),
+    )
+
+
+def _lock_header(python: str) -> str:
+    lock = _lock_file(python)
+    return (
+        f"# The locked test environment for Python {python}: every package of pyproject.toml's test and lint\n"
+        "# extras, transitive ones included. torch is 2.13.0 with the CPU build's dependencies (no nvidia-*,\n"
+        "# cuda-* or triton; requirements/uv-lock.toml). A constraints file, torch first as everywhere:\n"
+        f'#   pip install -c {lock} torch==2.13.0 && pip install -c {lock} -e ".[test]"\n'
+        "#   python scripts/check_lock.py     # the installed versions are these\n"
+        f"# Regenerate with `nox -s lock` ({UV}; `nox -s lock -- --upgrade` moves every pin to the newest\n"
+        "# release that resolves, `-- --upgrade-package NAME` one), which runs from the repository root:\n"
+        f"#   {' '.join(_lock_command(python))}\n"
+    )
+
+
+@nox.session(python="3.11")
+def lock(session: nox.Session) -> None:
+    """Regenerate requirements/test-py3.10.lock and test-py3.11.lock from pyproject.toml with uv: the pins
+    already there are kept where they still resolve (uv's preferences); arguments go to uv (--upgrade)."""
+    session.install(UV)
+    for python in LOCK_PYTHONS:
+        session.run(*_lock_command(python), *session.posargs)
+        path = Path(_lock_file(python))
+        path.write_text(_lock_header(python) + path.read_text(encoding="utf-8"), encoding="utf-8")
 
 
 @nox.session(python="3.11")
@@ -356,121 +420,110 @@ def bisect(session: nox.Session) -> None:
 
 
 # ----------------------------------------------------------------------------- newest releases
-EXPECTATIONS = Path("src/qformer_lora/resources/expectations")
 NEWEST_DIR = Path("reports/newest")  # not reports/compat: the matrix report reads every JSON there
+# Every release-pinned check: the matrix's runs plus the default suite's tests that read a release's row or
+# saw the 5.25.0 changes (known warnings, the untrainable-adapter probe, the golden curve, quantization).
+NEWEST_RUNS = COMPAT_RUNS | {
+    "release-pinned": (
+        "tests/unit/test_clean_terminal.py",
+        "tests/unit/test_untrainable_adapters.py",
+        "tests/unit/test_train.py",
+        "tests/unit/test_quantization.py",
+        "tests/unit/test_release_diff.py",
+    ),
+}
 
 
-def _probe_rows(probe: dict) -> dict[str, dict]:
-    """The probe's observations as expectation rows: table -> {key: value}, the keys and values the
-    tests pin (tests/regression/test_kwarg_conflict.py, tests/unit/test_lora_scope.py)."""
-    kwarg = {}
-    for preset, p in (probe.get("presets") or {}).items():
-        for task, o in ((p or {}).get("peft_task_types") or {}).items():
-            kwarg[f"{preset} / {task}"] = {k: o[k] for k in ("status", "exception", "message", "loss_finite") if k in o}
-    dtypes = (probe.get("adapter_dtype") or {}).get("adapter_dtypes") or ["not observed"]
-    return {"kwarg_conflict": kwarg, "adapter_dtype": {"fp16_base_default": dtypes[0]}}
-
-
-def _release_order(key: str) -> tuple:
-    # "transformers 5.24.0 / peft 0.21.2" -> versions, for the newest recorded release
-    from packaging.version import Version
-
-    return tuple(Version(part.split()[-1]) for part in key.split(" / "))
-
-
-def _expectation_differences(observed: dict[str, dict], release: str, folder: Path) -> list[str]:
-    """Every observed row that differs from ``release``'s pinned row, or, for a release not in a table,
-    from the newest release recorded there; each line names the behaviour and both releases."""
-    problems = []
-    for table, rows in observed.items():
-        releases = json.loads((folder / f"{table}.json").read_text(encoding="utf-8"))["releases"]
-        against = release if release in releases else max(releases, key=_release_order)
-        pinned = releases[against]
-        for key, value in rows.items():
-            if pinned.get(key) != value:
-                seen_at = [r for r, row in releases.items() if row.get(key) == value]
-                where = f"as at {', '.join(seen_at)}" if seen_at else "seen at no recorded release"
-                problems.append(
-                    f"{table}[{key!r}]: {release} shows {value!r}; {against} pinned {pinned.get(key)!r} ({where})"
-                )
-    return problems
+NEWEST_VERSIONS = "import json, transformers, peft; print(json.dumps([transformers.__version__, peft.__version__]))"
 
 
 def _newest_install(session: nox.Session, tmp: Path) -> None:
-    """torch first, then the newest transformers and peft pip resolves beside it, then the project
-    (not editable: a recording run writes into the venv's copy of the expectations, never the checkout's)."""
+    """torch first, then the newest transformers and peft pip resolves beside it (outside the lock, on
+    purpose), then the project (not editable)."""
     session.install(CPU_TORCH)
-    session.install(CPU_TORCH, "--upgrade", "transformers", "peft", *PROJECT_DEPS, *TEST_DEPS)
+    session.install(CPU_TORCH, "--upgrade", "transformers", "peft", "bitsandbytes", *PROJECT_DEPS, *TEST_DEPS)
     session.install("--no-deps", "--force-reinstall", ".")
     session.run("python", "-m", "pip", "freeze", "--exclude-editable", stdout=(tmp / "freeze.txt").open("w"))
     session.run("python", "-c", PRINT_VERSIONS)
 
 
+def _newest_markdown(pair: str, behaviours: list[dict], tests: dict, against: str | None) -> str:
+    """reports/newest/<pair>.md: the behaviours that are the same, those that differ, other failures, and
+    the command that records the release."""
+    release = behaviours[0]["release"] if behaviours else pair
+    compared = sorted({b["against"] for b in behaviours})
+    same = sorted({f"{b['table']}[{b['key']!r}]" for b in behaviours if b["same"]})
+    differ = sorted({b["line"] for b in behaviours if not b["same"]})
+    other = [f"{f['test']}: {f['message']}" for s in tests.values() for f in s.get("failed", [])
+             if "behaviour differs" not in f["message"]]  # fmt: skip
+    transformers_version, peft_version = pair.split("-")
+    lines = [
+        f"# {release} against the recorded releases",
+        "",
+        f"Compared with: {', '.join(compared) or 'nothing (no release-pinned check ran)'}"
+        + (f" (asked for: {against})" if against else ""),
+        f"Same: {len(same)} behaviours. Different: {len(differ)}. Other failing tests: {len(other)}.",
+        "",
+        "## Behaviours that differ",
+        "",
+        *(f"- {line}" for line in differ or ["none"]),
+        "",
+        "## Tests that failed for another reason",
+        "",
+        *(f"- {line}" for line in other or ["none"]),
+        "",
+        "## Behaviours that are the same",
+        "",
+        *(f"- {name}" for name in same or ["none"]),
+        "",
+        "## To record this release",
+        "",
+        f'Add `("{transformers_version}", "{peft_version}", (<neighbours>))` to COMPAT_PAIRS in noxfile.py and the',
+        "workflow's matrix, commit, then on the clean checkout:",
+        "",
+        f'    QFORMER_LORA_RECORD=1 nox -s "compat({pair})"',
+        "    QFORMER_LORA_RECORD=1 python -m pytest tests/unit/test_clean_terminal.py "
+        "tests/unit/test_untrainable_adapters.py tests/unit/test_train.py  # in the lock's venv, once moved",
+        "",
+        "then review the diff of src/qformer_lora/resources/expectations/ and move the lock",
+        "(nox -s lock -- --upgrade).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 @nox.session(python=PY311, tags=["newest"])
 def newest(session: nox.Session) -> None:
-    """The newest transformers and peft pip resolves (torch 2.13.0 named): the compat probe and test runs,
-    failing on any behaviour not in src/qformer_lora/resources/expectations/. A release with rows there is
-    asserted as a compat session does; a newer one is compared with the newest recorded release (its tests
-    run with QFORMER_LORA_RECORD=1 into the venv's copy, and what they recorded is compared too)."""
+    """The newest transformers and peft pip resolves (torch 2.13.0 named), outside the lock: every release-pinned
+    check, compared with the recorded release it falls back to (or `-- --against "transformers X / peft Y"`),
+    written to reports/newest/<transformers>-<peft>.md and .json. Fails naming each behaviour that differs."""
     tmp = Path(session.create_tmp())
     session.env["OMP_NUM_THREADS"] = "1"
+    args = list(session.posargs)
+    against = args[args.index("--against") + 1] if "--against" in args else None
+    if against:
+        session.env["QFORMER_LORA_COMPARE_WITH"] = against
     _newest_install(session, tmp)
-    probe_file = tmp / "probe.json"
-    session.run("python", "-m", "qformer_lora.repro.compat_probe", "--out", str(probe_file))
-    probe = json.loads(probe_file.read_text(encoding="utf-8"))
-    versions = probe.get("versions") or {}
-    release = f"transformers {versions.get('transformers')} / peft {versions.get('peft')}"
-    observed = _probe_rows(probe)
-    known = all(
-        release in json.loads((EXPECTATIONS / f"{t}.json").read_text(encoding="utf-8"))["releases"] for t in observed
-    )
-    problems = [f"probe: {p}" for p in _expectation_differences(observed, release, EXPECTATIONS)]
-    if not known:
-        session.env["QFORMER_LORA_RECORD"] = "1"  # into the venv's copy (installed without -e)
+    log = tmp / "behaviours.jsonl"
+    log.unlink(missing_ok=True)
+    session.env["QFORMER_LORA_BEHAVIOUR_LOG"] = str(log.resolve())
     tests = {}
-    for name, args in COMPAT_RUNS.items():
+    for name, run_args in NEWEST_RUNS.items():
         junit = tmp / f"junit-{name}.xml"
         junit.unlink(missing_ok=True)
         code = _pytest_exit_code(
-            session, tmp / f"exit-{name}", *PYTEST_ARGS, "-p", "no:cacheprovider", f"--junitxml={junit}", *args
+            session, tmp / f"exit-{name}", *PYTEST_ARGS, "-p", "no:cacheprovider", f"--junitxml={junit}", *run_args
         )
         tests[name] = _junit_summary(junit, code)
-        if code != 0:
-            problems.append(f"tests {name}: exit {code}: " + "; ".join(f["test"] for f in tests[name]["failed"][:5]))
-    if not known:
-        recorded = _venv_recorded_rows(session, release, observed)
-        problems += [f"tests recorded: {p}" for p in _expectation_differences(recorded, release, EXPECTATIONS)]
-    report = NEWEST_DIR / f"{versions.get('transformers')}-{versions.get('peft')}.json"
-    _write_json(
-        report,
-        probe
-        | {
-            "tests": tests,
-            "expectations": "asserted" if known else "compared with the newest recorded release",
-            "problems": problems,
-        },
-    )
-    if problems:
+    behaviours = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()] if log.exists() else []
+    printed = session.run("python", "-c", NEWEST_VERSIONS, silent=True)
+    pair = "-".join(json.loads(printed.strip().splitlines()[-1]))
+    NEWEST_DIR.mkdir(parents=True, exist_ok=True)
+    (NEWEST_DIR / f"{pair}.md").write_text(_newest_markdown(pair, behaviours, tests, against), encoding="utf-8")
+    _write_json(NEWEST_DIR / f"{pair}.json", {"behaviours": behaviours, "tests": tests, "against": against})
+    failed = {n: s for n, s in tests.items() if s.get("exit_code") != 0}
+    if failed:
         session.error(
-            f"newest ({release}): behaviour not in the expectations (details in {report}):\n  " + "\n  ".join(problems)
+            f"newest ({pair}): {sum(not b['same'] for b in behaviours)} behaviours differ, failing runs: "
+            f"{', '.join(failed)} (details in {NEWEST_DIR / f'{pair}.md'})"
         )
-    session.log(f"newest ({release}): every observed behaviour is in the expectations ({report})")
-
-
-def _venv_recorded_rows(session: nox.Session, release: str, observed: dict) -> dict[str, dict]:
-    """What the recording test run wrote for ``release`` into the venv's copy of the expectation tables."""
-    folder = (
-        session.run(
-            "python",
-            "-c",
-            "from qformer_lora.repro import expectations; print(expectations.EXPECTATIONS_DIR)",
-            silent=True,
-        )
-        .strip()
-        .splitlines()[-1]
-    )
-    rows = {}
-    for table in observed:
-        releases = json.loads((Path(folder) / f"{table}.json").read_text(encoding="utf-8"))["releases"]
-        rows[table] = releases.get(release, {})
-    return rows
+    session.log(f"newest ({pair}): every release-pinned check agrees ({NEWEST_DIR / f'{pair}.md'})")

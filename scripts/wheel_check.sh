@@ -11,9 +11,12 @@ trap 'rm -rf "$work"' EXIT
 
 python3 -m pip wheel --quiet --no-deps --wheel-dir "$work/dist" "$repo"
 python3 -m venv "$work/venv"
-# torch first and pinned: the CPU build on this machine's disk (a bare "torch" pulls CUDA)
-"$work/venv/bin/python" -m pip install --quiet torch==2.13.0
-"$work/venv/bin/python" -m pip install --quiet "$work"/dist/*.whl
+# Through the lock of the venv's Python (requirements/test-py3.X.lock): the wheel's dependencies at the
+# test environment's versions. torch first and pinned: the CPU build on this machine's disk (a bare
+# "torch" pulls CUDA)
+lock="$repo/requirements/test-py$("$work/venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])').lock"
+"$work/venv/bin/python" -m pip install --quiet -c "$lock" torch==2.13.0
+"$work/venv/bin/python" -m pip install --quiet -c "$lock" "$work"/dist/*.whl
 
 cd "$work" && mkdir user && cd user
 export PATH="$work/venv/bin:$PATH"
