@@ -577,7 +577,10 @@ def load_exact(folder: Path) -> dict:
     return {(b["behaviour"], b["from_pair"], b["to_pair"]): b for b in data.get("boundaries", [])}
 
 
-def render(rows: list[dict], exact: dict | None = None) -> str:
+CHANGES_FILE = "CHANGES.md"  # hand-written: each change between recorded releases and its cause
+
+
+def render(rows: list[dict], exact: dict | None = None, changes: str = "") -> str:
     header = [
         "# Compatibility across transformers × peft releases",
         "",
@@ -588,6 +591,7 @@ def render(rows: list[dict], exact: dict | None = None) -> str:
         "",
     ]
     body = section_pairs(rows) + [""] + section_boundaries(rows, exact) + [""]
+    body += [changes.strip(), ""] if changes.strip() else []
     for section in (
         section_kwarg_conflict,
         section_convention,
@@ -610,7 +614,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compat_report: no JSON files in {args.folder}; run a compat session first", file=sys.stderr)
         return 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(rows, load_exact(args.folder)), encoding="utf-8")
+    changes = args.folder / CHANGES_FILE
+    notes = changes.read_text(encoding="utf-8") if changes.is_file() else ""
+    args.out.write_text(render(rows, load_exact(args.folder), notes), encoding="utf-8")
     print(f"compat_report: {len(rows)} release pair(s) -> {args.out}")
     return 0
 
