@@ -26,6 +26,7 @@ it into the memory a quantized language model saves.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -118,8 +119,11 @@ def quantize_language_model(model, mode: str, compute_dtype: torch.dtype) -> int
     (bitsandbytes must have kernels for it: compat.bitsandbytes_for) and stay frozen; the 4-bit
     layers compute in ``compute_dtype`` (the precision's weight dtype, the dtype the rest of the
     model hands them). Call it before LoRA is applied: the broad scope's LoRA then wraps the
-    quantized layers (peft's bitsandbytes LoRA layers). Raises ModuleNotFoundError naming the
-    ``quant`` extra without bitsandbytes, ValueError for an unknown mode."""
+    quantized layers (peft's bitsandbytes LoRA layers). Before any layer is replaced the kernels are
+    probed (:func:`check_kernels`); where bitsandbytes' AVX512-BF16 CPU repack breaks them and switching it
+    off mends them, it is switched off on every quantized layer with a KernelFallbackWarning. Raises
+    ModuleNotFoundError naming the ``quant`` extra without bitsandbytes, ValueError for an unknown mode,
+    QuantizedKernelError (model unchanged) when the kernels are broken here."""
     check_mode(mode)
     if mode == "none":
         return 0
@@ -127,10 +131,165 @@ def quantize_language_model(model, mode: str, compute_dtype: torch.dtype) -> int
     device = next(language_model.parameters()).device
     bnb = compat.bitsandbytes_for(device.type)
     names = quantizable_linears(language_model)
+    shape = _probe_shape(language_model, names) if names else None
+    notice = check_kernels(bnb, mode, shape, compute_dtype, device, len(names)) if names else None
     for name in names:
         layer = _quantized_linear(bnb, language_model.get_submodule(name), mode, compute_dtype, device)
         language_model.set_submodule(name, layer)
+    if notice is not None:  # the probe found the kernels correct only with the CPU repack off: off on every layer
+        compat.disable_bitsandbytes_cpu_repack(language_model)
+        warnings.warn(notice, KernelFallbackWarning, stacklevel=2)
     return len(names)
+
+
+# ----------------------------------------------------------------------------- the kernel probe
+# A bitsandbytes release can run wrong on one machine only: 0.49.0 to 0.50.2 repack an nf4 weight for CPU
+# inference where the CPU has AVX512-BF16, after which the layer has no backward (compat.py says where). Training
+# through such a layer learns nothing and still exits 0, so before a model is quantized one small layer of the
+# model's smallest shape is run the way the trainer runs the frozen language model and compared with F.linear on
+# its own dequantized weight; wrong values, a missing input gradient or an exception is a broken kernel.
+
+PROBE_ROWS = 4  # rows of the probe input: a batch, not one vector (bitsandbytes has gemv paths for single rows)
+
+
+class QuantizedKernelError(RuntimeError):
+    """The quantized language model's bitsandbytes kernels compute wrongly on this machine (check_kernels)."""
+
+
+class KernelFallbackWarning(RuntimeWarning):
+    """A bitsandbytes code path broken on this machine was switched off; the probe found the rest correct."""
+
+
+def _probe_shape(language_model, names) -> tuple[int, int, bool]:
+    """(out_features, in_features, has a bias) of the quantizable layer with the fewest inputs: the repack fault
+    depends on in_features (below one nf4 block of 64 it raises, from 64 on it loses the gradient)."""
+    name = min(names, key=lambda n: (names[n][1], names[n][0], n))
+    return (*names[name], language_model.get_submodule(name).bias is not None)
+
+
+def _kernel_bound(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, int8_rows: bool) -> torch.Tensor:
+    """Elementwise bound on how far a kernel's ``a @ b`` computed in ``dtype`` may lie from the fp32 product of the
+    same (already dequantized) factors; ``a``: (rows, k), ``b``: (k, n), both fp32; the bound is (rows, n).
+
+    Why this much: the kernel rounds ``a``, ``b`` and the result to ``dtype`` (each a relative error of at most
+    eps/2, so 4 eps covers the three with room) and accumulates k products in fp32 or better (Higham's gamma_k:
+    at most k fp32 eps of the sum of |products|). LLM.int8 (``int8_rows``) casts activations to fp16 and rounds
+    each row to 127 levels of its absmax: every product is then off by up to that row's absmax / 254 times
+    |weight|, bounded here by absmax / 127 (bitsandbytes; Dettmers et al. 2022, arXiv:2208.07339). A broken
+    kernel is off by far more: the AVX512-BF16 repack computes an fp32 layer in bf16 (eps 7.8e-3)."""
+    eps = max(torch.finfo(dtype).eps, torch.finfo(torch.float16).eps) if int8_rows else torch.finfo(dtype).eps
+    bound = (4 * eps + a.shape[-1] * torch.finfo(torch.float32).eps) * (a.abs() @ b.abs())
+    if int8_rows:
+        bound = bound + a.abs().amax(dim=-1, keepdim=True) / 127 * b.abs().sum(dim=0)
+    return bound
+
+
+def _difference(what: str, actual: torch.Tensor | None, reference: torch.Tensor, bound: torch.Tensor) -> str | None:
+    """None when ``actual`` is within ``bound`` of ``reference`` everywhere, else what differed (in words)."""
+    if actual is None:
+        return f"{what} is missing (the kernel has no backward)"
+    error = torch.nan_to_num((actual.float() - reference).abs(), nan=math.inf)
+    if bool((error <= bound).all()):
+        return None
+    worst = int(torch.argmax(error - bound))
+    return (
+        f"{what} differs from F.linear on the dequantized weight by up to {error.max().item():.3g} "
+        f"(max abs error; {bound.flatten()[worst].item():.3g} allowed there)"
+    )
+
+
+def _probe_layer(bnb, mode: str, shape: tuple[int, int, bool], dtype: torch.dtype, device, repack: bool):
+    """(a fresh quantized layer of ``shape`` in eval mode, its dequantized fp32 weight, its fp32 bias or None),
+    built by _quantized_linear from seeded weights (the global RNG is not touched). ``repack=False``: with
+    bitsandbytes' CPU repack switched off (compat.disable_bitsandbytes_cpu_repack)."""
+    out_features, in_features, has_bias = shape
+    generator = torch.Generator(device).manual_seed(0)
+    with torch.device("meta"):
+        linear = torch.nn.Linear(in_features, out_features, bias=has_bias)
+    weight = torch.randn(out_features, in_features, generator=generator, device=device) / math.sqrt(in_features)
+    linear.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
+    if has_bias:
+        linear.bias = torch.nn.Parameter(torch.randn(out_features, generator=generator, device=device).to(dtype))
+    layer = _quantized_linear(bnb, linear, mode, dtype, device).eval()  # the trainer's frozen LM is in eval mode
+    if not repack:
+        compat.disable_bitsandbytes_cpu_repack(layer)
+    if mode == "nf4":
+        dequantized = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    else:  # LLM.int8: int8 codes times the row's absmax / 127
+        dequantized = layer.weight.data.float() * layer.weight.SCB.float()[:, None] / 127
+    return layer, dequantized, linear.bias.detach().float() if has_bias else None
+
+
+def probe_kernels(bnb, mode: str, shape, dtype: torch.dtype, device, repack: bool = True) -> str | None:
+    """None when a quantized layer of ``shape`` ((out_features, in_features, has a bias)) computes correctly in
+    eval mode on ``device`` in ``dtype``; else what went wrong (in words). As the trainer runs it: first a no-grad
+    forward (validation), then a forward and backward with an input that requires grad (a training step); the
+    outputs and the input gradient are compared with F.linear on the layer's dequantized weight within
+    _kernel_bound. An exception counts as broken. ``repack``: as _probe_layer."""
+    device, stage = torch.device(device), "building the layer"
+    with warnings.catch_warnings():  # the probe says what it finds itself (torch warns of a missing backward)
+        warnings.simplefilter("ignore")
+        try:
+            layer, weight, bias = _probe_layer(bnb, mode, shape, dtype, device, repack)
+            generator = torch.Generator(device).manual_seed(1)
+            x = torch.randn(PROBE_ROWS, shape[1], generator=generator, device=device).to(dtype)
+            grad_out = torch.randn(PROBE_ROWS, shape[0], generator=generator, device=device).to(dtype)
+            stage = "the no-grad forward"
+            with torch.no_grad():
+                no_grad_output = layer(x)
+            stage, leaf = "the training forward and backward", x.clone().requires_grad_()
+            with torch.enable_grad():
+                output = layer(leaf * 1)  # an activation, as the LM's layers get: not a leaf
+                if output.requires_grad:  # else the input gradient is missing: said below
+                    output.backward(grad_out)
+        except Exception as err:  # noqa: BLE001 - any failure of the kernel is the finding
+            return f"{stage} raises {type(err).__name__}: {err}"
+    expected, expected_grad = x.float() @ weight.T + (0 if bias is None else bias), grad_out.float() @ weight
+    bound = _kernel_bound(x.float(), weight.T, dtype, mode == "int8")
+    if bias is not None:  # added in dtype: one more rounding
+        bound = bound + torch.finfo(dtype).eps * bias.abs()
+    grad_bound = _kernel_bound(grad_out.float(), weight, dtype, False)  # the backward uses the dequantized weight
+    return (
+        _difference("the no-grad forward's output", no_grad_output, expected, bound)
+        or _difference("the training forward's output", output.detach(), expected, bound)
+        or _difference("the input gradient", leaf.grad, expected_grad, grad_bound)
+    )
+
+
+def check_kernels(bnb, mode: str, shape, dtype: torch.dtype, device, layers: int) -> str | None:
+    """Probe the ``mode`` kernels (probe_kernels) before ``layers`` layers of a model are quantized. None when they
+    are correct; the notice to state when they are correct only with bitsandbytes' AVX512-BF16 CPU repack switched
+    off (the caller then switches it off on the model's layers). Raises QuantizedKernelError naming the backend,
+    the bitsandbytes release, what differed and what to do when neither is correct."""
+    device = torch.device(device)
+    found = probe_kernels(bnb, mode, shape, dtype, device)
+    if found is None:
+        return None
+    backend, release = compat.bitsandbytes_backend(bnb, device), f"bitsandbytes {bnb.__version__}"
+    dtype_name, switch = str(dtype).removeprefix("torch."), compat.BITSANDBYTES_CPU_REPACK_SWITCH
+    probe = f"a probe layer ({mode}, {shape[0]} x {shape[1]}, {dtype_name}, eval mode as the trainer runs the LM)"
+    repacks = mode == "nf4" and device.type == "cpu" and compat.bitsandbytes_repacks_for_cpu(bnb)
+    if repacks:
+        mended = probe_kernels(bnb, mode, shape, dtype, device, repack=False)
+        if mended is None:
+            return (
+                f"{release} on {backend}: its nf4 layers repack their weight for CPU inference at the first "
+                f"eval-mode forward without grad (as validation runs; below 64 inputs that fails, from 64 on the "
+                f"layer then computes in bf16 without a backward); on {probe} {found}. Switched that repack off "
+                f"({switch}=False) on the language model's {layers} Linear4bit layers: they dequantize and "
+                f"multiply in {dtype_name}, with a backward (probed correct)"
+            )
+        found += f"; with the CPU repack switched off ({switch}=False) too, {mended}"
+    advice = (
+        f"pip install 'bitsandbytes<{compat.BITSANDBYTES_CPU_REPACK}' (before its AVX512-BF16 CPU repack) or a later "
+        f"release that fixes it"
+        if repacks
+        else f"pip install another bitsandbytes release than {bnb.__version__}"
+    )
+    raise QuantizedKernelError(
+        f"the {mode} kernels of {release} compute wrongly on {backend}: on {probe} {found}. Training through them "
+        f"would not learn. Use --quantize-language-model none, or a bitsandbytes release without this fault: {advice}"
+    )
 
 
 def quantized_layers(model) -> dict[str, str]:

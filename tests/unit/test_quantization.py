@@ -7,6 +7,8 @@ CPU backend (>= 0.46, in the ``test`` extra) and skips, naming why, without one.
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 import sys
 import types
@@ -17,7 +19,8 @@ import torch
 
 from qformer_lora import compat, data, lora, presets, quantization
 from qformer_lora.bench import capacity, capacity_table
-from qformer_lora.training import run_config, train
+from qformer_lora.diagnostics import numerics
+from qformer_lora.training import run_config, step, train
 
 MIB, GIB = 2**20, 2**30
 CLASSES = {"int8": "Linear8bitLt", "nf4": "Linear4bit"}
@@ -29,6 +32,26 @@ def bnb():
         return compat.bitsandbytes_for("cpu")
     except (ModuleNotFoundError, RuntimeError) as err:
         pytest.skip(f"bitsandbytes cannot run on this machine's CPU: {err}")
+
+
+CPU_REPACK = (
+    "bitsandbytes' AVX512-BF16 CPU repack of nf4 weights: a CPU with avx512_bf16 and bitsandbytes >= "
+    f"{compat.BITSANDBYTES_CPU_REPACK} (0.49.0 to 0.50.2 checked; 0.47.0 and 0.48.2 have no repack)"
+)
+
+
+@pytest.fixture
+def cpu_repack(bnb):
+    """Skips (naming the feature) unless this machine's bitsandbytes takes the AVX512-BF16 repack path."""
+    if not compat.bitsandbytes_repacks_for_cpu(bnb):
+        pytest.skip(f"needs {CPU_REPACK}")
+
+
+@pytest.fixture
+def no_cpu_repack(bnb):
+    """Skips (naming the feature) where this machine's bitsandbytes takes the AVX512-BF16 repack path."""
+    if compat.bitsandbytes_repacks_for_cpu(bnb):
+        pytest.skip(f"pins the machines without {CPU_REPACK}")
 
 
 # ----------------------------------------------------------------------------- arithmetic
@@ -222,7 +245,8 @@ def test_nf4_training_is_the_fp32_training_of_its_dequantized_weights(bnb, runs)
     batches must give the losses of the unquantized model whose weights are those dequantized values:
     the quantized run's whole difference from fp32 is the weight rounding. rtol 1e-6: the same fp32
     numbers through possibly another matmul kernel (summation order; fp32 eps 1.2e-7, a few layers).
-    Measured: equal to the last bit (bitsandbytes 0.50.2, torch 2.13 CPU)."""
+    Measured: equal to the last bit (bitsandbytes 0.50.2, torch 2.13 CPU; on a CPU with avx512_bf16 too, where
+    quantize_language_model switches bitsandbytes' CPU repack off: with it the first validation raises)."""
     tmp, run = runs
     nf4 = run("nf4", quantize_language_model="nf4")
     reference = run("dequantized-nf4", base_checkpoint=str(dequantized_base(bnb, tmp, "nf4")))
@@ -241,10 +265,199 @@ def test_quantized_losses_against_fp32_on_the_same_batches(bnb, runs):
     * nf4 (16 levels per block of 64; ~9 % per matmul on that layer, this d_model-32 model has no
       redundancy to average it out): measured at most 11.3 % (step 1): tolerance 15 %. What pins the
       nf4 implementation is the exact test above; this one says how far a tiny model moves.
-    Both must differ from fp32 at all, else nothing was quantized."""
+    Both must differ from fp32 at all, else nothing was quantized. On a CPU with avx512_bf16 and bitsandbytes
+    >= 0.49 the nf4 run goes through quantize_language_model's fallback (the CPU repack switched off: the same
+    dequantize-and-multiply path as on other CPUs); without it the first validation raises."""
     _, run = runs
     reference = torch.tensor(run("fp32"))
     for mode, tolerance in (("int8", 0.03), ("nf4", 0.15)):
         losses = torch.tensor(run(mode, quantize_language_model=mode))
         gap = ((losses - reference).abs() / reference).max().item()
         assert 0 < gap <= tolerance, (mode, gap, losses.tolist(), reference.tolist())
+
+
+# ----------------------------------------------------------------------------- the kernel probe
+
+
+def width_64_options(tmp: Path) -> dict:
+    """TrainConfig options for one optimizer step (8 shapes samples) of the tiny InstructBLIP preset with its T5
+    widened to 64 (d_model, d_ff, 4 heads of 16): every quantized layer then has 64 inputs and 64 outputs, the
+    shapes for which bitsandbytes' CPU repack succeeds and the layer silently loses its backward."""
+    preset = json.loads((presets.CONFIGS_DIR / "tiny-instructblip-flan-t5.json").read_text(encoding="utf-8"))
+    preset["name"] = "tiny-instructblip-flan-t5-width-64"
+    preset["config"]["text_config"].update(d_model=64, d_kv=16, d_ff=64)
+    (tmp / "width-64.json").write_text(json.dumps(preset), encoding="utf-8")
+    return {
+        "base_checkpoint": None,
+        "preset": str(tmp / "width-64.json"),
+        "image_root": str(data.SHAPES_DIR),
+        "train_manifest": str(data.shapes_subset(tmp, "train", 8)),
+        "val_manifest": str(data.shapes_subset(tmp, "val", 8)),
+        "progress": False,
+        "epochs": 1,
+        "batch_size": 8,
+        "quantize_language_model": "nf4",
+    }
+
+
+def test_the_probe_finds_the_avx512_bf16_repack_fault_and_the_fallback_is_applied_and_stated(bnb, cpu_repack):
+    """On this CPU feature the repack raises below 64 inputs (in the no-grad forward) and from 64 on leaves the
+    layer without a backward (computing in bf16: an fp32 layer's output is off too); with it switched off the
+    same layers are correct. quantize_language_model switches it off on every Linear4bit and says so once."""
+    probe = quantization.probe_kernels
+    assert re.fullmatch(r"the no-grad forward raises RuntimeError: shape '\[32, 0\]' is invalid .*",
+                        probe(bnb, "nf4", (32, 32, False), torch.float32, "cpu"))  # fmt: skip
+    assert probe(bnb, "nf4", (64, 64, False), torch.bfloat16, "cpu") == (
+        "the input gradient is missing (the kernel has no backward)"
+    )
+    assert probe(bnb, "nf4", (64, 64, False), torch.float32, "cpu").startswith(
+        "the no-grad forward's output differs from F.linear on the dequantized weight by up to "
+    )
+    mended = (((32, 32, False), torch.float32), ((64, 64, True), torch.float32), ((64, 64, False), torch.bfloat16))
+    for shape, dtype in mended:
+        assert probe(bnb, "nf4", shape, dtype, "cpu", repack=False) is None, (shape, dtype)
+    model = presets.build_model("tiny-instructblip-flan-t5")
+    with pytest.warns(quantization.KernelFallbackWarning) as caught:
+        assert quantization.quantize_language_model(model, "nf4", torch.float32) == 32
+    assert len(caught) == 1
+    assert str(caught[0].message).startswith(f"bitsandbytes {bnb.__version__} on cpu (avx512_bf16): its nf4 layers ")
+    assert "Switched that repack off (support_avx512bf16_for_cpu=False) on the language model's 32 Linear4bit" in str(
+        caught[0].message
+    )
+    layers = [m for m in quantization.language_model_of(model).modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 32 and not any(layer.support_avx512bf16_for_cpu for layer in layers)
+
+
+def test_correct_kernels_pass_the_probe_and_nothing_is_switched_off(bnb, recwarn):
+    """int8 (no repack on any machine) and nf4 without the repack, in fp32 and bf16, biased or not, at the tiny
+    model's shapes and a full-size one: within the bound on this machine (a bound too tight fails here)."""
+    for mode in ("int8", "nf4"):
+        for dtype in (torch.float32, torch.bfloat16):
+            for shape in ((32, 32, False), (37, 32, True), (64, 96, True), (2048, 2048, False)):
+                found = quantization.probe_kernels(bnb, mode, shape, dtype, "cpu", repack=False)
+                assert found is None, (mode, dtype, shape, found)
+    quantization.quantize_language_model(presets.build_model("tiny-instructblip-flan-t5"), "int8", torch.float32)
+    assert not [w for w in recwarn if issubclass(w.category, quantization.KernelFallbackWarning)]
+
+
+def test_without_the_repack_the_probe_finds_nothing(bnb, no_cpu_repack, recwarn):
+    """Where bitsandbytes takes no AVX512-BF16 repack path the nf4 kernels are correct as they are: no notice."""
+    assert quantization.probe_kernels(bnb, "nf4", (32, 32, False), torch.float32, "cpu") is None
+    quantization.quantize_language_model(presets.build_model("tiny-instructblip-flan-t5"), "nf4", torch.float32)
+    assert not [w for w in recwarn if issubclass(w.category, quantization.KernelFallbackWarning)]
+
+
+def test_kernels_the_fallback_does_not_mend_are_refused_before_anything_is_written(bnb, monkeypatch, tmp_path):
+    """A simulated broken kernel: nf4 layers whose output is 1 % too large (repack or not), int8 layers that raise.
+    The refusal names the backend, the release, what differed and what to do; the model keeps its plain layers
+    and a training run stops before it writes its log."""
+    original = bnb.nn.Linear4bit.forward
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", lambda self, x: original(self, x) * 1.01)
+    backend = compat.bitsandbytes_backend(bnb, torch.device("cpu"))
+    model = presets.build_model("tiny-instructblip-flan-t5")
+    with pytest.raises(quantization.QuantizedKernelError) as refused:
+        quantization.quantize_language_model(model, "nf4", torch.float32)
+    message = str(refused.value)
+    assert message.startswith(f"the nf4 kernels of bitsandbytes {bnb.__version__} compute wrongly on {backend}: ")
+    assert "the dequantized weight by up to " in message and "(max abs error; " in message
+    assert "Use --quantize-language-model none, or a bitsandbytes release without this fault" in message
+    if compat.bitsandbytes_repacks_for_cpu(bnb):  # the first probe fails on the repack, the mended one on the 1 %
+        assert (
+            "raises RuntimeError: shape '[32, 0]'" in message and "switched off (support_avx512bf16_for_cpu" in message
+        )
+        assert "pip install 'bitsandbytes<0.49.0' (before its AVX512-BF16 CPU repack)" in message
+    assert quantization.quantized_layers(model) == {}
+
+    def broken(self, x):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(bnb.nn.Linear8bitLt, "forward", broken)
+    config = train.TrainConfig(
+        **width_64_options(tmp_path) | {"quantize_language_model": "int8", "output_dir": str(tmp_path / "run")}
+    )
+    with pytest.raises(quantization.QuantizedKernelError, match=re.escape(
+        f"the int8 kernels of bitsandbytes {bnb.__version__} compute wrongly on {backend}: on a probe layer (int8, "
+        "64 x 64, float32, eval mode as the trainer runs the LM) the no-grad forward raises RuntimeError: simulated "
+        f"kernel failure. Training through them would not learn. Use --quantize-language-model none, or a "
+        f"bitsandbytes release without this fault: pip install another bitsandbytes release than {bnb.__version__}"
+    )):  # fmt: skip
+        train.train(config)
+    assert not (tmp_path / "run").exists()  # the run lock removes the directory it made: nothing written
+
+
+@pytest.mark.slow
+def test_width_64_nf4_training_changes_the_adapter(bnb, tmp_path):
+    """One nf4 step of a width-64 language model: every adapter tensor the step reaches moves (lora_B starts at 0;
+    on a CPU with avx512_bf16, bitsandbytes >= 0.49, through the fallback: before it, grad_norm 0.0, unchanged
+    adapter, exit 0)."""
+    from safetensors.torch import load_file
+
+    train.train(train.TrainConfig(**width_64_options(tmp_path) | {"output_dir": str(tmp_path / "run")}))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    norms = [r["grad_norm"] for r in records if r["type"] == "step"]
+    assert len(norms) == 1 and math.isfinite(norms[0]) and norms[0] > 0, norms
+    adapter = load_file(tmp_path / "run" / "checkpoints" / "epoch-0001" / "adapter" / "adapter_model.safetensors")
+    moved = {name for name, tensor in adapter.items() if "lora_B" in name and bool(tensor.abs().sum() > 0)}
+    # the last Q-Former layer's text feed-forward feeds no query token: no gradient in any run
+    unreached = {name for name in adapter if re.search(r"layer\.1\.(intermediate|output)\.dense\.lora_B", name)}
+    assert len(unreached) == 2
+    assert moved == {name for name in adapter if "lora_B" in name} - unreached
+
+
+@pytest.mark.filterwarnings("ignore:bitsandbytes::gemv_4bit. an autograd kernel was not registered")
+def test_without_the_fallback_a_width_64_run_is_refused_or_stops_at_the_zero_gradient(
+    cpu_repack, monkeypatch, tmp_path
+):
+    """The fallback disabled (compat's switch a no-op): the probe refuses; with the probe bypassed too (the code
+    before it) the first step's all-zero adapter gradient raises instead of training on with grad_norm 0.0."""
+    monkeypatch.setattr(compat, "disable_bitsandbytes_cpu_repack", lambda module: 0)
+    options = width_64_options(tmp_path)
+    with pytest.raises(quantization.QuantizedKernelError, match=r"with the CPU repack switched off .* too, "):
+        train.train(train.TrainConfig(**options | {"output_dir": str(tmp_path / "refused")}))
+    assert not (tmp_path / "refused").exists()
+    monkeypatch.setattr(quantization, "check_kernels", lambda *args: None)
+    with pytest.raises(numerics.ZeroGradientError, match=r"^zero gradient at optimizer step 0: every trainable "):
+        train.train(train.TrainConfig(**options | {"output_dir": str(tmp_path / "silent")}))
+
+
+# ----------------------------------------------------------------------------- an all-zero gradient
+
+
+class _Scalar(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(1.0))
+
+
+def _batch(c: float) -> dict:
+    labels = torch.tensor([[7, -100]])  # one answer token
+    return {"pixel_values": torch.zeros(1, 3, 2, 2), "input_ids": torch.zeros(1, 2, dtype=torch.long),
+            "labels": labels, "c": c}  # fmt: skip
+
+
+def test_a_step_whose_adapter_gradient_is_all_zero_raises_naming_the_step():
+    """loss = w * c: c = 0 gives a finite loss and an exactly zero gradient; c = 1 the gradient 1 (the step runs)."""
+    model = _Scalar()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    parts = step.make_step(model, optimizer, scheduler, precision_name="fp32", device="cpu",
+                           run_forward=lambda b: types.SimpleNamespace(loss=model.w * b["c"]))  # fmt: skip
+    assert step.training_step(parts, [_batch(1.0)], index=4).action == "step"
+    with pytest.raises(numerics.ZeroGradientError, match=r"^zero gradient at optimizer step 5: every trainable "
+                       r"adapter parameter \(1 tensors\) got exactly zero gradient .*a quantized language-model "
+                       r"kernel without a backward.*labels"):  # fmt: skip
+        step.training_step(parts, [_batch(0.0)], index=5)
+    assert float(model.w.detach()) == pytest.approx(0.9)  # the zero step did not step
+
+
+def test_a_deferred_step_with_an_all_zero_gradient_raises_at_the_read():
+    """read_steps: step 3 with norm 0.5 reads as a step, step 4 with norm 0.0 raises naming 4 and the read."""
+    model = torch.nn.Linear(2, 2)
+    guard = numerics.Guard("raise", model, torch.optim.SGD(model.parameters(), lr=0.1))
+    parts = types.SimpleNamespace(model=model, guard=guard, params=list(model.parameters()))
+    finite = step.PendingStep(3, 4, 0.1, torch.tensor([1, 10, 0.5, 1.25], dtype=torch.float64))
+    assert [r.action for r in step.read_steps(parts, [finite])] == ["step"]
+    zero = step.PendingStep(4, 4, 0.1, torch.tensor([1, 10, 0.0, 1.25], dtype=torch.float64))
+    with pytest.raises(numerics.ZeroGradientError, match=r"^zero gradient at optimizer step 4: .*\(2 tensors\).*"
+                       r"\(found by the deferred host read after optimizer step 4\)"):  # fmt: skip
+        step.read_steps(parts, [finite, zero])

@@ -105,6 +105,22 @@ class NonFiniteError(FloatingPointError):
         self.diagnosis = diagnosis
 
 
+class ZeroGradientError(RuntimeError):
+    """An optimizer step whose trainable parameters all got exactly zero gradient (or none): finite, so no
+    NonFiniteError, but the step cannot move the adapter and a run of them trains nothing while exiting 0."""
+
+    def __init__(self, step: int, tensors: int, note: str = ""):
+        super().__init__(
+            f"zero gradient at optimizer step {step}: every trainable adapter parameter ({tensors} tensors) got "
+            f"exactly zero gradient (norm 0.0), so the step cannot change the adapter"
+            + (f" ({note})" if note else "")
+            + ". Likely causes: a frozen path between the adapters and the loss that cuts the graph (a quantized "
+            "language-model kernel without a backward: quantization.probe_kernels; a detach or no_grad around the "
+            "Q-Former's output), or labels that leave no answer token reaching the adapters"
+        )
+        self.step = step
+
+
 # ----------------------------------------------------------------------------- finite checks
 
 

@@ -221,7 +221,7 @@ def environment() -> dict:
 
 
 def environment_id(env: dict) -> str:
-    return hashlib.sha256(json.dumps(env, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(jsonio.dumps(env, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _git(*args: str) -> str | None:

@@ -10,7 +10,8 @@ group of micro-batches:
 4. unscale (GradScaler, fp16-amp only), clip the adapter gradients (a non-finite norm is
    left as it is so the localiser can name the first bad gradient);
 5. finite check on the group loss and the gradient norm; on a failure the guard decides
-   (skip the group, let GradScaler skip the step, or raise with a diagnosis);
+   (skip the group, let GradScaler skip the step, or raise with a diagnosis); a finite norm of
+   exactly 0.0 (no adapter gradient anywhere: the graph is cut) raises numerics.ZeroGradientError;
 6. optimizer step, scaler update, scheduler step, zero_grad.
 
 Each of 1, 3 and 5 reads a device value on the host, and on a GPU each read waits for the
@@ -183,7 +184,8 @@ def check_deferred(parts: StepParts) -> None:
 
 def training_step(parts: StepParts, group: list[dict], index: int) -> StepResult | PendingStep:
     """One optimizer step over ``group`` (micro-batches already on the device); ``index``: the
-    optimizer step it would be, for diagnoses. Raises numerics.NonFiniteError per the guard.
+    optimizer step it would be, for diagnoses. Raises numerics.NonFiniteError per the guard, and
+    numerics.ZeroGradientError when the adapter gradients are all exactly zero (their norm finite and 0.0).
     With deferred host reads (``parts.deferred``) it is :func:`deferred_step`: a PendingStep."""
     if parts.cudagraphs:  # CUDA graph trees cannot tell a step's start from a second micro-batch
         compat.cudagraph_mark_step_begin()
@@ -222,6 +224,8 @@ def training_step(parts: StepParts, group: list[dict], index: int) -> StepResult
         if result.action == "skip":
             parts.optimizer.zero_grad(set_to_none=True)
             return result
+    elif float(result.grad_norm) == 0.0:  # the finite check above already waited for the norm: no new sync
+        raise numerics.ZeroGradientError(index, len(parts.params))
     else:
         parts.guard.healthy()  # rollback's snapshot: the state this finite step was computed from
     scale = parts.scaler.get_scale() if parts.scaler.is_enabled() else None
@@ -286,7 +290,8 @@ def read_steps(parts: StepParts, pending: list[PendingStep]) -> list[StepResult]
     """The pending steps' results, read in one ``.tolist()``; the guard acts on the non-finite ones,
     in order: "raise" raises numerics.NonFiniteError naming the first, "skip" records each
     (action "inputs" for non-finite pixel_values, "skip" otherwise). Either raises when the
-    parameters are non-finite (no step repairs that)."""
+    parameters are non-finite (no step repairs that). A finite step whose gradient norm is exactly 0.0
+    raises numerics.ZeroGradientError naming it (AdamW has already taken it and the steps up to the read)."""
     if not pending:
         return []
     flat = torch.cat([p.values for p in pending]).tolist()
@@ -298,6 +303,9 @@ def read_steps(parts: StepParts, pending: list[PendingStep]) -> list[StepResult]
         result = StepResult("step", int(tokens), step.samples, sum(losses), losses, grad_norm)
         if not (finite_inputs and math.isfinite(result.loss_sum) and math.isfinite(grad_norm)):
             result.action = _deferred_non_finite(parts, step, result, bool(finite_inputs), pending[-1].index)
+        elif grad_norm == 0.0:  # AdamW already took the step (a zero gradient still decays the moments)
+            note = f"found by the deferred host read after optimizer step {pending[-1].index}"
+            raise numerics.ZeroGradientError(step.index, len(parts.params), note)
         results.append(result)
     return results
 
