@@ -106,6 +106,14 @@ def test_verify_says_it_once_on_stderr_and_keeps_its_json(tables, capsys):
     assert "the 16 behaviours looked at are the same" in captured.err
 
 
+def test_doctor_says_it_too(tables, capsys):
+    assert cli.main(["doctor", "--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["release"]["compared_with"] == [newest_recorded("kwarg_conflict")]
+    assert captured.err.count("is not recorded") == 1
+
+
 def test_a_recorded_release_prints_nothing_and_observes_nothing(monkeypatch, capsys):
     recorded = [t for t in expectations.tables() if expectations.releases_of(t)]
     common = set.intersection(*(set(expectations.releases_of(t)) for t in recorded))
