@@ -441,10 +441,22 @@ def _newest_install(session: nox.Session, tmp: Path) -> None:
     """torch first, then the newest transformers and peft pip resolves beside it (outside the lock, on
     purpose), then the project (not editable)."""
     session.install(CPU_TORCH)
-    session.install(CPU_TORCH, "--upgrade", "transformers", "peft", "bitsandbytes", *PROJECT_DEPS, *TEST_DEPS)
+    newest = ("transformers", "peft", "bitsandbytes")  # and matplotlib: the clean-terminal run draws its curves
+    session.install(CPU_TORCH, "--upgrade", *newest, "matplotlib>=3.5", *PROJECT_DEPS, *TEST_DEPS)
     session.install("--no-deps", "--force-reinstall", ".")
     session.run("python", "-m", "pip", "freeze", "--exclude-editable", stdout=(tmp / "freeze.txt").open("w"))
     session.run("python", "-c", PRINT_VERSIONS)
+
+
+def _environment_lines(behaviours: list[dict]) -> list[str]:
+    """One line per distinct environment change list, with the behaviours it applies to (differing ones first)."""
+    groups: dict[tuple, list[str]] = {}
+    for b in sorted(behaviours, key=lambda b: b["same"]):
+        name = f"{b['table']}[{b['key']!r}]" + ("" if b["same"] else " (differs)")
+        groups.setdefault(tuple(b.get("environment_changes") or ["none"]), []).append(name)
+    return [f"- {'; '.join(changes)}: {', '.join(dict.fromkeys(names))}" for changes, names in groups.items()] or [
+        "- nothing compared"
+    ]
 
 
 def _newest_markdown(pair: str, behaviours: list[dict], tests: dict, against: str | None) -> str:
@@ -471,6 +483,12 @@ def _newest_markdown(pair: str, behaviours: list[dict], tests: dict, against: st
         "## Tests that failed for another reason",
         "",
         *(f"- {line}" for line in other or ["none"]),
+        "",
+        "## What changed in the environment since the compared values were observed",
+        "",
+        "A behaviour can change with the machine or a neighbour package as well as with transformers / peft:",
+        "",
+        *_environment_lines(behaviours),
         "",
         "## Behaviours that are the same",
         "",

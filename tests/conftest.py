@@ -94,7 +94,9 @@ def _log_behaviour(table: str, key: str, difference) -> None:
 
     against = difference.against if difference else expectations.reference_release(expectations.releases_of(table))[0]
     entry = {"table": table, "key": key, "release": expectations.release_key(), "against": against,
-             "same": difference is None, "line": difference.line() if difference else None}  # fmt: skip
+             "same": difference is None, "line": difference.line() if difference else None,
+             "environment_changes": expectations.environment_changes(
+                 expectations.pinned_environment(table, against, key), expectations.environment())}  # fmt: skip
     with open(path, "a", encoding="utf-8") as log:
         log.write(json.dumps(entry, default=str) + "\n")
 

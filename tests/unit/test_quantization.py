@@ -22,6 +22,8 @@ from qformer_lora.bench import capacity, capacity_table
 from qformer_lora.diagnostics import numerics
 from qformer_lora.training import run_config, step, train
 
+from ..conftest import check_against_release
+
 MIB, GIB = 2**20, 2**30
 CLASSES = {"int8": "Linear8bitLt", "nf4": "Linear4bit"}
 
@@ -326,6 +328,26 @@ def test_the_probe_finds_the_avx512_bf16_repack_fault_and_the_fallback_is_applie
     )
     layers = [m for m in quantization.language_model_of(model).modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 32 and not any(layer.support_avx512bf16_for_cpu for layer in layers)
+
+
+def verdict(found: str | None) -> str:
+    """A probe finding without its figures ("... raises RuntimeError: shape ..." -> "... raises RuntimeError")."""
+    return "correct" if found is None else found.split(" by up to ")[0].split(":")[0]
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_kernel_verdicts_pinned_per_release_and_cpu_feature(bnb, mode):
+    """What the probe finds on the tiny language model's smallest layer (32 x 32, fp32), pinned per release and
+    per avx512_bf16 (the CPU feature bitsandbytes' nf4 CPU path turns on; the bitsandbytes release is in the
+    recorded environment): nox -s newest then names a kernel that starts or stops failing."""
+    shape = (32, 32, False)
+    found = {
+        "probe": verdict(quantization.probe_kernels(bnb, mode, shape, torch.float32, "cpu")),
+        "with the CPU repack off": verdict(quantization.probe_kernels(bnb, mode, shape, torch.float32, "cpu", False)),
+    }
+    assert found["with the CPU repack off"] == "correct"  # the fallback mends what the repack breaks
+    feature = "yes" if "avx512_bf16" in compat.cpu_features()["flags"] else "no"
+    check_against_release("quantization_kernels", f"{mode}, 32 x 32 fp32 on the cpu, avx512_bf16: {feature}", found)
 
 
 def test_correct_kernels_pass_the_probe_and_nothing_is_switched_off(bnb, recwarn):

@@ -17,7 +17,7 @@ RECORDED = [T("4.33.3", "0.5.0"), T("5.0.0", "0.18.1"), T("5.24.0", "0.21.2")]
 UNRECORDED = T("5.99.0", "0.99.0")
 
 
-def test_the_reference_release_is_the_newest_recorded_at_or_below():
+def test_the_reference_release_is_the_newest_recorded_at_or_below(monkeypatch):
     assert expectations.reference_release(RECORDED, T("5.0.0", "0.18.1")) == (T("5.0.0", "0.18.1"), "recorded")
     # 5.23 is below 5.24: the newest below it is 5.0.0, not the newer 5.24.0
     below = expectations.reference_release(RECORDED, T("5.23.0", "0.21.2"))
@@ -32,6 +32,16 @@ def test_the_reference_release_is_the_newest_recorded_at_or_below():
         expectations.reference_release([], T("5.0.0", "0.18.1"))
     with pytest.raises(ValueError, match="not a release key"):
         expectations.release_order("transformers five")
+    # asked for another recorded release (QFORMER_LORA_COMPARE_WITH): that one, even for a recorded release
+    monkeypatch.setattr(expectations, "COMPARE_WITH", T("4.33.3", "0.5.0"))
+    monkeypatch.setattr(expectations, "release_key", lambda: T("5.0.0", "0.18.1"))
+    assert expectations.reference_release(RECORDED) == (T("4.33.3", "0.5.0"), "asked for (QFORMER_LORA_COMPARE_WITH)")
+
+
+@pytest.fixture(autouse=True)
+def no_release_asked_for(monkeypatch):
+    # nox -s newest -- --against ... sets QFORMER_LORA_COMPARE_WITH for the pinned tests; these test the choice
+    monkeypatch.setattr(expectations, "COMPARE_WITH", None)
 
 
 @pytest.fixture

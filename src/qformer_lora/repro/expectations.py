@@ -220,6 +220,27 @@ def environment() -> dict:
     }
 
 
+def pinned_environment(table: str, release: str, key: str) -> dict | None:
+    """The environment ``table``'s value for ``release`` and ``key`` was observed in; None for a value
+    recorded before environments were kept."""
+    data = load(table)
+    env_id = data.get("observed_in", {}).get(release, {}).get(key)
+    return data.get("environments", {}).get(env_id) if env_id else None
+
+
+def environment_changes(then: dict | None, now: dict) -> list[str]:
+    """What differs between two environments: the CPU, Python, and each package added, removed or moved."""
+    if then is None:
+        return ["not stored (recorded before environments were kept)"]
+    changes = [f"cpu {then['cpu']} -> {now['cpu']}"] if then["cpu"] != now["cpu"] else []
+    changes += [f"python {then['python']} -> {now['python']}"] if then["python"] != now["python"] else []
+    old, new = then["packages"], now["packages"]
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            changes.append(f"{name} {old.get(name, 'absent')} -> {new.get(name, 'absent')}")
+    return changes
+
+
 def environment_id(env: dict) -> str:
     return hashlib.sha256(jsonio.dumps(env, sort_keys=True).encode()).hexdigest()[:12]
 
