@@ -88,8 +88,22 @@ def test_the_summary_lists_the_tables_that_lack_the_release(tables):
     per_release = [t for t in expectations.tables() if expectations.releases_of(t)]
     assert status["tables_lacking"] == per_release and "lora_counts" not in per_release
     line = expectations.status_line(status)
-    assert line.startswith(f"{UNRECORDED} is not recorded in the expectation tables (")
-    assert f"compared with {newest_recorded('kwarg_conflict')}" in line
+    assert line == (
+        f"{UNRECORDED} is not recorded in the expectation tables; compared with {newest_recorded('kwarg_conflict')} "
+        f"(the newest recorded release below it: {', '.join(per_release)})"
+    )
+
+
+def test_tables_recorded_from_different_releases_are_compared_with_each_ones_own(tables):
+    # 5.23 lies below every row of the tables first recorded at 5.24: those fall back to their newest row,
+    # the others to the newest release below 5.23 (as reproduce said on a real 5.23.0 / 0.21.2 venv)
+    release = T("5.23.0", "0.21.2")
+    status = expectations.release_status(release)
+    below = [c for c in status["comparisons"] if c["how"] == "the newest recorded release below it"]
+    newest = [c for c in status["comparisons"] if c["how"] == "the newest recorded release"]
+    assert [c["release"] for c in below] == [T("5.0.0", "0.18.1")] and "kwarg_conflict" in below[0]["tables"]
+    assert "known_warnings" in newest[0]["tables"] and "kwarg_conflict" not in newest[0]["tables"]
+    assert sorted(below[0]["tables"] + newest[0]["tables"]) == status["tables_lacking"]
 
 
 def test_reproduce_on_an_unrecorded_release_exits_0_and_names_each_difference(tables, capsys):

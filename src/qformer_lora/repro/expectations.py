@@ -181,23 +181,34 @@ def lacking(release: str | None = None) -> dict[str, str]:
 
 
 def release_status(release: str | None = None) -> dict:
-    """What a command says once about the installed release: recorded or not, and compared with what."""
+    """What a command says once about the installed release: recorded or not, and compared with what.
+
+    ``comparisons``: [{"release", "how", "tables"}], one per recorded release compared with (tables
+    recorded at different releases can fall back to different ones)."""
     release = release or release_key()
     missing = lacking(release)
-    compared = sorted(set(missing.values()), key=release_order)
-    how = {reference_release(releases_of(t), release)[1] for t in missing}
-    return {"release": release, "recorded": not missing, "compared_with": compared, "how": sorted(how),
-            "tables_lacking": sorted(missing)}  # fmt: skip
+    groups: dict[tuple[str, str], list[str]] = {}
+    for table, against in missing.items():
+        groups.setdefault((against, reference_release(releases_of(table), release)[1]), []).append(table)
+    comparisons = [
+        {"release": against, "how": how, "tables": sorted(names)}
+        for (against, how), names in sorted(groups.items(), key=lambda item: release_order(item[0][0]))
+    ]
+    return {
+        "release": release,
+        "recorded": not missing,
+        "compared_with": [c["release"] for c in comparisons],
+        "comparisons": comparisons,
+        "tables_lacking": sorted(missing),
+    }
 
 
 def status_line(status: dict) -> str | None:
     """One sentence for an unrecorded release; None for a recorded one."""
     if status["recorded"]:
         return None
-    return (
-        f"{status['release']} is not recorded in the expectation tables ({', '.join(status['tables_lacking'])}); "
-        f"compared with {', '.join(status['compared_with'])} ({'; '.join(status['how'])})"
-    )
+    compared = "; ".join(f"{c['release']} ({c['how']}: {', '.join(c['tables'])})" for c in status["comparisons"])
+    return f"{status['release']} is not recorded in the expectation tables; compared with {compared}"
 
 
 # ----------------------------------------------------------------------------- recording
