@@ -20,7 +20,7 @@ import torch
 from qformer_lora import compat, data, lora, presets, quantization
 from qformer_lora.bench import capacity, capacity_table
 from qformer_lora.diagnostics import numerics
-from qformer_lora.training import run_config, step, train
+from qformer_lora.training import run_config, train
 
 from ..conftest import check_against_release
 
@@ -440,46 +440,3 @@ def test_without_the_fallback_a_width_64_run_is_refused_or_stops_at_the_zero_gra
     monkeypatch.setattr(quantization, "check_kernels", lambda *args: None)
     with pytest.raises(numerics.ZeroGradientError, match=r"^zero gradient at optimizer step 0: every trainable "):
         train.train(train.TrainConfig(**options | {"output_dir": str(tmp_path / "silent")}))
-
-
-# ----------------------------------------------------------------------------- an all-zero gradient
-
-
-class _Scalar(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.tensor(1.0))
-
-
-def _batch(c: float) -> dict:
-    labels = torch.tensor([[7, -100]])  # one answer token
-    return {"pixel_values": torch.zeros(1, 3, 2, 2), "input_ids": torch.zeros(1, 2, dtype=torch.long),
-            "labels": labels, "c": c}  # fmt: skip
-
-
-def test_a_step_whose_adapter_gradient_is_all_zero_raises_naming_the_step():
-    """loss = w * c: c = 0 gives a finite loss and an exactly zero gradient; c = 1 the gradient 1 (the step runs)."""
-    model = _Scalar()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    parts = step.make_step(model, optimizer, scheduler, precision_name="fp32", device="cpu",
-                           run_forward=lambda b: types.SimpleNamespace(loss=model.w * b["c"]))  # fmt: skip
-    assert step.training_step(parts, [_batch(1.0)], index=4).action == "step"
-    with pytest.raises(numerics.ZeroGradientError, match=r"^zero gradient at optimizer step 5: every trainable "
-                       r"adapter parameter \(1 tensors\) got exactly zero gradient .*a quantized language-model "
-                       r"kernel without a backward.*labels"):  # fmt: skip
-        step.training_step(parts, [_batch(0.0)], index=5)
-    assert float(model.w.detach()) == pytest.approx(0.9)  # the zero step did not step
-
-
-def test_a_deferred_step_with_an_all_zero_gradient_raises_at_the_read():
-    """read_steps: step 3 with norm 0.5 reads as a step, step 4 with norm 0.0 raises naming 4 and the read."""
-    model = torch.nn.Linear(2, 2)
-    guard = numerics.Guard("raise", model, torch.optim.SGD(model.parameters(), lr=0.1))
-    parts = types.SimpleNamespace(model=model, guard=guard, params=list(model.parameters()))
-    finite = step.PendingStep(3, 4, 0.1, torch.tensor([1, 10, 0.5, 1.25], dtype=torch.float64))
-    assert [r.action for r in step.read_steps(parts, [finite])] == ["step"]
-    zero = step.PendingStep(4, 4, 0.1, torch.tensor([1, 10, 0.0, 1.25], dtype=torch.float64))
-    with pytest.raises(numerics.ZeroGradientError, match=r"^zero gradient at optimizer step 4: .*\(2 tensors\).*"
-                       r"\(found by the deferred host read after optimizer step 4\)"):  # fmt: skip
-        step.read_steps(parts, [finite, zero])

@@ -5,12 +5,15 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import types
 
 import pytest
 import torch
 
 from qformer_lora import compat, data, forward, inputs, lora, presets, synthetic
+from qformer_lora.diagnostics import numerics
 from qformer_lora.training import run_config, step_options, train
+from qformer_lora.training import step as training_step_module
 
 T5, OPT = "tiny-instructblip-flan-t5", "tiny-blip2-opt"
 # Checkpointing recomputes the same layers: bitwise where non-reentrant checkpointing can be
@@ -450,3 +453,46 @@ def test_compile_frozen_failure_is_recorded_and_undone(monkeypatch):
     assert choice.used == "eager" and "inductor fell over" in choice.reason
     assert not any("forward" in vars(b) for b in blocks), "the failed compile left a block's forward replaced"
     assert step_options.compile_frozen_blocks(model, False) == step_options.Choice("compile_frozen", False, "eager")
+
+
+# ----------------------------------------------------------------------------- an all-zero gradient
+
+
+class _Scalar(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(1.0))
+
+
+def _batch(c: float) -> dict:
+    labels = torch.tensor([[7, -100]])  # one answer token
+    return {"pixel_values": torch.zeros(1, 3, 2, 2), "input_ids": torch.zeros(1, 2, dtype=torch.long),
+            "labels": labels, "c": c}  # fmt: skip
+
+
+def test_a_step_whose_adapter_gradient_is_all_zero_raises_naming_the_step():
+    """loss = w * c: c = 0 gives a finite loss and an exactly zero gradient; c = 1 the gradient 1 (the step runs)."""
+    model = _Scalar()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    parts = training_step_module.make_step(model, optimizer, scheduler, precision_name="fp32", device="cpu",
+                           run_forward=lambda b: types.SimpleNamespace(loss=model.w * b["c"]))  # fmt: skip
+    assert training_step_module.training_step(parts, [_batch(1.0)], index=4).action == "step"
+    with pytest.raises(numerics.ZeroGradientError, match=r"^zero gradient at optimizer step 5: every trainable "
+                       r"adapter parameter \(1 tensors\) got exactly zero gradient .*a quantized language-model "
+                       r"kernel without a backward.*labels"):  # fmt: skip
+        training_step_module.training_step(parts, [_batch(0.0)], index=5)
+    assert float(model.w.detach()) == pytest.approx(0.9)  # the zero step did not step
+
+
+def test_a_deferred_step_with_an_all_zero_gradient_raises_at_the_read():
+    """read_steps: step 3 with norm 0.5 reads as a step, step 4 with norm 0.0 raises naming 4 and the read."""
+    model = torch.nn.Linear(2, 2)
+    guard = numerics.Guard("raise", model, torch.optim.SGD(model.parameters(), lr=0.1))
+    parts = types.SimpleNamespace(model=model, guard=guard, params=list(model.parameters()))
+    finite = training_step_module.PendingStep(3, 4, 0.1, torch.tensor([1, 10, 0.5, 1.25], dtype=torch.float64))
+    assert [r.action for r in training_step_module.read_steps(parts, [finite])] == ["step"]
+    zero = training_step_module.PendingStep(4, 4, 0.1, torch.tensor([1, 10, 0.0, 1.25], dtype=torch.float64))
+    with pytest.raises(numerics.ZeroGradientError, match=r"^zero gradient at optimizer step 4: .*\(2 tensors\).*"
+                       r"\(found by the deferred host read after optimizer step 4\)"):  # fmt: skip
+        training_step_module.read_steps(parts, [finite, zero])
