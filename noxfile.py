@@ -496,15 +496,19 @@ def _newest_markdown(pair: str, behaviours: list[dict], tests: dict, against: st
         "",
         "## To record this release",
         "",
-        f'Add `("{transformers_version}", "{peft_version}", (<neighbours>))` to COMPAT_PAIRS in noxfile.py and the',
-        "workflow's matrix, commit, then on the clean checkout:",
+        f'1. Add `("{transformers_version}", "{peft_version}", (<neighbours>))` to COMPAT_PAIRS in noxfile.py and '
+        "the workflow's matrix, move the lock (`nox -s lock -- --upgrade-package transformers --upgrade-package "
+        "peft`), commit.",
+        "2. On that clean checkout (recording refuses uncommitted changes outside the tables and reports/):",
         "",
-        f'    QFORMER_LORA_RECORD=1 nox -s "compat({pair})"',
-        "    QFORMER_LORA_RECORD=1 python -m pytest tests/unit/test_clean_terminal.py "
-        "tests/unit/test_untrainable_adapters.py tests/unit/test_train.py  # in the lock's venv, once moved",
+        f'       QFORMER_LORA_RECORD=1 nox -s "compat({pair})"',
+        "       # in the lock's venv (the README's install), once per CPU capability:",
+        f"       QFORMER_LORA_RECORD=1 python -m pytest {' '.join(NEWEST_RUNS['release-pinned'][:-1])}",
+        "       ATEN_CPU_CAPABILITY=avx2 QFORMER_LORA_RECORD=1 \\",
+        "           python -m pytest tests/unit/test_untrainable_adapters.py",
         "",
-        "then review the diff of src/qformer_lora/resources/expectations/ and move the lock",
-        "(nox -s lock -- --upgrade).",
+        "3. Review the diff of src/qformer_lora/resources/expectations/, write each change's cause in",
+        "   reports/compat/CHANGES.md, run `nox -s compat_report`, commit.",
     ]
     return "\n".join(lines) + "\n"
 
