@@ -116,3 +116,25 @@ def test_the_repository_s_locks_pin_the_cpu_torch_and_no_cuda_stack(check, pytho
     assert pins["torch"] == "2.13.0"
     assert {"transformers", "peft", "pytest", "ruff", "mutmut", "bitsandbytes", "nox"} <= set(pins)
     assert [name for name in pins if name.startswith(("nvidia-", "cuda-")) or name == "triton"] == []
+
+
+@pytest.mark.parametrize("python", ["3.10", "3.11"])
+def test_each_lock_pins_a_recorded_matrix_pair_with_its_neighbours(check, python):
+    """The locked tests run on a recorded release by construction: each Python's lock holds a pair of noxfile.py's
+    COMPAT_PAIRS (with the neighbours the matrix gives it) that the expectation tables hold, 3.11 the newest one."""
+    from qformer_lora.repro import expectations
+
+    pins = check.parse_lock((SCRIPT.parents[1] / "requirements" / f"test-py{python}.lock").read_text(encoding="utf-8"))
+    spec = importlib.util.spec_from_file_location("noxfile", SCRIPT.parents[1] / "noxfile.py")
+    noxfile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(noxfile)
+    pairs = {(t, p): neighbours for t, p, neighbours in noxfile.COMPAT_PAIRS}
+    pair = (pins["transformers"], pins["peft"])
+    assert pair in pairs, f"the {python} lock pins transformers {pair[0]} / peft {pair[1]}, not a matrix pair"
+    for neighbour in pairs[pair]:
+        name, _, version = neighbour.partition("==")
+        if version:
+            assert pins[name.lower().replace("_", "-")] == version, neighbour
+    assert f"transformers {pair[0]} / peft {pair[1]}" in expectations.releases_of("kwarg_conflict")
+    if python == "3.11":
+        assert pair == noxfile.COMPAT_PAIRS[-1][:2]  # the newest recorded pair
