@@ -49,8 +49,9 @@ KNOWN = (
         FutureWarning,
         r"`is_gradient_checkpointing` is deprecated",
         r"transformers\.modeling_utils",
-        "PEFT's PeftModel.__init__ reads the deprecated property (peft 0.21 on transformers >= 5.x); it "
-        "is raised whenever an adapter is applied or loaded, and nothing the user sets changes it",
+        "PEFT's PeftModel.__init__ reads the deprecated property (peft 0.21 on transformers 5.24; peft 0.22 "
+        "reads is_activation_checkpointing first and no longer raises it: expectations table known_warnings); "
+        "it is raised whenever an adapter is applied or loaded, and nothing the user sets changes it",
     ),
     KnownWarning(
         "lr_scheduler.step() before optimizer.step()",
