@@ -68,8 +68,10 @@ KNOWN = (
 @dataclass(frozen=True)
 class KnownLogMessage:
     """One message a library logs: ``library`` is the logger whose handlers print it (transformers
-    logs through its own, not propagating to the root), ``logger`` a regular expression of the
-    full logger name, ``message`` one matched at the start of the text."""
+    logs through its own, not propagating to the root), or, for a library without handlers of its own
+    (bitsandbytes: Python's last-resort handler prints its records), the logger that logs it, whose
+    own filters then see the record; ``logger`` a regular expression of the full logger name,
+    ``message`` one matched at the start of the text."""
 
     name: str
     library: str
@@ -92,6 +94,15 @@ KNOWN_LOGS = (
         r"Caching is incompatible with gradient checkpointing",
         "bench's native-forward rows run the library's own forward with the language model checkpointed; "
         "transformers turns the cache off for it (a training step has none to keep) and says so",
+    ),
+    KnownLogMessage(
+        "bitsandbytes hub kernel not loaded",
+        "bitsandbytes.backends.cpu.ops",
+        r"bitsandbytes\.backends\.cpu\.ops",
+        r"Failed to load CPU gemm_4bit_forward from kernels-community",
+        "bitsandbytes >= 0.49 on a CPU with avx512_bf16 tries, when it is imported (peft imports it), to fetch "
+        "an optional nf4 inference kernel from the Hugging Face Hub and logs when it cannot (no hub, or a "
+        "publisher it does not trust); it then uses its own kernels, which the quantized-kernel probe checks",
     ),
 )
 
@@ -141,8 +152,12 @@ class Recorder:
             warnings.filterwarnings("always", message=known.message, category=known.category, module=known.module)
         self._show = warnings.showwarning
         warnings.showwarning = self._showwarning
-        # on the library's handlers: a record logged by any of its modules passes them
-        self._handlers = [h for k in self.known_logs for h in logging.getLogger(k.library).handlers]
+        # on the library's handlers: a record logged by any of its modules passes them; a library without
+        # handlers gets the filter on the logging logger itself (a logger filters what it logs)
+        self._handlers = []
+        for known in self.known_logs:
+            library = logging.getLogger(known.library)
+            self._handlers += library.handlers or [library]
         for handler in self._handlers:
             handler.addFilter(self._log_filter)
         return self

@@ -115,6 +115,26 @@ def test_a_known_library_log_message_is_recorded_and_not_printed():
     ]
 
 
+def test_a_library_without_handlers_of_its_own_is_filtered_at_its_logger(caplog):
+    # bitsandbytes logs through loggers without handlers (Python's last resort prints them): at import on an
+    # avx512_bf16 CPU it says it could not fetch a hub kernel, which reached reproduce's terminal
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    known = "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ..."
+    with caplog.at_level(logging.WARNING):
+        with known_warnings.Recorder() as hidden:
+            logger.warning(known, "no hub here")
+            logger.warning("another bitsandbytes message")
+        logger.warning(known, "after the block")
+    assert [r.getMessage()[:40] for r in caplog.records] == [
+        "another bitsandbytes message",
+        "Failed to load CPU gemm_4bit_forward fro",
+    ]
+    assert [(r["name"], r["source"]) for r in hidden.records] == [
+        ("bitsandbytes hub kernel not loaded", "bitsandbytes.backends.cpu.ops")
+    ]
+    assert logger.filters == []  # nothing left behind
+
+
 def test_the_filters_end_with_the_block():
     before = list(warnings.filters)
     with known_warnings.Recorder():
@@ -166,5 +186,7 @@ def test_reproduce_and_train_print_no_foreign_warnings(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         assert foreign_lines(done.stderr) == [], f"{name} printed besides its progress bars"
     report = json.loads((tmp_path / "reports" / "REPRODUCTION.json").read_text())
-    arising = expectations.for_release("known_warnings")["fp16-amp trial"]
-    assert {w["name"] for w in report["hidden_warnings"]} == set(arising)
+    arising = set(expectations.for_release("known_warnings")["fp16-amp trial"])
+    # bitsandbytes' hub-kernel message comes where the CPU has avx512_bf16 (bitsandbytes >= 0.49, at import)
+    logged = {k.name for k in known_warnings.KNOWN_LOGS}
+    assert arising <= {w["name"] for w in report["hidden_warnings"]} <= arising | logged
