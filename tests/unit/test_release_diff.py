@@ -95,8 +95,12 @@ def test_the_summary_lists_the_tables_that_lack_the_release(tables):
 
 
 def test_tables_recorded_from_different_releases_are_compared_with_each_ones_own(tables):
-    # 5.23 lies below every row of the tables first recorded at 5.24: those fall back to their newest row,
-    # the others to the newest release below 5.23 (as reproduce said on a real 5.23.0 / 0.21.2 venv)
+    # a table first recorded at 5.24 (known_warnings, made so here) lies above 5.23 in every row: it falls back
+    # to its newest row, the others to the newest release below 5.23 (as reproduce said on a real 5.23.0 venv)
+    data = json.loads((tables / "known_warnings.json").read_text())
+    data["releases"] = {r: row for r, row in data["releases"].items() if expectations.release_order(r)[0].major >= 5
+                        and expectations.release_order(r)[0].minor >= 24}  # fmt: skip
+    (tables / "known_warnings.json").write_text(json.dumps(data))
     release = T("5.23.0", "0.21.2")
     status = expectations.release_status(release)
     below = [c for c in status["comparisons"] if c["how"] == "the newest recorded release below it"]
