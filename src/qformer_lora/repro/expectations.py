@@ -169,14 +169,15 @@ def compare(table: str, key: str, observed, release: str | None = None) -> Diffe
     return Difference(table, key, release, against, observed, pinned)
 
 
-def lacking(release: str | None = None) -> dict[str, str]:
-    """{table: the release it is compared with} for every per-release table without ``release``."""
+def lacking(release: str | None = None) -> dict[str, tuple[str, str]]:
+    """{table: (the release it is compared with, how it was chosen)} for every per-release table without
+    ``release`` (or, with QFORMER_LORA_COMPARE_WITH, compared with another one)."""
     release = release or release_key()
     out = {}
     for table in tables():
         releases = releases_of(table)
         if releases and (release not in releases or COMPARE_WITH in releases):
-            out[table] = reference_release(releases, release)[0]
+            out[table] = reference_release(releases, release)
     return out
 
 
@@ -188,8 +189,8 @@ def release_status(release: str | None = None) -> dict:
     release = release or release_key()
     missing = lacking(release)
     groups: dict[tuple[str, str], list[str]] = {}
-    for table, against in missing.items():
-        groups.setdefault((against, reference_release(releases_of(table), release)[1]), []).append(table)
+    for table, against_how in missing.items():
+        groups.setdefault(against_how, []).append(table)
     comparisons = [
         {"release": against, "how": how, "tables": sorted(names)}
         for (against, how), names in sorted(groups.items(), key=lambda item: release_order(item[0][0]))

@@ -19,6 +19,8 @@ from .. import compat, forward, lora, presets, synthetic
 
 # None is PEFT's plain PeftModel; the others are the task wrappers users reach for.
 TASK_TYPES = ("SEQ_2_SEQ_LM", "CAUSAL_LM", "FEATURE_EXTRACTION", None)
+# the four embedded tiny presets every probe runs on (reproduce, compat_probe, release_diff)
+TINY_PRESETS = ("tiny-instructblip-flan-t5", "tiny-instructblip-vicuna", "tiny-blip2-flan-t5", "tiny-blip2-opt")
 SEED_TARGETS = ["query", "key", "value", "dense"]
 
 
@@ -55,6 +57,12 @@ def wrap_like_the_seed(model, task_type: str | None, r: int = 8):
 def kwarg_conflict(preset_name: str, task_type: str | None, seed: int = 0) -> dict:
     """The library's own forward called through a PEFT wrapper, and the custom forward beside it."""
     return kwarg_conflict_on(presets.build_model(preset_name, seed=seed), task_type, seed)
+
+
+def kwarg_conflict_cases() -> dict[str, dict]:
+    """{"<preset> / <task type>": :func:`kwarg_conflict`} over the tiny presets and every task type (the
+    keys of the kwarg_conflict expectation table)."""
+    return {f"{p} / {t}": kwarg_conflict(p, t) for p in TINY_PRESETS for t in TASK_TYPES}
 
 
 def kwarg_conflict_on(model, task_type: str | None, seed: int = 0) -> dict:

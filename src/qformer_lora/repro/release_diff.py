@@ -15,8 +15,6 @@ import sys
 
 from . import expectations, probes
 
-TINY_PRESETS = ("tiny-instructblip-flan-t5", "tiny-instructblip-vicuna", "tiny-blip2-flan-t5", "tiny-blip2-opt")
-
 
 def kwarg_conflict_rows(cases: dict[str, dict]) -> dict[str, dict]:
     """{"<preset> / <task type>": the native outcome} from probes.kwarg_conflict results keyed the same way:
@@ -26,17 +24,16 @@ def kwarg_conflict_rows(cases: dict[str, dict]) -> dict[str, dict]:
 
 def observe_kwarg_conflict() -> dict[str, dict]:
     """The kwarg_conflict table's rows, observed now on the four tiny presets."""
-    cases = {f"{p} / {t}": probes.kwarg_conflict(p, t) for p in TINY_PRESETS for t in probes.TASK_TYPES}
-    return kwarg_conflict_rows(cases)
+    return kwarg_conflict_rows(probes.kwarg_conflict_cases())
 
 
-def compare(observed: dict[str, dict[str, object]]) -> dict:
+def compare(observed: dict[str, dict[str, object]], status: dict | None = None) -> dict:
     """The release's status (expectations.release_status) and every observed behaviour that differs.
 
     ``observed``: {table: {key: value}}. Returns a JSON-ready dict: release, recorded, compared_with,
     tables_lacking, compared (the behaviours looked at), differences (one line each, behaviour and both
-    values)."""
-    status = expectations.release_status()
+    values). ``status``: expectations.release_status(), when the caller has it already."""
+    status = status or expectations.release_status()
     differences = [
         d.line()
         for table, rows in observed.items()
@@ -65,8 +62,9 @@ def announce_if_unrecorded(stream=None) -> dict | None:
     """For `verify` and `doctor`: on a release the tables do not hold, observe the kwarg-conflict probe,
     print the comparison to ``stream`` (stderr, so --json output stays clean) and return it; None on a
     recorded release (nothing observed, nothing printed)."""
-    if expectations.release_status()["recorded"]:
+    status = expectations.release_status()
+    if status["recorded"]:
         return None
-    result = compare({"kwarg_conflict": observe_kwarg_conflict()})
+    result = compare({"kwarg_conflict": observe_kwarg_conflict()}, status)
     print("\n".join(lines(result)), file=stream or sys.stderr)
     return result

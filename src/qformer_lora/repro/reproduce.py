@@ -32,7 +32,7 @@ from . import expectations, probes, release_diff, trials
 # Under the current directory, never inside the installed package; `reproduce` also reads the
 # committed GPU sweeps from its gpu/ subfolder (run it from a checkout to see them).
 REPORTS_DIR = Path("reports")
-TINY_PRESETS = ("tiny-instructblip-flan-t5", "tiny-instructblip-vicuna", "tiny-blip2-flan-t5", "tiny-blip2-opt")
+TINY_PRESETS = probes.TINY_PRESETS
 SEED_TYPEERROR = "got an unexpected keyword argument 'inputs_embeds'"
 # The same conflict in its other message: transformers 4.52-4.53 accept **kwargs in the model's forward and
 # pass them on to the language model, where the wrapper's inputs_embeds meets the model's own
@@ -56,7 +56,7 @@ def _status(failure_seen: bool, fix_holds: bool) -> str:
 
 def item_kwarg_conflict() -> dict:
     """Seed issue 1: the library's forward through PEFT task wrappers vs the custom forward."""
-    cases = {f"{p} / {t}": probes.kwarg_conflict(p, t) for p in TINY_PRESETS for t in probes.TASK_TYPES}
+    cases = probes.kwarg_conflict_cases()
     failures = {k: v["native"] for k, v in cases.items() if v["native"]["status"] != "ok"}
     seed_like = sorted(k for k, v in failures.items() if SEED_TYPEERROR in v.get("message", ""))
     fix_holds = all(v["custom"] == {"status": "ok", "loss_finite": True} for v in cases.values())
