@@ -42,6 +42,19 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: duration.get(item.nodeid, float("inf")))
 
 
+def load_script(path: Path):
+    """A script outside the package (scripts/*.py, noxfile.py) as a module, registered in sys.modules before
+    it runs, as an import would register it (a dataclass looks its own module up there)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @functools.cache
 def tiny_model(name: str, seed: int = 0):
     """A tiny fp32 CPU model; shared read-only across tests (do not train or wrap it)."""
@@ -105,13 +118,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """One line naming the expectation tables that lack the installed release, and what it was compared with."""
     from qformer_lora.repro import expectations
 
-    lacking = expectations.lacking()
-    if lacking:
-        by_release: dict[str, list[str]] = {}
-        for table, against in lacking.items():
-            by_release.setdefault(against, []).append(table)
+    status = expectations.release_status()
+    if status["comparisons"]:
         terminalreporter.write_line(
-            f"expectation tables without {expectations.release_key()}: "
-            + "; ".join(f"{', '.join(t)} (compared with {r})" for r, t in by_release.items())
+            f"expectation tables without {status['release']}: "
+            + "; ".join(f"{', '.join(c['tables'])} (compared with {c['release']})" for c in status["comparisons"])
             + " - record it with QFORMER_LORA_RECORD=1 on a clean checkout"
         )

@@ -5,20 +5,17 @@ The venv / pip plumbing is exercised by running the script (reports/compat/bound
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ..conftest import load_script
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bisect_boundary.py"
-_spec = importlib.util.spec_from_file_location("bisect_boundary", SCRIPT)
-bisect = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = bisect  # dataclasses look their module up there
-_spec.loader.exec_module(bisect)
+bisect = load_script(SCRIPT)
 
 
 class Counting:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+
+from ..conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "check_lock.py"
 
@@ -36,10 +37,7 @@ INSTALLED = {
 
 @pytest.fixture(scope="module")
 def check():
-    spec = importlib.util.spec_from_file_location("check_lock", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_the_lock_is_read_as_normalized_names_and_exact_versions(check):
@@ -125,9 +123,7 @@ def test_each_lock_pins_a_recorded_matrix_pair_with_its_neighbours(check, python
     from qformer_lora.repro import expectations
 
     pins = check.parse_lock((SCRIPT.parents[1] / "requirements" / f"test-py{python}.lock").read_text(encoding="utf-8"))
-    spec = importlib.util.spec_from_file_location("noxfile", SCRIPT.parents[1] / "noxfile.py")
-    noxfile = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(noxfile)
+    noxfile = load_script(SCRIPT.parents[1] / "noxfile.py")
     pairs = {(t, p): neighbours for t, p, neighbours in noxfile.COMPAT_PAIRS}
     pair = (pins["transformers"], pins["peft"])
     assert pair in pairs, f"the {python} lock pins transformers {pair[0]} / peft {pair[1]}, not a matrix pair"

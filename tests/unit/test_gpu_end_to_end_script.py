@@ -6,7 +6,6 @@ path in this one)."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,8 @@ import pytest
 import torch
 
 from qformer_lora import presets, quantization
+
+from ..conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_end_to_end.py"
 
@@ -77,11 +78,7 @@ TINY = "tiny-instructblip-flan-t5"
 def _issue19():
     """The script as a module (it puts src/ and scripts/ on sys.path itself), loaded once; registered
     before it runs, as an import would, because its dataclass looks its own module up."""
-    spec = importlib.util.spec_from_file_location("gpu_issue19", ISSUE19)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ISSUE19)
 
 
 def _tiny_language_model_linears() -> tuple[int, int]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from ..conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "mutation_report.py"
 
@@ -27,10 +28,7 @@ def x_f__mutmut_3(a):
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("mutation_report", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def tree(root: Path) -> Path:
