@@ -198,6 +198,14 @@ def _difference(what: str, actual: torch.Tensor | None, reference: torch.Tensor,
     )
 
 
+def dequantized_weight(bnb, layer, mode: str) -> torch.Tensor:
+    """The fp32 (out_features, in_features) weight a quantized ``layer`` computes with: nf4 through bitsandbytes'
+    own dequantize_4bit, LLM.int8 as its int8 codes times the row's absmax / 127."""
+    if mode == "nf4":
+        return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    return layer.weight.data.float() * layer.weight.SCB.float()[:, None] / 127
+
+
 def _probe_layer(bnb, mode: str, shape: tuple[int, int, bool], dtype: torch.dtype, device, repack: bool):
     """(a fresh quantized layer of ``shape`` in eval mode, its dequantized fp32 weight, its fp32 bias or None),
     built by _quantized_linear from seeded weights (the global RNG is not touched). ``repack=False``: with
@@ -213,11 +221,7 @@ def _probe_layer(bnb, mode: str, shape: tuple[int, int, bool], dtype: torch.dtyp
     layer = _quantized_linear(bnb, linear, mode, dtype, device).eval()  # the trainer's frozen LM is in eval mode
     if not repack:
         compat.disable_bitsandbytes_cpu_repack(layer)
-    if mode == "nf4":
-        dequantized = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
-    else:  # LLM.int8: int8 codes times the row's absmax / 127
-        dequantized = layer.weight.data.float() * layer.weight.SCB.float()[:, None] / 127
-    return layer, dequantized, linear.bias.detach().float() if has_bias else None
+    return layer, dequantized_weight(bnb, layer, mode), linear.bias.detach().float() if has_bias else None
 
 
 def probe_kernels(bnb, mode: str, shape, dtype: torch.dtype, device, repack: bool = True) -> str | None:

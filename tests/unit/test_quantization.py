@@ -229,11 +229,8 @@ def dequantized_base(bnb, tmp: Path, mode: str) -> Path:
     quantization.quantize_language_model(quantized, mode, torch.float32)
     plain = presets.load_model(base)
     for name in quantization.quantized_layers(quantized):
-        weight = quantization.language_model_of(quantized).get_submodule(name).weight
-        if mode == "nf4":
-            values = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
-        else:
-            values = weight.data.float() * weight.SCB[:, None] / 127
+        layer = quantization.language_model_of(quantized).get_submodule(name)
+        values = quantization.dequantized_weight(bnb, layer, mode)
         quantization.language_model_of(plain).get_submodule(name).weight.data.copy_(values)
     out = tmp / f"dequantized-{mode}"
     shutil.copytree(base, out)
